@@ -1,1 +1,691 @@
-//! placeholder
+//! lbd's configuration file: TOML parsed into typed values, then checked as a whole.
+//!
+//! Parsing and checking happen here and only here (as Firecracker's `vmm_config` does): the
+//! engine receives a [`Config`] it can trust. Every struct denies unknown keys, and every error
+//! names the field it is about as a path, `service[1] "Wowza GUI".real_server[0].ip`, followed
+//! by the reason, so an operator can find the line to fix.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The Maglev hash seed when the config sets none. Fixed, never random: two balancers with
+/// the same config (a restarted one, or an HA peer) must send a client to the same server.
+pub const DEFAULT_HASH_SEED: u64 = 0x6c62_645f_6d61_676c; // "lbd_magl"
+
+/// The largest Maglev table the engine accepts (a prime just under 2^24).
+pub const MAX_TABLE_SIZE: u32 = 16_777_213;
+
+/// A configuration error: the field it is about and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// Path of the offending field, e.g. `service[0] "web".ports`.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// `[engine]`: the interface and how it is served.
+    pub engine: Engine,
+    /// `[[service]]`: the virtual services. None is fine: a balancer can start empty.
+    #[serde(rename = "service", default)]
+    pub services: Vec<Service>,
+}
+
+/// `[engine]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Engine {
+    /// The NIC (or veth) the VIPs live on.
+    pub interface: String,
+    /// NIC queues to serve: one AF_XDP socket and one worker each.
+    pub queues: Vec<u32>,
+    /// Pin worker i to `cores[i]`; empty: no pinning.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cores: Vec<usize>,
+    /// How AF_XDP moves frames.
+    #[serde(default)]
+    pub xdp_mode: XdpMode,
+    /// Where `lbctl` reaches the daemon.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    /// Maglev hash seed; the same on both members of an HA pair.
+    #[serde(default = "default_hash_seed")]
+    pub hash_seed: u64,
+    /// Bytes per UMEM frame: 2048 or 4096.
+    #[serde(default = "default_frame_size")]
+    pub frame_size: u32,
+    /// UMEM frames per queue: a power of two, at least twice `ring_size`.
+    #[serde(default = "default_frame_count")]
+    pub frame_count: u32,
+    /// Entries in each AF_XDP ring: a power of two in 64..=16384.
+    #[serde(default = "default_ring_size")]
+    pub ring_size: u32,
+    /// Frames per RX/TX batch: 1..=ring_size.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    /// Gratuitous ARP rounds sent for every VIP at start: 0..=10.
+    #[serde(default = "default_gratuitous_arp_count")]
+    pub gratuitous_arp_count: u32,
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/lbd/lbd.sock")
+}
+fn default_hash_seed() -> u64 {
+    DEFAULT_HASH_SEED
+}
+fn default_frame_size() -> u32 {
+    4096
+}
+fn default_frame_count() -> u32 {
+    4096
+}
+fn default_ring_size() -> u32 {
+    2048
+}
+fn default_batch_size() -> u32 {
+    64
+}
+fn default_gratuitous_arp_count() -> u32 {
+    3
+}
+
+/// `engine.xdp_mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Zero-copy where the driver supports it, copy mode otherwise.
+    #[default]
+    Auto,
+    /// Copy mode: works on every interface (veth included).
+    Copy,
+    /// Zero-copy: the NIC writes into the UMEM; start fails if the driver cannot.
+    #[serde(rename = "zerocopy")]
+    ZeroCopy,
+}
+
+/// `[[service]]`: a virtual service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// The operator's name for it; unique.
+    pub label: String,
+    /// The virtual IP clients connect to.
+    pub vip: Ipv4Addr,
+    /// The ports served: `1935`, `"1935,8088"`, `"9000-9010"`.
+    pub ports: PortSet,
+    /// TCP or UDP.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// What keeps a client on its server.
+    #[serde(default)]
+    pub persistence: Persistence,
+    /// How long a client's source IP stays on its server after its last packet (IPVS `-p`).
+    #[serde(default = "default_persistence_timeout")]
+    pub persistence_timeout_s: u32,
+    /// Maglev lookup table size: a prime, larger than the number of real servers.
+    #[serde(default = "default_table_size")]
+    pub table_size: u32,
+    /// `[[service.real_server]]`.
+    #[serde(rename = "real_server", default)]
+    pub real_servers: Vec<RealServer>,
+}
+
+fn default_persistence_timeout() -> u32 {
+    300
+}
+fn default_table_size() -> u32 {
+    65537
+}
+
+/// `service.protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP (IP protocol 6).
+    #[default]
+    Tcp,
+    /// UDP (IP protocol 17).
+    Udp,
+}
+
+impl Protocol {
+    /// The IP header's protocol number.
+    pub fn ip_protocol_number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// `service.persistence`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Persistence {
+    /// All of a client's connections (and fragments) go to one server: hash the source IP.
+    #[default]
+    SourceIp,
+    /// Hash the 5-tuple: each connection on its own.
+    None,
+}
+
+/// `[[service.real_server]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealServer {
+    /// The operator's name for it; unique within the service.
+    pub label: String,
+    /// Its own address on the balancer's segment (DR: it also holds the VIP on loopback).
+    pub ip: Ipv4Addr,
+    /// Relative share of new clients; 0 = drain.
+    #[serde(default = "default_weight")]
+    pub weight: u16,
+    /// Lower connection threshold (IPVS -y): below it, a server at its limit takes clients again.
+    #[serde(default)]
+    pub min_connections: u32,
+    /// Upper connection threshold (IPVS -x); 0 = unlimited.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// Pinned MAC; otherwise learned from the kernel's neighbour table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+}
+
+fn default_weight() -> u16 {
+    100
+}
+
+/// An Ethernet address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<MacAddr, String> {
+        let bad = || format!("invalid MAC address {text:?} (expected 02:00:00:00:00:11)");
+        let separator = if text.contains('-') { '-' } else { ':' };
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(separator);
+        for byte in &mut mac {
+            let part = parts.next().ok_or_else(bad)?;
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(mac))
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<MacAddr, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A set of ports kept as sorted, merged, non-overlapping inclusive ranges.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PortSet {
+    ranges: Vec<(u16, u16)>,
+}
+
+impl PortSet {
+    /// Builds a set from ranges (start <= end each), merging overlaps and neighbours.
+    fn from_ranges(mut ranges: Vec<(u16, u16)>) -> PortSet {
+        ranges.sort_unstable();
+        let mut merged: Vec<(u16, u16)> = Vec::with_capacity(ranges.len());
+        for (start, end) in ranges {
+            match merged.last_mut() {
+                Some(last) if u32::from(start) <= u32::from(last.1) + 1 => {
+                    last.1 = last.1.max(end);
+                }
+                _ => merged.push((start, end)),
+            }
+        }
+        PortSet { ranges: merged }
+    }
+
+    /// Whether `port` is in the set.
+    pub fn contains(&self, port: u16) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(start, end)| (start..=end).contains(&port))
+    }
+
+    /// Every port, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ranges.iter().flat_map(|&(start, end)| start..=end)
+    }
+
+    /// Number of ports.
+    pub fn len(&self) -> usize {
+        self.ranges
+            .iter()
+            .map(|&(start, end)| usize::from(end - start) + 1)
+            .sum()
+    }
+
+    /// True when no port is in the set (never so for a parsed config).
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The lowest port (0 for an empty set).
+    pub fn first(&self) -> u16 {
+        self.ranges.first().map_or(0, |r| r.0)
+    }
+
+    /// The first port both sets contain.
+    pub fn first_common(&self, other: &PortSet) -> Option<u16> {
+        let mut common = None;
+        for &(a0, a1) in &self.ranges {
+            for &(b0, b1) in &other.ranges {
+                let (start, end) = (a0.max(b0), a1.min(b1));
+                if start <= end {
+                    common = Some(common.map_or(start, |c: u16| c.min(start)));
+                }
+            }
+        }
+        common
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<PortSet, String> {
+        let port = |part: &str| -> Result<u16, String> {
+            let part = part.trim();
+            match part.parse::<u16>() {
+                Ok(0) => Err("port 0 is not a port".to_owned()),
+                Ok(port) => Ok(port),
+                Err(_) => Err(format!("{part:?} is not a port (1-65535)")),
+            }
+        };
+        let mut ranges = Vec::new();
+        for item in text.split(',') {
+            if item.trim().is_empty() {
+                return Err(format!("empty entry in port list {text:?}"));
+            }
+            let range = match item.split_once('-') {
+                Some((start, end)) => {
+                    let (start, end) = (port(start)?, port(end)?);
+                    if start > end {
+                        return Err(format!("range {}: start is above end", item.trim()));
+                    }
+                    (start, end)
+                }
+                None => {
+                    let single = port(item)?;
+                    (single, single)
+                }
+            };
+            ranges.push(range);
+        }
+        Ok(PortSet::from_ranges(ranges))
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, &(start, end)) in self.ranges.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if start == end {
+                write!(f, "{start}")?;
+            } else {
+                write!(f, "{start}-{end}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for PortSet {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortSet {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<PortSet, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(
+            untagged,
+            expecting = "a port number or a string like \"1935,8088\" or \"9000-9010\""
+        )]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => match u16::try_from(n) {
+                Ok(port) if port > 0 => Ok(PortSet::from_ranges(vec![(port, port)])),
+                _ => Err(serde::de::Error::custom(format!(
+                    "{n} is not a port (1-65535)"
+                ))),
+            },
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Config {
+    /// Parses and checks a config file's text.
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        let deserializer = toml::Deserializer::parse(text)
+            .map_err(|e| ConfigError::new("(file)", describe(text, &e)))?;
+        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let field = e.path().to_string();
+            let reason = describe(text, e.inner());
+            ConfigError::new(
+                if field == "." {
+                    "(file)".to_owned()
+                } else {
+                    field
+                },
+                reason,
+            )
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Reads, parses and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// The config as TOML; reads back to an equal `Config`.
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot serialize the config: {e}\n"))
+    }
+
+    /// Checks what the types alone cannot: relations between fields and value ranges.
+    fn check(&self) -> Result<(), ConfigError> {
+        self.engine.check()?;
+        for (i, service) in self.services.iter().enumerate() {
+            let path = format!("service[{i}] {:?}", service.label);
+            service.check(&path)?;
+            for (j, earlier) in self.services[..i].iter().enumerate() {
+                if earlier.label == service.label {
+                    return Err(ConfigError::new(
+                        format!("{path}.label"),
+                        format!("duplicate label, also used by service[{j}]"),
+                    ));
+                }
+                if earlier.vip == service.vip
+                    && earlier.protocol == service.protocol
+                    && let Some(port) = earlier.ports.first_common(&service.ports)
+                {
+                    return Err(ConfigError::new(
+                        format!("{path}.ports"),
+                        format!(
+                            "{}:{port}/{} is already served by service[{j}] {:?}",
+                            service.vip, service.protocol, earlier.label
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    fn check(&self) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("engine.{name}");
+        if self.interface.is_empty() || self.interface.len() > 15 || self.interface.contains('/') {
+            return Err(ConfigError::new(
+                field("interface"),
+                format!(
+                    "{:?} is not an interface name (1-15 characters, no '/')",
+                    self.interface
+                ),
+            ));
+        }
+        if self.queues.is_empty() {
+            return Err(ConfigError::new(
+                field("queues"),
+                "at least one queue is needed",
+            ));
+        }
+        for (i, queue) in self.queues.iter().enumerate() {
+            if self.queues[..i].contains(queue) {
+                return Err(ConfigError::new(
+                    field("queues"),
+                    format!("queue {queue} is listed twice"),
+                ));
+            }
+        }
+        if !self.cores.is_empty() && self.cores.len() != self.queues.len() {
+            return Err(ConfigError::new(
+                field("cores"),
+                format!(
+                    "{} core(s) for {} queue(s): give one core per queue, or none",
+                    self.cores.len(),
+                    self.queues.len()
+                ),
+            ));
+        }
+        if self.frame_size != 2048 && self.frame_size != 4096 {
+            return Err(ConfigError::new(
+                field("frame_size"),
+                format!("{} must be 2048 or 4096", self.frame_size),
+            ));
+        }
+        if !self.ring_size.is_power_of_two() || !(64..=16384).contains(&self.ring_size) {
+            return Err(ConfigError::new(
+                field("ring_size"),
+                format!("{} must be a power of two in 64..=16384", self.ring_size),
+            ));
+        }
+        if !self.frame_count.is_power_of_two() || self.frame_count < 2 * self.ring_size {
+            return Err(ConfigError::new(
+                field("frame_count"),
+                format!(
+                    "{} must be a power of two and at least twice ring_size ({})",
+                    self.frame_count, self.ring_size
+                ),
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > self.ring_size {
+            return Err(ConfigError::new(
+                field("batch_size"),
+                format!(
+                    "{} must be in 1..=ring_size ({})",
+                    self.batch_size, self.ring_size
+                ),
+            ));
+        }
+        if self.gratuitous_arp_count > 10 {
+            return Err(ConfigError::new(
+                field("gratuitous_arp_count"),
+                format!("{} must be in 0..=10", self.gratuitous_arp_count),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Service {
+    fn check(&self, path: &str) -> Result<(), ConfigError> {
+        if self.label.trim().is_empty() {
+            return Err(ConfigError::new(
+                format!("{path}.label"),
+                "must not be empty",
+            ));
+        }
+        check_unicast(self.vip)
+            .map_err(|reason| ConfigError::new(format!("{path}.vip"), reason))?;
+        if self.ports.is_empty() {
+            return Err(ConfigError::new(format!("{path}.ports"), "no port given"));
+        }
+        if !is_prime(self.table_size) || !(3..=MAX_TABLE_SIZE).contains(&self.table_size) {
+            return Err(ConfigError::new(
+                format!("{path}.table_size"),
+                format!(
+                    "{} must be a prime in 3..={MAX_TABLE_SIZE} (65537 is a good size)",
+                    self.table_size
+                ),
+            ));
+        }
+        if self.real_servers.len() >= self.table_size as usize {
+            return Err(ConfigError::new(
+                format!("{path}.table_size"),
+                format!(
+                    "{} slots for {} real servers: the table must be larger (100x is good)",
+                    self.table_size,
+                    self.real_servers.len()
+                ),
+            ));
+        }
+        for (i, rs) in self.real_servers.iter().enumerate() {
+            let rs_path = format!("{path}.real_server[{i}]");
+            if rs.label.trim().is_empty() {
+                return Err(ConfigError::new(
+                    format!("{rs_path}.label"),
+                    "must not be empty",
+                ));
+            }
+            check_unicast(rs.ip)
+                .map_err(|reason| ConfigError::new(format!("{rs_path}.ip"), reason))?;
+            if rs.ip == self.vip {
+                return Err(ConfigError::new(
+                    format!("{rs_path}.ip"),
+                    "is the service's VIP; a real server needs its own address",
+                ));
+            }
+            for (j, earlier) in self.real_servers[..i].iter().enumerate() {
+                if earlier.label == rs.label {
+                    return Err(ConfigError::new(
+                        format!("{rs_path}.label"),
+                        format!("duplicate label {:?}, also real_server[{j}]", rs.label),
+                    ));
+                }
+                if earlier.ip == rs.ip {
+                    return Err(ConfigError::new(
+                        format!("{rs_path}.ip"),
+                        format!("{} is already real_server[{j}] {:?}", rs.ip, earlier.label),
+                    ));
+                }
+            }
+            if rs.max_connections != 0 && rs.min_connections > rs.max_connections {
+                return Err(ConfigError::new(
+                    format!("{rs_path}.min_connections"),
+                    format!(
+                        "{} is above max_connections ({})",
+                        rs.min_connections, rs.max_connections
+                    ),
+                ));
+            }
+            if let Some(MacAddr(mac)) = rs.mac
+                && (mac[0] & 1 != 0 || mac == [0; 6])
+            {
+                return Err(ConfigError::new(
+                    format!("{rs_path}.mac"),
+                    format!("{} is not a unicast address", MacAddr(mac)),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_unicast(ip: Ipv4Addr) -> Result<(), String> {
+    let kind = if ip.is_unspecified() {
+        "unspecified"
+    } else if ip.is_broadcast() {
+        "broadcast"
+    } else if ip.is_multicast() {
+        "multicast"
+    } else if ip.is_loopback() {
+        "loopback"
+    } else if ip.is_link_local() {
+        "link-local"
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "{ip} is a {kind} address; a unicast address is needed"
+    ))
+}
+
+fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let n = u64::from(n);
+    let mut d = 2u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// toml's message with the line it points at (its own Display draws a multi-line snippet).
+fn describe(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim();
+    match error.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{message} (line {line})")
+        }
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

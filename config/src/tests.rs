@@ -1,0 +1,457 @@
+//! Every accepted shape and every rejection, with the field the error must name.
+
+use super::*;
+use proptest::prelude::*;
+
+const EXAMPLE: &str = r#"
+[engine]
+interface = "eth0"
+queues = [0]
+cores = [1]
+xdp_mode = "auto"
+control_socket = "/run/lbd/lbd.sock"
+
+[[service]]
+label = "Wowza Streaming"
+vip = "198.18.0.100"
+ports = "1935"
+protocol = "tcp"
+persistence = "source-ip"
+persistence_timeout_s = 300
+table_size = 65537
+
+[[service.real_server]]
+label = "Wowza Srv 1"
+ip = "198.18.0.11"
+weight = 100
+min_connections = 0
+max_connections = 0
+mac = "02:00:00:00:00:11"
+"#;
+
+const MINIMAL: &str = r#"
+[engine]
+interface = "eth0"
+queues = [0]
+
+[[service]]
+label = "web"
+vip = "198.18.0.100"
+ports = 8088
+
+[[service.real_server]]
+label = "a"
+ip = "198.18.0.11"
+
+[[service.real_server]]
+label = "b"
+ip = "198.18.0.12"
+"#;
+
+fn error_of(text: &str) -> String {
+    match Config::from_toml_str(text) {
+        Ok(config) => panic!("accepted: {config:?}"),
+        Err(error) => error.to_string(),
+    }
+}
+
+fn assert_rejected(text: &str, field: &str, reason: &str) {
+    let error = error_of(text);
+    assert!(
+        error.contains(field),
+        "error {error:?} should name {field:?}"
+    );
+    assert!(
+        error.contains(reason),
+        "error {error:?} should say {reason:?}"
+    );
+}
+
+#[test]
+fn the_documented_example_parses_exactly() {
+    let config = Config::from_toml_str(EXAMPLE).expect("valid");
+    assert_eq!(
+        config,
+        Config {
+            engine: Engine {
+                interface: "eth0".into(),
+                queues: vec![0],
+                cores: vec![1],
+                xdp_mode: XdpMode::Auto,
+                control_socket: "/run/lbd/lbd.sock".into(),
+                hash_seed: DEFAULT_HASH_SEED,
+                frame_size: 4096,
+                frame_count: 4096,
+                ring_size: 2048,
+                batch_size: 64,
+                gratuitous_arp_count: 3,
+            },
+            services: vec![Service {
+                label: "Wowza Streaming".into(),
+                vip: Ipv4Addr::new(198, 18, 0, 100),
+                ports: "1935".parse().expect("port"),
+                protocol: Protocol::Tcp,
+                persistence: Persistence::SourceIp,
+                persistence_timeout_s: 300,
+                table_size: 65537,
+                real_servers: vec![RealServer {
+                    label: "Wowza Srv 1".into(),
+                    ip: Ipv4Addr::new(198, 18, 0, 11),
+                    weight: 100,
+                    min_connections: 0,
+                    max_connections: 0,
+                    mac: Some(MacAddr([2, 0, 0, 0, 0, 0x11])),
+                }],
+            }],
+        }
+    );
+}
+
+#[test]
+fn defaults_fill_what_is_left_out() {
+    let config = Config::from_toml_str(MINIMAL).expect("valid");
+    let service = &config.services[0];
+    assert_eq!(service.protocol, Protocol::Tcp);
+    assert_eq!(service.persistence, Persistence::SourceIp);
+    assert_eq!(service.table_size, 65537);
+    assert_eq!(service.persistence_timeout_s, 300);
+    assert_eq!(service.real_servers[0].weight, 100);
+    assert_eq!(service.real_servers[0].mac, None);
+    assert_eq!(config.engine.xdp_mode, XdpMode::Auto);
+    assert!(config.engine.cores.is_empty());
+}
+
+#[test]
+fn no_services_is_a_valid_empty_balancer() {
+    let config =
+        Config::from_toml_str("[engine]\ninterface = \"eth0\"\nqueues = [0, 1]\n").expect("valid");
+    assert!(config.services.is_empty());
+}
+
+#[test]
+fn unknown_keys_are_rejected_at_every_level() {
+    assert_rejected(&format!("{MINIMAL}\n[extra]\n"), "extra", "unknown field");
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0]\nqueue = 1"),
+        "engine",
+        "queue",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 8088\nport = 1"),
+        "service[0]",
+        "port",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ip = \"198.18.0.12\"", "ip = \"198.18.0.12\"\nweigth = 5"),
+        "service[0].real_server[1]",
+        "weigth",
+    );
+}
+
+#[test]
+fn type_errors_name_the_field() {
+    assert_rejected(
+        &MINIMAL.replace("198.18.0.12", "198.18.0"),
+        "service[0].real_server[1].ip",
+        "invalid",
+    );
+    assert_rejected(
+        &MINIMAL.replace("198.18.0.100", "not-an-ip"),
+        "service[0].vip",
+        "invalid",
+    );
+    assert_rejected(
+        &MINIMAL.replace(
+            "ip = \"198.18.0.11\"",
+            "ip = \"198.18.0.11\"\nweight = 70000",
+        ),
+        "service[0].real_server[0].weight",
+        "70000",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 70000"),
+        "service[0].ports",
+        "70000",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 8088\nprotocol = \"sctp\""),
+        "service[0].protocol",
+        "sctp",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 8088\npersistence = \"cookie\""),
+        "service[0].persistence",
+        "cookie",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0]\nxdp_mode = \"fast\""),
+        "engine.xdp_mode",
+        "fast",
+    );
+    assert_rejected(
+        &MINIMAL.replace(
+            "ip = \"198.18.0.11\"",
+            "ip = \"198.18.0.11\"\nmac = \"02:00:00:00:11\"",
+        ),
+        "service[0].real_server[0].mac",
+        "invalid MAC",
+    );
+    assert_rejected("[engine\n", "(file)", "");
+}
+
+#[test]
+fn semantic_errors_name_the_field() {
+    let web = "service[0] \"web\"";
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 8088\ntable_size = 65536"),
+        &format!("{web}.table_size"),
+        "prime",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 8088\ntable_size = 2"),
+        &format!("{web}.table_size"),
+        "prime",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 8088\ntable_size = 16777259"),
+        &format!("{web}.table_size"),
+        "prime",
+    );
+    let three =
+        format!("{MINIMAL}\n[[service.real_server]]\nlabel = \"c\"\nip = \"198.18.0.13\"\n");
+    assert_rejected(
+        &three.replace("ports = 8088", "ports = 8088\ntable_size = 3"),
+        &format!("{web}.table_size"),
+        "larger",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = \"\""),
+        "service[0].ports",
+        "empty",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = \"9010-9000\""),
+        "service[0].ports",
+        "start is above end",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 0"),
+        "service[0].ports",
+        "not a port",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = \"80,x\""),
+        "service[0].ports",
+        "\"x\" is not a port",
+    );
+    assert_rejected(
+        &MINIMAL.replace("198.18.0.100", "224.0.0.1"),
+        &format!("{web}.vip"),
+        "multicast",
+    );
+    assert_rejected(
+        &MINIMAL.replace("198.18.0.100", "0.0.0.0"),
+        &format!("{web}.vip"),
+        "unspecified",
+    );
+    assert_rejected(
+        &MINIMAL.replace("198.18.0.12", "127.0.0.1"),
+        &format!("{web}.real_server[1].ip"),
+        "loopback",
+    );
+    assert_rejected(
+        &MINIMAL.replace("198.18.0.12", "198.18.0.100"),
+        &format!("{web}.real_server[1].ip"),
+        "VIP",
+    );
+    assert_rejected(
+        &MINIMAL.replace("198.18.0.12", "198.18.0.11"),
+        &format!("{web}.real_server[1].ip"),
+        "already",
+    );
+    assert_rejected(
+        &MINIMAL.replace("label = \"b\"", "label = \"a\""),
+        &format!("{web}.real_server[1].label"),
+        "duplicate",
+    );
+    assert_rejected(
+        &MINIMAL.replace("label = \"b\"", "label = \"\""),
+        &format!("{web}.real_server[1].label"),
+        "empty",
+    );
+    assert_rejected(
+        &MINIMAL.replace("label = \"web\"", "label = \" \""),
+        "service[0]",
+        "empty",
+    );
+    assert_rejected(
+        &MINIMAL.replace(
+            "ip = \"198.18.0.11\"",
+            "ip = \"198.18.0.11\"\nmin_connections = 10\nmax_connections = 5",
+        ),
+        &format!("{web}.real_server[0].min_connections"),
+        "above max_connections",
+    );
+    assert_rejected(
+        &MINIMAL.replace(
+            "ip = \"198.18.0.11\"",
+            "ip = \"198.18.0.11\"\nmac = \"01:00:5e:00:00:01\"",
+        ),
+        &format!("{web}.real_server[0].mac"),
+        "unicast",
+    );
+}
+
+#[test]
+fn engine_errors_name_the_field() {
+    assert_rejected(
+        &MINIMAL.replace("interface = \"eth0\"", "interface = \"\""),
+        "engine.interface",
+        "interface name",
+    );
+    assert_rejected(
+        &MINIMAL.replace(
+            "interface = \"eth0\"",
+            "interface = \"a-very-long-interface\"",
+        ),
+        "engine.interface",
+        "1-15",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = []"),
+        "engine.queues",
+        "at least one",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0, 0]"),
+        "engine.queues",
+        "twice",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0, 1]\ncores = [1]"),
+        "engine.cores",
+        "one core per queue",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0]\nframe_size = 1000"),
+        "engine.frame_size",
+        "2048 or 4096",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0]\nring_size = 100"),
+        "engine.ring_size",
+        "power of two",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0]\nframe_count = 2048"),
+        "engine.frame_count",
+        "twice ring_size",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0]\nbatch_size = 0"),
+        "engine.batch_size",
+        "1..=ring_size",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0]\ngratuitous_arp_count = 11"),
+        "engine.gratuitous_arp_count",
+        "0..=10",
+    );
+}
+
+#[test]
+fn overlapping_services_are_rejected_naming_both() {
+    let two = format!(
+        "{MINIMAL}\n[[service]]\nlabel = \"other\"\nvip = \"198.18.0.100\"\nports = \"8000-8100\"\n"
+    );
+    assert_rejected(
+        &two,
+        "service[1] \"other\".ports",
+        "198.18.0.100:8088/tcp is already served by service[0] \"web\"",
+    );
+    // Same port on another protocol, or on another VIP, is fine.
+    Config::from_toml_str(&two.replace(
+        "ports = \"8000-8100\"",
+        "ports = \"8000-8100\"\nprotocol = \"udp\"",
+    ))
+    .expect("udp beside tcp");
+    Config::from_toml_str(&two.replace(
+        "vip = \"198.18.0.100\"\nports = \"8000",
+        "vip = \"198.18.0.101\"\nports = \"8000",
+    ))
+    .expect("other vip");
+    assert_rejected(
+        &format!("{MINIMAL}\n[[service]]\nlabel = \"web\"\nvip = \"198.18.0.101\"\nports = 1\n"),
+        "service[1] \"web\".label",
+        "duplicate",
+    );
+}
+
+#[test]
+fn port_sets_parse_merge_and_print() {
+    let parse = |s: &str| s.parse::<PortSet>().expect("valid");
+    assert_eq!(parse("1935").to_string(), "1935");
+    assert_eq!(parse("1935,8088").to_string(), "1935,8088");
+    assert_eq!(parse("8088, 1935").to_string(), "1935,8088");
+    assert_eq!(parse("9000-9010").len(), 11);
+    assert_eq!(parse("80,79-81").to_string(), "79-81");
+    assert_eq!(parse("1-3,4-6").to_string(), "1-6");
+    assert!(parse("9000-9010").contains(9005));
+    assert!(!parse("9000-9010").contains(9011));
+    assert_eq!(parse("443,80").first(), 80);
+    assert_eq!(parse("1-10").first_common(&parse("10-20")), Some(10));
+    assert_eq!(parse("1-10").first_common(&parse("11-20")), None);
+    for bad in ["", "0", "1,,2", "a", "5-1", "1-", "65536", "-5"] {
+        assert!(bad.parse::<PortSet>().is_err(), "{bad:?} accepted");
+    }
+}
+
+#[test]
+fn mac_addresses_parse_both_separators() {
+    assert_eq!(
+        "02:AB:00:00:00:11".parse::<MacAddr>(),
+        Ok(MacAddr([2, 0xab, 0, 0, 0, 0x11]))
+    );
+    assert_eq!(
+        "02-ab-00-00-00-11".parse::<MacAddr>(),
+        Ok(MacAddr([2, 0xab, 0, 0, 0, 0x11]))
+    );
+    assert_eq!(
+        MacAddr([2, 0xab, 0, 0, 0, 0x11]).to_string(),
+        "02:ab:00:00:00:11"
+    );
+    assert!("02:ab:00:00:00".parse::<MacAddr>().is_err());
+    assert!("02:ab:00:00:00:11:22".parse::<MacAddr>().is_err());
+    assert!("2:ab:0:0:0:11".parse::<MacAddr>().is_err());
+}
+
+#[test]
+fn serialized_config_reads_back_equal() {
+    let text = format!(
+        "{EXAMPLE}\n[[service]]\nlabel = \"Wowza GUI\"\nvip = \"198.18.0.100\"\nports = \"8088,9000-9010\"\n\
+         persistence = \"none\"\nprotocol = \"udp\"\ntable_size = 251\n\n[[service.real_server]]\n\
+         label = \"x\"\nip = \"198.18.0.20\"\nweight = 0\nmax_connections = 10\n"
+    );
+    let config = Config::from_toml_str(&text).expect("valid");
+    let again = Config::from_toml_str(&config.to_toml_string()).expect("serialized form is valid");
+    assert_eq!(config, again);
+}
+
+proptest! {
+    #[test]
+    fn port_set_display_round_trips(ranges in prop::collection::vec((1u16..=65535, 0u16..50), 1..20)) {
+        let text: Vec<String> = ranges
+            .iter()
+            .map(|&(start, width)| {
+                let end = start.saturating_add(width);
+                if width == 0 { start.to_string() } else { format!("{start}-{end}") }
+            })
+            .collect();
+        let set: PortSet = text.join(",").parse().expect("generated sets are valid");
+        let again: PortSet = set.to_string().parse().expect("display is valid");
+        prop_assert_eq!(&set, &again);
+        for &(start, width) in &ranges {
+            prop_assert!(set.contains(start) && set.contains(start.saturating_add(width)));
+        }
+    }
+}
