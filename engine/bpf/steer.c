@@ -1,0 +1,85 @@
+// SPDX-License-Identifier: (GPL-2.0 OR MIT)
+//
+// lbd's XDP steering program. It runs on every frame the balancer's interface receives and
+// decides only where the frame goes, never what it becomes:
+//   - an IPv4 frame whose destination is a VIP, or an ARP request for a VIP, is redirected to
+//     the AF_XDP socket of the queue it arrived on (the worker of that queue handles it);
+//   - everything else gets XDP_PASS, so the host's own networking (ssh, management, health
+//     checks, neighbour resolution for the real servers) keeps working on the same interface.
+// The engine fills `lbd_vips` with the configured VIPs and `lbd_xsks` with one socket per
+// served queue. If a queue has no socket, bpf_redirect_map falls back to XDP_PASS.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define MAX_VIPS 4096
+#define MAX_QUEUES 256
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VIPS);
+	__type(key, __u32);   // VIP, network byte order
+	__type(value, __u32); // unused flags
+} lbd_vips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, MAX_QUEUES);
+	__type(key, __u32);   // queue index
+	__type(value, __u32); // AF_XDP socket fd
+} lbd_xsks SEC(".maps");
+
+// RFC 826 ARP for Ethernet/IPv4, as it follows the Ethernet header.
+struct arp_eth_ipv4 {
+	__be16 htype;
+	__be16 ptype;
+	__u8 hlen;
+	__u8 plen;
+	__be16 oper;
+	__u8 sha[ETH_ALEN];
+	__u8 spa[4];
+	__u8 tha[ETH_ALEN];
+	__u8 tpa[4];
+} __attribute__((packed));
+
+static __always_inline int is_vip(__u32 addr)
+{
+	return bpf_map_lookup_elem(&lbd_vips, &addr) != NULL;
+}
+
+SEC("xdp")
+int lbd_steer(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end)
+			return XDP_PASS;
+		if (!is_vip(ip->daddr))
+			return XDP_PASS;
+	} else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		struct arp_eth_ipv4 *arp = (void *)(eth + 1);
+		__u32 target;
+		if ((void *)(arp + 1) > data_end)
+			return XDP_PASS;
+		if (arp->oper != bpf_htons(1))
+			return XDP_PASS;
+		__builtin_memcpy(&target, arp->tpa, sizeof(target));
+		if (!is_vip(target))
+			return XDP_PASS;
+	} else {
+		return XDP_PASS;
+	}
+	return bpf_redirect_map(&lbd_xsks, ctx->rx_queue_index, XDP_PASS);
+}
+
+char _license[] SEC("license") = "Dual MIT/GPL";

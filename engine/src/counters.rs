@@ -1,0 +1,232 @@
+//! Per-worker counters: plain integers owned by one worker, never shared or atomic on the
+//! packet path; a reader sums the workers' copies.
+//!
+//! Every frame a worker takes off its RX ring ends in exactly one counter: forwarded, answered
+//! (ARP or ICMP), or dropped under a named [`DropReason`]. A reason that exists has a test that
+//! produces it.
+
+use std::fmt;
+
+/// Why a frame was not forwarded. Small and `Copy`: the hot path returns it by value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Shorter than the headers it claims to carry.
+    Truncated,
+    /// An EtherType the balancer does not serve (IPv6, VLAN tags, ...).
+    UnsupportedEtherType,
+    /// Unicast to another station's MAC address (a flooded frame): not ours to forward.
+    NotOurMac,
+    /// An ARP packet that is not an Ethernet/IPv4 request (replies, other hardware types).
+    ArpNotRequest,
+    /// An ARP request for an address that is not a VIP.
+    ArpNotVip,
+    /// IPv4 header with a bad version, header length or total length.
+    BadIpHeader,
+    /// IPv4 destination is not a configured VIP.
+    NotVip,
+    /// VIP matches, but no service serves this protocol and port.
+    PortNotServed,
+    /// A non-first IP fragment for a VIP with several services of its protocol: the port that
+    /// would choose one is in the first fragment only.
+    FragmentAmbiguous,
+    /// ICMP to a VIP that is not an echo request (or is fragmented).
+    IcmpNotEcho,
+    /// The service has no real server that can take the frame (all drained or unresolved).
+    NoRealServer,
+    /// The TX ring had no room: the frame was recycled instead of sent.
+    TxRingFull,
+}
+
+impl DropReason {
+    /// Every reason, in the order counters are kept and printed.
+    pub const ALL: [DropReason; 12] = [
+        DropReason::Truncated,
+        DropReason::UnsupportedEtherType,
+        DropReason::NotOurMac,
+        DropReason::ArpNotRequest,
+        DropReason::ArpNotVip,
+        DropReason::BadIpHeader,
+        DropReason::NotVip,
+        DropReason::PortNotServed,
+        DropReason::FragmentAmbiguous,
+        DropReason::IcmpNotEcho,
+        DropReason::NoRealServer,
+        DropReason::TxRingFull,
+    ];
+
+    /// The counter's name in logs and statistics.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Truncated => "truncated",
+            DropReason::UnsupportedEtherType => "unsupported_ethertype",
+            DropReason::NotOurMac => "not_our_mac",
+            DropReason::ArpNotRequest => "arp_not_request",
+            DropReason::ArpNotVip => "arp_not_vip",
+            DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::NotVip => "not_vip",
+            DropReason::PortNotServed => "port_not_served",
+            DropReason::FragmentAmbiguous => "fragment_ambiguous",
+            DropReason::IcmpNotEcho => "icmp_not_echo",
+            DropReason::NoRealServer => "no_real_server",
+            DropReason::TxRingFull => "tx_ring_full",
+        }
+    }
+
+    #[inline]
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Packets and bytes, for a service or a real server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Frames forwarded.
+    pub packets: u64,
+    /// Bytes of those frames, Ethernet header included.
+    pub bytes: u64,
+}
+
+impl Traffic {
+    #[inline]
+    fn add(&mut self, len: usize) {
+        self.packets += 1;
+        self.bytes += len as u64;
+    }
+}
+
+/// One worker's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Frames taken from the RX ring.
+    pub rx_frames: u64,
+    /// Frames forwarded to a real server.
+    pub forwarded: Traffic,
+    /// ARP replies sent for VIPs.
+    pub arp_replies: u64,
+    /// ICMP echo replies sent from VIPs.
+    pub icmp_echo_replies: u64,
+    /// Gratuitous ARP frames sent.
+    pub gratuitous_arps: u64,
+    /// Drops, indexed by [`DropReason`].
+    pub drops: [u64; DropReason::ALL.len()],
+    /// Per service (snapshot order), per real server (service's order).
+    pub services: Vec<ServiceTraffic>,
+}
+
+/// A service's traffic and its real servers'.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceTraffic {
+    /// Frames forwarded for this service.
+    pub total: Traffic,
+    /// Frames forwarded to each real server.
+    pub real_servers: Vec<Traffic>,
+}
+
+impl Counters {
+    /// Counters shaped for services with these numbers of real servers.
+    pub fn for_services(real_servers_per_service: impl IntoIterator<Item = usize>) -> Counters {
+        Counters {
+            services: real_servers_per_service
+                .into_iter()
+                .map(|n| ServiceTraffic {
+                    total: Traffic::default(),
+                    real_servers: vec![Traffic::default(); n],
+                })
+                .collect(),
+            ..Counters::default()
+        }
+    }
+
+    /// Counts one drop.
+    #[inline]
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+
+    /// The count for one drop reason.
+    pub fn drops_for(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Total drops over all reasons.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Counts one forwarded frame of `len` bytes for a service's real server.
+    #[inline]
+    pub fn forward(&mut self, service: usize, real_server: usize, len: usize) {
+        self.forwarded.add(len);
+        if let Some(service) = self.services.get_mut(service) {
+            service.total.add(len);
+            if let Some(rs) = service.real_servers.get_mut(real_server) {
+                rs.add(len);
+            }
+        }
+    }
+
+    /// Adds another worker's counters into these (same service shape expected; extra entries
+    /// are appended).
+    pub fn merge(&mut self, other: &Counters) {
+        self.rx_frames += other.rx_frames;
+        self.forwarded.packets += other.forwarded.packets;
+        self.forwarded.bytes += other.forwarded.bytes;
+        self.arp_replies += other.arp_replies;
+        self.icmp_echo_replies += other.icmp_echo_replies;
+        self.gratuitous_arps += other.gratuitous_arps;
+        for (mine, theirs) in self.drops.iter_mut().zip(other.drops) {
+            *mine += theirs;
+        }
+        if self.services.len() < other.services.len() {
+            self.services
+                .resize(other.services.len(), ServiceTraffic::default());
+        }
+        for (mine, theirs) in self.services.iter_mut().zip(&other.services) {
+            mine.total.packets += theirs.total.packets;
+            mine.total.bytes += theirs.total.bytes;
+            if mine.real_servers.len() < theirs.real_servers.len() {
+                mine.real_servers
+                    .resize(theirs.real_servers.len(), Traffic::default());
+            }
+            for (a, b) in mine.real_servers.iter_mut().zip(&theirs.real_servers) {
+                a.packets += b.packets;
+                a.bytes += b.bytes;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_indices_match_the_table() {
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason}");
+        }
+    }
+
+    #[test]
+    fn merge_sums_everything() {
+        let mut a = Counters::for_services([2]);
+        a.forward(0, 1, 100);
+        a.drop(DropReason::NotVip);
+        let mut b = Counters::for_services([2, 1]);
+        b.forward(1, 0, 60);
+        b.drop(DropReason::NotVip);
+        a.merge(&b);
+        assert_eq!(a.forwarded.packets, 2);
+        assert_eq!(a.forwarded.bytes, 160);
+        assert_eq!(a.drops_for(DropReason::NotVip), 2);
+        assert_eq!(a.services[0].real_servers[1].packets, 1);
+        assert_eq!(a.services[1].real_servers[0].bytes, 60);
+    }
+}

@@ -1,0 +1,426 @@
+//! Start-up, the workers' threads, neighbour resolution, signals and shutdown.
+//!
+//! Order matters at start: the XDP program is attached with an empty VIP map (so it steers
+//! nothing yet), then each queue's socket is bound and entered in the XSKMAP, and only then are
+//! the VIPs added: no VIP frame is ever redirected to a queue without a socket. At stop
+//! (SIGINT/SIGTERM) the workers finish their batch and exit, the sockets close, and dropping
+//! the steering program's link detaches it, leaving the interface as it was.
+
+use crate::counters::{Counters, DropReason};
+use crate::dataplane::Dataplane;
+use crate::host;
+use crate::snapshot::Snapshot;
+use crate::steer::{AttachMode, SteerError, Steering};
+use crate::sys::{CopyMode, XskError, XskRings, XskSettings};
+use crate::worker::{Worker, WorkerCommand, WorkerSettings};
+use crossbeam::channel::{Sender, unbounded};
+use lbd_config::{Config, XdpMode};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How long start-up waits for real servers' MACs before it starts without them.
+const INITIAL_RESOLUTION: Duration = Duration::from_secs(3);
+/// How often unresolved real servers are retried, and known ones re-read, while running.
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Spacing of the gratuitous ARP rounds at start.
+const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The interface is not in this network namespace.
+    #[error("interface {0} not found (ip link shows the interfaces of this namespace)")]
+    NoInterface(String),
+    /// A configured queue does not exist on the interface.
+    #[error(
+        "engine.queues: interface {interface} has {available} RX queue(s); queue {queue} does not exist"
+    )]
+    NoQueue {
+        /// The interface.
+        interface: String,
+        /// The missing queue.
+        queue: u32,
+        /// How many it has.
+        available: u32,
+    },
+    /// Reading the host's facts failed.
+    #[error("reading {what}: {source}")]
+    Host {
+        /// What was being read.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The XDP program could not be set up.
+    #[error(transparent)]
+    Steer(#[from] SteerError),
+    /// An AF_XDP socket could not be opened.
+    #[error("{0} (lbd needs root, or CAP_NET_ADMIN, CAP_NET_RAW and CAP_BPF)")]
+    Xsk(#[from] XskError),
+    /// The signal handlers could not be installed.
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+}
+
+/// Runs the balancer until SIGINT or SIGTERM.
+pub fn run(config: Config) -> Result<(), DaemonError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
+    }
+
+    let engine = &config.engine;
+    let interface = engine.interface.as_str();
+    if !host::interface_exists(interface) {
+        return Err(DaemonError::NoInterface(interface.to_owned()));
+    }
+    let own_mac = host::interface_mac(interface).map_err(|source| DaemonError::Host {
+        what: format!("the MAC address of {interface}"),
+        source,
+    })?;
+    let available = host::rx_queue_count(interface).map_err(|source| DaemonError::Host {
+        what: format!("the queues of {interface}"),
+        source,
+    })?;
+    if let Some(&queue) = engine.queues.iter().find(|&&q| q >= available) {
+        return Err(DaemonError::NoQueue {
+            interface: interface.to_owned(),
+            queue,
+            available,
+        });
+    }
+
+    let mut steering = Steering::attach(interface, engine.xdp_mode != XdpMode::ZeroCopy)?;
+    let mut sockets = Vec::with_capacity(engine.queues.len());
+    for &queue in &engine.queues {
+        let (rings, mode) = open_socket(&config, queue, steering.mode())?;
+        steering.set_socket(queue, &rings)?;
+        tracing::info!(interface, queue, ?mode, xdp = ?steering.mode(), "AF_XDP socket bound");
+        sockets.push(rings);
+    }
+
+    let mut resolver = Resolver::new(&config);
+    resolver.wait_for_all(Duration::from_millis(100), INITIAL_RESOLUTION, &stop);
+    let snapshot = Arc::new(Snapshot::build(&config, own_mac, |ip| resolver.mac(ip)));
+    log_services(&config, &snapshot);
+
+    let vips = distinct_vips(&config);
+    for &vip in &vips {
+        steering.add_vip(vip)?;
+    }
+
+    let settings = WorkerSettings {
+        batch_size: engine.batch_size as usize,
+        ..WorkerSettings::default()
+    };
+    let mut workers = Vec::with_capacity(sockets.len());
+    for (index, rings) in sockets.into_iter().enumerate() {
+        let core = engine.cores.get(index).copied();
+        workers.push(spawn_worker(
+            index,
+            rings,
+            Dataplane::new(Arc::clone(&snapshot)),
+            settings,
+            core,
+            Arc::clone(&stop),
+        ));
+    }
+    tracing::info!(
+        interface,
+        mac = %host::format_mac(own_mac),
+        workers = workers.len(),
+        "lbd running"
+    );
+
+    // Gratuitous ARP rounds and neighbour upkeep, until a signal.
+    let mut announcements_left = engine.gratuitous_arp_count;
+    let mut next_announce = Instant::now();
+    let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if announcements_left > 0 && now >= next_announce && !vips.is_empty() {
+            if let Some(first) = workers.first() {
+                // Only one worker announces: every queue shares the interface.
+                let _ = first
+                    .commands
+                    .send(WorkerCommand::Announce(own_mac, vips.clone()));
+            }
+            announcements_left -= 1;
+            next_announce = now + ANNOUNCE_INTERVAL;
+        }
+        if now >= next_resolve {
+            next_resolve = now + RESOLVE_INTERVAL;
+            if resolver.refresh() {
+                let snapshot = Arc::new(Snapshot::build(&config, own_mac, |ip| resolver.mac(ip)));
+                log_services(&config, &snapshot);
+                for worker in &workers {
+                    let _ = worker
+                        .commands
+                        .send(WorkerCommand::Snapshot(Arc::clone(&snapshot)));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    tracing::info!("stopping");
+    let mut total = Counters::default();
+    for worker in workers {
+        let index = worker.index;
+        match worker.thread.join() {
+            Ok(report) => {
+                tracing::info!(
+                    worker = index,
+                    free = report.census.0,
+                    in_fill = report.census.1,
+                    in_tx = report.census.2,
+                    accounted = report.accounted,
+                    "UMEM frames at stop"
+                );
+                total.merge(&report.counters);
+            }
+            Err(_) => tracing::error!(worker = index, "worker thread panicked"),
+        }
+    }
+    log_counters(&total);
+    drop(steering);
+    tracing::info!(interface, "XDP program detached; stopped");
+    Ok(())
+}
+
+/// Opens the socket for `queue` in the configured copy mode; `auto` tries zero-copy where the
+/// program runs in the driver and falls back to copy mode.
+fn open_socket(
+    config: &Config,
+    queue: u32,
+    attach: AttachMode,
+) -> Result<(XskRings, CopyMode), XskError> {
+    let engine = &config.engine;
+    let settings = |mode| XskSettings {
+        frame_size: engine.frame_size,
+        frame_count: engine.frame_count,
+        ring_size: engine.ring_size,
+        mode,
+    };
+    let interface = engine.interface.as_str();
+    match engine.xdp_mode {
+        XdpMode::Copy => Ok((
+            XskRings::open(interface, queue, settings(CopyMode::Copy))?,
+            CopyMode::Copy,
+        )),
+        XdpMode::ZeroCopy => Ok((
+            XskRings::open(interface, queue, settings(CopyMode::ZeroCopy))?,
+            CopyMode::ZeroCopy,
+        )),
+        XdpMode::Auto => {
+            if attach == AttachMode::Driver {
+                match XskRings::open(interface, queue, settings(CopyMode::ZeroCopy)) {
+                    Ok(rings) => return Ok((rings, CopyMode::ZeroCopy)),
+                    Err(error) => {
+                        tracing::debug!(%error, "zero-copy not available, using copy mode");
+                    }
+                }
+            }
+            Ok((
+                XskRings::open(interface, queue, settings(CopyMode::Copy))?,
+                CopyMode::Copy,
+            ))
+        }
+    }
+}
+
+/// What a worker thread hands back when it stops.
+#[derive(Debug)]
+struct WorkerReport {
+    counters: Counters,
+    census: (usize, usize, usize),
+    accounted: bool,
+}
+
+#[derive(Debug)]
+struct WorkerHandle {
+    index: usize,
+    commands: Sender<WorkerCommand>,
+    thread: JoinHandle<WorkerReport>,
+}
+
+fn spawn_worker(
+    index: usize,
+    rings: XskRings,
+    dataplane: Dataplane,
+    settings: WorkerSettings,
+    core: Option<usize>,
+    stop: Arc<AtomicBool>,
+) -> WorkerHandle {
+    let (commands, receiver) = unbounded();
+    let thread = std::thread::Builder::new()
+        .name(format!("lbd-worker-{index}"))
+        .spawn(move || {
+            if let Some(id) = core
+                && !core_affinity::set_for_current(core_affinity::CoreId { id })
+            {
+                tracing::warn!(worker = index, core = id, "could not pin worker to core");
+            }
+            let mut worker = Worker::new(rings, dataplane, settings);
+            worker.run(&stop, &receiver);
+            if let Some((dropped, ring_full, fill_empty)) = worker.rings().kernel_stats() {
+                tracing::info!(
+                    worker = index,
+                    dropped,
+                    ring_full,
+                    fill_empty,
+                    "kernel socket statistics"
+                );
+            }
+            WorkerReport {
+                counters: worker.dataplane().counters().clone(),
+                census: worker.frame_census(),
+                accounted: worker.frames_accounted(),
+            }
+        })
+        .expect("spawning a worker thread");
+    WorkerHandle {
+        index,
+        commands,
+        thread,
+    }
+}
+
+/// The real servers' MACs as the kernel knows them (pinned MACs need no resolution).
+#[derive(Debug)]
+struct Resolver {
+    interface: String,
+    wanted: Vec<Ipv4Addr>,
+    known: HashMap<Ipv4Addr, [u8; 6]>,
+}
+
+impl Resolver {
+    fn new(config: &Config) -> Resolver {
+        let mut wanted: Vec<Ipv4Addr> = config
+            .services
+            .iter()
+            .flat_map(|s| &s.real_servers)
+            .filter(|rs| rs.mac.is_none())
+            .map(|rs| rs.ip)
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        Resolver {
+            interface: config.engine.interface.clone(),
+            wanted,
+            known: HashMap::new(),
+        }
+    }
+
+    fn mac(&self, ip: Ipv4Addr) -> Option<[u8; 6]> {
+        self.known.get(&ip).copied()
+    }
+
+    /// Re-reads the neighbour table and asks the kernel to resolve what is missing. Returns
+    /// true when a MAC was learned or changed.
+    fn refresh(&mut self) -> bool {
+        let table = match host::neighbours(&self.interface) {
+            Ok(table) => table,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the neighbour table");
+                return false;
+            }
+        };
+        let mut changed = false;
+        for &ip in &self.wanted {
+            match table.get(&ip) {
+                Some(&mac) => {
+                    let old = self.known.insert(ip, mac);
+                    if old != Some(mac) {
+                        changed = true;
+                        tracing::info!(real_server = %ip, mac = %host::format_mac(mac), "MAC learned");
+                    }
+                }
+                None => {
+                    // Kept if known: the entry may just have aged out. Ask again either way.
+                    if let Err(error) = host::trigger_resolution(ip) {
+                        tracing::debug!(real_server = %ip, %error, "resolution trigger failed");
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    fn all_known(&self) -> bool {
+        self.wanted.iter().all(|ip| self.known.contains_key(ip))
+    }
+
+    /// Refreshes every `step` until every MAC is known, `limit` passes, or a stop signal.
+    fn wait_for_all(&mut self, step: Duration, limit: Duration, stop: &AtomicBool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.refresh();
+            if self.all_known() || Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(step);
+        }
+    }
+}
+
+fn distinct_vips(config: &Config) -> Vec<Ipv4Addr> {
+    let mut vips: Vec<Ipv4Addr> = config.services.iter().map(|s| s.vip).collect();
+    vips.sort();
+    vips.dedup();
+    vips
+}
+
+fn log_services(config: &Config, snapshot: &Snapshot) {
+    for (service, configured) in snapshot.services.iter().zip(&config.services) {
+        let servers: Vec<String> = service
+            .real_servers
+            .iter()
+            .map(|rs| {
+                let mac = rs
+                    .mac
+                    .map_or_else(|| "unresolved".to_owned(), host::format_mac);
+                format!("{} {} {} weight {}", rs.label, rs.ip, mac, rs.weight)
+            })
+            .collect();
+        tracing::info!(
+            service = %service.label,
+            vip = %service.vip,
+            ports = %configured.ports,
+            protocol = %configured.protocol,
+            real_servers = %servers.join(", "),
+            "service"
+        );
+        for rs in service.real_servers.iter().filter(|rs| rs.mac.is_none()) {
+            tracing::warn!(
+                service = %service.label,
+                real_server = %rs.label,
+                ip = %rs.ip,
+                "real server unresolved: no MAC in the neighbour table; it gets no traffic until it answers ARP"
+            );
+        }
+    }
+}
+
+fn log_counters(total: &Counters) {
+    tracing::info!(
+        rx = total.rx_frames,
+        forwarded = total.forwarded.packets,
+        forwarded_bytes = total.forwarded.bytes,
+        arp_replies = total.arp_replies,
+        icmp_echo_replies = total.icmp_echo_replies,
+        gratuitous_arps = total.gratuitous_arps,
+        "totals"
+    );
+    for reason in DropReason::ALL {
+        let count = total.drops_for(reason);
+        if count > 0 {
+            tracing::info!(reason = reason.name(), count, "dropped");
+        }
+    }
+}

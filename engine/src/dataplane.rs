@@ -1,0 +1,343 @@
+//! The packet path: classify a frame, pick a real server, rewrite in place. No I/O.
+//!
+//! A worker hands [`Dataplane::process`] each received frame as a mutable byte slice; the frame
+//! is either sent back out on the same interface, modified in place and with the same length
+//! ([`Verdict::Transmit`]), or dropped under a counted [`DropReason`]. Every rule below is a
+//! unit test on byte arrays at the bottom of this file.
+//!
+//! - ARP request (RFC 826) for a VIP: turned into the reply from the interface's MAC.
+//! - IPv4 TCP/UDP to VIP:port of a service: Direct Routing, as IPVS does it. Only the Ethernet
+//!   header changes: destination = the chosen real server, source = our own MAC (leaving the
+//!   client's MAC as source would teach the switch that the client lives on our port). The IP
+//!   packet is untouched, so the real server sees the client's address and answers it directly.
+//! - ICMP echo request (RFC 792) to a VIP: turned into the echo reply from the VIP.
+//!
+//! Parsing uses etherparse's checked slices for untrusted input; the in-place rewrites write
+//! fixed offsets whose bounds those checks have already established.
+
+use crate::counters::{Counters, DropReason};
+use crate::snapshot::{FragmentRoute, Snapshot};
+use etherparse::{ArpPacketSlice, EtherType, Ethernet2HeaderSlice, Ipv4HeaderSlice};
+use lbd_config::Persistence;
+use std::sync::Arc;
+
+/// Byte offsets in an Ethernet II frame and the headers the balancer touches.
+mod field {
+    use std::ops::Range;
+    pub const ETH_DST: Range<usize> = 0..6;
+    pub const ETH_SRC: Range<usize> = 6..12;
+    pub const ETH_HEADER_LEN: usize = 14;
+
+    // ARP for Ethernet/IPv4, relative to the frame start (RFC 826 packet after the 14-byte header).
+    pub const ARP_OPER: Range<usize> = 20..22;
+    pub const ARP_SHA: Range<usize> = 22..28;
+    pub const ARP_SPA: Range<usize> = 28..32;
+    pub const ARP_THA: Range<usize> = 32..38;
+    pub const ARP_TPA: Range<usize> = 38..42;
+    pub const ARP_FRAME_LEN: usize = 42;
+
+    // IPv4, relative to the frame start.
+    pub const IP_TTL: usize = 22;
+    pub const IP_CHECKSUM: Range<usize> = 24..26;
+    pub const IP_SRC: Range<usize> = 26..30;
+    pub const IP_DST: Range<usize> = 30..34;
+}
+
+const ARP_OP_REQUEST: u16 = 1;
+const ARP_OP_REPLY: u16 = 2;
+const IP_PROTO_ICMP: u8 = 1;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_ECHO_REPLY: u8 = 0;
+const BROADCAST: [u8; 6] = [0xff; 6];
+/// TTL of the replies the balancer originates (ICMP echo replies), as Linux uses by default.
+const REPLY_TTL: u8 = 64;
+/// Minimum Ethernet frame without FCS; generated frames are padded to it.
+pub const MIN_FRAME_LEN: usize = 60;
+
+/// What to do with a processed frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Send the (rewritten) frame out of the interface it came in on.
+    Transmit,
+    /// Recycle the frame; the reason has been counted.
+    Drop(DropReason),
+}
+
+/// One worker's packet path: the snapshot it reads and the counters it keeps.
+#[derive(Debug)]
+pub struct Dataplane {
+    snapshot: Arc<Snapshot>,
+    counters: Counters,
+}
+
+impl Dataplane {
+    /// A packet path over `snapshot` with zeroed counters.
+    pub fn new(snapshot: Arc<Snapshot>) -> Dataplane {
+        let counters = Counters::for_services(snapshot.real_server_counts());
+        Dataplane { snapshot, counters }
+    }
+
+    /// This worker's counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Counters, for the driver's own events (TX ring full, gratuitous ARP).
+    pub fn counters_mut(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+
+    /// Switches to a new snapshot between frames. Counters keep their totals; per-service
+    /// counters follow the new snapshot's shape.
+    pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
+        let mut counters = Counters::for_services(snapshot.real_server_counts());
+        let mut old = std::mem::take(&mut self.counters);
+        let same_shape = old.services.len() == counters.services.len()
+            && old
+                .services
+                .iter()
+                .zip(&counters.services)
+                .all(|(a, b)| a.real_servers.len() == b.real_servers.len());
+        if !same_shape {
+            old.services.clear();
+        }
+        counters.merge(&old);
+        self.counters = counters;
+        self.snapshot = snapshot;
+    }
+
+    /// The snapshot in use.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// Handles one received frame in place. The frame keeps its length.
+    #[inline]
+    pub fn process(&mut self, frame: &mut [u8]) -> Verdict {
+        self.counters.rx_frames += 1;
+        let verdict = self.classify_and_rewrite(frame);
+        if let Verdict::Drop(reason) = verdict {
+            self.counters.drop(reason);
+        }
+        verdict
+    }
+
+    #[inline]
+    fn classify_and_rewrite(&mut self, frame: &mut [u8]) -> Verdict {
+        let Ok(eth) = Ethernet2HeaderSlice::from_slice(frame) else {
+            return Verdict::Drop(DropReason::Truncated);
+        };
+        let ether_type = eth.ether_type();
+        let dst = eth.destination();
+        if ether_type == EtherType::IPV4 {
+            if dst != self.snapshot.own_mac {
+                return Verdict::Drop(DropReason::NotOurMac);
+            }
+            self.ipv4(frame)
+        } else if ether_type == EtherType::ARP {
+            if dst != self.snapshot.own_mac && dst != BROADCAST {
+                return Verdict::Drop(DropReason::NotOurMac);
+            }
+            self.arp(frame)
+        } else {
+            Verdict::Drop(DropReason::UnsupportedEtherType)
+        }
+    }
+
+    /// RFC 826: answer a request for a VIP with our MAC, by turning the request around.
+    fn arp(&mut self, frame: &mut [u8]) -> Verdict {
+        let Ok(arp) = ArpPacketSlice::from_slice(&frame[field::ETH_HEADER_LEN..]) else {
+            return Verdict::Drop(DropReason::Truncated);
+        };
+        let is_ethernet_ipv4 = arp.hw_addr_type() == etherparse::ArpHardwareId::ETHERNET
+            && arp.proto_addr_type() == EtherType::IPV4
+            && arp.hw_addr_size() == 6
+            && arp.proto_addr_size() == 4;
+        if !is_ethernet_ipv4 || arp.operation().0 != ARP_OP_REQUEST {
+            return Verdict::Drop(DropReason::ArpNotRequest);
+        }
+        let Ok(target) = <[u8; 4]>::try_from(arp.target_protocol_addr()) else {
+            return Verdict::Drop(DropReason::Truncated);
+        };
+        let sender_ip = arp.sender_protocol_addr();
+        // A request whose sender is the target is an announcement (gratuitous ARP), not a question.
+        if sender_ip == target || !self.snapshot.vips.contains(&u32::from_be_bytes(target)) {
+            return Verdict::Drop(DropReason::ArpNotVip);
+        }
+        let own = self.snapshot.own_mac;
+        // The fixed-offset layout below holds: hw/proto sizes are 6/4, and from_slice checked
+        // that the packet (hence the frame) is at least ARP_FRAME_LEN long.
+        debug_assert!(frame.len() >= field::ARP_FRAME_LEN);
+        frame.copy_within(field::ARP_SHA, field::ARP_THA.start);
+        frame.copy_within(field::ARP_SPA, field::ARP_TPA.start);
+        frame[field::ARP_SHA].copy_from_slice(&own);
+        frame[field::ARP_SPA].copy_from_slice(&target);
+        frame[field::ARP_OPER].copy_from_slice(&ARP_OP_REPLY.to_be_bytes());
+        frame.copy_within(field::ETH_SRC, field::ETH_DST.start);
+        frame[field::ETH_SRC].copy_from_slice(&own);
+        self.counters.arp_replies += 1;
+        Verdict::Transmit
+    }
+
+    fn ipv4(&mut self, frame: &mut [u8]) -> Verdict {
+        let Ok(ip) = Ipv4HeaderSlice::from_slice(&frame[field::ETH_HEADER_LEN..]) else {
+            return if frame.len() < field::ETH_HEADER_LEN + 20 {
+                Verdict::Drop(DropReason::Truncated)
+            } else {
+                Verdict::Drop(DropReason::BadIpHeader)
+            };
+        };
+        let header_len = ip.slice().len();
+        let total_len = usize::from(ip.total_len());
+        if total_len < header_len {
+            return Verdict::Drop(DropReason::BadIpHeader);
+        }
+        if field::ETH_HEADER_LEN + total_len > frame.len() {
+            return Verdict::Drop(DropReason::Truncated);
+        }
+        let dst = u32::from_be_bytes(ip.destination());
+        let snapshot = &*self.snapshot;
+        if !snapshot.vips.contains(&dst) {
+            return Verdict::Drop(DropReason::NotVip);
+        }
+        let protocol = ip.protocol().0;
+        let first_fragment = ip.fragments_offset().value() == 0;
+        let fragmented = ip.more_fragments() || !first_fragment;
+        let src = ip.source();
+        let l4 = field::ETH_HEADER_LEN + header_len;
+        let l4_end = field::ETH_HEADER_LEN + total_len;
+
+        if protocol == IP_PROTO_ICMP {
+            if fragmented {
+                return Verdict::Drop(DropReason::IcmpNotEcho);
+            }
+            return self.icmp_echo(frame, l4, l4_end);
+        }
+
+        let service_index = if first_fragment {
+            if l4_end - l4 < 4 {
+                return Verdict::Drop(DropReason::Truncated);
+            }
+            let port = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+            match snapshot.by_port.get(&(dst, protocol, port)) {
+                Some(&index) => index,
+                None => return Verdict::Drop(DropReason::PortNotServed),
+            }
+        } else {
+            match snapshot.by_protocol.get(&(dst, protocol)) {
+                Some(FragmentRoute::Service(index)) => *index,
+                Some(FragmentRoute::Ambiguous) => {
+                    return Verdict::Drop(DropReason::FragmentAmbiguous);
+                }
+                None => return Verdict::Drop(DropReason::PortNotServed),
+            }
+        };
+        let Some(service) = snapshot.services.get(usize::from(service_index)) else {
+            return Verdict::Drop(DropReason::PortNotServed);
+        };
+
+        let backend = match service.persistence {
+            Persistence::SourceIp => service.table.lookup(&src),
+            // Fragments carry ports in the first piece only: hash all pieces of a fragmented
+            // datagram on addresses and protocol so they stay together.
+            Persistence::None if fragmented => {
+                let mut key = [0u8; 9];
+                key[..4].copy_from_slice(&src);
+                key[4..8].copy_from_slice(&dst.to_be_bytes());
+                key[8] = protocol;
+                service.table.lookup(&key)
+            }
+            Persistence::None => {
+                let mut key = [0u8; 13];
+                key[..4].copy_from_slice(&src);
+                key[4..8].copy_from_slice(&dst.to_be_bytes());
+                key[8] = protocol;
+                key[9..13].copy_from_slice(&frame[l4..l4 + 4]);
+                service.table.lookup(&key)
+            }
+        };
+        let Some(backend) = backend else {
+            return Verdict::Drop(DropReason::NoRealServer);
+        };
+        let Some(mac) = service
+            .real_servers
+            .get(usize::from(backend))
+            .and_then(|rs| rs.mac)
+        else {
+            return Verdict::Drop(DropReason::NoRealServer);
+        };
+        frame[field::ETH_DST].copy_from_slice(&mac);
+        frame[field::ETH_SRC].copy_from_slice(&snapshot.own_mac);
+        let len = frame.len();
+        self.counters
+            .forward(usize::from(service_index), usize::from(backend), len);
+        Verdict::Transmit
+    }
+
+    /// RFC 792 echo request to a VIP -> echo reply from the VIP.
+    fn icmp_echo(&mut self, frame: &mut [u8], l4: usize, l4_end: usize) -> Verdict {
+        if l4_end - l4 < 8 || frame[l4] != ICMP_ECHO_REQUEST || frame[l4 + 1] != 0 {
+            return Verdict::Drop(DropReason::IcmpNotEcho);
+        }
+        // Type 8 -> 0 changes one 16-bit word (type, code) from 0x0800 to 0x0000: RFC 1624 eqn. 3.
+        let old_checksum = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+        let checksum = incremental_checksum(
+            old_checksum,
+            u16::from_be_bytes([ICMP_ECHO_REQUEST, 0]),
+            u16::from_be_bytes([ICMP_ECHO_REPLY, 0]),
+        );
+        frame[l4] = ICMP_ECHO_REPLY;
+        frame[l4 + 2..l4 + 4].copy_from_slice(&checksum.to_be_bytes());
+
+        let mut src = [0u8; 4];
+        src.copy_from_slice(&frame[field::IP_SRC]);
+        frame.copy_within(field::IP_DST, field::IP_SRC.start);
+        frame[field::IP_DST].copy_from_slice(&src);
+        frame[field::IP_TTL] = REPLY_TTL;
+        frame[field::IP_CHECKSUM].copy_from_slice(&[0, 0]);
+        let header = &frame[field::ETH_HEADER_LEN..l4];
+        let ip_checksum = etherparse::checksum::Sum16BitWords::new()
+            .add_slice(header)
+            .ones_complement()
+            .to_be();
+        frame[field::IP_CHECKSUM].copy_from_slice(&ip_checksum.to_be_bytes());
+
+        frame.copy_within(field::ETH_SRC, field::ETH_DST.start);
+        frame[field::ETH_SRC].copy_from_slice(&self.snapshot.own_mac);
+        self.counters.icmp_echo_replies += 1;
+        Verdict::Transmit
+    }
+}
+
+/// RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m'), in one's complement arithmetic.
+#[inline]
+fn incremental_checksum(checksum: u16, old_word: u16, new_word: u16) -> u16 {
+    let mut sum = u32::from(!checksum) + u32::from(!old_word) + u32::from(new_word);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Writes a gratuitous ARP announcing `vip` at `mac` into `buf` and returns its length.
+///
+/// A request with sender = target = VIP to the broadcast address, as Linux `arping -U` and
+/// keepalived send it: neighbours that cached another MAC for the VIP update it.
+pub fn write_gratuitous_arp(buf: &mut [u8; MIN_FRAME_LEN], mac: [u8; 6], vip: [u8; 4]) -> usize {
+    buf.fill(0);
+    buf[field::ETH_DST].copy_from_slice(&BROADCAST);
+    buf[field::ETH_SRC].copy_from_slice(&mac);
+    buf[12..14].copy_from_slice(&EtherType::ARP.0.to_be_bytes());
+    buf[14..16].copy_from_slice(&1u16.to_be_bytes()); // hardware type: Ethernet
+    buf[16..18].copy_from_slice(&EtherType::IPV4.0.to_be_bytes());
+    buf[18] = 6;
+    buf[19] = 4;
+    buf[field::ARP_OPER].copy_from_slice(&ARP_OP_REQUEST.to_be_bytes());
+    buf[field::ARP_SHA].copy_from_slice(&mac);
+    buf[field::ARP_SPA].copy_from_slice(&vip);
+    buf[field::ARP_TPA].copy_from_slice(&vip);
+    MIN_FRAME_LEN
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,472 @@
+//! Frame-in, frame-out tests of every dataplane rule, on byte arrays built with etherparse.
+
+use super::*;
+use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket};
+use lbd_config::Config;
+use std::net::Ipv4Addr;
+
+const OWN_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const RS1_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x11];
+const RS2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
+const VIP: [u8; 4] = [198, 18, 0, 100];
+const CLIENT: [u8; 4] = [198, 18, 1, 7];
+
+const CONFIG: &str = r#"
+[engine]
+interface = "eth0"
+queues = [0]
+
+[[service]]
+label = "Wowza Streaming"
+vip = "198.18.0.100"
+ports = "1935"
+protocol = "tcp"
+table_size = 251
+
+[[service.real_server]]
+label = "rs1"
+ip = "198.18.0.11"
+
+[[service.real_server]]
+label = "rs2"
+ip = "198.18.0.12"
+mac = "02:00:00:00:00:12"
+
+[[service]]
+label = "Wowza GUI"
+vip = "198.18.0.100"
+ports = "8088"
+table_size = 251
+
+[[service.real_server]]
+label = "rs1"
+ip = "198.18.0.11"
+
+[[service]]
+label = "Media UDP"
+vip = "198.18.0.101"
+ports = "5000-5010"
+protocol = "udp"
+persistence = "none"
+table_size = 251
+
+[[service.real_server]]
+label = "rs1"
+ip = "198.18.0.11"
+
+[[service.real_server]]
+label = "rs2"
+ip = "198.18.0.12"
+mac = "02:00:00:00:00:12"
+"#;
+
+fn config() -> Config {
+    Config::from_toml_str(CONFIG).expect("test config is valid")
+}
+
+/// rs1's MAC comes from the "neighbour table", rs2's is pinned in the config.
+fn dataplane_for(config: &Config) -> Dataplane {
+    let snapshot = Snapshot::build(config, OWN_MAC, |ip| {
+        (ip == Ipv4Addr::new(198, 18, 0, 11)).then_some(RS1_MAC)
+    });
+    Dataplane::new(Arc::new(snapshot))
+}
+
+fn dataplane() -> Dataplane {
+    dataplane_for(&config())
+}
+
+fn tcp_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .syn();
+    let payload = b"";
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("write tcp frame");
+    frame
+}
+
+fn udp_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport);
+    let payload = b"hello";
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder.write(&mut frame, payload).expect("write udp frame");
+    frame
+}
+
+fn arp_request(dst_mac: [u8; 6], sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {
+    let mut frame = vec![0u8; 42];
+    frame[0..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&CLIENT_MAC);
+    frame[12..14].copy_from_slice(&[0x08, 0x06]);
+    frame[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame[22..28].copy_from_slice(&CLIENT_MAC);
+    frame[28..32].copy_from_slice(&sender_ip);
+    frame[38..42].copy_from_slice(&target_ip);
+    frame
+}
+
+fn icmp_echo(dst: [u8; 4]) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+        .ipv4(CLIENT, dst, 17)
+        .icmpv4_echo_request(0x1234, 7);
+    let payload = b"ping payload 123";
+    let mut frame = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut frame, payload)
+        .expect("write icmp frame");
+    frame
+}
+
+/// Sets the fragment fields of an IPv4 frame built above and fixes its header checksum.
+fn make_fragment(frame: &mut [u8], more_fragments: bool, offset_units: u16) {
+    let flags_and_offset = (u16::from(more_fragments) << 13) | offset_units;
+    frame[20..22].copy_from_slice(&flags_and_offset.to_be_bytes());
+    let (mut header, _) = Ipv4Header::from_slice(&frame[14..]).expect("ipv4 header");
+    header.header_checksum = header.calc_header_checksum();
+    frame[14..34].copy_from_slice(&header.to_bytes());
+}
+
+#[test]
+fn forwards_to_a_real_server_rewriting_only_the_macs() {
+    let mut dp = dataplane();
+    let original = tcp_frame(CLIENT, VIP, 40000, 1935);
+    let mut frame = original.clone();
+    assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    assert!(frame[0..6] == RS1_MAC || frame[0..6] == RS2_MAC);
+    assert_eq!(frame[6..12], OWN_MAC);
+    assert_eq!(frame[12..], original[12..], "the IP packet is untouched");
+    assert_eq!(dp.counters().forwarded.packets, 1);
+    assert_eq!(dp.counters().services[0].total.bytes, original.len() as u64);
+}
+
+#[test]
+fn source_ip_persistence_keeps_a_client_on_one_server_across_ports_and_connections() {
+    let mut dp = dataplane();
+    for client in 1..=50u8 {
+        let src = [198, 18, 1, client];
+        let mut first = tcp_frame(src, VIP, 40000, 1935);
+        assert_eq!(dp.process(&mut first), Verdict::Transmit);
+        for sport in [40001, 50000, 61000] {
+            let mut again = tcp_frame(src, VIP, sport, 1935);
+            assert_eq!(dp.process(&mut again), Verdict::Transmit);
+            assert_eq!(again[0..6], first[0..6], "client {client} port {sport}");
+        }
+    }
+}
+
+#[test]
+fn clients_spread_over_both_servers() {
+    let mut dp = dataplane();
+    for client in 1..=200u8 {
+        let mut frame = tcp_frame([198, 18, 1, client], VIP, 40000, 1935);
+        assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    }
+    let per_server = &dp.counters().services[0].real_servers;
+    assert!(per_server[0].packets > 60, "{per_server:?}");
+    assert!(per_server[1].packets > 60, "{per_server:?}");
+}
+
+#[test]
+fn same_config_same_choice_in_another_process() {
+    // Two independently built snapshots stand for two processes (or an HA pair).
+    let mut a = dataplane();
+    let mut b = dataplane();
+    for client in 1..=100u8 {
+        let mut fa = tcp_frame([198, 18, 2, client], VIP, 1234, 1935);
+        let mut fb = fa.clone();
+        a.process(&mut fa);
+        b.process(&mut fb);
+        assert_eq!(fa, fb);
+    }
+}
+
+#[test]
+fn five_tuple_mode_spreads_one_client_by_port() {
+    let mut dp = dataplane();
+    let vip2 = [198, 18, 0, 101];
+    for sport in 1000..1200 {
+        let mut frame = udp_frame(CLIENT, vip2, sport, 5005);
+        assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    }
+    let per_server = &dp.counters().services[2].real_servers;
+    assert!(
+        per_server[0].packets > 50 && per_server[1].packets > 50,
+        "{per_server:?}"
+    );
+}
+
+#[test]
+fn fragments_of_a_source_ip_service_follow_the_client() {
+    let config = Config::from_toml_str(&CONFIG.replace(
+        "ports = \"8088\"\ntable_size",
+        "ports = \"8088\"\nprotocol = \"udp\"\ntable_size",
+    ))
+    .expect("valid");
+    let mut dp = dataplane_for(&config);
+    let mut whole = tcp_frame(CLIENT, VIP, 40000, 1935);
+    dp.process(&mut whole);
+    let mut later = tcp_frame(CLIENT, VIP, 40000, 1935);
+    make_fragment(&mut later, false, 100);
+    assert_eq!(dp.process(&mut later), Verdict::Transmit);
+    assert_eq!(later[0..6], whole[0..6]);
+}
+
+#[test]
+fn non_first_fragment_with_two_services_on_the_vip_is_ambiguous() {
+    let mut dp = dataplane();
+    let mut frame = tcp_frame(CLIENT, VIP, 40000, 1935);
+    make_fragment(&mut frame, true, 10);
+    assert_eq!(
+        dp.process(&mut frame),
+        Verdict::Drop(DropReason::FragmentAmbiguous)
+    );
+}
+
+#[test]
+fn five_tuple_fragments_stay_together() {
+    let mut dp = dataplane();
+    let vip2 = [198, 18, 0, 101];
+    let mut first = udp_frame(CLIENT, vip2, 999, 5005);
+    make_fragment(&mut first, true, 0);
+    let mut second = udp_frame(CLIENT, vip2, 999, 5005);
+    make_fragment(&mut second, false, 3);
+    assert_eq!(dp.process(&mut first), Verdict::Transmit);
+    assert_eq!(dp.process(&mut second), Verdict::Transmit);
+    assert_eq!(first[0..6], second[0..6]);
+}
+
+#[test]
+fn answers_arp_for_a_vip_from_its_own_mac() {
+    let mut dp = dataplane();
+    let mut frame = arp_request(BROADCAST, CLIENT, VIP);
+    assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    let mut expected = vec![0u8; 42];
+    expected[0..6].copy_from_slice(&CLIENT_MAC);
+    expected[6..12].copy_from_slice(&OWN_MAC);
+    expected[12..14].copy_from_slice(&[0x08, 0x06]);
+    expected[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 2]);
+    expected[22..28].copy_from_slice(&OWN_MAC);
+    expected[28..32].copy_from_slice(&VIP);
+    expected[32..38].copy_from_slice(&CLIENT_MAC);
+    expected[38..42].copy_from_slice(&CLIENT);
+    assert_eq!(frame, expected);
+    assert_eq!(dp.counters().arp_replies, 1);
+}
+
+#[test]
+fn answers_unicast_arp_refresh_for_a_vip() {
+    let mut dp = dataplane();
+    let mut frame = arp_request(OWN_MAC, CLIENT, VIP);
+    assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+}
+
+#[test]
+fn does_not_answer_arp_for_other_addresses_or_announcements() {
+    let mut dp = dataplane();
+    let mut other = arp_request(BROADCAST, CLIENT, [198, 18, 0, 11]);
+    assert_eq!(dp.process(&mut other), Verdict::Drop(DropReason::ArpNotVip));
+    let mut announcement = arp_request(BROADCAST, VIP, VIP);
+    assert_eq!(
+        dp.process(&mut announcement),
+        Verdict::Drop(DropReason::ArpNotVip)
+    );
+    let mut reply = arp_request(BROADCAST, CLIENT, VIP);
+    reply[21] = 2;
+    assert_eq!(
+        dp.process(&mut reply),
+        Verdict::Drop(DropReason::ArpNotRequest)
+    );
+    let mut short = arp_request(BROADCAST, CLIENT, VIP);
+    short.truncate(30);
+    assert_eq!(dp.process(&mut short), Verdict::Drop(DropReason::Truncated));
+}
+
+#[test]
+fn answers_ping_to_a_vip_with_valid_checksums() {
+    let mut dp = dataplane();
+    let mut frame = icmp_echo(VIP);
+    assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    assert_eq!(frame[0..6], CLIENT_MAC);
+    assert_eq!(frame[6..12], OWN_MAC);
+    let packet = SlicedPacket::from_ethernet(&frame).expect("reply parses");
+    let Some(etherparse::NetSlice::Ipv4(ip)) = packet.net else {
+        panic!("not ipv4")
+    };
+    let header = ip.header();
+    assert_eq!(header.source(), VIP);
+    assert_eq!(header.destination(), CLIENT);
+    assert_eq!(header.ttl(), REPLY_TTL);
+    assert_eq!(
+        header.header_checksum(),
+        header.to_header().calc_header_checksum()
+    );
+    let Some(etherparse::TransportSlice::Icmpv4(icmp)) = packet.transport else {
+        panic!("not icmp")
+    };
+    assert!(matches!(
+        icmp.icmp_type(),
+        etherparse::Icmpv4Type::EchoReply(echo) if echo.id == 0x1234 && echo.seq == 7
+    ));
+    assert_eq!(
+        icmp.checksum(),
+        icmp.icmp_type().calc_checksum(icmp.payload())
+    );
+    assert_eq!(dp.counters().icmp_echo_replies, 1);
+}
+
+#[test]
+fn drops_are_counted_by_reason() {
+    let mut dp = dataplane();
+    let cases: Vec<(Vec<u8>, DropReason)> = vec![
+        (vec![0u8; 10], DropReason::Truncated),
+        (
+            {
+                let mut f = tcp_frame(CLIENT, VIP, 1, 1935);
+                f[12..14].copy_from_slice(&[0x86, 0xdd]);
+                f
+            },
+            DropReason::UnsupportedEtherType,
+        ),
+        (
+            {
+                let mut f = tcp_frame(CLIENT, VIP, 1, 1935);
+                f[0..6].copy_from_slice(&RS1_MAC);
+                f
+            },
+            DropReason::NotOurMac,
+        ),
+        (
+            {
+                let mut f = tcp_frame(CLIENT, VIP, 1, 1935);
+                f[14] = 0x65; // version 6 in an IPv4 EtherType
+                f
+            },
+            DropReason::BadIpHeader,
+        ),
+        (
+            {
+                let mut f = tcp_frame(CLIENT, VIP, 1, 1935);
+                f[16..18].copy_from_slice(&10u16.to_be_bytes()); // total length < header
+                f
+            },
+            DropReason::BadIpHeader,
+        ),
+        (
+            {
+                let mut f = tcp_frame(CLIENT, VIP, 1, 1935);
+                f.truncate(40); // total length says more than the frame holds
+                f
+            },
+            DropReason::Truncated,
+        ),
+        (
+            tcp_frame(CLIENT, [198, 18, 0, 11], 1, 1935),
+            DropReason::NotVip,
+        ),
+        (tcp_frame(CLIENT, VIP, 1, 22), DropReason::PortNotServed),
+        (udp_frame(CLIENT, VIP, 1, 1935), DropReason::PortNotServed),
+        (
+            {
+                let mut f = icmp_echo(VIP);
+                f[34] = 13; // timestamp request
+                f
+            },
+            DropReason::IcmpNotEcho,
+        ),
+    ];
+    for (i, (mut frame, reason)) in cases.into_iter().enumerate() {
+        assert_eq!(dp.process(&mut frame), Verdict::Drop(reason), "case {i}");
+    }
+    assert_eq!(dp.counters().rx_frames, 10);
+    assert_eq!(dp.counters().total_drops(), 10);
+    assert_eq!(dp.counters().drops_for(DropReason::BadIpHeader), 2);
+}
+
+#[test]
+fn no_real_server_when_all_are_drained_or_unresolved() {
+    let drained = CONFIG.replace(
+        "ip = \"198.18.0.11\"\n",
+        "ip = \"198.18.0.11\"\nweight = 0\n",
+    );
+    let drained = Config::from_toml_str(&drained).expect("valid");
+    // rs1 drained everywhere; "Wowza GUI" has only rs1.
+    let mut dp = dataplane_for(&drained);
+    let mut frame = tcp_frame(CLIENT, VIP, 1, 8088);
+    assert_eq!(
+        dp.process(&mut frame),
+        Verdict::Drop(DropReason::NoRealServer)
+    );
+    // rs2 (pinned MAC) takes every client of "Wowza Streaming".
+    for client in 1..=20u8 {
+        let mut frame = tcp_frame([198, 18, 1, client], VIP, 1, 1935);
+        assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+        assert_eq!(frame[0..6], RS2_MAC);
+    }
+    // Unresolved: no neighbour entry and no pinned MAC.
+    let snapshot = Snapshot::build(&config(), OWN_MAC, |_| None);
+    let mut dp = Dataplane::new(Arc::new(snapshot));
+    let mut frame = tcp_frame(CLIENT, VIP, 1, 8088);
+    assert_eq!(
+        dp.process(&mut frame),
+        Verdict::Drop(DropReason::NoRealServer)
+    );
+}
+
+#[test]
+fn gratuitous_arp_announces_the_vip() {
+    let mut buf = [0u8; MIN_FRAME_LEN];
+    let len = write_gratuitous_arp(&mut buf, OWN_MAC, VIP);
+    assert_eq!(len, MIN_FRAME_LEN);
+    let arp = ArpPacketSlice::from_slice(&buf[14..]).expect("arp");
+    assert_eq!(buf[0..6], BROADCAST);
+    assert_eq!(arp.operation().0, ARP_OP_REQUEST);
+    assert_eq!(arp.sender_hw_addr(), OWN_MAC);
+    assert_eq!(arp.sender_protocol_addr(), VIP);
+    assert_eq!(arp.target_protocol_addr(), VIP);
+}
+
+#[test]
+fn incremental_checksum_matches_rfc_1624_example() {
+    // RFC 1624 section 4: HC = 0xDD2F, m = 0x5555 -> m' = 0x3285 gives HC' = 0x0000.
+    assert_eq!(incremental_checksum(0xdd2f, 0x5555, 0x3285), 0x0000);
+}
+
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever bytes arrive, processing never panics and keeps the frame's length.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let mut dp = dataplane();
+            let mut frame = bytes.clone();
+            dp.process(&mut frame);
+            prop_assert_eq!(frame.len(), bytes.len());
+        }
+
+        /// Valid headers with random fields and truncation never panic either.
+        #[test]
+        fn mutated_valid_frames_never_panic(
+            flip in prop::collection::vec((0usize..60, any::<u8>()), 0..6),
+            cut in 0usize..80,
+        ) {
+            let mut dp = dataplane();
+            for base in [tcp_frame(CLIENT, VIP, 1, 1935), icmp_echo(VIP), arp_request(BROADCAST, CLIENT, VIP)] {
+                let mut frame = base;
+                for &(at, value) in &flip {
+                    if at < frame.len() {
+                        frame[at] = value;
+                    }
+                }
+                frame.truncate(cut.max(1).min(frame.len()));
+                dp.process(&mut frame);
+            }
+        }
+    }
+}

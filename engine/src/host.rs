@@ -1,0 +1,140 @@
+//! Facts lbd reads from the host it runs on: the interface's MAC and queues (sysfs) and the
+//! real servers' MACs (the kernel's IPv4 neighbour table, /proc/net/arp).
+//!
+//! lbd never resolves a real server's MAC by itself: the host stack does, as it would for any
+//! neighbour. When an entry is missing, lbd makes the kernel resolve it by sending one empty
+//! UDP datagram to the discard port (9) of the real server; the kernel ARPs for it, and the
+//! answer appears in the table. A MAC once learned is kept when the kernel's entry ages out:
+//! the balancer's own traffic bypasses the host stack, so the kernel has no reason to keep it.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::path::{Path, PathBuf};
+
+/// `ATF_COM` in /proc/net/arp's flags column: the entry is complete (has a MAC).
+const ATF_COM: u32 = 0x2;
+/// The discard service (RFC 863): where the resolution trigger goes.
+const DISCARD_PORT: u16 = 9;
+
+fn sysfs_interface(interface: &str) -> PathBuf {
+    Path::new("/sys/class/net").join(interface)
+}
+
+/// Whether the interface exists in this network namespace.
+pub fn interface_exists(interface: &str) -> bool {
+    !interface.is_empty() && !interface.contains('/') && sysfs_interface(interface).exists()
+}
+
+/// The interface's MAC address.
+pub fn interface_mac(interface: &str) -> io::Result<[u8; 6]> {
+    let text = fs::read_to_string(sysfs_interface(interface).join("address"))?;
+    parse_mac(text.trim()).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{interface} has no Ethernet address ({})", text.trim()),
+        )
+    })
+}
+
+/// How many RX queues the interface has.
+pub fn rx_queue_count(interface: &str) -> io::Result<u32> {
+    let mut count = 0;
+    for entry in fs::read_dir(sysfs_interface(interface).join("queues"))? {
+        if entry?.file_name().to_string_lossy().starts_with("rx-") {
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Complete IPv4 neighbour entries on `interface`, from /proc/net/arp's text.
+pub fn parse_neighbours(table: &str, interface: &str) -> HashMap<Ipv4Addr, [u8; 6]> {
+    // IP address  HW type  Flags  HW address  Mask  Device
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            let [ip, _hw_type, flags, mac, _mask, device] = columns[..] else {
+                return None;
+            };
+            let flags = u32::from_str_radix(flags.trim_start_matches("0x"), 16).ok()?;
+            let mac = parse_mac(mac)?;
+            (device == interface && flags & ATF_COM != 0 && mac != [0; 6])
+                .then_some((ip.parse().ok()?, mac))
+        })
+        .collect()
+}
+
+/// The kernel's complete IPv4 neighbour entries on `interface`.
+pub fn neighbours(interface: &str) -> io::Result<HashMap<Ipv4Addr, [u8; 6]>> {
+    Ok(parse_neighbours(
+        &fs::read_to_string("/proc/net/arp")?,
+        interface,
+    ))
+}
+
+/// Makes the kernel resolve `ip`'s MAC by sending it an empty datagram to the discard port.
+pub fn trigger_resolution(ip: Ipv4Addr) -> io::Result<()> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.send_to(&[], (ip, DISCARD_PORT))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TABLE: &str = "\
+IP address       HW type     Flags       HW address            Mask     Device
+198.18.0.11      0x1         0x2         02:00:00:00:00:11     *        eth0
+198.18.0.12      0x1         0x0         00:00:00:00:00:00     *        eth0
+198.18.0.13      0x1         0x2         02:00:00:00:00:13     *        eth1
+198.18.0.14      0x1         0x6         02:00:00:00:00:14     *        eth0
+garbage line
+";
+
+    #[test]
+    fn reads_complete_entries_of_one_interface() {
+        let table = parse_neighbours(TABLE, "eth0");
+        assert_eq!(table.len(), 2);
+        assert_eq!(table[&Ipv4Addr::new(198, 18, 0, 11)], [2, 0, 0, 0, 0, 0x11]);
+        assert_eq!(table[&Ipv4Addr::new(198, 18, 0, 14)], [2, 0, 0, 0, 0, 0x14]);
+    }
+
+    #[test]
+    fn mac_round_trip() {
+        let mac = parse_mac("02:ab:00:00:0f:11").expect("valid");
+        assert_eq!(format_mac(mac), "02:ab:00:00:0f:11");
+        assert_eq!(parse_mac("02:ab:00:00:0f"), None);
+        assert_eq!(parse_mac("02:ab:00:00:0f:11:22"), None);
+        assert_eq!(parse_mac("zz:ab:00:00:0f:11"), None);
+    }
+
+    #[test]
+    fn loopback_is_found_and_missing_interfaces_are_not() {
+        assert!(interface_exists("lo"));
+        assert!(!interface_exists("lbd-no-such-if"));
+        assert!(!interface_exists("../lo"));
+    }
+}

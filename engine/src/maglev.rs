@@ -1,0 +1,300 @@
+//! Maglev consistent hashing (Eisenbud et al., "Maglev: A Fast and Reliable Software Network
+//! Load Balancer", NSDI 2016, section 3.4).
+//!
+//! Every backend gets a permutation of the `M` table slots from two hashes of its identity
+//! (`offset` and `skip`, M prime so that every skip walks all slots). Backends take turns
+//! claiming their next free preferred slot until the table is full. A lookup is one hash of
+//! the flow key modulo `M`.
+//!
+//! Weights: the paper leaves them open ("changing the relative frequency of backend turns").
+//! Here each backend has a quota of `M * weight / total` slots (largest remainder rounding, so
+//! the quotas add up to exactly `M`); a backend whose quota is met skips its turn. That keeps
+//! every backend within one slot of its weighted share, and a removed backend frees only its
+//! own slots plus the few that the changed fill order reshuffles.
+//!
+//! Determinism: backends are identified by their IPv4 address and ordered by it before the
+//! fill, and every hash is xxh3 with the configured seed. The same set of backends and weights
+//! gives the same table in any process on any machine, whatever the order in the config file.
+
+use std::net::Ipv4Addr;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Marks a slot that no backend owns (only when no backend has a non-zero weight).
+pub const NO_BACKEND: u16 = u16::MAX;
+
+/// The largest number of backends one table can hold (indices are `u16`, minus the marker).
+pub const MAX_BACKENDS: usize = NO_BACKEND as usize;
+
+/// One backend's identity and weight, as the table builder sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backend {
+    /// The backend's address: its identity for the permutation.
+    pub ip: Ipv4Addr,
+    /// Relative share of the table; 0 takes no slot.
+    pub weight: u16,
+}
+
+/// A filled Maglev lookup table: slot -> index into the backend list it was built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaglevTable {
+    slots: Box<[u16]>,
+    seed: u64,
+}
+
+impl MaglevTable {
+    /// Builds the table for `backends` (indices in the result refer to this slice) with `size`
+    /// slots. `size` must be prime (the config guarantees it) and larger than the number of
+    /// backends.
+    pub fn build(backends: &[Backend], size: u32, seed: u64) -> MaglevTable {
+        let size = size as usize;
+        debug_assert!(backends.len() <= MAX_BACKENDS);
+        let mut slots = vec![NO_BACKEND; size].into_boxed_slice();
+
+        // Fill order is by address so that config order does not matter.
+        let mut order: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends[i].weight > 0)
+            .collect();
+        order.sort_by_key(|&i| u32::from(backends[i].ip));
+        if order.is_empty() || size == 0 {
+            return MaglevTable { slots, seed };
+        }
+
+        let quotas = quotas(backends, &order, size);
+        let mut state: Vec<Permutation> = order
+            .iter()
+            .map(|&i| Permutation::new(backends[i].ip, size, seed))
+            .collect();
+        let mut taken = vec![0usize; order.len()];
+        let mut filled = 0usize;
+        'fill: loop {
+            for (turn, &backend) in order.iter().enumerate() {
+                if taken[turn] >= quotas[turn] {
+                    continue;
+                }
+                // Walk this backend's permutation to its next free slot (section 3.4, Pseudocode 1).
+                let mut slot = state[turn].next(size);
+                while slots[slot] != NO_BACKEND {
+                    slot = state[turn].next(size);
+                }
+                slots[slot] = backend as u16;
+                taken[turn] += 1;
+                filled += 1;
+                if filled == size {
+                    break 'fill;
+                }
+            }
+        }
+        MaglevTable { slots, seed }
+    }
+
+    /// The number of slots (`M`).
+    pub fn size(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The backend index owning the slot for `key`, or `None` when the table is empty.
+    #[inline]
+    pub fn lookup(&self, key: &[u8]) -> Option<u16> {
+        let slot = (xxh3_64_with_seed(key, self.seed) % self.slots.len() as u64) as usize;
+        let backend = *self.slots.get(slot)?;
+        (backend != NO_BACKEND).then_some(backend)
+    }
+
+    /// All slots, for tests and statistics.
+    pub fn slots(&self) -> &[u16] {
+        &self.slots
+    }
+}
+
+/// Per-backend slot quotas (in fill order) adding up to exactly `size`: the floor of each
+/// weighted share, with the remainder going to the largest fractional parts (ties by order).
+fn quotas(backends: &[Backend], order: &[usize], size: usize) -> Vec<usize> {
+    let total: u64 = order.iter().map(|&i| u64::from(backends[i].weight)).sum();
+    let mut quotas = Vec::with_capacity(order.len());
+    let mut remainders = Vec::with_capacity(order.len());
+    for (turn, &i) in order.iter().enumerate() {
+        let share = size as u64 * u64::from(backends[i].weight);
+        quotas.push((share / total) as usize);
+        remainders.push((share % total, turn));
+    }
+    let mut left = size - quotas.iter().sum::<usize>();
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for &(_, turn) in &remainders {
+        if left == 0 {
+            break;
+        }
+        quotas[turn] += 1;
+        left -= 1;
+    }
+    quotas
+}
+
+/// A backend's walk through the table: `offset`, `offset + skip`, ... modulo `M`.
+#[derive(Debug)]
+struct Permutation {
+    current: usize,
+    skip: usize,
+    started: bool,
+}
+
+impl Permutation {
+    fn new(ip: Ipv4Addr, size: usize, seed: u64) -> Permutation {
+        let id = ip.octets();
+        // Two independent hashes of the identity, as in the paper (h1 for offset, h2 for skip).
+        let offset = (xxh3_64_with_seed(&id, seed ^ 0x6f66_6673_6574) % size as u64) as usize;
+        let skip = if size > 1 {
+            (xxh3_64_with_seed(&id, seed ^ 0x736b_6970) % (size as u64 - 1)) as usize + 1
+        } else {
+            1
+        };
+        Permutation {
+            current: offset,
+            skip,
+            started: false,
+        }
+    }
+
+    #[inline]
+    fn next(&mut self, size: usize) -> usize {
+        if self.started {
+            self.current += self.skip;
+            if self.current >= size {
+                self.current -= size;
+            }
+        } else {
+            self.started = true;
+        }
+        self.current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const M: u32 = 65537;
+    const SEED: u64 = 0x1bd5_eed0;
+
+    fn backends(n: usize, weight: impl Fn(usize) -> u16) -> Vec<Backend> {
+        (0..n)
+            .map(|i| Backend {
+                ip: Ipv4Addr::new(198, 18, (i / 250) as u8 + 2, (i % 250) as u8 + 1),
+                weight: weight(i),
+            })
+            .collect()
+    }
+
+    fn counts(table: &MaglevTable, n: usize) -> Vec<usize> {
+        let mut counts = vec![0usize; n];
+        for &slot in table.slots() {
+            counts[slot as usize] += 1;
+        }
+        counts
+    }
+
+    /// Every backend's slot count is within 1% of the table of its weighted share.
+    fn assert_balanced(list: &[Backend], table: &MaglevTable) {
+        let total: f64 = list.iter().map(|b| f64::from(b.weight)).sum();
+        for (i, count) in counts(table, list.len()).into_iter().enumerate() {
+            let expected = f64::from(M) * f64::from(list[i].weight) / total;
+            let tolerance = f64::from(M) * 0.01;
+            assert!(
+                (count as f64 - expected).abs() <= tolerance,
+                "backend {i} has {count} slots, expected {expected:.1}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_slot_is_owned_when_any_backend_has_weight() {
+        let list = backends(3, |_| 1);
+        let table = MaglevTable::build(&list, 7, SEED);
+        assert!(table.slots().iter().all(|&s| (s as usize) < list.len()));
+    }
+
+    #[test]
+    fn empty_or_all_drained_gives_no_backend() {
+        let table = MaglevTable::build(&[], 7, SEED);
+        assert_eq!(table.lookup(b"abcd"), None);
+        let drained = backends(2, |_| 0);
+        let table = MaglevTable::build(&drained, 7, SEED);
+        assert_eq!(table.lookup(b"abcd"), None);
+    }
+
+    #[test]
+    fn drained_backend_gets_no_slot() {
+        let list = backends(4, |i| if i == 2 { 0 } else { 100 });
+        let table = MaglevTable::build(&list, M, SEED);
+        assert_eq!(counts(&table, 4)[2], 0);
+    }
+
+    #[test]
+    fn config_order_does_not_change_the_table() {
+        let list = backends(10, |i| 1 + i as u16);
+        let mut reversed = list.clone();
+        reversed.reverse();
+        let a = MaglevTable::build(&list, M, SEED);
+        let b = MaglevTable::build(&reversed, M, SEED);
+        for key in 0u32..10_000 {
+            let key = key.to_be_bytes();
+            let ia = a.lookup(&key).map(|i| list[i as usize].ip);
+            let ib = b.lookup(&key).map(|i| reversed[i as usize].ip);
+            assert_eq!(ia, ib);
+        }
+    }
+
+    #[test]
+    fn seed_changes_the_table() {
+        let list = backends(10, |_| 1);
+        assert_ne!(
+            MaglevTable::build(&list, M, 1).slots(),
+            MaglevTable::build(&list, M, 2).slots()
+        );
+    }
+
+    #[test]
+    fn balance_for_up_to_100_equal_servers() {
+        for n in [1, 2, 3, 7, 10, 33, 64, 100] {
+            let list = backends(n, |_| 100);
+            assert_balanced(&list, &MaglevTable::build(&list, M, SEED));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        #[test]
+        fn balance_holds_for_any_weights(weights in prop::collection::vec(1u16..=1000, 1..=100)) {
+            let list = backends(weights.len(), |i| weights[i]);
+            assert_balanced(&list, &MaglevTable::build(&list, M, SEED));
+        }
+
+        /// Removing one of N backends moves that backend's slots plus at most 1% of the table.
+        #[test]
+        fn minimal_disruption_on_removal(n in 2usize..=100, removed_pick in 0usize..100) {
+            let list = backends(n, |_| 100);
+            let removed = removed_pick % n;
+            let before = MaglevTable::build(&list, M, SEED);
+            let rest: Vec<Backend> = list.iter().enumerate()
+                .filter(|&(i, _)| i != removed).map(|(_, b)| *b).collect();
+            let after = MaglevTable::build(&rest, M, SEED);
+            let mut moved_elsewhere = 0usize;
+            for (slot_before, slot_after) in before.slots().iter().zip(after.slots()) {
+                let was = list[*slot_before as usize].ip;
+                let now = rest[*slot_after as usize].ip;
+                if was != list[removed].ip && was != now {
+                    moved_elsewhere += 1;
+                }
+            }
+            prop_assert!(moved_elsewhere as f64 <= f64::from(M) * 0.01,
+                "{moved_elsewhere} slots of surviving backends moved (n = {n})");
+        }
+
+        #[test]
+        fn deterministic_across_builds(n in 1usize..=100, seed in any::<u64>()) {
+            let list = backends(n, |i| (i % 7) as u16 + 1);
+            prop_assert_eq!(MaglevTable::build(&list, 251, seed), MaglevTable::build(&list, 251, seed));
+        }
+    }
+}

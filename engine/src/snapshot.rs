@@ -1,0 +1,140 @@
+//! The immutable picture of the running configuration that the packet path reads: VIPs,
+//! services keyed by VIP:protocol:port, Maglev tables and real-server MACs.
+//!
+//! A snapshot is built once, off the packet path, from the parsed config and the resolved MAC
+//! addresses, and never changes afterwards; workers hold it behind an `Arc`. Real servers keep
+//! their config order (counters and status refer to them by that index); a real server that
+//! cannot take traffic (weight 0 or no MAC) is in the list but owns no Maglev slot.
+
+use crate::maglev::{Backend, MAX_BACKENDS, MaglevTable};
+use hashbrown::{HashMap, HashSet};
+use lbd_config::{Config, MacAddr, Persistence};
+use std::net::Ipv4Addr;
+
+/// How non-first IP fragments of a VIP's protocol find their service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FragmentRoute {
+    /// Exactly one service serves this VIP and protocol.
+    Service(u16),
+    /// Several do; the port (in the first fragment only) would be needed to choose.
+    Ambiguous,
+}
+
+/// A real server as the packet path sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RealServerEntry {
+    /// Operator's name for it.
+    pub label: String,
+    /// Its own address (DR: it also holds the VIP on loopback).
+    pub ip: Ipv4Addr,
+    /// Where frames for it go; `None` while unresolved.
+    pub mac: Option<[u8; 6]>,
+    /// Configured weight; 0 = drain.
+    pub weight: u16,
+}
+
+impl RealServerEntry {
+    /// True when the server owns Maglev slots: it has a MAC and a non-zero weight.
+    pub fn takes_new_clients(&self) -> bool {
+        self.mac.is_some() && self.weight > 0
+    }
+}
+
+/// A virtual service as the packet path sees it.
+#[derive(Debug, Clone)]
+pub struct ServiceEntry {
+    /// Operator's name for it.
+    pub label: String,
+    /// Its virtual IP.
+    pub vip: Ipv4Addr,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// What the Maglev key is: the client's address alone, or the 5-tuple.
+    pub persistence: Persistence,
+    /// Slot -> index into `real_servers`.
+    pub table: MaglevTable,
+    /// Config order.
+    pub real_servers: Vec<RealServerEntry>,
+}
+
+/// The whole packet-path view of the configuration.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The balancer interface's MAC: source of every frame it sends.
+    pub own_mac: [u8; 6],
+    /// Every configured VIP (host order `u32`), for ARP and the first classification step.
+    pub vips: HashSet<u32>,
+    /// (VIP, protocol, port) -> index into `services`.
+    pub by_port: HashMap<(u32, u8, u16), u16>,
+    /// (VIP, protocol) -> service for non-first fragments.
+    pub by_protocol: HashMap<(u32, u8), FragmentRoute>,
+    /// Config order.
+    pub services: Vec<ServiceEntry>,
+}
+
+impl Snapshot {
+    /// Builds the snapshot for a validated config. `mac_of` gives each real server's MAC when
+    /// it is known (a MAC pinned in the config wins over it).
+    pub fn build(
+        config: &Config,
+        own_mac: [u8; 6],
+        mac_of: impl Fn(Ipv4Addr) -> Option<[u8; 6]>,
+    ) -> Snapshot {
+        let mut vips = HashSet::new();
+        let mut by_port = HashMap::new();
+        let mut by_protocol: HashMap<(u32, u8), FragmentRoute> = HashMap::new();
+        let mut services = Vec::with_capacity(config.services.len());
+        for (index, service) in config.services.iter().enumerate() {
+            let index = index as u16;
+            let vip = u32::from(service.vip);
+            let protocol = service.protocol.ip_protocol_number();
+            vips.insert(vip);
+            for port in service.ports.iter() {
+                by_port.insert((vip, protocol, port), index);
+            }
+            by_protocol
+                .entry((vip, protocol))
+                .and_modify(|route| *route = FragmentRoute::Ambiguous)
+                .or_insert(FragmentRoute::Service(index));
+
+            let real_servers: Vec<RealServerEntry> = service
+                .real_servers
+                .iter()
+                .take(MAX_BACKENDS)
+                .map(|rs| RealServerEntry {
+                    label: rs.label.clone(),
+                    ip: rs.ip,
+                    mac: rs.mac.map(|MacAddr(mac)| mac).or_else(|| mac_of(rs.ip)),
+                    weight: rs.weight,
+                })
+                .collect();
+            let backends: Vec<Backend> = real_servers
+                .iter()
+                .map(|rs| Backend {
+                    ip: rs.ip,
+                    weight: if rs.takes_new_clients() { rs.weight } else { 0 },
+                })
+                .collect();
+            services.push(ServiceEntry {
+                label: service.label.clone(),
+                vip: service.vip,
+                protocol,
+                persistence: service.persistence,
+                table: MaglevTable::build(&backends, service.table_size, config.engine.hash_seed),
+                real_servers,
+            });
+        }
+        Snapshot {
+            own_mac,
+            vips,
+            by_port,
+            by_protocol,
+            services,
+        }
+    }
+
+    /// Number of real servers of each service, in order: the shape of per-worker counters.
+    pub fn real_server_counts(&self) -> impl Iterator<Item = usize> + '_ {
+        self.services.iter().map(|s| s.real_servers.len())
+    }
+}

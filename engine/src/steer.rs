@@ -1,0 +1,156 @@
+//! Loads and attaches the XDP steering program (bpf/steer.c) and keeps its maps current.
+//!
+//! The program, compiled by clang at build time, redirects frames for VIPs (and ARP requests
+//! for VIPs) to the AF_XDP socket of their queue and passes everything else to the host. It is
+//! attached through a BPF link, so it is detached when the [`Steering`] value is dropped and
+//! also when the process dies: a crashed balancer never leaves the interface steering into a
+//! socket that no longer exists.
+//!
+//! aya does the loading, map updates and attaching with safe calls; nothing here is `unsafe`.
+
+use aya::maps::{HashMap, MapData, XskMap};
+use aya::programs::{Xdp, XdpMode};
+use aya::{Ebpf, include_bytes_aligned};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+
+static STEER_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.o"));
+
+/// Why the steering program could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    /// The object could not be loaded (or verified) into the kernel.
+    #[error("loading the XDP steering program: {0} (lbd needs root, or CAP_BPF and CAP_NET_ADMIN)")]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// No mode of attaching to the interface worked.
+    #[error("attaching the XDP steering program to {interface}: {source}")]
+    Attach {
+        /// The interface.
+        interface: String,
+        /// What the kernel said.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map update failed.
+    #[error("updating the {map} map: {source}")]
+    Map {
+        /// Which map.
+        map: &'static str,
+        /// What the kernel said.
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// How the program ended up attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver (native XDP): needed for zero-copy; veth supports it too.
+    Driver,
+    /// In the generic (skb) path: works on any interface, copy mode only.
+    Generic,
+}
+
+/// The attached steering program and its maps. Dropping it detaches the program.
+pub struct Steering {
+    vips: HashMap<MapData, u32, u32>,
+    xsks: XskMap<MapData>,
+    mode: AttachMode,
+    // Declared last: dropped after the maps, it detaches and unloads the program.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Steering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Steering")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Steering {
+    /// Loads the program and attaches it to `interface`, in driver mode when the driver
+    /// supports it and `allow_generic` decides whether to fall back to the generic path.
+    pub fn attach(interface: &str, allow_generic: bool) -> Result<Steering, SteerError> {
+        let mut ebpf = Ebpf::load(STEER_OBJECT).map_err(|e| SteerError::Load(Box::new(e)))?;
+        let program: &mut Xdp = ebpf
+            .program_mut("lbd_steer")
+            .ok_or_else(|| SteerError::Load("the object has no lbd_steer program".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| SteerError::Load(Box::new(e)))?;
+        program.load().map_err(|e| SteerError::Load(Box::new(e)))?;
+        let mode = match program.attach(interface, XdpMode::Driver) {
+            Ok(_) => AttachMode::Driver,
+            Err(driver_error) if allow_generic => {
+                tracing::debug!(%driver_error, "native XDP not available, trying generic");
+                program
+                    .attach(interface, XdpMode::Skb)
+                    .map_err(|source| SteerError::Attach {
+                        interface: interface.to_owned(),
+                        source,
+                    })?;
+                AttachMode::Generic
+            }
+            Err(source) => {
+                return Err(SteerError::Attach {
+                    interface: interface.to_owned(),
+                    source,
+                });
+            }
+        };
+        let vips = take_map(&mut ebpf, "lbd_vips")?;
+        let xsks = take_map(&mut ebpf, "lbd_xsks")?;
+        Ok(Steering {
+            vips,
+            xsks,
+            mode,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// How the program is attached.
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+
+    /// Starts steering frames for `vip` to the sockets.
+    pub fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+        // The program compares with the header field as it sits in memory (network order).
+        let key = u32::from_ne_bytes(vip.octets());
+        self.vips
+            .insert(key, 0, 0)
+            .map_err(|source| SteerError::Map {
+                map: "lbd_vips",
+                source,
+            })
+    }
+
+    /// Stops steering frames for `vip`.
+    pub fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+        let key = u32::from_ne_bytes(vip.octets());
+        self.vips.remove(&key).map_err(|source| SteerError::Map {
+            map: "lbd_vips",
+            source,
+        })
+    }
+
+    /// Sends frames arriving on `queue` to the AF_XDP socket `socket`.
+    pub fn set_socket(&mut self, queue: u32, socket: &impl AsRawFd) -> Result<(), SteerError> {
+        self.xsks
+            .set(queue, socket.as_raw_fd(), 0)
+            .map_err(|source| SteerError::Map {
+                map: "lbd_xsks",
+                source,
+            })
+    }
+}
+
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, SteerError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or_else(|| SteerError::Load(format!("the object has no {name} map").into()))?;
+    M::try_from(map).map_err(|source| SteerError::Map { map: name, source })
+}

@@ -1,0 +1,220 @@
+//! The one room where unsafe code lives: AF_XDP sockets and their UMEM, through xsk-rs.
+//!
+//! [`XskRings`] owns one socket bound to one queue, its UMEM and the four rings, and offers
+//! them through the safe [`Rings`] trait that the worker drives. The unsafe contract of the
+//! xsk-rs ring calls is that a frame descriptor belongs to this UMEM and is never in two
+//! places at once (fill ring, RX, TX, completion, or the worker's free list). That holds by
+//! construction: descriptors only come from this socket's own UMEM and rings, the worker moves
+//! each one from exactly one place to exactly one other, and the worker's own accounting
+//! (tested with a fake ring in `worker`) checks that no descriptor is lost or duplicated.
+#![allow(unsafe_code)]
+
+use crate::worker::Rings;
+use std::num::NonZeroU32;
+use std::os::fd::{AsRawFd, RawFd};
+use xsk_rs::config::{
+    BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
+};
+use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+/// How a socket moves frames between the NIC and the UMEM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMode {
+    /// The kernel copies frames (works everywhere, veth included).
+    Copy,
+    /// The NIC DMAs straight into the UMEM (needs driver support and native XDP).
+    ZeroCopy,
+}
+
+/// Sizes for one socket.
+#[derive(Debug, Clone, Copy)]
+pub struct XskSettings {
+    /// Bytes per UMEM frame (2048 or 4096).
+    pub frame_size: u32,
+    /// UMEM frames for this socket.
+    pub frame_count: u32,
+    /// Entries in each of the four rings.
+    pub ring_size: u32,
+    /// Copy or zero-copy.
+    pub mode: CopyMode,
+}
+
+/// Why a socket could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("AF_XDP socket on {interface} queue {queue}: {reason}")]
+pub struct XskError {
+    interface: String,
+    queue: u32,
+    reason: String,
+}
+
+/// One AF_XDP socket with its UMEM and rings.
+pub struct XskRings {
+    umem: Umem,
+    fill: FillQueue,
+    completion: CompQueue,
+    rx: RxQueue,
+    tx: TxQueue,
+    /// Every frame of the UMEM, handed out once by [`XskRings::take_frames`].
+    initial_frames: Vec<FrameDesc>,
+}
+
+impl std::fmt::Debug for XskRings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XskRings")
+            .field("fd", &self.rx.fd().as_raw_fd())
+            .finish_non_exhaustive()
+    }
+}
+
+impl XskRings {
+    /// Creates a UMEM and binds a socket to `interface`/`queue`. The XDP program is ours, so
+    /// libxdp is told not to load its default one.
+    pub fn open(interface: &str, queue: u32, settings: XskSettings) -> Result<XskRings, XskError> {
+        let fail = |reason: String| XskError {
+            interface: interface.to_owned(),
+            queue,
+            reason,
+        };
+        let ring = QueueSize::new(settings.ring_size).map_err(|e| fail(e.to_string()))?;
+        let umem_config = UmemConfig::builder()
+            .frame_size(FrameSize::new(settings.frame_size).map_err(|e| fail(e.to_string()))?)
+            .fill_queue_size(ring)
+            .comp_queue_size(ring)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        let frame_count = NonZeroU32::new(settings.frame_count)
+            .ok_or_else(|| fail("frame_count must not be zero".to_owned()))?;
+        let (umem, initial_frames) = Umem::new(umem_config, frame_count, false)
+            .map_err(|e| fail(format!("creating the UMEM: {e}")))?;
+        let bind = match settings.mode {
+            CopyMode::Copy => BindFlags::XDP_COPY,
+            CopyMode::ZeroCopy => BindFlags::XDP_ZEROCOPY,
+        } | BindFlags::XDP_USE_NEED_WAKEUP;
+        let socket_config = SocketConfig::builder()
+            .rx_queue_size(ring)
+            .tx_queue_size(ring)
+            .libxdp_flags(LibxdpFlags::XSK_LIBXDP_FLAGS_INHIBIT_PROG_LOAD)
+            .bind_flags(bind)
+            .build();
+        let name = Interface::new(
+            std::ffi::CString::new(interface).map_err(|e| fail(format!("bad name: {e}")))?,
+        );
+        // SAFETY: the UMEM was created just above and is not shared with another socket, so
+        // libxdp's shared-UMEM double-free case (same queue bound twice without
+        // INHIBIT_PROG_LOAD) cannot arise; INHIBIT_PROG_LOAD is set anyway.
+        let (tx, rx, rings) = unsafe { Socket::new(socket_config, &umem, &name, queue) }
+            .map_err(|e| fail(format!("binding: {e}")))?;
+        let (fill, completion) = rings
+            .ok_or_else(|| fail("the UMEM's fill and completion rings were missing".into()))?;
+        Ok(XskRings {
+            umem,
+            fill,
+            completion,
+            rx,
+            tx,
+            initial_frames,
+        })
+    }
+
+    /// The socket's file descriptor, for the steering program's XSKMAP.
+    pub fn socket_fd(&self) -> RawFd {
+        self.rx.fd().as_raw_fd()
+    }
+
+    /// Kernel-side drop counters of the socket: (rx dropped, rx ring full, fill ring empty).
+    pub fn kernel_stats(&self) -> Option<(u64, u64, u64)> {
+        let stats = self.rx.fd().xdp_statistics().ok()?;
+        Some((
+            stats.rx_dropped(),
+            stats.rx_ring_full(),
+            stats.rx_fill_ring_empty_descs(),
+        ))
+    }
+}
+
+impl AsRawFd for XskRings {
+    fn as_raw_fd(&self) -> RawFd {
+        self.socket_fd()
+    }
+}
+
+impl Rings for XskRings {
+    type Desc = FrameDesc;
+
+    fn take_frames(&mut self) -> Vec<FrameDesc> {
+        std::mem::take(&mut self.initial_frames)
+    }
+
+    fn reclaim(&mut self, out: &mut [FrameDesc]) -> usize {
+        // SAFETY: `out` only receives descriptors of this UMEM from its own completion ring;
+        // whatever `out` held before is overwritten, not submitted anywhere.
+        unsafe { self.completion.consume(out) }
+    }
+
+    fn fill(&mut self, frames: &[FrameDesc]) -> usize {
+        let room = self.fill.nb_free(frames.len() as u32) as usize;
+        let count = room.min(frames.len());
+        if count == 0 {
+            return 0;
+        }
+        // SAFETY: the worker passes frames it holds on its free list only (from this UMEM,
+        // in no ring); it forgets the `count` it hands over here.
+        let produced = unsafe { self.fill.produce(&frames[..count]) };
+        if produced > 0 && self.fill.needs_wakeup() {
+            // A wakeup failing is not fatal: the next poll retries it.
+            let _ = self.fill.wakeup(self.rx.fd_mut(), 0);
+        }
+        produced
+    }
+
+    fn receive(&mut self, out: &mut [FrameDesc]) -> usize {
+        // SAFETY: descriptors come from this socket's RX ring, i.e. from this UMEM.
+        unsafe { self.rx.consume(out) }
+    }
+
+    #[inline]
+    fn with_payload<R>(&mut self, desc: &mut FrameDesc, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        // SAFETY: `desc` was just taken off the RX ring (or the free list) by the worker,
+        // which holds it exclusively: the kernel no longer touches this frame, and no other
+        // reference to it exists while `f` runs.
+        let mut data = unsafe { self.umem.data_mut(desc) };
+        f(data.contents_mut())
+    }
+
+    fn write(&mut self, desc: &mut FrameDesc, bytes: &[u8]) {
+        // SAFETY: as in `with_payload`: the worker holds `desc` exclusively.
+        let mut data = unsafe { self.umem.data_mut(desc) };
+        let mut cursor = data.cursor();
+        cursor.set_pos(0);
+        // A frame is at least 2048 bytes and generated frames are 60: the write cannot be short.
+        let _ = std::io::Write::write_all(&mut cursor, bytes);
+    }
+
+    fn transmit(&mut self, frames: &[FrameDesc]) -> usize {
+        let room = self.tx.nb_free(frames.len() as u32) as usize;
+        let count = room.min(frames.len());
+        if count == 0 {
+            return 0;
+        }
+        // SAFETY: the worker passes frames it holds exclusively (just received or from its free
+        // list); it forgets the `count` it hands over here until they come back on completion.
+        let produced = unsafe { self.tx.produce(&frames[..count]) };
+        if produced > 0 && self.tx.needs_wakeup() {
+            // ENOBUFS/EAGAIN/EBUSY are swallowed by xsk-rs; other errors retry on the next batch.
+            let _ = self.tx.wakeup();
+        }
+        produced
+    }
+
+    fn kick(&mut self) {
+        if self.tx.needs_wakeup() {
+            let _ = self.tx.wakeup();
+        }
+    }
+
+    fn wait_for_rx(&mut self, timeout_ms: i32) {
+        // An interrupted or failed poll just ends the wait early; the loop polls again.
+        let _ = self.rx.poll(timeout_ms);
+    }
+}

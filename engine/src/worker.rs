@@ -1,0 +1,260 @@
+//! A poll-mode worker: drives one queue's rings through the dataplane in batches.
+//!
+//! The worker owns every UMEM frame of its socket and knows at all times where each one is:
+//! on its free list, in the fill ring (lent to the kernel for RX), or in the TX ring until the
+//! completion ring returns it. A received frame is processed in place and either goes straight
+//! to TX (forwarded or answered: zero copies in userspace) or back to the free list, from which
+//! the fill ring is topped up. [`Worker::frames_accounted`] checks that the three places always
+//! add up to the UMEM's frame count: no frame is lost, none is in two places.
+//!
+//! The rings come through the [`Rings`] trait, so the whole loop runs in tests against a fake
+//! ring in plain memory (as s2n-quic-xdp does), and in the daemon against AF_XDP (`sys`).
+
+use crate::counters::DropReason;
+use crate::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
+use crate::snapshot::Snapshot;
+use crossbeam::channel::Receiver;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The four AF_XDP rings of one socket and access to its UMEM frames.
+pub trait Rings {
+    /// A frame descriptor (UMEM address and length).
+    type Desc: Copy;
+    /// Every frame of the UMEM, once, at start.
+    fn take_frames(&mut self) -> Vec<Self::Desc>;
+    /// Takes transmitted frames off the completion ring into `out`; returns how many.
+    fn reclaim(&mut self, out: &mut [Self::Desc]) -> usize;
+    /// Lends frames to the kernel for RX; returns how many of `frames` (a prefix) it took.
+    fn fill(&mut self, frames: &[Self::Desc]) -> usize;
+    /// Takes received frames off the RX ring into `out`; returns how many.
+    fn receive(&mut self, out: &mut [Self::Desc]) -> usize;
+    /// Runs `f` on the frame's bytes.
+    fn with_payload<R>(&mut self, desc: &mut Self::Desc, f: impl FnOnce(&mut [u8]) -> R) -> R;
+    /// Replaces the frame's contents with `bytes`.
+    fn write(&mut self, desc: &mut Self::Desc, bytes: &[u8]);
+    /// Queues frames for transmission; returns how many of `frames` (a prefix) it took.
+    fn transmit(&mut self, frames: &[Self::Desc]) -> usize;
+    /// Asks the kernel to process the TX ring again (frames it has not sent yet).
+    fn kick(&mut self);
+    /// Sleeps until a frame arrives or `timeout_ms` passes.
+    fn wait_for_rx(&mut self, timeout_ms: i32);
+}
+
+/// What the control side asks of a running worker; applied between batches.
+#[derive(Debug)]
+pub enum WorkerCommand {
+    /// Use this snapshot from the next frame on.
+    Snapshot(Arc<Snapshot>),
+    /// Send gratuitous ARP for these VIPs from this MAC.
+    Announce([u8; 6], Vec<Ipv4Addr>),
+}
+
+/// Loop tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSettings {
+    /// Frames taken off RX (and put on TX) per batch.
+    pub batch_size: usize,
+    /// Empty polls in a row before the worker sleeps on the socket instead of spinning.
+    pub idle_polls_before_sleep: u32,
+    /// How long one sleep lasts at most (the stop flag is checked between sleeps).
+    pub sleep_ms: i32,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            batch_size: 64,
+            idle_polls_before_sleep: 1024,
+            sleep_ms: 100,
+        }
+    }
+}
+
+/// One queue's worker: rings, dataplane and frame bookkeeping.
+#[derive(Debug)]
+pub struct Worker<R: Rings> {
+    rings: R,
+    dataplane: Dataplane,
+    settings: WorkerSettings,
+    free: Vec<R::Desc>,
+    total_frames: usize,
+    in_fill: usize,
+    in_tx: usize,
+    rx_batch: Vec<R::Desc>,
+    tx_batch: Vec<R::Desc>,
+    idle_polls: u32,
+}
+
+impl<R: Rings> Worker<R> {
+    /// Takes every frame of `rings` and lends as many as fit to the fill ring.
+    pub fn new(mut rings: R, dataplane: Dataplane, settings: WorkerSettings) -> Worker<R> {
+        let free = rings.take_frames();
+        let total_frames = free.len();
+        let batch_size = settings.batch_size.max(1);
+        let placeholder = free.first().copied();
+        let mut worker = Worker {
+            rings,
+            dataplane,
+            settings: WorkerSettings {
+                batch_size,
+                ..settings
+            },
+            free,
+            total_frames,
+            in_fill: 0,
+            in_tx: 0,
+            rx_batch: Vec::new(),
+            tx_batch: Vec::with_capacity(batch_size),
+            idle_polls: 0,
+        };
+        // Ring reads overwrite these; they only give the batch its length.
+        if let Some(desc) = placeholder {
+            worker.rx_batch = vec![desc; batch_size];
+        }
+        worker.refill();
+        worker
+    }
+
+    /// The dataplane (and its counters).
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dataplane
+    }
+
+    /// The rings.
+    pub fn rings(&self) -> &R {
+        &self.rings
+    }
+
+    /// True when free + lent for RX + in flight on TX is exactly the UMEM's frame count.
+    pub fn frames_accounted(&self) -> bool {
+        self.free.len() + self.in_fill + self.in_tx == self.total_frames
+    }
+
+    /// (free, in fill ring, in TX) for logs and tests.
+    pub fn frame_census(&self) -> (usize, usize, usize) {
+        (self.free.len(), self.in_fill, self.in_tx)
+    }
+
+    /// One batch: reclaim, receive, process, transmit, refill. Returns frames received.
+    pub fn poll_once(&mut self) -> usize {
+        self.reclaim();
+        let received = if self.rx_batch.is_empty() {
+            0
+        } else {
+            self.rings.receive(&mut self.rx_batch)
+        };
+        self.in_fill -= received;
+        for i in 0..received {
+            let mut desc = self.rx_batch[i];
+            let dataplane = &mut self.dataplane;
+            let verdict = self
+                .rings
+                .with_payload(&mut desc, |frame| dataplane.process(frame));
+            match verdict {
+                Verdict::Transmit => self.tx_batch.push(desc),
+                Verdict::Drop(_) => self.free.push(desc),
+            }
+        }
+        self.flush_tx();
+        self.refill();
+        received
+    }
+
+    /// Applies one command from the control side.
+    pub fn apply(&mut self, command: WorkerCommand) {
+        match command {
+            WorkerCommand::Snapshot(snapshot) => self.dataplane.set_snapshot(snapshot),
+            WorkerCommand::Announce(mac, vips) => self.announce(mac, &vips),
+        }
+    }
+
+    /// Polls until `stop` says so, sleeping on the socket when there is nothing to do and
+    /// taking commands between batches (a channel read, no lock).
+    pub fn run(&mut self, stop: &AtomicBool, commands: &Receiver<WorkerCommand>) {
+        while !stop.load(Ordering::Relaxed) {
+            while let Ok(command) = commands.try_recv() {
+                self.apply(command);
+            }
+            if self.poll_once() > 0 {
+                self.idle_polls = 0;
+                continue;
+            }
+            self.idle_polls = self.idle_polls.saturating_add(1);
+            if self.in_tx > 0 {
+                // Frames still waiting on TX: make sure the kernel is working on them.
+                self.rings.kick();
+            }
+            if self.idle_polls >= self.settings.idle_polls_before_sleep {
+                self.rings.wait_for_rx(self.settings.sleep_ms);
+            }
+        }
+    }
+
+    /// Sends a gratuitous ARP for each VIP from `mac`, from free frames.
+    pub fn announce(&mut self, mac: [u8; 6], vips: &[Ipv4Addr]) {
+        self.reclaim();
+        let mut buf = [0u8; MIN_FRAME_LEN];
+        for vip in vips {
+            let Some(mut desc) = self.free.pop() else {
+                break;
+            };
+            let len = write_gratuitous_arp(&mut buf, mac, vip.octets());
+            self.rings.write(&mut desc, &buf[..len]);
+            self.tx_batch.push(desc);
+            self.dataplane.counters_mut().gratuitous_arps += 1;
+            if self.tx_batch.len() == self.settings.batch_size {
+                self.flush_tx();
+            }
+        }
+        self.flush_tx();
+    }
+
+    fn reclaim(&mut self) {
+        if self.in_tx == 0 {
+            return;
+        }
+        let start = self.free.len();
+        let want = self.in_tx.min(self.settings.batch_size * 4);
+        let Some(&placeholder) = self.rx_batch.first() else {
+            return;
+        };
+        self.free.resize(start + want, placeholder);
+        let done = self.rings.reclaim(&mut self.free[start..]);
+        self.free.truncate(start + done);
+        self.in_tx -= done;
+    }
+
+    fn flush_tx(&mut self) {
+        if self.tx_batch.is_empty() {
+            return;
+        }
+        let sent = self.rings.transmit(&self.tx_batch);
+        self.in_tx += sent;
+        for desc in self.tx_batch.drain(sent..) {
+            self.dataplane.counters_mut().drop(DropReason::TxRingFull);
+            self.free.push(desc);
+        }
+        self.tx_batch.clear();
+    }
+
+    fn refill(&mut self) {
+        if self.free.is_empty() {
+            return;
+        }
+        // Keep a few frames back for frames the worker originates (gratuitous ARP).
+        let keep = self.settings.batch_size.min(self.free.len());
+        let lendable = self.free.len() - keep;
+        if lendable == 0 {
+            return;
+        }
+        let start = self.free.len() - lendable;
+        let lent = self.rings.fill(&self.free[start..]);
+        self.in_fill += lent;
+        self.free.drain(start..start + lent);
+    }
+}
+
+#[cfg(test)]
+mod tests;
