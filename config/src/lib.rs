@@ -128,6 +128,7 @@ pub struct Service {
     /// The operator's name for it; unique.
     pub label: String,
     /// The virtual IP clients connect to.
+    #[serde(with = "ipv4")]
     pub vip: Ipv4Addr,
     /// The ports served: `1935`, `"1935,8088"`, `"9000-9010"`.
     pub ports: PortSet,
@@ -203,6 +204,7 @@ pub struct RealServer {
     /// The operator's name for it; unique within the service.
     pub label: String,
     /// Its own address on the balancer's segment (DR: it also holds the VIP on loopback).
+    #[serde(with = "ipv4")]
     pub ip: Ipv4Addr,
     /// Relative share of new clients; 0 = drain.
     #[serde(default = "default_weight")]
@@ -236,7 +238,8 @@ impl FromStr for MacAddr {
         let mut parts = text.split(separator);
         for byte in &mut mac {
             let part = parts.next().ok_or_else(bad)?;
-            if part.len() != 2 {
+            // from_str_radix alone would take "+2".
+            if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(bad());
             }
             *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
@@ -341,6 +344,10 @@ impl FromStr for PortSet {
     fn from_str(text: &str) -> Result<PortSet, String> {
         let port = |part: &str| -> Result<u16, String> {
             let part = part.trim();
+            // u16::from_str alone would take "+80".
+            if !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("{part:?} is not a port (1-65535)"));
+            }
             match part.parse::<u16>() {
                 Ok(0) => Err("port 0 is not a port".to_owned()),
                 Ok(port) => Ok(port),
@@ -395,24 +402,49 @@ impl Serialize for PortSet {
 
 impl<'de> Deserialize<'de> for PortSet {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<PortSet, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(
-            untagged,
-            expecting = "a port number or a string like \"1935,8088\" or \"9000-9010\""
-        )]
-        enum Raw {
-            Number(i64),
-            Text(String),
+        deserializer.deserialize_any(PortSetVisitor)
+    }
+}
+
+/// `ports = 1935` and `ports = "1935,8088"` are both natural to write, so take either.
+struct PortSetVisitor;
+
+impl serde::de::Visitor<'_> for PortSetVisitor {
+    type Value = PortSet;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a port number or a string like \"1935,8088\" or \"9000-9010\"")
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortSet, E> {
+        match u16::try_from(n) {
+            Ok(port) if port > 0 => Ok(PortSet::from_ranges(vec![(port, port)])),
+            _ => Err(E::custom(format!("{n} is not a port (1-65535)"))),
         }
-        match Raw::deserialize(deserializer)? {
-            Raw::Number(n) => match u16::try_from(n) {
-                Ok(port) if port > 0 => Ok(PortSet::from_ranges(vec![(port, port)])),
-                _ => Err(serde::de::Error::custom(format!(
-                    "{n} is not a port (1-65535)"
-                ))),
-            },
-            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
-        }
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortSet, E> {
+        self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<PortSet, E> {
+        text.parse().map_err(E::custom)
+    }
+}
+
+/// `Ipv4Addr`'s own serde error is "invalid IPv4 address syntax"; this one quotes the text.
+mod ipv4 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::Ipv4Addr;
+
+    pub fn serialize<S: Serializer>(ip: &Ipv4Addr, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(ip)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Ipv4Addr, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse()
+            .map_err(|_| serde::de::Error::custom(format!("invalid IPv4 address {text:?}")))
     }
 }
 
@@ -421,18 +453,8 @@ impl Config {
     pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
         let deserializer = toml::Deserializer::parse(text)
             .map_err(|e| ConfigError::new("(file)", describe(text, &e)))?;
-        let config: Config = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let field = e.path().to_string();
-            let reason = describe(text, e.inner());
-            ConfigError::new(
-                if field == "." {
-                    "(file)".to_owned()
-                } else {
-                    field
-                },
-                reason,
-            )
-        })?;
+        let config: Config = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| ConfigError::new(field_path(e.path(), text), describe(text, e.inner())))?;
         config.check()?;
         Ok(config)
     }
@@ -484,12 +506,18 @@ impl Config {
 impl Engine {
     fn check(&self) -> Result<(), ConfigError> {
         let field = |name: &str| format!("engine.{name}");
-        if self.interface.is_empty() || self.interface.len() > 15 || self.interface.contains('/') {
+        // The kernel's rules (dev_valid_name): IFNAMSIZ-1 bytes, no '/', ':' or whitespace.
+        let name = &self.interface;
+        if name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+        {
             return Err(ConfigError::new(
                 field("interface"),
                 format!(
-                    "{:?} is not an interface name (1-15 characters, no '/')",
-                    self.interface
+                    "{name:?} is not an interface name (1-15 bytes, no '/', ':' or whitespace)"
                 ),
             ));
         }
@@ -673,6 +701,45 @@ fn is_prime(n: u32) -> bool {
         d += 1;
     }
     true
+}
+
+/// The key path serde saw, written as the checks write theirs: a service is named by index
+/// and label, `service[1] "Wowza GUI".real_server[0].ip`, so both kinds of error read alike.
+fn field_path(path: &serde_path_to_error::Path, text: &str) -> String {
+    use serde_path_to_error::Segment;
+    let mut field = String::new();
+    let mut in_services = false;
+    for segment in path {
+        match segment {
+            Segment::Seq { index } => {
+                field.push_str(&format!("[{index}]"));
+                if in_services && let Some(label) = service_label(text, *index) {
+                    field.push_str(&format!(" {label:?}"));
+                }
+            }
+            Segment::Map { key: name } | Segment::Enum { variant: name } => {
+                if !field.is_empty() {
+                    field.push('.');
+                }
+                field.push_str(name);
+            }
+            Segment::Unknown => field.push_str(".?"),
+        }
+        in_services = field == "service";
+    }
+    if field.is_empty() {
+        "(file)".to_owned()
+    } else {
+        field
+    }
+}
+
+/// `service[index].label` read loosely from the text: the typed parse has just failed, but
+/// the file is valid TOML, so the label is usually there to find.
+fn service_label(text: &str, index: usize) -> Option<String> {
+    let table: toml::Table = text.parse().ok()?;
+    let label = table.get("service")?.get(index)?.get("label")?.as_str()?;
+    Some(label.to_owned())
 }
 
 /// toml's message with the line it points at (its own Display draws a multi-line snippet).
