@@ -467,7 +467,8 @@ impl Config {
         Config::from_toml_str(&text)
     }
 
-    /// The config as TOML; reads back to an equal `Config`.
+    /// The config as TOML; reads back to an equal `Config`. (A hand-built `Config` whose
+    /// `control_socket` is not UTF-8 cannot be written as TOML: it comes back as a comment.)
     pub fn to_toml_string(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot serialize the config: {e}\n"))
     }
@@ -695,7 +696,7 @@ fn is_prime(n: u32) -> bool {
     let n = u64::from(n);
     let mut d = 2u64;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;

@@ -130,21 +130,25 @@ fn no_services_is_a_valid_empty_balancer() {
 
 #[test]
 fn unknown_keys_are_rejected_at_every_level() {
-    assert_rejected(&format!("{MINIMAL}\n[extra]\n"), "extra", "unknown field");
+    assert_rejected(
+        &format!("{MINIMAL}\n[extra]\n"),
+        "extra: unknown field `extra`",
+        "",
+    );
     assert_rejected(
         &MINIMAL.replace("queues = [0]", "queues = [0]\nqueue = 1"),
-        "engine",
-        "queue",
+        "engine.queue: unknown field `queue`",
+        "",
     );
     assert_rejected(
         &MINIMAL.replace("ports = 8088", "ports = 8088\nport = 1"),
-        "service[0]",
-        "port",
+        "service[0] \"web\".port: unknown field `port`",
+        "",
     );
     assert_rejected(
         &MINIMAL.replace("ip = \"198.18.0.12\"", "ip = \"198.18.0.12\"\nweigth = 5"),
-        "service[0].real_server[1]",
-        "weigth",
+        "service[0] \"web\".real_server[1].weigth: unknown field `weigth`",
+        "",
     );
 }
 
@@ -152,12 +156,12 @@ fn unknown_keys_are_rejected_at_every_level() {
 fn type_errors_name_the_field() {
     assert_rejected(
         &MINIMAL.replace("198.18.0.12", "198.18.0"),
-        "service[0].real_server[1].ip",
+        "service[0] \"web\".real_server[1].ip",
         "invalid",
     );
     assert_rejected(
         &MINIMAL.replace("198.18.0.100", "not-an-ip"),
-        "service[0].vip",
+        "service[0] \"web\".vip",
         "invalid",
     );
     assert_rejected(
@@ -165,22 +169,22 @@ fn type_errors_name_the_field() {
             "ip = \"198.18.0.11\"",
             "ip = \"198.18.0.11\"\nweight = 70000",
         ),
-        "service[0].real_server[0].weight",
+        "service[0] \"web\".real_server[0].weight",
         "70000",
     );
     assert_rejected(
         &MINIMAL.replace("ports = 8088", "ports = 70000"),
-        "service[0].ports",
+        "service[0] \"web\".ports",
         "70000",
     );
     assert_rejected(
         &MINIMAL.replace("ports = 8088", "ports = 8088\nprotocol = \"sctp\""),
-        "service[0].protocol",
+        "service[0] \"web\".protocol",
         "sctp",
     );
     assert_rejected(
         &MINIMAL.replace("ports = 8088", "ports = 8088\npersistence = \"cookie\""),
-        "service[0].persistence",
+        "service[0] \"web\".persistence",
         "cookie",
     );
     assert_rejected(
@@ -193,7 +197,7 @@ fn type_errors_name_the_field() {
             "ip = \"198.18.0.11\"",
             "ip = \"198.18.0.11\"\nmac = \"02:00:00:00:11\"",
         ),
-        "service[0].real_server[0].mac",
+        "service[0] \"web\".real_server[0].mac",
         "invalid MAC",
     );
     assert_rejected("[engine\n", "(file)", "");
@@ -226,22 +230,22 @@ fn semantic_errors_name_the_field() {
     );
     assert_rejected(
         &MINIMAL.replace("ports = 8088", "ports = \"\""),
-        "service[0].ports",
+        "service[0] \"web\".ports",
         "empty",
     );
     assert_rejected(
         &MINIMAL.replace("ports = 8088", "ports = \"9010-9000\""),
-        "service[0].ports",
+        "service[0] \"web\".ports",
         "start is above end",
     );
     assert_rejected(
         &MINIMAL.replace("ports = 8088", "ports = 0"),
-        "service[0].ports",
+        "service[0] \"web\".ports",
         "not a port",
     );
     assert_rejected(
         &MINIMAL.replace("ports = 8088", "ports = \"80,x\""),
-        "service[0].ports",
+        "service[0] \"web\".ports",
         "\"x\" is not a port",
     );
     assert_rejected(
@@ -281,7 +285,7 @@ fn semantic_errors_name_the_field() {
     );
     assert_rejected(
         &MINIMAL.replace("label = \"web\"", "label = \" \""),
-        "service[0]",
+        "service[0] \" \".label",
         "empty",
     );
     assert_rejected(
@@ -454,4 +458,177 @@ proptest! {
             prop_assert!(set.contains(start) && set.contains(start.saturating_add(width)));
         }
     }
+}
+
+#[test]
+fn type_errors_name_the_service_by_label() {
+    // The brief's own example, word for word.
+    let text = format!(
+        "{MINIMAL}\n[[service]]\nlabel = \"Wowza GUI\"\nvip = \"198.18.0.101\"\nports = 8088\n\n\
+         [[service.real_server]]\nlabel = \"x\"\nip = \"1.2.3\"\n"
+    );
+    let error = error_of(&text);
+    assert!(
+        error.starts_with(
+            "service[1] \"Wowza GUI\".real_server[0].ip: invalid IPv4 address \"1.2.3\""
+        ),
+        "{error}"
+    );
+    assert!(error.contains("(line "), "{error} should give the line");
+    // A service without a label is still named by index.
+    assert_rejected(
+        &MINIMAL.replace("label = \"web\"\n", ""),
+        "service[0]: missing field `label`",
+        "",
+    );
+    assert_rejected(
+        &MINIMAL.replace("ports = 8088", "ports = 1.5"),
+        "service[0] \"web\".ports",
+        "expected a port number",
+    );
+}
+
+#[test]
+fn every_non_unicast_address_is_rejected_for_vips_and_servers() {
+    for (ip, kind) in [
+        ("0.0.0.0", "unspecified"),
+        ("255.255.255.255", "broadcast"),
+        ("239.1.2.3", "multicast"),
+        ("127.0.0.2", "loopback"),
+        ("169.254.1.1", "link-local"),
+    ] {
+        assert_rejected(
+            &MINIMAL.replace("198.18.0.100", ip),
+            "service[0] \"web\".vip",
+            kind,
+        );
+        assert_rejected(
+            &MINIMAL.replace("198.18.0.11", ip),
+            "service[0] \"web\".real_server[0].ip",
+            kind,
+        );
+    }
+}
+
+#[test]
+fn the_all_zero_mac_is_rejected() {
+    assert_rejected(
+        &MINIMAL.replace(
+            "ip = \"198.18.0.11\"",
+            "ip = \"198.18.0.11\"\nmac = \"00:00:00:00:00:00\"",
+        ),
+        "service[0] \"web\".real_server[0].mac",
+        "unicast",
+    );
+}
+
+#[test]
+fn ring_and_frame_bounds_are_enforced() {
+    let engine = |extra: &str| MINIMAL.replace("queues = [0]", &format!("queues = [0]\n{extra}"));
+    for (extra, field) in [
+        ("ring_size = 32", "engine.ring_size"),
+        ("ring_size = 32768\nframe_count = 65536", "engine.ring_size"),
+        ("frame_count = 6000", "engine.frame_count"),
+        ("batch_size = 2049", "engine.batch_size"),
+        ("interface = \"eth 0\"", "engine.interface"),
+        ("interface = \"eth0:1\"", "engine.interface"),
+        ("interface = \"..\"", "engine.interface"),
+    ] {
+        let text = if let Some(name) = extra.strip_prefix("interface = ") {
+            MINIMAL.replace("\"eth0\"", name)
+        } else {
+            engine(extra)
+        };
+        assert_rejected(&text, field, "");
+    }
+    // The edges themselves are fine.
+    let config = Config::from_toml_str(&engine(
+        "ring_size = 64\nframe_count = 128\nbatch_size = 64",
+    ))
+    .expect("smallest rings");
+    assert_eq!(config.engine.ring_size, 64);
+    Config::from_toml_str(&engine(
+        "ring_size = 16384\nframe_count = 32768\nbatch_size = 1\nframe_size = 2048\n\
+         gratuitous_arp_count = 0\nhash_seed = 7",
+    ))
+    .expect("largest rings");
+}
+
+#[test]
+fn signs_are_not_digits() {
+    for bad in ["+80", "80,+81", "1-+5"] {
+        assert!(bad.parse::<PortSet>().is_err(), "{bad:?} accepted");
+    }
+    assert!("+2:00:00:00:00:11".parse::<MacAddr>().is_err());
+    assert!("02:00:00:00:00:1g".parse::<MacAddr>().is_err());
+    assert!("02:00-00:00:00:11".parse::<MacAddr>().is_err());
+}
+
+#[test]
+fn table_sizes_are_prime_within_bounds() {
+    let naive = |n: u32| n >= 2 && (2..n).all(|d| !n.is_multiple_of(d));
+    for n in 0..2000 {
+        assert_eq!(is_prime(n), naive(n), "{n}");
+    }
+    assert!(is_prime(65537));
+    assert!(is_prime(MAX_TABLE_SIZE));
+    assert!(!is_prime(u32::MAX));
+    let config = Config::from_toml_str(&MINIMAL.replace(
+        "ports = 8088",
+        &format!("ports = 8088\ntable_size = {MAX_TABLE_SIZE}"),
+    ))
+    .expect("the largest table is accepted");
+    assert_eq!(config.services[0].table_size, MAX_TABLE_SIZE);
+}
+
+#[test]
+fn load_reads_a_file_and_names_it_when_it_cannot() {
+    let path = std::env::temp_dir().join(format!("lbd-config-test-{}.toml", std::process::id()));
+    std::fs::write(&path, MINIMAL).expect("write temp file");
+    let loaded = Config::load(&path);
+    std::fs::remove_file(&path).expect("remove temp file");
+    assert_eq!(
+        loaded.expect("valid"),
+        Config::from_toml_str(MINIMAL).expect("valid")
+    );
+    let missing = std::path::Path::new("/nonexistent/lbd.toml");
+    let error = Config::load(missing).expect_err("no such file").to_string();
+    assert!(error.contains("/nonexistent/lbd.toml"), "{error}");
+}
+
+#[test]
+fn several_services_round_trip_through_toml() {
+    let text = format!(
+        "{EXAMPLE}\
+         \n[[service]]\nlabel = \"Wowza GUI\"\nvip = \"198.18.0.100\"\nports = \"8088,9000-9010,80,79-81\"\n\
+         \n[[service.real_server]]\nlabel = \"g1\"\nip = \"198.18.0.21\"\nmac = \"02-AA-BB-CC-DD-EE\"\n\
+         \n[[service.real_server]]\nlabel = \"g2\"\nip = \"198.18.0.22\"\nweight = 65535\nmin_connections = 5\nmax_connections = 50\n\
+         \n[[service]]\nlabel = \"dns\"\nvip = \"198.18.0.53\"\nports = 53\nprotocol = \"udp\"\npersistence = \"none\"\n\
+         persistence_timeout_s = 0\ntable_size = 7\n\
+         \n[[service]]\nlabel = \"empty\"\nvip = \"198.18.0.54\"\nports = \"1-65535\"\n"
+    );
+    let config = Config::from_toml_str(&text).expect("valid");
+    assert_eq!(config.services.len(), 4);
+    assert_eq!(config.services[1].ports.to_string(), "79-81,8088,9000-9010");
+    let written = config.to_toml_string();
+    assert_eq!(
+        Config::from_toml_str(&written).expect("serialized form is valid"),
+        config,
+        "{written}"
+    );
+    // An empty balancer round-trips too.
+    let empty =
+        Config::from_toml_str("[engine]\ninterface = \"eth0\"\nqueues = [3]\n").expect("valid");
+    assert_eq!(
+        Config::from_toml_str(&empty.to_toml_string()).expect("valid"),
+        empty
+    );
+}
+
+#[test]
+fn protocols_know_their_numbers_and_names() {
+    assert_eq!(Protocol::Tcp.ip_protocol_number(), 6);
+    assert_eq!(Protocol::Udp.ip_protocol_number(), 17);
+    assert_eq!(Protocol::Tcp.to_string(), "tcp");
+    assert_eq!(Protocol::Udp.to_string(), "udp");
 }
