@@ -327,6 +327,10 @@ fn http_through_the_vip_keeps_each_client_on_one_server() {
     );
     assert!(log.contains("XDP program detached"), "{log}");
     assert!(
+        log.contains("gratuitous_arps=3"),
+        "three gratuitous ARP rounds for the VIP:\n{log}"
+    );
+    assert!(
         log.contains("accounted=true"),
         "every UMEM frame accounted for:\n{log}"
     );
@@ -345,7 +349,15 @@ fn rtmp_stream_through_the_vip_reaches_a_server() {
         return;
     }
     let lab = Lab::up(2);
-    let lbd = Lbd::start(&lab, &lab.config(2));
+    // A third real server that does not exist: lbd warns, gives it no traffic, serves the rest.
+    let config = lab.config(2)
+        + "\n[[service.real_server]]\nlabel = \"Ghost\"\nip = \"198.18.0.99\"\n";
+    let lbd = Lbd::start(&lab, &config);
+    assert!(
+        lbd.log_text().contains("real server unresolved"),
+        "unresolved real server is warned about:\n{}",
+        lbd.log_text()
+    );
     let url = format!("rtmp://{VIP}:1935/live/lbdtest");
     let output = lab.exec(
         "NS_CLIENT",

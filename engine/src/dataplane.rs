@@ -197,9 +197,6 @@ impl Dataplane {
         }
         let dst = u32::from_be_bytes(ip.destination());
         let snapshot = &*self.snapshot;
-        if !snapshot.vips.contains(&dst) {
-            return Verdict::Drop(DropReason::NotVip);
-        }
         let protocol = ip.protocol().0;
         let first_fragment = ip.fragments_offset().value() == 0;
         let fragmented = ip.more_fragments() || !first_fragment;
@@ -208,6 +205,9 @@ impl Dataplane {
         let l4_end = field::ETH_HEADER_LEN + total_len;
 
         if protocol == IP_PROTO_ICMP {
+            if !snapshot.vips.contains(&dst) {
+                return Verdict::Drop(DropReason::NotVip);
+            }
             if fragmented {
                 return Verdict::Drop(DropReason::IcmpNotEcho);
             }
@@ -219,9 +219,10 @@ impl Dataplane {
                 return Verdict::Drop(DropReason::Truncated);
             }
             let port = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+            // One lookup on the forwarding path; the VIP set only tells the drops apart.
             match snapshot.by_port.get(&(dst, protocol, port)) {
                 Some(&index) => index,
-                None => return Verdict::Drop(DropReason::PortNotServed),
+                None => return Verdict::Drop(not_served(snapshot, dst)),
             }
         } else {
             match snapshot.by_protocol.get(&(dst, protocol)) {
@@ -229,7 +230,7 @@ impl Dataplane {
                 Some(FragmentRoute::Ambiguous) => {
                     return Verdict::Drop(DropReason::FragmentAmbiguous);
                 }
-                None => return Verdict::Drop(DropReason::PortNotServed),
+                None => return Verdict::Drop(not_served(snapshot, dst)),
             }
         };
         let Some(service) = snapshot.services.get(usize::from(service_index)) else {
@@ -306,6 +307,16 @@ impl Dataplane {
         frame[field::ETH_SRC].copy_from_slice(&self.snapshot.own_mac);
         self.counters.icmp_echo_replies += 1;
         Verdict::Transmit
+    }
+}
+
+/// Why a frame to `dst` matched no service: `dst` is no VIP at all, or the port/protocol is not served.
+#[inline]
+fn not_served(snapshot: &Snapshot, dst: u32) -> DropReason {
+    if snapshot.vips.contains(&dst) {
+        DropReason::PortNotServed
+    } else {
+        DropReason::NotVip
     }
 }
 

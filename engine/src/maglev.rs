@@ -95,7 +95,9 @@ impl MaglevTable {
     /// The backend index owning the slot for `key`, or `None` when the table is empty.
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<u16> {
-        let slot = (xxh3_64_with_seed(key, self.seed) % self.slots.len() as u64) as usize;
+        // Multiply-shift range reduction (Lemire): uniform like `%`, without a division.
+        let hash = xxh3_64_with_seed(key, self.seed);
+        let slot = ((u128::from(hash) * self.slots.len() as u128) >> 64) as usize;
         let backend = *self.slots.get(slot)?;
         (backend != NO_BACKEND).then_some(backend)
     }

@@ -138,3 +138,31 @@ impl Snapshot {
         self.services.iter().map(|s| s.real_servers.len())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_mac_wins_over_the_neighbour_table() {
+        let config = Config::from_toml_str(
+            "[engine]\ninterface = \"eth0\"\nqueues = [0]\n[[service]]\nlabel = \"s\"\n\
+             vip = \"198.18.0.100\"\nports = 1\ntable_size = 7\n[[service.real_server]]\n\
+             label = \"pinned\"\nip = \"198.18.0.11\"\nmac = \"02:00:00:00:00:aa\"\n\
+             [[service.real_server]]\nlabel = \"learned\"\nip = \"198.18.0.12\"\n\
+             [[service.real_server]]\nlabel = \"unknown\"\nip = \"198.18.0.13\"\n",
+        )
+        .expect("valid");
+        let table_mac = [2, 0, 0, 0, 0, 0xbb];
+        let snapshot = Snapshot::build(&config, [2; 6], |ip| {
+            (ip != Ipv4Addr::new(198, 18, 0, 13)).then_some(table_mac)
+        });
+        let servers = &snapshot.services[0].real_servers;
+        assert_eq!(servers[0].mac, Some([2, 0, 0, 0, 0, 0xaa]));
+        assert_eq!(servers[1].mac, Some(table_mac));
+        assert_eq!(servers[2].mac, None);
+        assert!(!servers[2].takes_new_clients());
+        // The unresolved server owns no slot.
+        assert!(snapshot.services[0].table.slots().iter().all(|&s| s != 2));
+    }
+}
