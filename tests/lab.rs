@@ -350,8 +350,8 @@ fn rtmp_stream_through_the_vip_reaches_a_server() {
     }
     let lab = Lab::up(2);
     // A third real server that does not exist: lbd warns, gives it no traffic, serves the rest.
-    let config = lab.config(2)
-        + "\n[[service.real_server]]\nlabel = \"Ghost\"\nip = \"198.18.0.99\"\n";
+    let config =
+        lab.config(2) + "\n[[service.real_server]]\nlabel = \"Ghost\"\nip = \"198.18.0.99\"\n";
     let lbd = Lbd::start(&lab, &config);
     assert!(
         lbd.log_text().contains("real server unresolved"),
