@@ -41,7 +41,8 @@ fn lab_allowed() -> bool {
 fn unique_name() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("t{:05x}{n}", std::process::id() % 0xfffff)
+    // At most 8 characters, as scripts/lab requires: t + 4 hex digits of the pid + counter.
+    format!("t{:04x}{}", std::process::id() & 0xffff, n % 1000)
 }
 
 fn run(command: &mut Command) -> Output {
@@ -196,11 +197,11 @@ impl Lbd {
         );
     }
 
-    /// SIGTERM, then the exit status and the log.
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
+    /// Sends `signal` (TERM, INT), then returns the exit status and the log.
+    fn stop_with(mut self, signal: &str) -> (std::process::ExitStatus, String) {
         let mut child = self.child.take().expect("running");
         let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args([&format!("-{signal}"), &child.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -214,6 +215,10 @@ impl Lbd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    fn stop(self) -> (std::process::ExitStatus, String) {
+        self.stop_with("TERM")
     }
 }
 
@@ -339,8 +344,9 @@ fn http_through_the_vip_keeps_each_client_on_one_server() {
     let again = Lbd::start(&lab, &lab.config(2));
     let (_, seen_client) = fetch_through_vip(&lab, &clients[0]);
     assert_eq!(seen_client, clients[0]);
-    let (status, log) = again.stop();
-    assert!(status.success(), "second lbd exits 0:\n{log}");
+    let (status, log) = again.stop_with("INT");
+    assert!(status.success(), "second lbd exits 0 on SIGINT:\n{log}");
+    assert!(log.contains("XDP program detached"), "{log}");
 }
 
 #[test]

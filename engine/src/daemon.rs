@@ -71,6 +71,9 @@ pub enum DaemonError {
 pub fn run(config: Config) -> Result<(), DaemonError> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // The first signal asks for a clean stop; a second one, while stopping, exits at once.
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
+            .map_err(DaemonError::Signals)?;
         signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
     }
 
@@ -93,6 +96,16 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
             queue,
             available,
         });
+    }
+
+    if (engine.queues.len() as u32) < available {
+        tracing::warn!(
+            interface,
+            rx_queues = available,
+            served = ?engine.queues,
+            "not every RX queue is served: VIP frames that RSS puts on another queue go to the \
+             host stack; serve all queues or steer VIP traffic to these with ethtool"
+        );
     }
 
     let mut steering = Steering::attach(interface, engine.xdp_mode != XdpMode::ZeroCopy)?;
