@@ -83,6 +83,15 @@ pub struct Engine {
     /// Gratuitous ARP rounds sent for every VIP at start: 0..=10.
     #[serde(default = "default_gratuitous_arp_count")]
     pub gratuitous_arp_count: u32,
+    /// Group allowed to use the control socket (mode 0660); none: root only (mode 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_group: Option<String>,
+    /// Connections tracked per worker (flow table entries); the oldest idle ones make room.
+    #[serde(default = "default_flow_table_size")]
+    pub flow_table_size: u32,
+    /// Clients remembered per worker for source-IP persistence.
+    #[serde(default = "default_persistence_table_size")]
+    pub persistence_table_size: u32,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -105,6 +114,12 @@ fn default_batch_size() -> u32 {
 }
 fn default_gratuitous_arp_count() -> u32 {
     3
+}
+fn default_flow_table_size() -> u32 {
+    262_144
+}
+fn default_persistence_table_size() -> u32 {
+    65_536
 }
 
 /// `engine.xdp_mode`.
@@ -455,7 +470,7 @@ impl Config {
             .map_err(|e| ConfigError::new("(file)", describe(text, &e)))?;
         let config: Config = serde_path_to_error::deserialize(deserializer)
             .map_err(|e| ConfigError::new(field_path(e.path(), text), describe(text, e.inner())))?;
-        config.check()?;
+        config.validate()?;
         Ok(config)
     }
 
@@ -474,7 +489,9 @@ impl Config {
     }
 
     /// Checks what the types alone cannot: relations between fields and value ranges.
-    fn check(&self) -> Result<(), ConfigError> {
+    /// Checks a config built or changed in code (by the control socket) exactly as a file's
+    /// config is checked when read.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         self.engine.check()?;
         for (i, service) in self.services.iter().enumerate() {
             let path = format!("service[{i}] {:?}", service.label);
@@ -574,6 +591,25 @@ impl Engine {
                     "{} must be in 1..=ring_size ({})",
                     self.batch_size, self.ring_size
                 ),
+            ));
+        }
+        for (name, size) in [
+            ("flow_table_size", self.flow_table_size),
+            ("persistence_table_size", self.persistence_table_size),
+        ] {
+            if !(1024..=16_777_216).contains(&size) {
+                return Err(ConfigError::new(
+                    field(name),
+                    format!("{size} must be in 1024..=16777216"),
+                ));
+            }
+        }
+        if let Some(group) = &self.control_group
+            && (group.is_empty() || group.contains(char::is_whitespace))
+        {
+            return Err(ConfigError::new(
+                field("control_group"),
+                format!("{group:?} is not a group name"),
             ));
         }
         if self.gratuitous_arp_count > 10 {

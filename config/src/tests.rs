@@ -85,6 +85,9 @@ fn the_documented_example_parses_exactly() {
                 ring_size: 2048,
                 batch_size: 64,
                 gratuitous_arp_count: 3,
+                control_group: None,
+                flow_table_size: 262_144,
+                persistence_table_size: 65_536,
             },
             services: vec![Service {
                 label: "Wowza Streaming".into(),

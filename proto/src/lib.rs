@@ -1,3 +1,558 @@
-//! The control protocol between `lbctl` and `lbd`: one JSON request per line over a unix socket,
-//! one JSON response per line. Empty until the control socket lands; the crate exists so that
-//! the daemon and the CLI share one definition of every message from the start.
+//! The control protocol between `lbctl` and `lbd`: a unix stream socket carrying one JSON
+//! request per line and one JSON response per line, in order. No framing beyond the newline,
+//! no gRPC: `socat - UNIX-CONNECT:/run/lbd/lbd.sock` is a usable client.
+//!
+//! ```text
+//! > {"version":1,"command":{"name":"drain","service":"Wowza GUI","label":"Wowza Srv 1"}}
+//! < {"version":1,"ok":{"kind":"done","message":"Wowza GUI/Wowza Srv 1 drained"}}
+//! < {"version":1,"error":"no service named \"Wowza UI\""}
+//! ```
+//!
+//! Every message carries the protocol [`VERSION`]; the daemon refuses other versions with an
+//! error naming both. A request line may be at most [`MAX_REQUEST_BYTES`] long. [`decode_request`]
+//! never panics on any input (a property test feeds it arbitrary bytes); a bad request becomes
+//! an error message for the client, never a crash of the daemon.
+
+use lbd_config::{MacAddr, Persistence, PortSet, Protocol, RealServer, Service};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// The longest request line the daemon reads (newline excluded).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// One request line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Must equal [`VERSION`].
+    pub version: u32,
+    /// What to do.
+    pub command: Command,
+}
+
+/// Everything `lbctl` can ask. Services and real servers are named by their labels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Command {
+    /// Services and real servers with their state and connection counts.
+    Status,
+    /// Packet, byte and drop counters, per worker and in total.
+    Stats,
+    /// Adds a virtual service (it may come with real servers).
+    AddVip {
+        /// The new service, as a `[[service]]` table of the config file.
+        service: Service,
+    },
+    /// Changes some settings of a service.
+    EditVip {
+        /// The service.
+        label: String,
+        /// What to change.
+        changes: ServiceChanges,
+    },
+    /// Removes a service.
+    DelVip {
+        /// The service.
+        label: String,
+    },
+    /// Adds a real server to a service.
+    AddRip {
+        /// The service.
+        service: String,
+        /// The new server, as a `[[service.real_server]]` table.
+        real_server: RealServer,
+    },
+    /// Changes some settings of a real server.
+    EditRip {
+        /// The service.
+        service: String,
+        /// The real server.
+        label: String,
+        /// What to change.
+        changes: RealServerChanges,
+    },
+    /// Removes a real server.
+    DelRip {
+        /// The service.
+        service: String,
+        /// The real server.
+        label: String,
+    },
+    /// Sets a real server's weight.
+    SetWeight {
+        /// The service.
+        service: String,
+        /// The real server.
+        label: String,
+        /// New weight; 0 drains.
+        weight: u16,
+    },
+    /// No new clients for the server; its established flows and persisted clients stay.
+    Drain {
+        /// The service.
+        service: String,
+        /// The real server.
+        label: String,
+    },
+    /// The server is offline now: no traffic at all, established flows included.
+    Halt {
+        /// The service.
+        service: String,
+        /// The real server.
+        label: String,
+    },
+    /// Back from drain or halt.
+    Online {
+        /// The service.
+        service: String,
+        /// The real server.
+        label: String,
+    },
+    /// The running config as TOML.
+    ConfigShow,
+    /// Writes the running config to `path` (default: the file lbd was started with), atomically.
+    ConfigSave {
+        /// Where to write.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+    },
+    /// Re-reads the config file and applies the difference live.
+    Reload,
+}
+
+/// Service settings to change; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceChanges {
+    /// New label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// New VIP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<Ipv4Addr>,
+    /// New ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<PortSet>,
+    /// New protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// New persistence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence: Option<Persistence>,
+    /// New persistence timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence_timeout_s: Option<u32>,
+    /// New Maglev table size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_size: Option<u32>,
+}
+
+/// Real-server settings to change; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealServerChanges {
+    /// New label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// New address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<Ipv4Addr>,
+    /// New weight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u16>,
+    /// New lower connection threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_connections: Option<u32>,
+    /// New upper connection threshold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// New pinned MAC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+}
+
+/// One response line: the result, or an error message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// [`VERSION`].
+    pub version: u32,
+    /// `"ok": {...}` or `"error": "..."`.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// A request's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// It worked.
+    Ok(Reply),
+    /// It did not; the running state is as it was.
+    Error(String),
+}
+
+impl Response {
+    /// A successful response.
+    pub fn ok(reply: Reply) -> Response {
+        Response {
+            version: VERSION,
+            outcome: Outcome::Ok(reply),
+        }
+    }
+
+    /// An error response.
+    pub fn error(message: impl Into<String>) -> Response {
+        Response {
+            version: VERSION,
+            outcome: Outcome::Error(message.into()),
+        }
+    }
+}
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reply {
+    /// For `status`.
+    Status(StatusReport),
+    /// For `stats`.
+    Stats(StatsReport),
+    /// For `config show`: the running config as TOML.
+    Config {
+        /// The TOML text.
+        toml: String,
+    },
+    /// For changes: what was done.
+    Done {
+        /// One line for the operator.
+        message: String,
+    },
+}
+
+/// `status`: the system overview.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Configuration generation in force (1 at start, +1 per applied change).
+    pub generation: u64,
+    /// Services in config order.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Label.
+    pub label: String,
+    /// VIP.
+    pub vip: Ipv4Addr,
+    /// Ports, e.g. `1935,8088`.
+    pub ports: String,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// Balancing method: `Layer 4`.
+    pub method: String,
+    /// Forwarding mode: `DR`.
+    pub mode: String,
+    /// Tracked connections to the service.
+    pub conns: u64,
+    /// Real servers in config order.
+    pub real_servers: Vec<RealServerStatus>,
+}
+
+/// One real server in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RealServerStatus {
+    /// Label.
+    pub label: String,
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// Configured weight.
+    pub weight: u16,
+    /// Tracked connections to it.
+    pub conns: u64,
+    /// `up`, `drain`, `halt` or `unresolved`.
+    pub state: String,
+    /// MAC in use, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// `stats`: counters per worker and summed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    /// One entry per worker (queue order).
+    pub workers: Vec<WorkerStats>,
+    /// The sum over workers.
+    pub total: WorkerStats,
+}
+
+/// One worker's counters (or their sum).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    /// Queue served (absent in the total).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<u32>,
+    /// Frames received.
+    pub rx_frames: u64,
+    /// Frames forwarded to real servers.
+    pub forwarded_packets: u64,
+    /// Bytes forwarded.
+    pub forwarded_bytes: u64,
+    /// ARP replies sent.
+    pub arp_replies: u64,
+    /// ICMP echo replies sent.
+    pub icmp_echo_replies: u64,
+    /// Gratuitous ARPs sent.
+    pub gratuitous_arps: u64,
+    /// Tracked connections.
+    pub flows: u64,
+    /// Remembered persistent clients.
+    pub persistent_clients: u64,
+    /// Drops by reason (only reasons seen).
+    pub drops: BTreeMap<String, u64>,
+    /// Per service, config order.
+    pub services: Vec<ServiceStats>,
+}
+
+/// Traffic of one service and its real servers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStats {
+    /// Label.
+    pub label: String,
+    /// Frames forwarded.
+    pub packets: u64,
+    /// Bytes forwarded.
+    pub bytes: u64,
+    /// Per real server, config order.
+    pub real_servers: Vec<RealServerStats>,
+}
+
+/// Traffic of one real server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RealServerStats {
+    /// Label.
+    pub label: String,
+    /// Frames forwarded.
+    pub packets: u64,
+    /// Bytes forwarded.
+    pub bytes: u64,
+}
+
+/// Decodes one request line (without its newline). The error is the message to send back.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(format!(
+            "request of {} bytes is over the limit of {MAX_REQUEST_BYTES}",
+            line.len()
+        ));
+    }
+    let text = std::str::from_utf8(line).map_err(|e| format!("request is not UTF-8: {e}"))?;
+    // Look at the version first, so a newer client gets "version" rather than a field error.
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
+    match value.get("version").map(serde_json::Value::as_u64) {
+        Some(Some(v)) if v == u64::from(VERSION) => {}
+        Some(Some(v)) => {
+            return Err(format!(
+                "protocol version {v} is not supported; this lbd speaks version {VERSION}"
+            ));
+        }
+        _ => return Err("request has no numeric \"version\"".to_owned()),
+    }
+    serde_json::from_value(value).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Encodes a message as one line, newline included.
+pub fn encode_line<T: Serialize>(message: &T) -> String {
+    let mut line = serde_json::to_string(message)
+        .unwrap_or_else(|e| format!(r#"{{"version":{VERSION},"error":"cannot encode: {e}"}}"#));
+    line.push('\n');
+    line
+}
+
+/// Decodes one response line.
+pub fn decode_response(line: &str) -> Result<Response, String> {
+    serde_json::from_str(line.trim_end()).map_err(|e| format!("malformed response from lbd: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(command: Command) {
+        let request = Request {
+            version: VERSION,
+            command,
+        };
+        let line = encode_line(&request);
+        assert!(line.ends_with('\n') && !line[..line.len() - 1].contains('\n'));
+        assert_eq!(decode_request(line.trim_end().as_bytes()), Ok(request));
+    }
+
+    #[test]
+    fn every_command_round_trips() {
+        let service: Service = lbd_config::Config::from_toml_str(
+            "[engine]\ninterface = \"eth0\"\nqueues = [0]\n[[service]]\nlabel = \"GUI\"\n\
+             vip = \"198.18.0.100\"\nports = 8088\n",
+        )
+        .expect("valid")
+        .services
+        .remove(0);
+        let real_server = RealServer {
+            label: "a".into(),
+            ip: Ipv4Addr::new(198, 18, 0, 11),
+            weight: 5,
+            min_connections: 0,
+            max_connections: 0,
+            mac: None,
+        };
+        let s = || "GUI".to_owned();
+        let l = || "a".to_owned();
+        for command in [
+            Command::Status,
+            Command::Stats,
+            Command::AddVip { service },
+            Command::EditVip {
+                label: s(),
+                changes: ServiceChanges {
+                    ports: Some("80,443".parse().expect("ports")),
+                    ..ServiceChanges::default()
+                },
+            },
+            Command::DelVip { label: s() },
+            Command::AddRip {
+                service: s(),
+                real_server,
+            },
+            Command::EditRip {
+                service: s(),
+                label: l(),
+                changes: RealServerChanges {
+                    weight: Some(7),
+                    ..RealServerChanges::default()
+                },
+            },
+            Command::DelRip {
+                service: s(),
+                label: l(),
+            },
+            Command::SetWeight {
+                service: s(),
+                label: l(),
+                weight: 0,
+            },
+            Command::Drain {
+                service: s(),
+                label: l(),
+            },
+            Command::Halt {
+                service: s(),
+                label: l(),
+            },
+            Command::Online {
+                service: s(),
+                label: l(),
+            },
+            Command::ConfigShow,
+            Command::ConfigSave { path: None },
+            Command::ConfigSave {
+                path: Some("/tmp/x.toml".into()),
+            },
+            Command::Reload,
+        ] {
+            round_trip(command);
+        }
+    }
+
+    #[test]
+    fn the_documented_lines_decode() {
+        let request = decode_request(
+            br#"{"version":1,"command":{"name":"drain","service":"Wowza GUI","label":"Wowza Srv 1"}}"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            request.command,
+            Command::Drain {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into()
+            }
+        );
+        let ok = decode_response(
+            r#"{"version":1,"ok":{"kind":"done","message":"Wowza GUI/Wowza Srv 1 drained"}}"#,
+        )
+        .expect("valid");
+        assert!(matches!(ok.outcome, Outcome::Ok(Reply::Done { .. })));
+        let error = decode_response(r#"{"version":1,"error":"no service named \"Wowza UI\""}"#)
+            .expect("valid");
+        assert_eq!(
+            error.outcome,
+            Outcome::Error("no service named \"Wowza UI\"".into())
+        );
+    }
+
+    #[test]
+    fn bad_requests_get_clear_errors() {
+        let cases: [(&[u8], &str); 8] = [
+            (b"{not json", "malformed JSON"),
+            (b"\xff\xfe", "not UTF-8"),
+            (br#"{"command":{"name":"status"}}"#, "no numeric \"version\""),
+            (
+                br#"{"version":2,"command":{"name":"status"}}"#,
+                "version 2 is not supported",
+            ),
+            (
+                br#"{"version":1,"command":{"name":"explode"}}"#,
+                "unknown variant `explode`",
+            ),
+            (
+                br#"{"version":1,"command":{"name":"set-weight","service":"a","label":"b","weight":"x"}}"#,
+                "invalid type",
+            ),
+            (
+                br#"{"version":1,"command":{"name":"set-weight","service":"a","label":"b","weight":70000}}"#,
+                "70000",
+            ),
+            (
+                br#"{"version":1,"command":{"name":"status"},"extra":1}"#,
+                "unknown field `extra`",
+            ),
+        ];
+        for (line, expected) in cases {
+            let error = decode_request(line).expect_err("must be rejected");
+            assert!(
+                error.contains(expected),
+                "{error:?} should say {expected:?}"
+            );
+        }
+        let huge = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert!(
+            decode_request(&huge)
+                .expect_err("too big")
+                .contains("over the limit")
+        );
+    }
+
+    proptest! {
+        /// The decoder is total: any bytes give a request or an error, never a panic.
+        #[test]
+        fn decoder_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(&bytes);
+        }
+
+        /// Nor on JSON-shaped noise around real command names.
+        #[test]
+        fn decoder_never_panics_on_json_noise(
+            name in prop::sample::select(vec!["status", "add-vip", "edit-rip", "set-weight", "drain", "config-save", "x"]),
+            field in "[a-z_]{0,12}",
+            value in prop_oneof![Just("1".to_owned()), Just("\"s\"".to_owned()), Just("null".to_owned()), Just("[]".to_owned()), Just("{}".to_owned()), "-?[0-9]{1,25}"],
+        ) {
+            let line = format!(r#"{{"version":1,"command":{{"name":"{name}","{field}":{value}}}}}"#);
+            let _ = decode_request(line.as_bytes());
+        }
+    }
+}
