@@ -6,19 +6,22 @@
 //! (SIGINT/SIGTERM) the workers finish their batch and exit, the sockets close, and dropping
 //! the steering program's link detaches it, leaving the interface as it was.
 
+use crate::control::{Control, WorkerLink};
 use crate::counters::{Counters, DropReason};
-use crate::dataplane::Dataplane;
+use crate::dataplane::{Dataplane, TableSizes};
 use crate::host;
-use crate::snapshot::Snapshot;
+use crate::server::{ControlServer, ServerError};
+use crate::snapshot::{AdminState, Snapshot};
 use crate::steer::{AttachMode, SteerError, Steering};
 use crate::sys::{CopyMode, XskError, XskRings, XskSettings};
 use crate::worker::{Worker, WorkerCommand, WorkerSettings};
-use crossbeam::channel::{Sender, unbounded};
+use crossbeam::channel::unbounded;
 use lbd_config::{Config, XdpMode};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -65,10 +68,14 @@ pub enum DaemonError {
     /// The signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] ServerError),
 }
 
-/// Runs the balancer until SIGINT or SIGTERM.
-pub fn run(config: Config) -> Result<(), DaemonError> {
+/// Runs the balancer with `config` (read from `config_path`, which `reload` re-reads) until
+/// SIGINT or SIGTERM.
+pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // The first signal asks for a clean stop; a second one, while stopping, exits at once.
@@ -119,7 +126,13 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
 
     let mut resolver = Resolver::new(&config);
     resolver.wait_for_all(Duration::from_millis(100), INITIAL_RESOLUTION, &stop);
-    let snapshot = Arc::new(Snapshot::build(&config, own_mac, |ip| resolver.mac(ip)));
+    let snapshot = Arc::new(Snapshot::build(
+        &config,
+        own_mac,
+        1,
+        |ip| resolver.mac(ip),
+        |_, _| AdminState::Online,
+    ));
     log_services(&config, &snapshot);
 
     let vips = distinct_vips(&config);
@@ -131,22 +144,53 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         batch_size: engine.batch_size as usize,
         ..WorkerSettings::default()
     };
-    let mut workers = Vec::with_capacity(sockets.len());
+    let sizes = TableSizes {
+        flows: engine.flow_table_size as usize,
+        persistent_clients: engine.persistence_table_size as usize,
+    };
+    let mut threads = Vec::with_capacity(sockets.len());
+    let mut links = Vec::with_capacity(sockets.len());
     for (index, rings) in sockets.into_iter().enumerate() {
         let core = engine.cores.get(index).copied();
-        workers.push(spawn_worker(
+        let (link, thread) = spawn_worker(
             index,
+            engine.queues[index],
             rings,
-            Dataplane::new(Arc::clone(&snapshot)),
+            Dataplane::new(Arc::clone(&snapshot), sizes),
             settings,
             core,
             Arc::clone(&stop),
-        ));
+        );
+        links.push(link);
+        threads.push((index, thread));
     }
+
+    let control = Arc::new(Mutex::new(Control::new(
+        config.clone(),
+        config_path.to_owned(),
+        own_mac,
+        snapshot,
+        resolver.known,
+        steering,
+        links,
+    )));
+    let server = ControlServer::start(
+        &engine.control_socket,
+        engine.control_group.as_deref(),
+        Arc::clone(&control),
+    );
+    let server = match server {
+        Ok(server) => server,
+        Err(error) => {
+            stop.store(true, Ordering::Relaxed);
+            join_workers(threads);
+            return Err(error.into());
+        }
+    };
     tracing::info!(
         interface,
         mac = %host::format_mac(own_mac),
-        workers = workers.len(),
+        workers = threads.len(),
         "lbd running"
     );
 
@@ -157,7 +201,9 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if announcements_left > 0 && now >= next_announce && !vips.is_empty() {
-            if let Some(first) = workers.first() {
+            if let Ok(control) = control.lock()
+                && let Some(first) = control.workers().first()
+            {
                 // Only one worker announces: every queue shares the interface.
                 let _ = first
                     .commands
@@ -168,24 +214,26 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         }
         if now >= next_resolve {
             next_resolve = now + RESOLVE_INTERVAL;
-            if resolver.refresh() {
-                let snapshot = Arc::new(Snapshot::build(&config, own_mac, |ip| resolver.mac(ip)));
-                log_services(&config, &snapshot);
-                for worker in &workers {
-                    let _ = worker
-                        .commands
-                        .send(WorkerCommand::Snapshot(Arc::clone(&snapshot)));
-                }
+            if let Ok(mut control) = control.lock() {
+                control.refresh_neighbours();
             }
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 
     tracing::info!("stopping");
+    drop(server);
+    join_workers(threads);
+    // The last reference to the control state holds the steering program: dropping it detaches.
+    drop(control);
+    tracing::info!(interface, "XDP program detached; stopped");
+    Ok(())
+}
+
+fn join_workers(threads: Vec<(usize, JoinHandle<WorkerExit>)>) {
     let mut total = Counters::default();
-    for worker in workers {
-        let index = worker.index;
-        match worker.thread.join() {
+    for (index, thread) in threads {
+        match thread.join() {
             Ok(report) => {
                 tracing::info!(
                     worker = index,
@@ -201,9 +249,6 @@ pub fn run(config: Config) -> Result<(), DaemonError> {
         }
     }
     log_counters(&total);
-    drop(steering);
-    tracing::info!(interface, "XDP program detached; stopped");
-    Ok(())
 }
 
 /// Opens the socket for `queue` in the configured copy mode; `auto` tries zero-copy where the
@@ -249,28 +294,24 @@ fn open_socket(
 
 /// What a worker thread hands back when it stops.
 #[derive(Debug)]
-struct WorkerReport {
+struct WorkerExit {
     counters: Counters,
     census: (usize, usize, usize),
     accounted: bool,
 }
 
-#[derive(Debug)]
-struct WorkerHandle {
-    index: usize,
-    commands: Sender<WorkerCommand>,
-    thread: JoinHandle<WorkerReport>,
-}
-
 fn spawn_worker(
     index: usize,
+    queue: u32,
     rings: XskRings,
     dataplane: Dataplane,
     settings: WorkerSettings,
     core: Option<usize>,
     stop: Arc<AtomicBool>,
-) -> WorkerHandle {
+) -> (WorkerLink, JoinHandle<WorkerExit>) {
     let (commands, receiver) = unbounded();
+    let applied = Arc::new(AtomicU64::new(0));
+    let generation = Arc::clone(&applied);
     let thread = std::thread::Builder::new()
         .name(format!("lbd-worker-{index}"))
         .spawn(move || {
@@ -280,7 +321,7 @@ fn spawn_worker(
                 tracing::warn!(worker = index, core = id, "could not pin worker to core");
             }
             let mut worker = Worker::new(rings, dataplane, settings);
-            worker.run(&stop, &receiver);
+            worker.run(&stop, &receiver, &generation);
             if let Some((dropped, ring_full, fill_empty)) = worker.rings().kernel_stats() {
                 tracing::info!(
                     worker = index,
@@ -290,18 +331,21 @@ fn spawn_worker(
                     "kernel socket statistics"
                 );
             }
-            WorkerReport {
+            WorkerExit {
                 counters: worker.dataplane().counters().clone(),
                 census: worker.frame_census(),
                 accounted: worker.frames_accounted(),
             }
         })
         .expect("spawning a worker thread");
-    WorkerHandle {
-        index,
-        commands,
+    (
+        WorkerLink {
+            queue,
+            commands,
+            applied,
+        },
         thread,
-    }
+    )
 }
 
 /// The real servers' MACs as the kernel knows them (pinned MACs need no resolution).

@@ -16,7 +16,10 @@
 //! fixed offsets whose bounds those checks have already established.
 
 use crate::counters::{Counters, DropReason};
-use crate::snapshot::{FragmentRoute, Snapshot};
+use crate::flows::{
+    FlowEntry, FlowKey, FlowState, FlowTable, PersistEntry, PersistenceTable, tcp_flags,
+};
+use crate::snapshot::{FragmentRoute, RealServerEntry, ServiceEntry, Snapshot};
 use etherparse::{ArpPacketSlice, EtherType, Ethernet2HeaderSlice, Ipv4HeaderSlice};
 use lbd_config::Persistence;
 use std::sync::Arc;
@@ -46,6 +49,9 @@ mod field {
 const ARP_OP_REQUEST: u16 = 1;
 const ARP_OP_REPLY: u16 = 2;
 const IP_PROTO_ICMP: u8 = 1;
+const IP_PROTO_TCP: u8 = 6;
+/// Offset of the flags byte in the TCP header (RFC 9293).
+const TCP_FLAGS_OFFSET: usize = 13;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
 const BROADCAST: [u8; 6] = [0xff; 6];
@@ -63,18 +69,54 @@ pub enum Verdict {
     Drop(DropReason),
 }
 
-/// One worker's packet path: the snapshot it reads and the counters it keeps.
+/// One worker's packet path: the snapshot it reads, its connection and persistence tables
+/// and the counters it keeps.
 #[derive(Debug)]
 pub struct Dataplane {
     snapshot: Arc<Snapshot>,
     counters: Counters,
+    flows: FlowTable,
+    persistence: PersistenceTable,
+}
+
+/// Table sizes for [`Dataplane::new`].
+#[derive(Debug, Clone, Copy)]
+pub struct TableSizes {
+    /// Connections tracked.
+    pub flows: usize,
+    /// Persistent clients remembered.
+    pub persistent_clients: usize,
+}
+
+impl Default for TableSizes {
+    fn default() -> Self {
+        TableSizes {
+            flows: 262_144,
+            persistent_clients: 65_536,
+        }
+    }
 }
 
 impl Dataplane {
-    /// A packet path over `snapshot` with zeroed counters.
-    pub fn new(snapshot: Arc<Snapshot>) -> Dataplane {
+    /// A packet path over `snapshot` with empty tables and zeroed counters.
+    pub fn new(snapshot: Arc<Snapshot>, sizes: TableSizes) -> Dataplane {
         let counters = Counters::for_services(snapshot.real_server_counts());
-        Dataplane { snapshot, counters }
+        Dataplane {
+            snapshot,
+            counters,
+            flows: FlowTable::new(sizes.flows),
+            persistence: PersistenceTable::new(sizes.persistent_clients),
+        }
+    }
+
+    /// The connection table.
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    /// The persistence table.
+    pub fn persistence(&self) -> &PersistenceTable {
+        &self.persistence
     }
 
     /// This worker's counters.
@@ -111,11 +153,12 @@ impl Dataplane {
         &self.snapshot
     }
 
-    /// Handles one received frame in place. The frame keeps its length.
+    /// Handles one received frame in place at time `now_ms` (milliseconds on any monotonic
+    /// clock, the same for every call). The frame keeps its length.
     #[inline]
-    pub fn process(&mut self, frame: &mut [u8]) -> Verdict {
+    pub fn process(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
         self.counters.rx_frames += 1;
-        let verdict = self.classify_and_rewrite(frame);
+        let verdict = self.classify_and_rewrite(frame, now_ms);
         if let Verdict::Drop(reason) = verdict {
             self.counters.drop(reason);
         }
@@ -123,7 +166,7 @@ impl Dataplane {
     }
 
     #[inline]
-    fn classify_and_rewrite(&mut self, frame: &mut [u8]) -> Verdict {
+    fn classify_and_rewrite(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
         let Ok(eth) = Ethernet2HeaderSlice::from_slice(frame) else {
             return Verdict::Drop(DropReason::Truncated);
         };
@@ -133,7 +176,7 @@ impl Dataplane {
             if dst != self.snapshot.own_mac {
                 return Verdict::Drop(DropReason::NotOurMac);
             }
-            self.ipv4(frame)
+            self.ipv4(frame, now_ms)
         } else if ether_type == EtherType::ARP {
             if dst != self.snapshot.own_mac && dst != BROADCAST {
                 return Verdict::Drop(DropReason::NotOurMac);
@@ -179,7 +222,7 @@ impl Dataplane {
         Verdict::Transmit
     }
 
-    fn ipv4(&mut self, frame: &mut [u8]) -> Verdict {
+    fn ipv4(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
         let Ok(ip) = Ipv4HeaderSlice::from_slice(&frame[field::ETH_HEADER_LEN..]) else {
             return if frame.len() < field::ETH_HEADER_LEN + 20 {
                 Verdict::Drop(DropReason::Truncated)
@@ -196,7 +239,6 @@ impl Dataplane {
             return Verdict::Drop(DropReason::Truncated);
         }
         let dst = u32::from_be_bytes(ip.destination());
-        let snapshot = &*self.snapshot;
         let protocol = ip.protocol().0;
         let first_fragment = ip.fragments_offset().value() == 0;
         let fragmented = ip.more_fragments() || !first_fragment;
@@ -205,7 +247,7 @@ impl Dataplane {
         let l4_end = field::ETH_HEADER_LEN + total_len;
 
         if protocol == IP_PROTO_ICMP {
-            if !snapshot.vips.contains(&dst) {
+            if !self.snapshot.vips.contains(&dst) {
                 return Verdict::Drop(DropReason::NotVip);
             }
             if fragmented {
@@ -214,6 +256,14 @@ impl Dataplane {
             return self.icmp_echo(frame, l4, l4_end);
         }
 
+        // Disjoint borrows: the snapshot is read while the tables and counters change.
+        let Dataplane {
+            snapshot,
+            counters,
+            flows,
+            persistence,
+        } = self;
+        let snapshot = &**snapshot;
         let service_index = if first_fragment {
             if l4_end - l4 < 4 {
                 return Verdict::Drop(DropReason::Truncated);
@@ -237,41 +287,78 @@ impl Dataplane {
             return Verdict::Drop(DropReason::PortNotServed);
         };
 
-        let backend = match service.persistence {
-            Persistence::SourceIp => service.table.lookup(&src),
-            // Fragments carry ports in the first piece only: hash all pieces of a fragmented
-            // datagram on addresses and protocol so they stay together.
-            Persistence::None if fragmented => {
-                let mut key = [0u8; 9];
-                key[..4].copy_from_slice(&src);
-                key[4..8].copy_from_slice(&dst.to_be_bytes());
-                key[8] = protocol;
-                service.table.lookup(&key)
+        // A connection already known keeps its server while that server takes known clients.
+        let flow = if fragmented || l4_end - l4 < 4 {
+            None
+        } else {
+            let ports =
+                u32::from_be_bytes([frame[l4], frame[l4 + 1], frame[l4 + 2], frame[l4 + 3]]);
+            let flags = (protocol == IP_PROTO_TCP && l4_end - l4 > TCP_FLAGS_OFFSET)
+                .then(|| frame[l4 + TCP_FLAGS_OFFSET]);
+            Some((
+                FlowKey {
+                    src: u32::from_be_bytes(src),
+                    dst,
+                    ports,
+                    protocol,
+                },
+                flags,
+            ))
+        };
+        let known = flow.and_then(|(key, flags)| {
+            let entry = flows.get(&key, now_ms)?;
+            // A new SYN on a closing tuple is a new connection (port reuse): choose again.
+            let reused = entry.state != FlowState::Established
+                && entry.state != FlowState::SynSent
+                && flags.is_some_and(|f| f & tcp_flags::SYN != 0 && f & tcp_flags::ACK == 0);
+            if reused {
+                return None;
             }
-            Persistence::None => {
-                let mut key = [0u8; 13];
-                key[..4].copy_from_slice(&src);
-                key[4..8].copy_from_slice(&dst.to_be_bytes());
-                key[8] = protocol;
-                key[9..13].copy_from_slice(&frame[l4..l4 + 4]);
-                service.table.lookup(&key)
-            }
+            usable(
+                service,
+                entry.real_server,
+                RealServerEntry::takes_known_clients,
+            )
+        });
+
+        let backend = match known {
+            Some(backend) => Some(backend),
+            None => choose(
+                service,
+                persistence,
+                src,
+                dst,
+                protocol,
+                fragmented,
+                &frame[l4..l4 + 4.min(l4_end - l4)],
+                now_ms,
+            ),
         };
         let Some(backend) = backend else {
             return Verdict::Drop(DropReason::NoRealServer);
         };
-        let Some(mac) = service
-            .real_servers
-            .get(usize::from(backend))
-            .and_then(|rs| rs.mac)
-        else {
+        let Some(real_server) = service.real_servers.get(usize::from(backend)) else {
             return Verdict::Drop(DropReason::NoRealServer);
         };
+        let Some(mac) = real_server.mac else {
+            return Verdict::Drop(DropReason::NoRealServer);
+        };
+        if let Some((key, flags)) = flow {
+            let (state, timeout) = FlowState::after(flags);
+            flows.insert(
+                key,
+                FlowEntry {
+                    real_server: u32::from(real_server.ip),
+                    state,
+                    expires_ms: now_ms + timeout,
+                },
+                now_ms,
+            );
+        }
         frame[field::ETH_DST].copy_from_slice(&mac);
         frame[field::ETH_SRC].copy_from_slice(&snapshot.own_mac);
         let len = frame.len();
-        self.counters
-            .forward(usize::from(service_index), usize::from(backend), len);
+        counters.forward(usize::from(service_index), usize::from(backend), len);
         Verdict::Transmit
     }
 
@@ -307,6 +394,76 @@ impl Dataplane {
         frame[field::ETH_SRC].copy_from_slice(&self.snapshot.own_mac);
         self.counters.icmp_echo_replies += 1;
         Verdict::Transmit
+    }
+}
+
+/// The index of the service's real server at `ip` when `accepts` it.
+#[inline]
+fn usable(service: &ServiceEntry, ip: u32, accepts: fn(&RealServerEntry) -> bool) -> Option<u16> {
+    let &index = service.by_ip.get(&ip)?;
+    service
+        .real_servers
+        .get(usize::from(index))
+        .filter(|rs| accepts(rs))
+        .map(|_| index)
+}
+
+/// A server for a connection the flow table does not know: the client's persisted server if
+/// it still takes known clients, else Maglev (which holds only servers taking new clients).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parsed header fields of one frame"
+)]
+#[inline]
+fn choose(
+    service: &ServiceEntry,
+    persistence: &mut PersistenceTable,
+    src: [u8; 4],
+    dst: u32,
+    protocol: u8,
+    fragmented: bool,
+    ports: &[u8],
+    now_ms: u64,
+) -> Option<u16> {
+    match service.persistence {
+        Persistence::SourceIp => {
+            let key = (u32::from_be_bytes(src), service.key);
+            let persisted = persistence.get(&key, now_ms).and_then(|entry| {
+                usable(
+                    service,
+                    entry.real_server,
+                    RealServerEntry::takes_known_clients,
+                )
+            });
+            let backend = persisted.or_else(|| service.table.lookup(&src))?;
+            let ip = u32::from(service.real_servers.get(usize::from(backend))?.ip);
+            persistence.insert(
+                key,
+                PersistEntry {
+                    real_server: ip,
+                    expires_ms: now_ms + service.persistence_timeout_ms,
+                },
+                now_ms,
+            );
+            Some(backend)
+        }
+        // Fragments carry ports in the first piece only: hash all pieces of a fragmented
+        // datagram on addresses and protocol so they stay together.
+        Persistence::None if fragmented || ports.len() < 4 => {
+            let mut key = [0u8; 9];
+            key[..4].copy_from_slice(&src);
+            key[4..8].copy_from_slice(&dst.to_be_bytes());
+            key[8] = protocol;
+            service.table.lookup(&key)
+        }
+        Persistence::None => {
+            let mut key = [0u8; 13];
+            key[..4].copy_from_slice(&src);
+            key[4..8].copy_from_slice(&dst.to_be_bytes());
+            key[8] = protocol;
+            key[9..13].copy_from_slice(&ports[..4]);
+            service.table.lookup(&key)
+        }
     }
 }
 

@@ -50,7 +50,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    match lbd_engine::daemon::run(config) {
+    match lbd_engine::daemon::run(config, &args.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("lbd: {error}");

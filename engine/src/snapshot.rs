@@ -20,6 +20,18 @@ pub enum FragmentRoute {
     Ambiguous,
 }
 
+/// What the operator has set a real server to (`lbctl drain/halt/online`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AdminState {
+    /// Takes traffic by its weight.
+    #[default]
+    Online,
+    /// No new clients; established flows and persisted clients stay.
+    Drain,
+    /// No traffic at all.
+    Halt,
+}
+
 /// A real server as the packet path sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RealServerEntry {
@@ -31,12 +43,30 @@ pub struct RealServerEntry {
     pub mac: Option<[u8; 6]>,
     /// Configured weight; 0 = drain.
     pub weight: u16,
+    /// Operator state.
+    pub admin: AdminState,
 }
 
 impl RealServerEntry {
-    /// True when the server owns Maglev slots: it has a MAC and a non-zero weight.
+    /// True when the server owns Maglev slots: online, resolved, non-zero weight.
     pub fn takes_new_clients(&self) -> bool {
-        self.mac.is_some() && self.weight > 0
+        self.mac.is_some() && self.weight > 0 && self.admin == AdminState::Online
+    }
+
+    /// True when its established flows and persisted clients may still reach it.
+    pub fn takes_known_clients(&self) -> bool {
+        self.mac.is_some() && self.admin != AdminState::Halt
+    }
+
+    /// The state `lbctl status` shows.
+    pub fn state_name(&self) -> &'static str {
+        match (self.admin, self.mac) {
+            (AdminState::Halt, _) => "halt",
+            (_, None) => "unresolved",
+            (AdminState::Drain, _) => "drain",
+            (AdminState::Online, _) if self.weight == 0 => "drain",
+            (AdminState::Online, _) => "up",
+        }
     }
 }
 
@@ -51,15 +81,23 @@ pub struct ServiceEntry {
     pub protocol: u8,
     /// What the Maglev key is: the client's address alone, or the 5-tuple.
     pub persistence: Persistence,
+    /// Identity for the persistence table, stable across snapshots: VIP, protocol, first port.
+    pub key: u64,
+    /// How long a client stays on its server after its last packet.
+    pub persistence_timeout_ms: u64,
     /// Slot -> index into `real_servers`.
     pub table: MaglevTable,
     /// Config order.
     pub real_servers: Vec<RealServerEntry>,
+    /// Real-server address (host order) -> index into `real_servers`.
+    pub by_ip: HashMap<u32, u16>,
 }
 
 /// The whole packet-path view of the configuration.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// Increases with every published change; workers report the one they use.
+    pub generation: u64,
     /// The balancer interface's MAC: source of every frame it sends.
     pub own_mac: [u8; 6],
     /// Every configured VIP (host order `u32`), for ARP and the first classification step.
@@ -74,11 +112,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the snapshot for a validated config. `mac_of` gives each real server's MAC when
-    /// it is known (a MAC pinned in the config wins over it).
+    /// it is known (a MAC pinned in the config wins over it); `admin_of(service, real server)`
+    /// the operator's state for it.
     pub fn build(
         config: &Config,
         own_mac: [u8; 6],
+        generation: u64,
         mac_of: impl Fn(Ipv4Addr) -> Option<[u8; 6]>,
+        admin_of: impl Fn(&str, &str) -> AdminState,
     ) -> Snapshot {
         let mut vips = HashSet::new();
         let mut by_port = HashMap::new();
@@ -106,7 +147,13 @@ impl Snapshot {
                     ip: rs.ip,
                     mac: rs.mac.map(|MacAddr(mac)| mac).or_else(|| mac_of(rs.ip)),
                     weight: rs.weight,
+                    admin: admin_of(&service.label, &rs.label),
                 })
+                .collect();
+            let by_ip = real_servers
+                .iter()
+                .enumerate()
+                .map(|(i, rs)| (u32::from(rs.ip), i as u16))
                 .collect();
             let backends: Vec<Backend> = real_servers
                 .iter()
@@ -120,11 +167,17 @@ impl Snapshot {
                 vip: service.vip,
                 protocol,
                 persistence: service.persistence,
+                key: u64::from(vip) << 32
+                    | u64::from(protocol) << 16
+                    | u64::from(service.ports.first()),
+                persistence_timeout_ms: u64::from(service.persistence_timeout_s) * 1000,
                 table: MaglevTable::build(&backends, service.table_size, config.engine.hash_seed),
                 real_servers,
+                by_ip,
             });
         }
         Snapshot {
+            generation,
             own_mac,
             vips,
             by_port,
@@ -154,9 +207,13 @@ mod tests {
         )
         .expect("valid");
         let table_mac = [2, 0, 0, 0, 0, 0xbb];
-        let snapshot = Snapshot::build(&config, [2; 6], |ip| {
-            (ip != Ipv4Addr::new(198, 18, 0, 13)).then_some(table_mac)
-        });
+        let snapshot = Snapshot::build(
+            &config,
+            [2; 6],
+            1,
+            |ip| (ip != Ipv4Addr::new(198, 18, 0, 13)).then_some(table_mac),
+            |_, _| AdminState::Online,
+        );
         let servers = &snapshot.services[0].real_servers;
         assert_eq!(servers[0].mac, Some([2, 0, 0, 0, 0, 0xaa]));
         assert_eq!(servers[1].mac, Some(table_mac));

@@ -10,13 +10,14 @@
 //! The rings come through the [`Rings`] trait, so the whole loop runs in tests against a fake
 //! ring in plain memory (as s2n-quic-xdp does), and in the daemon against AF_XDP (`sys`).
 
-use crate::counters::DropReason;
+use crate::counters::{Counters, DropReason};
 use crate::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
 use crate::snapshot::Snapshot;
-use crossbeam::channel::Receiver;
+use crossbeam::channel::{Receiver, Sender};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
 
 /// The four AF_XDP rings of one socket and access to its UMEM frames.
 pub trait Rings {
@@ -49,6 +50,25 @@ pub enum WorkerCommand {
     Snapshot(Arc<Snapshot>),
     /// Send gratuitous ARP for these VIPs from this MAC.
     Announce([u8; 6], Vec<Ipv4Addr>),
+    /// Send a copy of the counters and table figures back.
+    Report(Sender<WorkerReport>),
+}
+
+/// A worker's counters and table figures, as of one moment.
+#[derive(Debug, Clone)]
+pub struct WorkerReport {
+    /// Snapshot generation in use.
+    pub generation: u64,
+    /// The counters.
+    pub counters: Counters,
+    /// Entries in the flow table.
+    pub flows: usize,
+    /// Entries in the persistence table.
+    pub persistent_clients: usize,
+    /// Active connections per service and real server (snapshot order).
+    pub connections: Vec<Vec<u64>>,
+    /// Lost frames check: free + fill + TX equals the UMEM size.
+    pub frames_accounted: bool,
 }
 
 /// Loop tuning.
@@ -67,7 +87,9 @@ impl Default for WorkerSettings {
         WorkerSettings {
             batch_size: 64,
             idle_polls_before_sleep: 1024,
-            sleep_ms: 100,
+            // Short enough that a change reaches an idle worker quickly, long enough to cost
+            // nothing measurable when idle.
+            sleep_ms: 10,
         }
     }
 }
@@ -137,8 +159,9 @@ impl<R: Rings> Worker<R> {
         (self.free.len(), self.in_fill, self.in_tx)
     }
 
-    /// One batch: reclaim, receive, process, transmit, refill. Returns frames received.
-    pub fn poll_once(&mut self) -> usize {
+    /// One batch at time `now_ms`: reclaim, receive, process, transmit, refill. Returns frames
+    /// received.
+    pub fn poll_once(&mut self, now_ms: u64) -> usize {
         self.reclaim();
         let received = if self.rx_batch.is_empty() {
             0
@@ -151,7 +174,7 @@ impl<R: Rings> Worker<R> {
             let dataplane = &mut self.dataplane;
             let verdict = self
                 .rings
-                .with_payload(&mut desc, |frame| dataplane.process(frame));
+                .with_payload(&mut desc, |frame| dataplane.process(frame, now_ms));
             match verdict {
                 Verdict::Transmit => self.tx_batch.push(desc),
                 Verdict::Drop(_) => self.free.push(desc),
@@ -163,21 +186,69 @@ impl<R: Rings> Worker<R> {
     }
 
     /// Applies one command from the control side.
-    pub fn apply(&mut self, command: WorkerCommand) {
+    pub fn apply(&mut self, command: WorkerCommand, now_ms: u64) {
         match command {
             WorkerCommand::Snapshot(snapshot) => self.dataplane.set_snapshot(snapshot),
             WorkerCommand::Announce(mac, vips) => self.announce(mac, &vips),
+            WorkerCommand::Report(reply) => {
+                // The asker may have given up waiting; nothing to do then.
+                let _ = reply.send(self.report(now_ms));
+            }
+        }
+    }
+
+    /// Counters and table figures now.
+    pub fn report(&self, now_ms: u64) -> WorkerReport {
+        let dataplane = &self.dataplane;
+        let snapshot = dataplane.snapshot();
+        let mut connections: Vec<Vec<u64>> = snapshot
+            .services
+            .iter()
+            .map(|s| vec![0; s.real_servers.len()])
+            .collect();
+        for (key, entry) in dataplane.flows().live(now_ms) {
+            if !entry.state.is_active() {
+                continue;
+            }
+            let port = key.ports as u16;
+            let Some(&service) = snapshot.by_port.get(&(key.dst, key.protocol, port)) else {
+                continue;
+            };
+            let service = usize::from(service);
+            let Some(&rs) = snapshot.services[service].by_ip.get(&entry.real_server) else {
+                continue;
+            };
+            connections[service][usize::from(rs)] += 1;
+        }
+        WorkerReport {
+            generation: snapshot.generation,
+            counters: dataplane.counters().clone(),
+            flows: dataplane.flows().len(),
+            persistent_clients: dataplane.persistence().len(),
+            connections,
+            frames_accounted: self.frames_accounted(),
         }
     }
 
     /// Polls until `stop` says so, sleeping on the socket when there is nothing to do and
-    /// taking commands between batches (a channel read, no lock).
-    pub fn run(&mut self, stop: &AtomicBool, commands: &Receiver<WorkerCommand>) {
+    /// taking commands between batches (a channel read, no lock). `applied` receives the
+    /// generation of each snapshot once the worker uses it.
+    pub fn run(
+        &mut self,
+        stop: &AtomicBool,
+        commands: &Receiver<WorkerCommand>,
+        applied: &AtomicU64,
+    ) {
+        let epoch = Instant::now();
+        applied.store(self.dataplane.snapshot().generation, Ordering::Release);
         while !stop.load(Ordering::Relaxed) {
+            // One clock read per batch; the flow table's timeouts are seconds long.
+            let now_ms = epoch.elapsed().as_millis() as u64;
             while let Ok(command) = commands.try_recv() {
-                self.apply(command);
+                self.apply(command, now_ms);
+                applied.store(self.dataplane.snapshot().generation, Ordering::Release);
             }
-            if self.poll_once() > 0 {
+            if self.poll_once(now_ms) > 0 {
                 self.idle_polls = 0;
                 continue;
             }

@@ -1,6 +1,7 @@
 //! Frame-in, frame-out tests of every dataplane rule, on byte arrays built with etherparse.
 
 use super::*;
+use crate::snapshot::AdminState;
 use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket};
 use lbd_config::Config;
 use std::net::Ipv4Addr;
@@ -67,10 +68,14 @@ fn config() -> Config {
 
 /// rs1's MAC comes from the "neighbour table", rs2's is pinned in the config.
 fn dataplane_for(config: &Config) -> Dataplane {
-    let snapshot = Snapshot::build(config, OWN_MAC, |ip| {
-        (ip == Ipv4Addr::new(198, 18, 0, 11)).then_some(RS1_MAC)
-    });
-    Dataplane::new(Arc::new(snapshot))
+    let snapshot = Snapshot::build(
+        config,
+        OWN_MAC,
+        1,
+        |ip| (ip == Ipv4Addr::new(198, 18, 0, 11)).then_some(RS1_MAC),
+        |_, _| AdminState::Online,
+    );
+    Dataplane::new(Arc::new(snapshot), TableSizes::default())
 }
 
 fn dataplane() -> Dataplane {
@@ -136,7 +141,7 @@ fn forwards_to_a_real_server_rewriting_only_the_macs() {
     let mut dp = dataplane();
     let original = tcp_frame(CLIENT, VIP, 40000, 1935);
     let mut frame = original.clone();
-    assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    assert_eq!(dp.process_at0(&mut frame), Verdict::Transmit);
     assert!(frame[0..6] == RS1_MAC || frame[0..6] == RS2_MAC);
     assert_eq!(frame[6..12], OWN_MAC);
     assert_eq!(frame[12..], original[12..], "the IP packet is untouched");
@@ -150,10 +155,10 @@ fn source_ip_persistence_keeps_a_client_on_one_server_across_ports_and_connectio
     for client in 1..=50u8 {
         let src = [198, 18, 1, client];
         let mut first = tcp_frame(src, VIP, 40000, 1935);
-        assert_eq!(dp.process(&mut first), Verdict::Transmit);
+        assert_eq!(dp.process_at0(&mut first), Verdict::Transmit);
         for sport in [40001, 50000, 61000] {
             let mut again = tcp_frame(src, VIP, sport, 1935);
-            assert_eq!(dp.process(&mut again), Verdict::Transmit);
+            assert_eq!(dp.process_at0(&mut again), Verdict::Transmit);
             assert_eq!(again[0..6], first[0..6], "client {client} port {sport}");
         }
     }
@@ -164,7 +169,7 @@ fn clients_spread_over_both_servers() {
     let mut dp = dataplane();
     for client in 1..=200u8 {
         let mut frame = tcp_frame([198, 18, 1, client], VIP, 40000, 1935);
-        assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+        assert_eq!(dp.process_at0(&mut frame), Verdict::Transmit);
     }
     let per_server = &dp.counters().services[0].real_servers;
     assert!(per_server[0].packets > 60, "{per_server:?}");
@@ -179,8 +184,8 @@ fn same_config_same_choice_in_another_process() {
     for client in 1..=100u8 {
         let mut fa = tcp_frame([198, 18, 2, client], VIP, 1234, 1935);
         let mut fb = fa.clone();
-        a.process(&mut fa);
-        b.process(&mut fb);
+        a.process_at0(&mut fa);
+        b.process_at0(&mut fb);
         assert_eq!(fa, fb);
     }
 }
@@ -191,7 +196,7 @@ fn five_tuple_mode_spreads_one_client_by_port() {
     let vip2 = [198, 18, 0, 101];
     for sport in 1000..1200 {
         let mut frame = udp_frame(CLIENT, vip2, sport, 5005);
-        assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+        assert_eq!(dp.process_at0(&mut frame), Verdict::Transmit);
     }
     let per_server = &dp.counters().services[2].real_servers;
     assert!(
@@ -209,10 +214,10 @@ fn fragments_of_a_source_ip_service_follow_the_client() {
     .expect("valid");
     let mut dp = dataplane_for(&config);
     let mut whole = tcp_frame(CLIENT, VIP, 40000, 1935);
-    dp.process(&mut whole);
+    dp.process_at0(&mut whole);
     let mut later = tcp_frame(CLIENT, VIP, 40000, 1935);
     make_fragment(&mut later, false, 100);
-    assert_eq!(dp.process(&mut later), Verdict::Transmit);
+    assert_eq!(dp.process_at0(&mut later), Verdict::Transmit);
     assert_eq!(later[0..6], whole[0..6]);
 }
 
@@ -222,7 +227,7 @@ fn non_first_fragment_with_two_services_on_the_vip_is_ambiguous() {
     let mut frame = tcp_frame(CLIENT, VIP, 40000, 1935);
     make_fragment(&mut frame, true, 10);
     assert_eq!(
-        dp.process(&mut frame),
+        dp.process_at0(&mut frame),
         Verdict::Drop(DropReason::FragmentAmbiguous)
     );
 }
@@ -235,8 +240,8 @@ fn five_tuple_fragments_stay_together() {
     make_fragment(&mut first, true, 0);
     let mut second = udp_frame(CLIENT, vip2, 999, 5005);
     make_fragment(&mut second, false, 3);
-    assert_eq!(dp.process(&mut first), Verdict::Transmit);
-    assert_eq!(dp.process(&mut second), Verdict::Transmit);
+    assert_eq!(dp.process_at0(&mut first), Verdict::Transmit);
+    assert_eq!(dp.process_at0(&mut second), Verdict::Transmit);
     assert_eq!(first[0..6], second[0..6]);
 }
 
@@ -244,7 +249,7 @@ fn five_tuple_fragments_stay_together() {
 fn answers_arp_for_a_vip_from_its_own_mac() {
     let mut dp = dataplane();
     let mut frame = arp_request(BROADCAST, CLIENT, VIP);
-    assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    assert_eq!(dp.process_at0(&mut frame), Verdict::Transmit);
     let mut expected = vec![0u8; 42];
     expected[0..6].copy_from_slice(&CLIENT_MAC);
     expected[6..12].copy_from_slice(&OWN_MAC);
@@ -262,35 +267,41 @@ fn answers_arp_for_a_vip_from_its_own_mac() {
 fn answers_unicast_arp_refresh_for_a_vip() {
     let mut dp = dataplane();
     let mut frame = arp_request(OWN_MAC, CLIENT, VIP);
-    assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    assert_eq!(dp.process_at0(&mut frame), Verdict::Transmit);
 }
 
 #[test]
 fn does_not_answer_arp_for_other_addresses_or_announcements() {
     let mut dp = dataplane();
     let mut other = arp_request(BROADCAST, CLIENT, [198, 18, 0, 11]);
-    assert_eq!(dp.process(&mut other), Verdict::Drop(DropReason::ArpNotVip));
+    assert_eq!(
+        dp.process_at0(&mut other),
+        Verdict::Drop(DropReason::ArpNotVip)
+    );
     let mut announcement = arp_request(BROADCAST, VIP, VIP);
     assert_eq!(
-        dp.process(&mut announcement),
+        dp.process_at0(&mut announcement),
         Verdict::Drop(DropReason::ArpNotVip)
     );
     let mut reply = arp_request(BROADCAST, CLIENT, VIP);
     reply[21] = 2;
     assert_eq!(
-        dp.process(&mut reply),
+        dp.process_at0(&mut reply),
         Verdict::Drop(DropReason::ArpNotRequest)
     );
     let mut short = arp_request(BROADCAST, CLIENT, VIP);
     short.truncate(30);
-    assert_eq!(dp.process(&mut short), Verdict::Drop(DropReason::Truncated));
+    assert_eq!(
+        dp.process_at0(&mut short),
+        Verdict::Drop(DropReason::Truncated)
+    );
 }
 
 #[test]
 fn answers_ping_to_a_vip_with_valid_checksums() {
     let mut dp = dataplane();
     let mut frame = icmp_echo(VIP);
-    assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+    assert_eq!(dp.process_at0(&mut frame), Verdict::Transmit);
     assert_eq!(frame[0..6], CLIENT_MAC);
     assert_eq!(frame[6..12], OWN_MAC);
     let packet = SlicedPacket::from_ethernet(&frame).expect("reply parses");
@@ -380,7 +391,11 @@ fn drops_are_counted_by_reason() {
         ),
     ];
     for (i, (mut frame, reason)) in cases.into_iter().enumerate() {
-        assert_eq!(dp.process(&mut frame), Verdict::Drop(reason), "case {i}");
+        assert_eq!(
+            dp.process_at0(&mut frame),
+            Verdict::Drop(reason),
+            "case {i}"
+        );
     }
     assert_eq!(dp.counters().rx_frames, 10);
     assert_eq!(dp.counters().total_drops(), 10);
@@ -398,21 +413,21 @@ fn no_real_server_when_all_are_drained_or_unresolved() {
     let mut dp = dataplane_for(&drained);
     let mut frame = tcp_frame(CLIENT, VIP, 1, 8088);
     assert_eq!(
-        dp.process(&mut frame),
+        dp.process_at0(&mut frame),
         Verdict::Drop(DropReason::NoRealServer)
     );
     // rs2 (pinned MAC) takes every client of "Wowza Streaming".
     for client in 1..=20u8 {
         let mut frame = tcp_frame([198, 18, 1, client], VIP, 1, 1935);
-        assert_eq!(dp.process(&mut frame), Verdict::Transmit);
+        assert_eq!(dp.process_at0(&mut frame), Verdict::Transmit);
         assert_eq!(frame[0..6], RS2_MAC);
     }
     // Unresolved: no neighbour entry and no pinned MAC.
-    let snapshot = Snapshot::build(&config(), OWN_MAC, |_| None);
-    let mut dp = Dataplane::new(Arc::new(snapshot));
+    let snapshot = Snapshot::build(&config(), OWN_MAC, 1, |_| None, |_, _| AdminState::Online);
+    let mut dp = Dataplane::new(Arc::new(snapshot), TableSizes::default());
     let mut frame = tcp_frame(CLIENT, VIP, 1, 8088);
     assert_eq!(
-        dp.process(&mut frame),
+        dp.process_at0(&mut frame),
         Verdict::Drop(DropReason::NoRealServer)
     );
 }
@@ -446,7 +461,7 @@ mod fuzz {
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
             let mut dp = dataplane();
             let mut frame = bytes.clone();
-            dp.process(&mut frame);
+            dp.process_at0(&mut frame);
             prop_assert_eq!(frame.len(), bytes.len());
         }
 
@@ -465,8 +480,15 @@ mod fuzz {
                     }
                 }
                 frame.truncate(cut.max(1).min(frame.len()));
-                dp.process(&mut frame);
+                dp.process_at0(&mut frame);
             }
         }
+    }
+}
+
+impl Dataplane {
+    /// `process` at time 0, for the rules that do not depend on time.
+    fn process_at0(&mut self, frame: &mut [u8]) -> Verdict {
+        self.process(frame, 0)
     }
 }

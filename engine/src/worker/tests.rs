@@ -2,7 +2,8 @@
 //! and dropped, and not one UMEM frame lost or duplicated whatever the kernel side does.
 
 use super::*;
-use crate::snapshot::Snapshot;
+use crate::dataplane::TableSizes;
+use crate::snapshot::{AdminState, Snapshot};
 use etherparse::PacketBuilder;
 use lbd_config::Config;
 use proptest::prelude::*;
@@ -146,7 +147,16 @@ fn dataplane() -> Dataplane {
         "#,
     )
     .expect("valid config");
-    Dataplane::new(Arc::new(Snapshot::build(&config, OWN_MAC, |_| None)))
+    Dataplane::new(
+        Arc::new(Snapshot::build(
+            &config,
+            OWN_MAC,
+            1,
+            |_| None,
+            |_, _| AdminState::Online,
+        )),
+        TableSizes::default(),
+    )
 }
 
 fn syn(client: u8, dport: u16) -> Vec<u8> {
@@ -194,10 +204,10 @@ fn forwards_and_drops_through_the_rings() {
     assert_conserved(&worker);
     assert!(worker.rings.arrive(&syn(1, 8088)));
     assert!(worker.rings.arrive(&syn(2, 22)));
-    assert_eq!(worker.poll_once(), 2);
+    assert_eq!(worker.poll_once(0), 2);
     assert_conserved(&worker);
     worker.rings.send(10);
-    worker.poll_once();
+    worker.poll_once(0);
     assert_conserved(&worker);
     assert_eq!(worker.rings.sent.len(), 1);
     assert_eq!(worker.rings.sent[0][0..6], RS_MAC);
@@ -212,12 +222,12 @@ fn full_tx_ring_recycles_and_counts() {
     for client in 1..=4 {
         assert!(worker.rings.arrive(&syn(client, 8088)));
     }
-    worker.poll_once();
+    worker.poll_once(0);
     // The TX ring (4) is now full and the "NIC" sends nothing.
     for client in 5..=8 {
         assert!(worker.rings.arrive(&syn(client, 8088)));
     }
-    worker.poll_once();
+    worker.poll_once(0);
     assert_conserved(&worker);
     assert_eq!(
         worker
@@ -239,7 +249,7 @@ fn gratuitous_arp_goes_out_for_every_vip() {
     worker.rings.send(10);
     assert_eq!(worker.rings.sent.len(), 2);
     assert_eq!(worker.rings.sent[1][38..42], [198, 18, 0, 101]);
-    worker.poll_once();
+    worker.poll_once(0);
     assert_conserved(&worker);
     assert_eq!(worker.dataplane().counters().gratuitous_arps, 2);
 }
@@ -282,7 +292,7 @@ proptest! {
                     }
                 }
                 Step::Send(n) => worker.rings.send(n),
-                Step::Poll => { worker.poll_once(); }
+                Step::Poll => { worker.poll_once(0); }
                 Step::Announce => worker.announce(OWN_MAC, &[Ipv4Addr::new(198, 18, 0, 100)]),
             }
             assert_conserved(&worker);
@@ -290,7 +300,7 @@ proptest! {
         // Drain: the "NIC" sends everything and the worker takes every frame back.
         for _ in 0..(frames * 4) {
             worker.rings.send(frames);
-            worker.poll_once();
+            worker.poll_once(0);
         }
         assert_conserved(&worker);
         let counters = worker.dataplane().counters();

@@ -1,0 +1,705 @@
+//! The control plane: owns the running configuration and applies `lbctl` requests to it.
+//!
+//! Every change is made on a copy of the config, checked exactly as a config file is
+//! ([`Config::validate`]), and only then applied: a rejected change leaves everything as it
+//! was. Applying builds a new immutable [`Snapshot`] (generation + 1) and sends it to every
+//! worker over its command channel; workers switch between batches and report the generation
+//! they use, and the reply waits for all of them, so a change is in force when `lbctl` returns.
+//! The packet path never takes a lock; this module's own lock is held by control requests and
+//! the neighbour refresh only.
+//!
+//! VIPs enter the XDP steering map after the workers know them and leave it before the workers
+//! forget them, and a new VIP is announced with gratuitous ARP.
+
+use crate::counters::DropReason;
+use crate::host;
+use crate::snapshot::{AdminState, Snapshot};
+use crate::steer::Steering;
+use crate::worker::{WorkerCommand, WorkerReport};
+use crossbeam::channel::{Sender, bounded};
+use lbd_config::{Config, Service};
+use lbd_proto::{
+    Command, RealServerChanges, RealServerStats, RealServerStatus, Reply, Response, ServiceChanges,
+    ServiceStats, ServiceStatus, StatsReport, StatusReport, WorkerStats,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long a change waits for every worker to use the new snapshot.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `status`/`stats` wait for a worker's report.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The control side's handle on one worker.
+#[derive(Debug)]
+pub struct WorkerLink {
+    /// The queue it serves.
+    pub queue: u32,
+    /// Its command channel.
+    pub commands: Sender<WorkerCommand>,
+    /// The snapshot generation it uses.
+    pub applied: Arc<AtomicU64>,
+}
+
+/// The running configuration and what is needed to change it live.
+#[derive(Debug)]
+pub struct Control {
+    config: Config,
+    config_path: PathBuf,
+    own_mac: [u8; 6],
+    snapshot: Arc<Snapshot>,
+    admin: HashMap<(String, String), AdminState>,
+    macs: HashMap<Ipv4Addr, [u8; 6]>,
+    steering: Steering,
+    workers: Vec<WorkerLink>,
+}
+
+/// The outcome of a request: the reply, or the reason it was refused.
+type Outcome = Result<Reply, String>;
+
+impl Control {
+    /// Control over a running balancer whose workers use `snapshot`.
+    pub fn new(
+        config: Config,
+        config_path: PathBuf,
+        own_mac: [u8; 6],
+        snapshot: Arc<Snapshot>,
+        macs: HashMap<Ipv4Addr, [u8; 6]>,
+        steering: Steering,
+        workers: Vec<WorkerLink>,
+    ) -> Control {
+        Control {
+            config,
+            config_path,
+            own_mac,
+            snapshot,
+            admin: HashMap::new(),
+            macs,
+            steering,
+            workers,
+        }
+    }
+
+    /// The running config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The workers' command channels (to stop them, announce, ...).
+    pub fn workers(&self) -> &[WorkerLink] {
+        &self.workers
+    }
+
+    /// Handles one request.
+    pub fn handle(&mut self, command: Command) -> Response {
+        let outcome = self.dispatch(command);
+        match outcome {
+            Ok(reply) => Response::ok(reply),
+            Err(message) => Response::error(message),
+        }
+    }
+
+    fn dispatch(&mut self, command: Command) -> Outcome {
+        match command {
+            Command::Status => Ok(Reply::Status(self.status())),
+            Command::Stats => Ok(Reply::Stats(self.stats())),
+            Command::ConfigShow => Ok(Reply::Config {
+                toml: self.config.to_toml_string(),
+            }),
+            Command::ConfigSave { path } => self.save(path.map(PathBuf::from)),
+            Command::Reload => self.reload(),
+            Command::AddVip { service } => self.add_vip(service),
+            Command::EditVip { label, changes } => self.edit_vip(&label, changes),
+            Command::DelVip { label } => {
+                let mut config = self.config.clone();
+                let index = service_index(&config, &label)?;
+                config.services.remove(index);
+                let mut admin = self.admin.clone();
+                admin.retain(|(service, _), _| service != &label);
+                self.apply(config, admin, format!("service {label:?} removed"))
+            }
+            Command::AddRip {
+                service,
+                real_server,
+            } => {
+                let mut config = self.config.clone();
+                let index = service_index(&config, &service)?;
+                let label = real_server.label.clone();
+                config.services[index].real_servers.push(real_server);
+                self.apply(
+                    config,
+                    self.admin.clone(),
+                    format!("real server {label:?} added to {service:?}"),
+                )
+            }
+            Command::EditRip {
+                service,
+                label,
+                changes,
+            } => self.edit_rip(&service, &label, changes),
+            Command::DelRip { service, label } => {
+                let mut config = self.config.clone();
+                let (s, r) = real_server_index(&config, &service, &label)?;
+                config.services[s].real_servers.remove(r);
+                let mut admin = self.admin.clone();
+                admin.remove(&(service.clone(), label.clone()));
+                self.apply(
+                    config,
+                    admin,
+                    format!("real server {label:?} removed from {service:?}"),
+                )
+            }
+            Command::SetWeight {
+                service,
+                label,
+                weight,
+            } => self.edit_rip(
+                &service,
+                &label,
+                RealServerChanges {
+                    weight: Some(weight),
+                    ..RealServerChanges::default()
+                },
+            ),
+            Command::Drain { service, label } => {
+                self.set_admin(&service, &label, AdminState::Drain, "drained")
+            }
+            Command::Halt { service, label } => {
+                self.set_admin(&service, &label, AdminState::Halt, "halted")
+            }
+            Command::Online { service, label } => {
+                self.set_admin(&service, &label, AdminState::Online, "online")
+            }
+        }
+    }
+
+    fn add_vip(&mut self, service: Service) -> Outcome {
+        let mut config = self.config.clone();
+        let label = service.label.clone();
+        config.services.push(service);
+        self.apply(
+            config,
+            self.admin.clone(),
+            format!("service {label:?} added"),
+        )
+    }
+
+    fn edit_vip(&mut self, label: &str, changes: ServiceChanges) -> Outcome {
+        if changes == ServiceChanges::default() {
+            return Err("edit-vip: nothing to change".to_owned());
+        }
+        let mut config = self.config.clone();
+        let index = service_index(&config, label)?;
+        let service = &mut config.services[index];
+        let mut admin = self.admin.clone();
+        if let Some(new_label) = changes.label {
+            // Operator states follow the service to its new name.
+            let moved: Vec<_> = admin
+                .iter()
+                .filter(|((s, _), _)| s == label)
+                .map(|((_, rs), state)| (rs.clone(), *state))
+                .collect();
+            admin.retain(|(s, _), _| s != label);
+            for (rs, state) in moved {
+                admin.insert((new_label.clone(), rs), state);
+            }
+            service.label = new_label;
+        }
+        if let Some(vip) = changes.vip {
+            service.vip = vip;
+        }
+        if let Some(ports) = changes.ports {
+            service.ports = ports;
+        }
+        if let Some(protocol) = changes.protocol {
+            service.protocol = protocol;
+        }
+        if let Some(persistence) = changes.persistence {
+            service.persistence = persistence;
+        }
+        if let Some(timeout) = changes.persistence_timeout_s {
+            service.persistence_timeout_s = timeout;
+        }
+        if let Some(size) = changes.table_size {
+            service.table_size = size;
+        }
+        self.apply(config, admin, format!("service {label:?} changed"))
+    }
+
+    fn edit_rip(&mut self, service: &str, label: &str, changes: RealServerChanges) -> Outcome {
+        if changes == RealServerChanges::default() {
+            return Err("edit-rip: nothing to change".to_owned());
+        }
+        let mut config = self.config.clone();
+        let (s, r) = real_server_index(&config, service, label)?;
+        let rs = &mut config.services[s].real_servers[r];
+        let mut admin = self.admin.clone();
+        if let Some(new_label) = changes.label {
+            if let Some(state) = admin.remove(&(service.to_owned(), label.to_owned())) {
+                admin.insert((service.to_owned(), new_label.clone()), state);
+            }
+            rs.label = new_label;
+        }
+        if let Some(ip) = changes.ip {
+            rs.ip = ip;
+        }
+        if let Some(weight) = changes.weight {
+            rs.weight = weight;
+        }
+        if let Some(min) = changes.min_connections {
+            rs.min_connections = min;
+        }
+        if let Some(max) = changes.max_connections {
+            rs.max_connections = max;
+        }
+        if let Some(mac) = changes.mac {
+            rs.mac = Some(mac);
+        }
+        let message = match changes.weight {
+            Some(weight) => format!("{service}/{label} weight {weight}"),
+            None => format!("real server {label:?} of {service:?} changed"),
+        };
+        self.apply(config, admin, message)
+    }
+
+    fn set_admin(&mut self, service: &str, label: &str, state: AdminState, what: &str) -> Outcome {
+        real_server_index(&self.config, service, label)?;
+        let mut admin = self.admin.clone();
+        if state == AdminState::Online {
+            admin.remove(&(service.to_owned(), label.to_owned()));
+        } else {
+            admin.insert((service.to_owned(), label.to_owned()), state);
+        }
+        self.apply(
+            self.config.clone(),
+            admin,
+            format!("{service}/{label} {what}"),
+        )
+    }
+
+    fn reload(&mut self) -> Outcome {
+        let config = Config::load(&self.config_path)
+            .map_err(|e| format!("{}: {e}; nothing changed", self.config_path.display()))?;
+        if let Some(field) = engine_difference(&self.config, &config) {
+            return Err(format!(
+                "engine.{field} cannot change while lbd runs (restart lbd to change it); nothing changed"
+            ));
+        }
+        // Operator states stay for the servers that are still there.
+        let mut admin = self.admin.clone();
+        admin.retain(|(s, r), _| real_server_index(&config, s, r).is_ok());
+        let services = config.services.len();
+        self.apply(
+            config,
+            admin,
+            format!(
+                "reloaded {} ({services} service(s))",
+                self.config_path.display()
+            ),
+        )
+    }
+
+    fn save(&self, path: Option<PathBuf>) -> Outcome {
+        let path = path.unwrap_or_else(|| self.config_path.clone());
+        write_atomically(&path, self.config.to_toml_string().as_bytes())
+            .map_err(|e| format!("cannot save the config to {}: {e}", path.display()))?;
+        Ok(Reply::Done {
+            message: format!("config saved to {}", path.display()),
+        })
+    }
+
+    /// Checks `config` and, if it is good, makes it (and `admin`) the running state.
+    fn apply(
+        &mut self,
+        config: Config,
+        admin: HashMap<(String, String), AdminState>,
+        message: String,
+    ) -> Outcome {
+        config
+            .validate()
+            .map_err(|e| format!("{e}; nothing changed"))?;
+        self.learn_new_servers(&config);
+        let old_vips = vip_set(&self.config);
+        let new_vips = vip_set(&config);
+        let snapshot = Arc::new(self.build(&config, &admin, self.snapshot.generation + 1));
+
+        // Leaving VIPs stop being steered before the workers forget them...
+        for &vip in old_vips.difference(&new_vips) {
+            if let Err(error) = self.steering.remove_vip(vip) {
+                tracing::warn!(%vip, %error, "removing a VIP from the steering map");
+            }
+        }
+        self.publish(Arc::clone(&snapshot));
+        // ...and new ones are steered once the workers know them.
+        let added: Vec<Ipv4Addr> = new_vips.difference(&old_vips).copied().collect();
+        for &vip in &added {
+            if let Err(error) = self.steering.add_vip(vip) {
+                tracing::error!(%vip, %error, "adding a VIP to the steering map");
+            }
+        }
+        if !added.is_empty()
+            && let Some(first) = self.workers.first()
+        {
+            let _ = first
+                .commands
+                .send(WorkerCommand::Announce(self.own_mac, added));
+        }
+        self.config = config;
+        self.admin = admin;
+        self.snapshot = snapshot;
+        tracing::info!(generation = self.snapshot.generation, "{message}");
+        Ok(Reply::Done { message })
+    }
+
+    /// Sends `snapshot` to every worker and waits until each uses it.
+    fn publish(&self, snapshot: Arc<Snapshot>) {
+        let generation = snapshot.generation;
+        for worker in &self.workers {
+            let _ = worker
+                .commands
+                .send(WorkerCommand::Snapshot(Arc::clone(&snapshot)));
+        }
+        let deadline = Instant::now() + APPLY_TIMEOUT;
+        for worker in &self.workers {
+            while worker.applied.load(Ordering::Acquire) < generation {
+                if Instant::now() >= deadline {
+                    tracing::warn!(
+                        queue = worker.queue,
+                        generation,
+                        "worker has not taken the new configuration yet"
+                    );
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+
+    fn build(
+        &self,
+        config: &Config,
+        admin: &HashMap<(String, String), AdminState>,
+        generation: u64,
+    ) -> Snapshot {
+        Snapshot::build(
+            config,
+            self.own_mac,
+            generation,
+            |ip| self.macs.get(&ip).copied(),
+            |service, rs| {
+                admin
+                    .get(&(service.to_owned(), rs.to_owned()))
+                    .copied()
+                    .unwrap_or_default()
+            },
+        )
+    }
+
+    /// Real servers in `config` without a pinned MAC that the table knows already.
+    fn learn_new_servers(&mut self, config: &Config) {
+        let Ok(table) = host::neighbours(&config.engine.interface) else {
+            return;
+        };
+        for rs in config.services.iter().flat_map(|s| &s.real_servers) {
+            if rs.mac.is_none()
+                && !self.macs.contains_key(&rs.ip)
+                && let Some(&mac) = table.get(&rs.ip)
+            {
+                self.macs.insert(rs.ip, mac);
+            }
+        }
+    }
+
+    /// Re-reads the neighbour table; publishes a new snapshot when a MAC was learned or
+    /// changed, and asks the kernel to resolve the ones still missing.
+    pub fn refresh_neighbours(&mut self) {
+        let table = match host::neighbours(&self.config.engine.interface) {
+            Ok(table) => table,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the neighbour table");
+                return;
+            }
+        };
+        let mut changed = false;
+        let wanted: BTreeSet<Ipv4Addr> = self
+            .config
+            .services
+            .iter()
+            .flat_map(|s| &s.real_servers)
+            .filter(|rs| rs.mac.is_none())
+            .map(|rs| rs.ip)
+            .collect();
+        for ip in wanted {
+            match table.get(&ip) {
+                Some(&mac) => {
+                    if self.macs.insert(ip, mac) != Some(mac) {
+                        changed = true;
+                        tracing::info!(real_server = %ip, mac = %host::format_mac(mac), "MAC learned");
+                    }
+                }
+                None => {
+                    // A known MAC is kept: the entry may only have aged out. Ask again either way.
+                    if let Err(error) = host::trigger_resolution(ip) {
+                        tracing::debug!(real_server = %ip, %error, "resolution trigger failed");
+                    }
+                }
+            }
+        }
+        if changed {
+            let snapshot =
+                Arc::new(self.build(&self.config, &self.admin, self.snapshot.generation + 1));
+            self.publish(Arc::clone(&snapshot));
+            self.snapshot = snapshot;
+        }
+    }
+
+    fn reports(&self) -> Vec<(u32, Option<WorkerReport>)> {
+        let mut pending = Vec::with_capacity(self.workers.len());
+        for worker in &self.workers {
+            let (tx, rx) = bounded(1);
+            let sent = worker.commands.send(WorkerCommand::Report(tx)).is_ok();
+            pending.push((worker.queue, sent.then_some(rx)));
+        }
+        let deadline = Instant::now() + REPORT_TIMEOUT;
+        pending
+            .into_iter()
+            .map(|(queue, rx)| {
+                let report = rx.and_then(|rx| {
+                    rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                        .ok()
+                });
+                (queue, report)
+            })
+            .collect()
+    }
+
+    /// The system overview.
+    pub fn status(&self) -> StatusReport {
+        let reports = self.reports();
+        let snapshot = &self.snapshot;
+        let services = snapshot
+            .services
+            .iter()
+            .zip(&self.config.services)
+            .enumerate()
+            .map(|(s, (entry, configured))| {
+                let conns_of = |r: usize| -> u64 {
+                    reports
+                        .iter()
+                        .filter_map(|(_, report)| report.as_ref())
+                        .filter(|report| report.generation == snapshot.generation)
+                        .filter_map(|report| report.connections.get(s)?.get(r))
+                        .sum()
+                };
+                let real_servers: Vec<RealServerStatus> = entry
+                    .real_servers
+                    .iter()
+                    .enumerate()
+                    .map(|(r, rs)| RealServerStatus {
+                        label: rs.label.clone(),
+                        ip: rs.ip,
+                        weight: rs.weight,
+                        conns: conns_of(r),
+                        state: rs.state_name().to_owned(),
+                        mac: rs.mac.map(host::format_mac),
+                    })
+                    .collect();
+                ServiceStatus {
+                    label: entry.label.clone(),
+                    vip: entry.vip,
+                    ports: configured.ports.to_string(),
+                    protocol: configured.protocol.to_string(),
+                    method: "Layer 4".to_owned(),
+                    mode: "DR".to_owned(),
+                    conns: real_servers.iter().map(|rs| rs.conns).sum(),
+                    real_servers,
+                }
+            })
+            .collect();
+        StatusReport {
+            generation: snapshot.generation,
+            services,
+        }
+    }
+
+    /// Counters per worker and in total.
+    pub fn stats(&self) -> StatsReport {
+        let mut report = StatsReport::default();
+        let mut total = crate::counters::Counters::default();
+        for (queue, worker) in self.reports() {
+            let Some(worker) = worker else {
+                continue;
+            };
+            let mut stats = self.worker_stats(&worker.counters);
+            stats.queue = Some(queue);
+            stats.flows = worker.flows as u64;
+            stats.persistent_clients = worker.persistent_clients as u64;
+            report.total.flows += stats.flows;
+            report.total.persistent_clients += stats.persistent_clients;
+            total.merge(&worker.counters);
+            report.workers.push(stats);
+        }
+        let flows = report.total.flows;
+        let persistent = report.total.persistent_clients;
+        report.total = self.worker_stats(&total);
+        report.total.flows = flows;
+        report.total.persistent_clients = persistent;
+        report
+    }
+
+    fn worker_stats(&self, counters: &crate::counters::Counters) -> WorkerStats {
+        let services = self
+            .snapshot
+            .services
+            .iter()
+            .enumerate()
+            .map(|(s, entry)| {
+                let traffic = counters.services.get(s);
+                ServiceStats {
+                    label: entry.label.clone(),
+                    packets: traffic.map_or(0, |t| t.total.packets),
+                    bytes: traffic.map_or(0, |t| t.total.bytes),
+                    real_servers: entry
+                        .real_servers
+                        .iter()
+                        .enumerate()
+                        .map(|(r, rs)| {
+                            let t = traffic.and_then(|t| t.real_servers.get(r));
+                            RealServerStats {
+                                label: rs.label.clone(),
+                                packets: t.map_or(0, |t| t.packets),
+                                bytes: t.map_or(0, |t| t.bytes),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        WorkerStats {
+            queue: None,
+            rx_frames: counters.rx_frames,
+            forwarded_packets: counters.forwarded.packets,
+            forwarded_bytes: counters.forwarded.bytes,
+            arp_replies: counters.arp_replies,
+            icmp_echo_replies: counters.icmp_echo_replies,
+            gratuitous_arps: counters.gratuitous_arps,
+            flows: 0,
+            persistent_clients: 0,
+            drops: DropReason::ALL
+                .iter()
+                .filter(|r| counters.drops_for(**r) > 0)
+                .map(|r| (r.name().to_owned(), counters.drops_for(*r)))
+                .collect(),
+            services,
+        }
+    }
+}
+
+fn service_index(config: &Config, label: &str) -> Result<usize, String> {
+    config
+        .services
+        .iter()
+        .position(|s| s.label == label)
+        .ok_or_else(|| format!("no service named {label:?}"))
+}
+
+fn real_server_index(
+    config: &Config,
+    service: &str,
+    label: &str,
+) -> Result<(usize, usize), String> {
+    let s = service_index(config, service)?;
+    let r = config.services[s]
+        .real_servers
+        .iter()
+        .position(|rs| rs.label == label)
+        .ok_or_else(|| format!("service {service:?} has no real server named {label:?}"))?;
+    Ok((s, r))
+}
+
+fn vip_set(config: &Config) -> BTreeSet<Ipv4Addr> {
+    config.services.iter().map(|s| s.vip).collect()
+}
+
+/// The first engine key that differs, other than those a reload may change.
+fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
+    let (a, b) = (&running.engine, &new.engine);
+    [
+        ("interface", a.interface != b.interface),
+        ("queues", a.queues != b.queues),
+        ("cores", a.cores != b.cores),
+        ("xdp_mode", a.xdp_mode != b.xdp_mode),
+        ("control_socket", a.control_socket != b.control_socket),
+        ("control_group", a.control_group != b.control_group),
+        ("hash_seed", a.hash_seed != b.hash_seed),
+        ("frame_size", a.frame_size != b.frame_size),
+        ("frame_count", a.frame_count != b.frame_count),
+        ("ring_size", a.ring_size != b.ring_size),
+        ("batch_size", a.batch_size != b.batch_size),
+        ("flow_table_size", a.flow_table_size != b.flow_table_size),
+        (
+            "persistence_table_size",
+            a.persistence_table_size != b.persistence_table_size,
+        ),
+    ]
+    .into_iter()
+    .find(|(_, differs)| *differs)
+    .map(|(name, _)| name)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`: a
+/// crash leaves the old file or the new one, never half of one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("the path names no file"))?;
+    let temp = dir.join(format!(
+        ".{}.tmp.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        // The rename itself is durable once the directory is synced.
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces_the_file_and_leaves_no_temp() {
+        let dir = std::env::temp_dir().join(format!("lbd-save-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("lbd.toml");
+        std::fs::write(&path, "old").expect("write");
+        write_atomically(&path, b"new").expect("save");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "new");
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
+            .collect();
+        assert!(leftovers.is_empty());
+        assert!(write_atomically(&dir.join("no/such/dir/x.toml"), b"x").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

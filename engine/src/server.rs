@@ -1,0 +1,273 @@
+//! The control socket: a unix stream socket where `lbctl` sends one JSON request per line.
+//!
+//! - Created mode 0600 (root only), or 0660 and owned by `engine.control_group` when set; the
+//!   peer's credentials (SO_PEERCRED) are checked on every connection: root, lbd's own user, or
+//!   a member of the control group.
+//! - One thread per client (at most [`MAX_CLIENTS`]), so a client stuck half-way through a
+//!   request holds up nobody else; a client silent for [`IDLE_TIMEOUT`] is disconnected.
+//! - A line longer than [`MAX_REQUEST_BYTES`] gets an error and the connection is closed (the
+//!   rest of such a line cannot be trusted to be a request); malformed JSON, unknown commands
+//!   and wrong types get an error reply and the connection stays usable.
+
+use crate::control::Control;
+use lbd_proto::{MAX_REQUEST_BYTES, Response, decode_request, encode_line};
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::unistd::{Gid, Group, Uid};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Clients served at once; more are told to come back later.
+pub const MAX_CLIENTS: usize = 32;
+/// A client that sends nothing for this long is disconnected.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another lbd answers on the socket.
+    #[error("{0}: another lbd is already listening there")]
+    InUse(PathBuf),
+    /// The control group does not exist.
+    #[error("engine.control_group: no group named {0:?}")]
+    NoGroup(String),
+    /// A system call failed.
+    #[error("control socket {path}: {what}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The listening socket and its accept thread; removes the socket file when dropped.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Binds `path` and serves requests on `control` until dropped.
+    pub fn start(
+        path: &Path,
+        group: Option<&str>,
+        control: Arc<Mutex<Control>>,
+    ) -> Result<ControlServer, ServerError> {
+        let io = |what: &'static str| {
+            let path = path.to_owned();
+            move |source| ServerError::Io { path, what, source }
+        };
+        let group_id = match group {
+            Some(name) => Some(
+                Group::from_name(name)
+                    .map_err(|e| io("looking up the control group")(e.into()))?
+                    .ok_or_else(|| ServerError::NoGroup(name.to_owned()))?
+                    .gid,
+            ),
+            None => None,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io("creating its directory"))?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.to_owned()));
+            }
+            // A socket left behind by an lbd that did not stop cleanly.
+            std::fs::remove_file(path).map_err(io("removing a stale socket"))?;
+        }
+        let listener = UnixListener::bind(path).map_err(io("binding"))?;
+        let mode = if group_id.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io("setting its mode"))?;
+        if let Some(gid) = group_id {
+            nix::unistd::chown(path, None, Some(gid))
+                .map_err(|e| io("giving it to the control group")(e.into()))?;
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(io("making it non-blocking"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("lbd-control".to_owned())
+                .spawn(move || accept_loop(&listener, &stop, &control, group_id))
+                .map_err(io("starting its thread"))?
+        };
+        tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "control socket ready");
+        Ok(ControlServer {
+            path: path.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(
+    listener: &UnixListener,
+    stop: &AtomicBool,
+    control: &Arc<Mutex<Control>>,
+    group: Option<Gid>,
+) {
+    let clients = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::Relaxed) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting a control connection");
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+        };
+        if let Err(reason) = authorize(&stream, group) {
+            tracing::warn!(%reason, "control connection refused");
+            refuse(stream, &reason);
+            continue;
+        }
+        if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            clients.fetch_sub(1, Ordering::AcqRel);
+            refuse(stream, "too many control clients; try again");
+            continue;
+        }
+        let control = Arc::clone(control);
+        let count = Arc::clone(&clients);
+        let spawned = std::thread::Builder::new()
+            .name("lbd-client".to_owned())
+            .spawn(move || {
+                serve_client(stream, &control);
+                count.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            clients.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn refuse(mut stream: UnixStream, reason: &str) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.write_all(encode_line(&Response::error(reason)).as_bytes());
+}
+
+/// Root, lbd's own user, or a member of the control group.
+fn authorize(stream: &UnixStream, group: Option<Gid>) -> Result<(), String> {
+    let credentials = getsockopt(stream, PeerCredentials)
+        .map_err(|e| format!("reading peer credentials: {e}"))?;
+    let uid = Uid::from_raw(credentials.uid());
+    if uid.is_root() || uid == Uid::effective() {
+        return Ok(());
+    }
+    if let Some(gid) = group {
+        let peer_gid = Gid::from_raw(credentials.gid());
+        if peer_gid == gid || supplementary_groups(credentials.pid()).contains(&gid) {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "permission denied: uid {uid} is not root{}",
+        if group.is_some() {
+            " and not in the control group"
+        } else {
+            " (set engine.control_group to let a group in)"
+        }
+    ))
+}
+
+/// A process's supplementary groups, from /proc/PID/status.
+fn supplementary_groups(pid: i32) -> Vec<Gid> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                line.strip_prefix("Groups:").map(|groups| {
+                    groups
+                        .split_whitespace()
+                        .filter_map(|g| g.parse().ok())
+                        .map(Gid::from_raw)
+                        .collect()
+                })
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn serve_client(stream: UnixStream, control: &Mutex<Control>) {
+    if stream.set_nonblocking(false).is_err()
+        || stream.set_read_timeout(Some(IDLE_TIMEOUT)).is_err()
+    {
+        return;
+    }
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = Vec::with_capacity(1024);
+    loop {
+        line.clear();
+        // One byte past the limit tells an oversized line from one that just fits.
+        let read = (&mut reader)
+            .take(MAX_REQUEST_BYTES as u64 + 2)
+            .read_until(b'\n', &mut line);
+        match read {
+            // The client closed (or timed out, or vanished): nothing more to do.
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let complete = line.last() == Some(&b'\n');
+        if complete {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+        } else if line.len() <= MAX_REQUEST_BYTES {
+            // End of stream in the middle of a request: the client went away half-way.
+            return;
+        }
+        if line.len() > MAX_REQUEST_BYTES {
+            let response = Response::error(format!(
+                "request over the limit of {MAX_REQUEST_BYTES} bytes; closing the connection"
+            ));
+            let _ = writer.write_all(encode_line(&response).as_bytes());
+            return;
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let response = match decode_request(&line) {
+            Ok(request) => match control.lock() {
+                Ok(mut control) => control.handle(request.command),
+                Err(_) => Response::error("lbd's control state is unusable; restart lbd"),
+            },
+            Err(message) => Response::error(message),
+        };
+        if writer.write_all(encode_line(&response).as_bytes()).is_err() {
+            return;
+        }
+    }
+}
