@@ -492,3 +492,223 @@ impl Dataplane {
         self.process(frame, 0)
     }
 }
+
+mod live_changes {
+    //! Established connections and persistent clients across snapshot changes.
+    use super::*;
+    use crate::snapshot::AdminState;
+
+    const TWO: &str = r#"
+[engine]
+interface = "eth0"
+queues = [0]
+
+[[service]]
+label = "web"
+vip = "198.18.0.100"
+ports = "8088"
+table_size = 251
+persistence = "PERSISTENCE"
+persistence_timeout_s = 300
+
+[[service.real_server]]
+label = "rs1"
+ip = "198.18.0.11"
+mac = "02:00:00:00:00:11"
+
+[[service.real_server]]
+label = "rs2"
+ip = "198.18.0.12"
+mac = "02:00:00:00:00:12"
+"#;
+
+    fn with_third_server(text: &str) -> String {
+        format!(
+            "{text}\n[[service.real_server]]\nlabel = \"rs3\"\nip = \"198.18.0.13\"\nmac = \"02:00:00:00:00:13\"\n"
+        )
+    }
+
+    fn snapshot(text: &str, generation: u64, admin: &[(&str, AdminState)]) -> Arc<Snapshot> {
+        let config = Config::from_toml_str(text).expect("valid");
+        Arc::new(Snapshot::build(
+            &config,
+            OWN_MAC,
+            generation,
+            |_| None,
+            |_, rs| {
+                admin
+                    .iter()
+                    .find(|(label, _)| *label == rs)
+                    .map_or(AdminState::Online, |(_, state)| *state)
+            },
+        ))
+    }
+
+    fn ack(client: u8) -> Vec<u8> {
+        let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+            .ipv4([198, 18, 1, client], VIP, 64)
+            .tcp(40000, 8088, 2, 64240)
+            .ack(1);
+        let mut frame = Vec::new();
+        builder.write(&mut frame, b"data").expect("write");
+        frame
+    }
+
+    fn server_of(dp: &mut Dataplane, frame: Vec<u8>, now_ms: u64) -> Option<[u8; 6]> {
+        let mut frame = frame;
+        match dp.process(&mut frame, now_ms) {
+            Verdict::Transmit => Some(frame[0..6].try_into().expect("6 bytes")),
+            Verdict::Drop(_) => None,
+        }
+    }
+
+    /// Opens one connection per client and returns where each went.
+    fn open_all(dp: &mut Dataplane, now_ms: u64) -> Vec<[u8; 6]> {
+        (1..=100u8)
+            .map(|client| {
+                server_of(
+                    dp,
+                    tcp_frame([198, 18, 1, client], VIP, 40000, 8088),
+                    now_ms,
+                );
+                server_of(dp, ack(client), now_ms).expect("forwarded")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_server_does_not_move_established_connections() {
+        for persistence in ["source-ip", "none"] {
+            let text = TWO.replace("PERSISTENCE", persistence);
+            let mut dp = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
+            let before = open_all(&mut dp, 1_000);
+            dp.set_snapshot(snapshot(&with_third_server(&text), 2, &[]));
+            for client in 1..=100u8 {
+                let now = server_of(&mut dp, ack(client), 2_000).expect("forwarded");
+                assert_eq!(
+                    now,
+                    before[usize::from(client) - 1],
+                    "{persistence}: client {client} moved"
+                );
+            }
+            // New clients do reach the new server.
+            let fresh: Vec<_> = (101..=250u8)
+                .filter_map(|c| server_of(&mut dp, tcp_frame([198, 18, 1, c], VIP, 1, 8088), 2_000))
+                .collect();
+            assert!(fresh.contains(&[2, 0, 0, 0, 0, 0x13]), "{persistence}");
+        }
+    }
+
+    #[test]
+    fn drain_keeps_known_clients_and_sends_new_ones_elsewhere() {
+        let text = TWO.replace("PERSISTENCE", "source-ip");
+        let mut dp = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
+        let before = open_all(&mut dp, 1_000);
+        dp.set_snapshot(snapshot(&text, 2, &[("rs1", AdminState::Drain)]));
+        for client in 1..=100u8 {
+            // The open connection stays...
+            assert_eq!(
+                server_of(&mut dp, ack(client), 2_000),
+                Some(before[usize::from(client) - 1])
+            );
+            // ...and so does a new connection of a persisted client.
+            let next = server_of(
+                &mut dp,
+                tcp_frame([198, 18, 1, client], VIP, 50000, 8088),
+                2_000,
+            );
+            assert_eq!(
+                next,
+                Some(before[usize::from(client) - 1]),
+                "client {client}"
+            );
+        }
+        for client in 101..=200u8 {
+            let fresh = server_of(
+                &mut dp,
+                tcp_frame([198, 18, 1, client], VIP, 1, 8088),
+                2_000,
+            );
+            assert_eq!(
+                fresh,
+                Some(RS2_MAC),
+                "new client {client} on a drained server"
+            );
+        }
+        // Once the persistence timeout has passed, a drained server's client moves on.
+        let later = 2_000 + 300_001 + 900_000;
+        let rs1_client = (1..=100u8)
+            .find(|c| before[usize::from(*c) - 1] == RS1_MAC)
+            .expect("some client on rs1");
+        let moved = server_of(
+            &mut dp,
+            tcp_frame([198, 18, 1, rs1_client], VIP, 60000, 8088),
+            later,
+        );
+        assert_eq!(moved, Some(RS2_MAC));
+    }
+
+    #[test]
+    fn halt_and_removal_move_even_established_connections() {
+        let text = TWO.replace("PERSISTENCE", "source-ip");
+        for halted in [true, false] {
+            let mut dp = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
+            let before = open_all(&mut dp, 1_000);
+            let next = if halted {
+                snapshot(&text, 2, &[("rs1", AdminState::Halt)])
+            } else {
+                let without_rs1 = text.replace(
+                    "[[service.real_server]]\nlabel = \"rs1\"\nip = \"198.18.0.11\"\nmac = \"02:00:00:00:00:11\"\n",
+                    "",
+                );
+                snapshot(&without_rs1, 2, &[])
+            };
+            dp.set_snapshot(next);
+            for client in 1..=100u8 {
+                let now = server_of(&mut dp, ack(client), 2_000);
+                assert_eq!(
+                    now,
+                    Some(RS2_MAC),
+                    "halted={halted}: client {client} (was {:?})",
+                    before[usize::from(client) - 1]
+                );
+            }
+        }
+    }
+
+    fn fin(sport: u16) -> Vec<u8> {
+        let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+            .ipv4(CLIENT, VIP, 64)
+            .tcp(sport, 8088, 9, 64240)
+            .fin()
+            .ack(1);
+        let mut frame = Vec::new();
+        builder.write(&mut frame, &[]).expect("write");
+        frame
+    }
+
+    #[test]
+    fn a_new_syn_on_a_closing_tuple_is_a_new_connection() {
+        let two = TWO.replace("PERSISTENCE", "none");
+        let three = with_third_server(&two);
+        // A source port whose Maglev choice changes when rs3 arrives.
+        let choice = |text: &str, sport: u16| {
+            let mut dp = Dataplane::new(snapshot(text, 1, &[]), TableSizes::default());
+            server_of(&mut dp, tcp_frame(CLIENT, VIP, sport, 8088), 0)
+        };
+        let sport = (1000..3000u16)
+            .find(|&p| choice(&two, p) != choice(&three, p))
+            .expect("some port moves");
+        let mut dp = Dataplane::new(snapshot(&two, 1, &[]), TableSizes::default());
+        let old = server_of(&mut dp, tcp_frame(CLIENT, VIP, sport, 8088), 0);
+        assert_eq!(server_of(&mut dp, fin(sport), 10), old);
+        dp.set_snapshot(snapshot(&three, 2, &[]));
+        // The closing connection's last segments still reach its server...
+        assert_eq!(server_of(&mut dp, fin(sport), 20), old);
+        // ...but a new SYN on the same tuple is a new connection, placed by the new table.
+        assert_eq!(
+            server_of(&mut dp, tcp_frame(CLIENT, VIP, sport, 8088), 30),
+            choice(&three, sport)
+        );
+    }
+}
