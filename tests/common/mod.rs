@@ -1,0 +1,268 @@
+//! Shared parts of the lab tests: the namespace lab (scripts/lab) and a running lbd, each torn
+//! down by a guard even when the test fails.
+#![allow(dead_code, reason = "each test file uses its own subset")]
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub const LBD: &str = env!("CARGO_BIN_EXE_lbd");
+pub const VIP: &str = "198.18.0.100";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("engine/ sits in the workspace")
+        .to_path_buf()
+}
+
+/// True when the lab can run; false (skip) only outside CI.
+pub fn lab_allowed() -> bool {
+    // `id -u` rather than a libc call: the tests stay free of unsafe code.
+    let uid = Command::new("id").arg("-u").output().expect("run id");
+    let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
+    if root {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "the lab tests must run as root in CI (network namespaces, XDP, AF_XDP)"
+    );
+    eprintln!("skipping: the lab tests need root (network namespaces, XDP, AF_XDP)");
+    false
+}
+
+pub fn unique_name() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    // At most 8 characters, as scripts/lab requires: t + 4 hex digits of the pid + counter.
+    format!("t{:04x}{}", std::process::id() & 0xffff, n % 1000)
+}
+
+pub fn run(command: &mut Command) -> Output {
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+}
+
+/// A lab of namespaces; torn down on drop.
+pub struct Lab {
+    pub name: String,
+    pub facts: HashMap<String, String>,
+}
+
+impl Lab {
+    pub fn up(servers: usize) -> Lab {
+        let name = unique_name();
+        let lab = repo_root().join("scripts/lab");
+        let output = run(Command::new(&lab).args([
+            "up",
+            &name,
+            "--servers",
+            &servers.to_string(),
+            "--clients",
+            "24",
+        ]));
+        // Constructed before the check so that a half-built lab is torn down too.
+        let mut lab_guard = Lab {
+            name: name.clone(),
+            facts: HashMap::new(),
+        };
+        assert!(
+            output.status.success(),
+            "scripts/lab up {name} failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let show = run(Command::new(&lab).args(["show", &name]));
+        assert!(show.status.success(), "scripts/lab show {name} failed");
+        lab_guard.facts = String::from_utf8_lossy(&show.stdout)
+            .lines()
+            .filter_map(|line| line.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+            .collect();
+        lab_guard
+    }
+
+    pub fn fact(&self, key: &str) -> &str {
+        self.facts
+            .get(key)
+            .unwrap_or_else(|| panic!("scripts/lab show has no {key}"))
+    }
+
+    /// Runs a command inside one of the lab's namespaces.
+    pub fn exec(&self, namespace_key: &str, args: &[&str]) -> Output {
+        run(Command::new("ip")
+            .args(["netns", "exec", self.fact(namespace_key)])
+            .args(args))
+    }
+
+    pub fn client_ips(&self) -> Vec<String> {
+        self.fact("CLIENT_IPS")
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// An lbd config for this lab: GUI on 8088 and streaming on 1935, both source-IP.
+    pub fn config(&self, servers: usize) -> String {
+        let mut text = format!(
+            "[engine]\ninterface = \"{}\"\nqueues = [0]\nxdp_mode = \"auto\"\n\
+             control_socket = \"/tmp/lbd-lab/{}/lbd.sock\"\n",
+            self.fact("LB_IF"),
+            self.name
+        );
+        for (label, port) in [("Wowza GUI", 8088), ("Wowza Streaming", 1935)] {
+            text += &format!(
+                "\n[[service]]\nlabel = \"{label}\"\nvip = \"{VIP}\"\nports = {port}\n\
+                 protocol = \"tcp\"\npersistence = \"source-ip\"\n"
+            );
+            for i in 1..=servers {
+                text += &format!(
+                    "\n[[service.real_server]]\nlabel = \"Wowza Srv {i}\"\nip = \"{}\"\n",
+                    self.fact(&format!("RS{i}_IP"))
+                );
+            }
+        }
+        text
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/lab"))
+            .args(["down", &self.name])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// A running lbd inside the lab's balancer namespace; stopped on drop.
+pub struct Lbd {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Lbd {
+    pub fn start(lab: &Lab, config: &str) -> Lbd {
+        let dir = PathBuf::from(lab.fact("STATE_DIR"));
+        let config_path = dir.join("lbd.toml");
+        fs::write(&config_path, config).expect("write lbd config");
+        let log = dir.join(format!("lbd-{}.log", unique_name()));
+        let log_file = fs::File::create(&log).expect("create lbd log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", lab.fact("NS_LB"), LBD, "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("start lbd");
+        let mut lbd = Lbd {
+            child: Some(child),
+            log,
+        };
+        lbd.wait_for_log("lbd running", Duration::from_secs(20));
+        lbd
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_for_log(&mut self, needle: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!(
+                    "lbd exited ({status}) before `{needle}`:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "lbd did not log `{needle}` in {limit:?}:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Sends `signal` (TERM, INT), then returns the exit status and the log.
+    pub fn stop_with(mut self, signal: &str) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for lbd") {
+                return (status, self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "lbd did not stop within 10 s of SIGTERM:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn stop(self) -> (std::process::ExitStatus, String) {
+        self.stop_with("TERM")
+    }
+}
+
+impl Drop for Lbd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("lbd log ({}):\n{}", self.log.display(), self.log_text());
+        }
+    }
+}
+
+impl Lab {
+    /// The control socket path the lab's configs use.
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from(format!("/tmp/lbd-lab/{}/lbd.sock", self.name))
+    }
+}
+
+/// The `lbctl` binary built beside `lbd` (scripts/test builds every binary first).
+pub fn lbctl_path() -> PathBuf {
+    let path = Path::new(LBD).with_file_name("lbctl");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (cargo build --workspace --bins; scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Runs `lbctl --socket <lab socket> ARGS...`; returns (exit code, stdout, stderr).
+pub fn lbctl(lab: &Lab, args: &[&str]) -> (i32, String, String) {
+    let output = run(Command::new(lbctl_path())
+        .arg("--socket")
+        .arg(lab.socket())
+        .args(args));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Runs lbctl and insists on success, returning stdout.
+pub fn lbctl_ok(lab: &Lab, args: &[&str]) -> String {
+    let (code, stdout, stderr) = lbctl(lab, args);
+    assert_eq!(code, 0, "lbctl {args:?} failed: {stderr}{stdout}");
+    stdout
+}
