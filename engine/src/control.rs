@@ -358,26 +358,7 @@ impl Control {
 
     /// Sends `snapshot` to every worker and waits until each uses it.
     fn publish(&self, snapshot: Arc<Snapshot>) {
-        let generation = snapshot.generation;
-        for worker in &self.workers {
-            let _ = worker
-                .commands
-                .send(WorkerCommand::Snapshot(Arc::clone(&snapshot)));
-        }
-        let deadline = Instant::now() + APPLY_TIMEOUT;
-        for worker in &self.workers {
-            while worker.applied.load(Ordering::Acquire) < generation {
-                if Instant::now() >= deadline {
-                    tracing::warn!(
-                        queue = worker.queue,
-                        generation,
-                        "worker has not taken the new configuration yet"
-                    );
-                    break;
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
+        publish(&self.workers, snapshot, APPLY_TIMEOUT);
     }
 
     fn build(
@@ -598,6 +579,35 @@ impl Control {
             services,
         }
     }
+}
+
+/// Sends `snapshot` to every worker and waits (at most `timeout`) until each reports using
+/// it. Returns false if one did not in time.
+pub fn publish(workers: &[WorkerLink], snapshot: Arc<Snapshot>, timeout: Duration) -> bool {
+    let generation = snapshot.generation;
+    for worker in workers {
+        let _ = worker
+            .commands
+            .send(WorkerCommand::Snapshot(Arc::clone(&snapshot)));
+    }
+    let deadline = Instant::now() + timeout;
+    let mut all = true;
+    for worker in workers {
+        while worker.applied.load(Ordering::Acquire) < generation {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    queue = worker.queue,
+                    generation,
+                    "worker has not taken the new configuration yet"
+                );
+                all = false;
+                break;
+            }
+            std::hint::spin_loop();
+            std::thread::yield_now();
+        }
+    }
+    all
 }
 
 fn service_index(config: &Config, label: &str) -> Result<usize, String> {
