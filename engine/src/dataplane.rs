@@ -306,19 +306,36 @@ impl Dataplane {
             ))
         };
         let known = flow.and_then(|(key, flags)| {
-            let entry = flows.get(&key, now_ms)?;
+            let entry = flows.get_mut(&key, now_ms)?;
             // A new SYN on a closing tuple is a new connection (port reuse): choose again.
-            let reused = entry.state != FlowState::Established
-                && entry.state != FlowState::SynSent
+            let reused = matches!(entry.state, FlowState::Closing | FlowState::Reset)
                 && flags.is_some_and(|f| f & tcp_flags::SYN != 0 && f & tcp_flags::ACK == 0);
             if reused {
                 return None;
             }
-            usable(
+            let backend = usable(
                 service,
                 entry.real_server,
                 RealServerEntry::takes_known_clients,
-            )
+            )?;
+            // Updated in place: one table lookup per packet of a known connection.
+            let (state, timeout) = entry.state.next(flags);
+            entry.state = state;
+            entry.expires_ms = now_ms + timeout;
+            if service.persistence == Persistence::SourceIp
+                && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
+            {
+                entry.persisted_until_ms = now_ms + service.persistence_timeout_ms;
+                persistence.insert(
+                    (key.src, service.key),
+                    PersistEntry {
+                        real_server: entry.real_server,
+                        expires_ms: entry.persisted_until_ms,
+                    },
+                    now_ms,
+                );
+            }
+            Some(backend)
         });
 
         let backend = match known {
@@ -343,7 +360,9 @@ impl Dataplane {
         let Some(mac) = real_server.mac else {
             return Verdict::Drop(DropReason::NoRealServer);
         };
-        if let Some((key, flags)) = flow {
+        if known.is_none()
+            && let Some((key, flags)) = flow
+        {
             let (state, timeout) = FlowState::after(flags);
             flows.insert(
                 key,
@@ -351,6 +370,8 @@ impl Dataplane {
                     real_server: u32::from(real_server.ip),
                     state,
                     expires_ms: now_ms + timeout,
+                    // `choose` has just written the persistence entry.
+                    persisted_until_ms: now_ms + service.persistence_timeout_ms,
                 },
                 now_ms,
             );

@@ -56,6 +56,10 @@ pub struct FlowEntry {
     pub state: FlowState,
     /// When the entry expires unless traffic renews it.
     pub expires_ms: u64,
+    /// Until when the client's persistence entry is known to last; the connection renews it
+    /// (IPVS keeps a persistence template alive while its connections live) once it is half
+    /// spent, so a long stream costs one persistence write per half timeout, not per packet.
+    pub persisted_until_ms: u64,
 }
 
 /// Connection states, IPVS-style, from the client-to-server direction alone.
@@ -87,6 +91,21 @@ impl FlowState {
             (FlowState::SynSent, SYN_TIMEOUT_MS)
         } else {
             (FlowState::Established, ESTABLISHED_TIMEOUT_MS)
+        }
+    }
+
+    /// The state after a packet with `flags` on a connection in this state: a closing or
+    /// reset connection stays so until it expires (its last ACKs do not revive it).
+    pub fn next(self, flags: Option<u8>) -> (FlowState, u64) {
+        let (next, timeout) = FlowState::after(flags);
+        match (self, next) {
+            (FlowState::Closing, FlowState::Established | FlowState::SynSent) => {
+                (FlowState::Closing, FIN_TIMEOUT_MS)
+            }
+            (FlowState::Reset, FlowState::Established | FlowState::SynSent) => {
+                (FlowState::Reset, RST_TIMEOUT_MS)
+            }
+            _ => (next, timeout),
         }
     }
 
@@ -153,6 +172,14 @@ impl<K: std::hash::Hash + Eq + Copy, V: Expires + Copy> ExpiringTable<K, V> {
         self.entries
             .get(key)
             .copied()
+            .filter(|v| v.expires_ms() > now_ms)
+    }
+
+    /// The live entry for `key`, to update in place.
+    #[inline]
+    pub fn get_mut(&mut self, key: &K, now_ms: u64) -> Option<&mut V> {
+        self.entries
+            .get_mut(key)
             .filter(|v| v.expires_ms() > now_ms)
     }
 
@@ -223,6 +250,7 @@ mod tests {
             real_server: 11,
             state: FlowState::Established,
             expires_ms,
+            persisted_until_ms: 0,
         }
     }
 
@@ -247,6 +275,19 @@ mod tests {
             (FlowState::Reset, 10_000)
         );
         assert_eq!(FlowState::after(None), (FlowState::Datagram, 300_000));
+        assert_eq!(
+            FlowState::Closing.next(Some(ACK)),
+            (FlowState::Closing, 120_000)
+        );
+        assert_eq!(FlowState::Reset.next(Some(ACK)), (FlowState::Reset, 10_000));
+        assert_eq!(
+            FlowState::SynSent.next(Some(ACK)),
+            (FlowState::Established, 900_000)
+        );
+        assert_eq!(
+            FlowState::Established.next(Some(FIN | ACK)),
+            (FlowState::Closing, 120_000)
+        );
         assert!(FlowState::Established.is_active());
         assert!(!FlowState::Closing.is_active());
     }

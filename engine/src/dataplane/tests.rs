@@ -712,3 +712,25 @@ mac = "02:00:00:00:00:12"
         );
     }
 }
+
+#[test]
+fn a_long_connection_keeps_its_client_persisted() {
+    let text = CONFIG.replace(
+        "ports = \"1935\"\nprotocol = \"tcp\"",
+        "ports = \"1935\"\nprotocol = \"tcp\"\npersistence_timeout_s = 10",
+    );
+    let config = Config::from_toml_str(&text).expect("valid");
+    let mut dp = dataplane_for(&config);
+    let mut syn = tcp_frame(CLIENT, VIP, 40000, 1935);
+    assert_eq!(dp.process(&mut syn, 0), Verdict::Transmit);
+    // The stream goes on for a minute, far past the 10 s persistence timeout...
+    for second in 1..=60u64 {
+        let mut segment = tcp_frame(CLIENT, VIP, 40000, 1935);
+        segment[47] = 0x10; // ACK
+        assert_eq!(dp.process(&mut segment, second * 1000), Verdict::Transmit);
+    }
+    // ...and the client's persistence entry lived on with it.
+    let key = (u32::from_be_bytes(CLIENT), dp.snapshot().services[0].key);
+    assert!(dp.persistence().get(&key, 60_000).is_some());
+    assert!(dp.persistence().get(&key, 75_000).is_none());
+}
