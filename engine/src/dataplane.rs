@@ -19,7 +19,7 @@ use crate::counters::{Counters, DropReason};
 use crate::flows::{
     FlowEntry, FlowKey, FlowState, FlowTable, PersistEntry, PersistenceTable, tcp_flags,
 };
-use crate::snapshot::{FragmentRoute, RealServerEntry, ServiceEntry, Snapshot};
+use crate::snapshot::{FragmentRoute, RealServerEntry, ServiceEntry, Snapshot, service_key};
 use etherparse::{ArpPacketSlice, EtherType, Ethernet2HeaderSlice, Ipv4HeaderSlice};
 use lbd_config::Persistence;
 use std::sync::Arc;
@@ -270,7 +270,7 @@ impl Dataplane {
             }
             let port = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
             // One lookup on the forwarding path; the VIP set only tells the drops apart.
-            match snapshot.by_port.get(&(dst, protocol, port)) {
+            match snapshot.by_port.get(&service_key(dst, protocol, port)) {
                 Some(&index) => index,
                 None => return Verdict::Drop(not_served(snapshot, dst)),
             }
@@ -313,11 +313,20 @@ impl Dataplane {
             if reused {
                 return None;
             }
-            let backend = usable(
-                service,
-                entry.real_server,
-                RealServerEntry::takes_known_clients,
-            )?;
+            // The index is cached with the generation it was found in; a new snapshot means one
+            // lookup by address to find the server again (or learn that it is gone).
+            let backend = if entry.generation == snapshot.generation {
+                entry.index
+            } else {
+                let index = usable(
+                    service,
+                    entry.real_server,
+                    RealServerEntry::takes_known_clients,
+                )?;
+                entry.generation = snapshot.generation;
+                entry.index = index;
+                index
+            };
             // Updated in place: one table lookup per packet of a known connection.
             let (state, timeout) = entry.state.next(flags);
             entry.state = state;
@@ -368,6 +377,8 @@ impl Dataplane {
                 key,
                 FlowEntry {
                     real_server: u32::from(real_server.ip),
+                    generation: snapshot.generation,
+                    index: backend,
                     state,
                     expires_ms: now_ms + timeout,
                     // `choose` has just written the persistence entry.

@@ -35,7 +35,7 @@ const UDP_TIMEOUT_MS: u64 = 300_000;
 const SWEEP_INTERVAL_MS: u64 = 1_000;
 
 /// A connection as the balancer sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     /// Client address.
     pub src: u32,
@@ -47,11 +47,28 @@ pub struct FlowKey {
     pub protocol: u8,
 }
 
+impl std::hash::Hash for FlowKey {
+    /// One 128-bit word: a single hash round instead of one per field.
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(
+            u128::from(self.src) << 96
+                | u128::from(self.dst) << 64
+                | u128::from(self.ports) << 32
+                | u128::from(self.protocol),
+        );
+    }
+}
+
 /// Where a connection goes and how it stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowEntry {
-    /// The real server's address (a snapshot change keeps it; indices would not survive).
+    /// The real server's address: what identifies it across snapshots.
     pub real_server: u32,
+    /// Snapshot generation in which `index` was valid.
+    pub generation: u64,
+    /// The real server's index in that snapshot's service.
+    pub index: u16,
     /// Connection state from the flags seen.
     pub state: FlowState,
     /// When the entry expires unless traffic renews it.
@@ -248,6 +265,8 @@ mod tests {
     fn entry(expires_ms: u64) -> FlowEntry {
         FlowEntry {
             real_server: 11,
+            generation: 1,
+            index: 0,
             state: FlowState::Established,
             expires_ms,
             persisted_until_ms: 0,

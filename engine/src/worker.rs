@@ -12,7 +12,7 @@
 
 use crate::counters::{Counters, DropReason};
 use crate::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, service_key};
 use crossbeam::channel::{Receiver, Sender};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -211,7 +211,10 @@ impl<R: Rings> Worker<R> {
                 continue;
             }
             let port = key.ports as u16;
-            let Some(&service) = snapshot.by_port.get(&(key.dst, key.protocol, port)) else {
+            let Some(&service) = snapshot
+                .by_port
+                .get(&service_key(key.dst, key.protocol, port))
+            else {
                 continue;
             };
             let service = usize::from(service);
