@@ -1,36 +1,155 @@
-//! `lbctl`: the operator's command-line client for `lbd`. It will speak the `lbd-proto` JSON
-//! protocol over the daemon's unix socket; until the control socket lands it only documents
-//! itself, and every command says it is not available yet.
+//! `lbctl`: the operator's command-line client for `lbd`. It sends one request over the
+//! daemon's unix socket (the `lbd-proto` JSON lines) and prints the reply: tables for people,
+//! `--json` for scripts. Exit status: 0 done, 1 refused or unreachable, 2 usage.
+
+mod cli;
+mod render;
 
 use clap::Parser;
+use lbd_proto::{Command, Outcome, Reply, Request, VERSION, decode_response, encode_line};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
 
-/// Control a running lbd over its unix socket.
-#[derive(Debug, Parser)]
-#[command(name = "lbctl", version, about)]
-struct Cli {
-    /// Path of lbd's control socket.
-    #[arg(long, default_value = "/run/lbd/lbd.sock")]
-    socket: std::path::PathBuf,
-    /// The command to send (status, stats, add-vip, ...).
-    command: Option<String>,
+/// How long lbctl waits for lbd (a change waits for every worker; that is quick).
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends one command and returns lbd's reply, or the one-line reason it failed.
+fn exchange(socket: &Path, command: Command) -> Result<Reply, String> {
+    let unreachable = |e: std::io::Error| {
+        format!(
+            "cannot connect to lbd at {}: {e} (is lbd running? is --socket right?)",
+            socket.display()
+        )
+    };
+    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    let io = |e: std::io::Error| format!("talking to lbd at {}: {e}", socket.display());
+    stream.set_read_timeout(Some(TIMEOUT)).map_err(io)?;
+    stream.set_write_timeout(Some(TIMEOUT)).map_err(io)?;
+    let request = Request {
+        version: VERSION,
+        command,
+    };
+    stream
+        .write_all(encode_line(&request).as_bytes())
+        .map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(io)?;
+    if line.is_empty() {
+        return Err(format!("lbd at {} closed the connection", socket.display()));
+    }
+    match decode_response(&line)?.outcome {
+        Outcome::Ok(reply) => Ok(reply),
+        Outcome::Error(message) => Err(message),
+    }
 }
 
-fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        None => {
-            use clap::CommandFactory;
-            // Printing usage to stdout cannot meaningfully fail; ignore a closed pipe.
-            let _ = Cli::command().print_help();
-            std::process::ExitCode::SUCCESS
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let command = match cli.command.into_command() {
+        Ok(command) => command,
+        Err(usage) => {
+            eprintln!("lbctl: {usage}");
+            return ExitCode::from(2);
         }
-        Some(command) => {
-            eprintln!(
-                "lbctl: `{command}` is not available yet: lbd {} has no control socket (socket {})",
-                env!("CARGO_PKG_VERSION"),
-                cli.socket.display()
-            );
-            std::process::ExitCode::from(2)
+    };
+    match exchange(&cli.socket, command) {
+        Ok(reply) => {
+            let text = if cli.json {
+                serde_json::to_string_pretty(&reply).map(|mut s| {
+                    s.push('\n');
+                    s
+                })
+            } else {
+                Ok(render::human(&reply))
+            };
+            match text {
+                Ok(text) => {
+                    // A closed stdout (lbctl status | head) is not an error worth reporting.
+                    let _ = std::io::stdout().write_all(text.as_bytes());
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("lbctl: cannot print the reply: {error}");
+                    ExitCode::FAILURE
+                }
+            }
         }
+        Err(message) => {
+            eprintln!("lbctl: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lbd_proto::Response;
+    use std::os::unix::net::UnixListener;
+
+    /// A one-shot fake lbd that answers any request with `response`.
+    fn fake_lbd(response: Response) -> (std::path::PathBuf, std::thread::JoinHandle<String>) {
+        let dir = std::env::temp_dir().join(format!(
+            "lbctl-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("lbd.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let thread = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut request = String::new();
+            BufReader::new(&stream)
+                .read_line(&mut request)
+                .expect("read");
+            (&stream)
+                .write_all(encode_line(&response).as_bytes())
+                .expect("write");
+            request
+        });
+        (path, thread)
+    }
+
+    #[test]
+    fn a_reply_comes_back_and_the_request_is_one_versioned_line() {
+        let (path, lbd) = fake_lbd(Response::ok(Reply::Done {
+            message: "ok".into(),
+        }));
+        let reply = exchange(&path, Command::Status).expect("reply");
+        assert_eq!(
+            reply,
+            Reply::Done {
+                message: "ok".into()
+            }
+        );
+        let request = lbd.join().expect("fake lbd");
+        assert_eq!(
+            request,
+            "{\"version\":1,\"command\":{\"name\":\"status\"}}\n"
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_the_error() {
+        let (path, lbd) = fake_lbd(Response::error("no service named \"x\""));
+        let error = exchange(&path, Command::Reload).expect_err("refused");
+        assert_eq!(error, "no service named \"x\"");
+        lbd.join().expect("fake lbd");
+    }
+
+    #[test]
+    fn no_daemon_says_how_to_find_one() {
+        let error = exchange(Path::new("/nonexistent/lbd.sock"), Command::Status)
+            .expect_err("nothing there");
+        assert!(
+            error.contains("cannot connect to lbd at /nonexistent/lbd.sock"),
+            "{error}"
+        );
+        assert!(error.contains("is lbd running?"));
     }
 }

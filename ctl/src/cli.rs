@@ -1,0 +1,529 @@
+//! `lbctl`'s command line: clap definitions and their translation into protocol commands.
+//! Values are parsed with the config crate's own parsers, so `lbctl` rejects what the config
+//! file would reject, with the same words, before anything reaches the daemon.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use lbd_config::{MacAddr, Persistence, PortSet, Protocol, RealServer, Service};
+use lbd_proto::{Command, RealServerChanges, ServiceChanges};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// Control a running lbd over its unix socket.
+#[derive(Debug, Parser)]
+#[command(name = "lbctl", version, about)]
+pub struct Cli {
+    /// lbd's control socket.
+    #[arg(
+        long,
+        env = "LBCTL_SOCKET",
+        default_value = "/run/lbd/lbd.sock",
+        global = true
+    )]
+    pub socket: PathBuf,
+    /// Print the reply as JSON (for scripts) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Verb,
+}
+
+/// `tcp` or `udp`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProtocolArg {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Protocol {
+        match p {
+            ProtocolArg::Tcp => Protocol::Tcp,
+            ProtocolArg::Udp => Protocol::Udp,
+        }
+    }
+}
+
+/// `source-ip` or `none`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PersistenceArg {
+    /// All of a client's connections go to one server.
+    SourceIp,
+    /// Each connection on its own (5-tuple hash).
+    None,
+}
+
+impl From<PersistenceArg> for Persistence {
+    fn from(p: PersistenceArg) -> Persistence {
+        match p {
+            PersistenceArg::SourceIp => Persistence::SourceIp,
+            PersistenceArg::None => Persistence::None,
+        }
+    }
+}
+
+fn parse_ports(text: &str) -> Result<PortSet, String> {
+    text.parse()
+}
+
+fn parse_mac(text: &str) -> Result<MacAddr, String> {
+    text.parse()
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Verb {
+    /// Services and real servers with state and connection counts.
+    Status,
+    /// Packets, bytes and drops per service, real server and worker.
+    Stats,
+    /// Add a virtual service.
+    AddVip {
+        /// The service's label.
+        label: String,
+        /// Its virtual IP.
+        #[arg(long)]
+        vip: Ipv4Addr,
+        /// Ports: 1935, "1935,8088" or "9000-9010".
+        #[arg(long, value_parser = parse_ports)]
+        ports: PortSet,
+        /// tcp or udp.
+        #[arg(long, value_enum, default_value = "tcp")]
+        protocol: ProtocolArg,
+        /// source-ip (a client stays on one server) or none (per connection).
+        #[arg(long, value_enum, default_value = "source-ip")]
+        persistence: PersistenceArg,
+        /// Seconds a client stays on its server after its last packet.
+        #[arg(long, default_value_t = 300)]
+        persistence_timeout: u32,
+        /// Maglev table size (a prime).
+        #[arg(long, default_value_t = 65537)]
+        table_size: u32,
+    },
+    /// Change settings of a virtual service.
+    EditVip {
+        /// The service's label.
+        label: String,
+        /// What to change.
+        #[command(flatten)]
+        changes: VipChanges,
+    },
+    /// Remove a virtual service.
+    DelVip {
+        /// The service's label.
+        label: String,
+    },
+    /// Add a real server to a service.
+    AddRip {
+        /// The service's label.
+        service: String,
+        /// The real server's label.
+        label: String,
+        /// Its own IP address.
+        #[arg(long)]
+        ip: Ipv4Addr,
+        /// Relative share of new clients (0 drains).
+        #[arg(long, default_value_t = 100)]
+        weight: u16,
+        /// Lower connection threshold.
+        #[arg(long, default_value_t = 0)]
+        min_conns: u32,
+        /// Upper connection threshold (0: unlimited).
+        #[arg(long, default_value_t = 0)]
+        max_conns: u32,
+        /// Pinned MAC (otherwise learned from the neighbour table).
+        #[arg(long, value_parser = parse_mac)]
+        mac: Option<MacAddr>,
+    },
+    /// Change settings of a real server.
+    EditRip {
+        /// The service's label.
+        service: String,
+        /// The real server's label.
+        label: String,
+        /// What to change.
+        #[command(flatten)]
+        changes: RipChanges,
+    },
+    /// Remove a real server from a service.
+    DelRip {
+        /// The service's label.
+        service: String,
+        /// The real server's label.
+        label: String,
+    },
+    /// Set a real server's weight (0 drains).
+    SetWeight {
+        /// The service's label.
+        service: String,
+        /// The real server's label.
+        label: String,
+        /// The new weight, 0..65535.
+        weight: u16,
+    },
+    /// No new clients; established connections and persisted clients continue.
+    Drain {
+        /// The service's label.
+        service: String,
+        /// The real server's label.
+        label: String,
+    },
+    /// Take a real server offline now: no traffic at all.
+    Halt {
+        /// The service's label.
+        service: String,
+        /// The real server's label.
+        label: String,
+    },
+    /// Bring a real server back from drain or halt.
+    Online {
+        /// The service's label.
+        service: String,
+        /// The real server's label.
+        label: String,
+    },
+    /// Show or save the running configuration.
+    Config {
+        /// show or save.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Re-read the configuration file and apply the difference live.
+    Reload,
+}
+
+/// `config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Print the running configuration as TOML.
+    Show,
+    /// Write it (atomically) to PATH, or to the file lbd was started with.
+    Save {
+        /// Where to write.
+        path: Option<String>,
+    },
+}
+
+/// `edit-vip` options.
+#[derive(Debug, Args)]
+pub struct VipChanges {
+    /// New label.
+    #[arg(long = "label")]
+    new_label: Option<String>,
+    /// New virtual IP.
+    #[arg(long)]
+    vip: Option<Ipv4Addr>,
+    /// New ports.
+    #[arg(long, value_parser = parse_ports)]
+    ports: Option<PortSet>,
+    /// New protocol.
+    #[arg(long, value_enum)]
+    protocol: Option<ProtocolArg>,
+    /// New persistence.
+    #[arg(long, value_enum)]
+    persistence: Option<PersistenceArg>,
+    /// New persistence timeout in seconds.
+    #[arg(long)]
+    persistence_timeout: Option<u32>,
+    /// New Maglev table size.
+    #[arg(long)]
+    table_size: Option<u32>,
+}
+
+/// `edit-rip` options.
+#[derive(Debug, Args)]
+pub struct RipChanges {
+    /// New label.
+    #[arg(long = "label")]
+    new_label: Option<String>,
+    /// New IP address.
+    #[arg(long)]
+    ip: Option<Ipv4Addr>,
+    /// New weight.
+    #[arg(long)]
+    weight: Option<u16>,
+    /// New lower connection threshold.
+    #[arg(long)]
+    min_conns: Option<u32>,
+    /// New upper connection threshold.
+    #[arg(long)]
+    max_conns: Option<u32>,
+    /// New pinned MAC.
+    #[arg(long, value_parser = parse_mac)]
+    mac: Option<MacAddr>,
+}
+
+impl Verb {
+    /// The protocol command, or a usage error (an edit with nothing to change).
+    pub fn into_command(self) -> Result<Command, String> {
+        Ok(match self {
+            Verb::Status => Command::Status,
+            Verb::Stats => Command::Stats,
+            Verb::AddVip {
+                label,
+                vip,
+                ports,
+                protocol,
+                persistence,
+                persistence_timeout,
+                table_size,
+            } => Command::AddVip {
+                service: Service {
+                    label,
+                    vip,
+                    ports,
+                    protocol: protocol.into(),
+                    persistence: persistence.into(),
+                    persistence_timeout_s: persistence_timeout,
+                    table_size,
+                    real_servers: Vec::new(),
+                },
+            },
+            Verb::EditVip { label, changes } => {
+                let changes = ServiceChanges {
+                    label: changes.new_label,
+                    vip: changes.vip,
+                    ports: changes.ports,
+                    protocol: changes.protocol.map(Into::into),
+                    persistence: changes.persistence.map(Into::into),
+                    persistence_timeout_s: changes.persistence_timeout,
+                    table_size: changes.table_size,
+                };
+                if changes == ServiceChanges::default() {
+                    return Err(
+                        "edit-vip needs at least one change (see lbctl edit-vip --help)".into(),
+                    );
+                }
+                Command::EditVip { label, changes }
+            }
+            Verb::DelVip { label } => Command::DelVip { label },
+            Verb::AddRip {
+                service,
+                label,
+                ip,
+                weight,
+                min_conns,
+                max_conns,
+                mac,
+            } => Command::AddRip {
+                service,
+                real_server: RealServer {
+                    label,
+                    ip,
+                    weight,
+                    min_connections: min_conns,
+                    max_connections: max_conns,
+                    mac,
+                },
+            },
+            Verb::EditRip {
+                service,
+                label,
+                changes,
+            } => {
+                let changes = RealServerChanges {
+                    label: changes.new_label,
+                    ip: changes.ip,
+                    weight: changes.weight,
+                    min_connections: changes.min_conns,
+                    max_connections: changes.max_conns,
+                    mac: changes.mac,
+                };
+                if changes == RealServerChanges::default() {
+                    return Err(
+                        "edit-rip needs at least one change (see lbctl edit-rip --help)".into(),
+                    );
+                }
+                Command::EditRip {
+                    service,
+                    label,
+                    changes,
+                }
+            }
+            Verb::DelRip { service, label } => Command::DelRip { service, label },
+            Verb::SetWeight {
+                service,
+                label,
+                weight,
+            } => Command::SetWeight {
+                service,
+                label,
+                weight,
+            },
+            Verb::Drain { service, label } => Command::Drain { service, label },
+            Verb::Halt { service, label } => Command::Halt { service, label },
+            Verb::Online { service, label } => Command::Online { service, label },
+            Verb::Config {
+                action: ConfigAction::Show,
+            } => Command::ConfigShow,
+            Verb::Config {
+                action: ConfigAction::Save { path },
+            } => Command::ConfigSave { path },
+            Verb::Reload => Command::Reload,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(args: &[&str]) -> Result<Command, String> {
+        let mut all = vec!["lbctl"];
+        all.extend_from_slice(args);
+        let cli = Cli::try_parse_from(all).map_err(|e| e.to_string())?;
+        cli.command.into_command()
+    }
+
+    #[test]
+    fn every_subcommand_becomes_its_protocol_command() {
+        assert_eq!(command(&["status"]), Ok(Command::Status));
+        assert_eq!(command(&["--json", "stats"]), Ok(Command::Stats));
+        let Ok(Command::AddVip { service }) = command(&[
+            "add-vip",
+            "Wowza Streaming",
+            "--vip",
+            "198.18.0.100",
+            "--ports",
+            "1935,8088",
+            "--protocol",
+            "udp",
+            "--persistence",
+            "none",
+            "--persistence-timeout",
+            "60",
+        ]) else {
+            panic!("add-vip")
+        };
+        assert_eq!(service.ports.to_string(), "1935,8088");
+        assert_eq!(service.protocol, Protocol::Udp);
+        assert_eq!(service.persistence, Persistence::None);
+        assert_eq!(service.persistence_timeout_s, 60);
+        assert_eq!(service.table_size, 65537);
+        let Ok(Command::AddRip {
+            service,
+            real_server,
+        }) = command(&[
+            "add-rip",
+            "GUI",
+            "Srv 1",
+            "--ip",
+            "198.18.0.11",
+            "--mac",
+            "02:00:00:00:00:11",
+        ])
+        else {
+            panic!("add-rip")
+        };
+        assert_eq!((service.as_str(), real_server.weight), ("GUI", 100));
+        assert_eq!(real_server.mac, Some(MacAddr([2, 0, 0, 0, 0, 0x11])));
+        assert!(matches!(
+            command(&["edit-vip", "GUI", "--ports", "80"]),
+            Ok(Command::EditVip { changes, .. }) if changes.ports.is_some()
+        ));
+        assert!(matches!(
+            command(&["edit-rip", "GUI", "a", "--weight", "5", "--label", "b"]),
+            Ok(Command::EditRip { changes, .. }) if changes.weight == Some(5) && changes.label.as_deref() == Some("b")
+        ));
+        assert_eq!(
+            command(&["set-weight", "GUI", "a", "0"]),
+            Ok(Command::SetWeight {
+                service: "GUI".into(),
+                label: "a".into(),
+                weight: 0
+            })
+        );
+        for (verb, expected) in [
+            (
+                "drain",
+                Command::Drain {
+                    service: "S".into(),
+                    label: "L".into(),
+                },
+            ),
+            (
+                "halt",
+                Command::Halt {
+                    service: "S".into(),
+                    label: "L".into(),
+                },
+            ),
+            (
+                "online",
+                Command::Online {
+                    service: "S".into(),
+                    label: "L".into(),
+                },
+            ),
+            (
+                "del-rip",
+                Command::DelRip {
+                    service: "S".into(),
+                    label: "L".into(),
+                },
+            ),
+        ] {
+            assert_eq!(command(&[verb, "S", "L"]), Ok(expected));
+        }
+        assert_eq!(
+            command(&["del-vip", "S"]),
+            Ok(Command::DelVip { label: "S".into() })
+        );
+        assert_eq!(command(&["config", "show"]), Ok(Command::ConfigShow));
+        assert_eq!(
+            command(&["config", "save"]),
+            Ok(Command::ConfigSave { path: None })
+        );
+        assert_eq!(
+            command(&["config", "save", "/tmp/x.toml"]),
+            Ok(Command::ConfigSave {
+                path: Some("/tmp/x.toml".into())
+            })
+        );
+        assert_eq!(command(&["reload"]), Ok(Command::Reload));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_with_the_reason() {
+        for (args, expected) in [
+            (&["add-rip", "S", "L", "--ip", "198.18.0"][..], "198.18.0"),
+            (
+                &[
+                    "add-vip",
+                    "S",
+                    "--vip",
+                    "198.18.0.1",
+                    "--ports",
+                    "9010-9000",
+                ],
+                "start is above end",
+            ),
+            (
+                &[
+                    "add-vip",
+                    "S",
+                    "--vip",
+                    "198.18.0.1",
+                    "--ports",
+                    "80",
+                    "--protocol",
+                    "sctp",
+                ],
+                "sctp",
+            ),
+            (&["set-weight", "S", "L", "70000"], "70000"),
+            (
+                &["add-rip", "S", "L", "--ip", "198.18.0.1", "--mac", "zz"],
+                "invalid MAC",
+            ),
+            (&["edit-vip", "S"], "at least one change"),
+            (&["edit-rip", "S", "L"], "at least one change"),
+            (&["explode"], "explode"),
+        ] {
+            let error = command(args).expect_err("must be refused");
+            assert!(error.contains(expected), "{args:?}: {error}");
+        }
+    }
+}

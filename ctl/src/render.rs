@@ -1,0 +1,238 @@
+//! Human output of `lbctl`: aligned tables for `status` and `stats`, plain text otherwise.
+
+use lbd_proto::{Reply, StatsReport, StatusReport, WorkerStats};
+use std::fmt::Write;
+
+/// Rows of cells printed as left-aligned columns separated by two spaces.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `lbctl status`: the system overview.
+pub fn status(report: &StatusReport) -> String {
+    let mut rows = vec![vec![
+        "LABEL".to_owned(),
+        "VIP / IP".to_owned(),
+        "PORTS / WEIGHT".to_owned(),
+        "PROTOCOL".to_owned(),
+        "METHOD".to_owned(),
+        "MODE".to_owned(),
+        "CONNS".to_owned(),
+        "STATE".to_owned(),
+        "MAC".to_owned(),
+    ]];
+    for service in &report.services {
+        rows.push(vec![
+            service.label.clone(),
+            service.vip.to_string(),
+            service.ports.clone(),
+            service.protocol.clone(),
+            service.method.clone(),
+            service.mode.clone(),
+            service.conns.to_string(),
+        ]);
+        for rs in &service.real_servers {
+            rows.push(vec![
+                format!("  {}", rs.label),
+                rs.ip.to_string(),
+                rs.weight.to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+                rs.conns.to_string(),
+                rs.state.clone(),
+                rs.mac.clone().unwrap_or_else(|| "-".to_owned()),
+            ]);
+        }
+    }
+    let mut out = format!("generation {}\n", report.generation);
+    if report.services.is_empty() {
+        out.push_str("no services\n");
+    } else {
+        out.push_str(&table(&rows));
+    }
+    out
+}
+
+fn worker_lines(name: &str, w: &WorkerStats, out: &mut String) {
+    let drops = if w.drops.is_empty() {
+        "none".to_owned()
+    } else {
+        w.drops
+            .iter()
+            .map(|(reason, count)| format!("{reason}={count}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let _ = writeln!(
+        out,
+        "{name}: rx {} forwarded {} ({} bytes) arp-replies {} icmp-replies {} gratuitous-arps {} flows {} persistent-clients {}\n  drops: {drops}",
+        w.rx_frames,
+        w.forwarded_packets,
+        w.forwarded_bytes,
+        w.arp_replies,
+        w.icmp_echo_replies,
+        w.gratuitous_arps,
+        w.flows,
+        w.persistent_clients
+    );
+}
+
+/// `lbctl stats`: per worker, then traffic per service and real server.
+pub fn stats(report: &StatsReport) -> String {
+    let mut out = String::new();
+    for w in &report.workers {
+        let name = match w.queue {
+            Some(queue) => format!("worker (queue {queue})"),
+            None => "worker".to_owned(),
+        };
+        worker_lines(&name, w, &mut out);
+    }
+    worker_lines("total", &report.total, &mut out);
+    let mut rows = vec![vec![
+        "SERVICE / REAL SERVER".to_owned(),
+        "PACKETS".to_owned(),
+        "BYTES".to_owned(),
+    ]];
+    for service in &report.total.services {
+        rows.push(vec![
+            service.label.clone(),
+            service.packets.to_string(),
+            service.bytes.to_string(),
+        ]);
+        for rs in &service.real_servers {
+            rows.push(vec![
+                format!("  {}", rs.label),
+                rs.packets.to_string(),
+                rs.bytes.to_string(),
+            ]);
+        }
+    }
+    out.push('\n');
+    out.push_str(&table(&rows));
+    out
+}
+
+/// Any reply, for people.
+pub fn human(reply: &Reply) -> String {
+    match reply {
+        Reply::Status(report) => status(report),
+        Reply::Stats(report) => stats(report),
+        Reply::Config { toml } => toml.clone(),
+        Reply::Done { message } => format!("{message}\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lbd_proto::{RealServerStats, RealServerStatus, ServiceStats, ServiceStatus};
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn status_is_an_aligned_overview() {
+        let report = StatusReport {
+            generation: 7,
+            services: vec![ServiceStatus {
+                label: "Wowza Streaming".into(),
+                vip: Ipv4Addr::new(198, 18, 0, 100),
+                ports: "1935".into(),
+                protocol: "tcp".into(),
+                method: "Layer 4".into(),
+                mode: "DR".into(),
+                conns: 12,
+                real_servers: vec![
+                    RealServerStatus {
+                        label: "Wowza Srv 1".into(),
+                        ip: Ipv4Addr::new(198, 18, 0, 11),
+                        weight: 100,
+                        conns: 12,
+                        state: "up".into(),
+                        mac: Some("02:00:00:00:00:11".into()),
+                    },
+                    RealServerStatus {
+                        label: "Wowza Srv 2".into(),
+                        ip: Ipv4Addr::new(198, 18, 0, 12),
+                        weight: 0,
+                        conns: 0,
+                        state: "unresolved".into(),
+                        mac: None,
+                    },
+                ],
+            }],
+        };
+        let text = status(&report);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "generation 7");
+        assert!(lines[1].starts_with("LABEL"));
+        assert!(lines[2].starts_with("Wowza Streaming  198.18.0.100"));
+        assert!(
+            lines[2].contains("Layer 4") && lines[2].contains("DR") && lines[2].ends_with("12")
+        );
+        assert!(lines[3].starts_with("  Wowza Srv 1"));
+        assert!(lines[3].contains("  up  ") && lines[3].ends_with("02:00:00:00:00:11"));
+        assert!(lines[4].contains("unresolved"));
+        // Columns line up: the IP column starts at the same place on every row.
+        let column = lines[2].find("198.18.0.100").expect("vip");
+        assert_eq!(lines[3].find("198.18.0.11"), Some(column));
+        assert_eq!(lines[1].find("VIP / IP"), Some(column));
+    }
+
+    #[test]
+    fn stats_lists_workers_drops_and_traffic() {
+        let mut total = WorkerStats {
+            rx_frames: 10,
+            forwarded_packets: 8,
+            forwarded_bytes: 800,
+            ..WorkerStats::default()
+        };
+        total.drops.insert("not_vip".into(), 2);
+        total.services.push(ServiceStats {
+            label: "GUI".into(),
+            packets: 8,
+            bytes: 800,
+            real_servers: vec![RealServerStats {
+                label: "a".into(),
+                packets: 8,
+                bytes: 800,
+            }],
+        });
+        let worker = WorkerStats {
+            queue: Some(0),
+            ..total.clone()
+        };
+        let text = stats(&StatsReport {
+            workers: vec![worker],
+            total,
+        });
+        assert!(text.contains("worker (queue 0): rx 10 forwarded 8 (800 bytes)"));
+        assert!(text.contains("drops: not_vip=2"));
+        assert!(text.contains("\nGUI "));
+        assert!(text.contains("  a "));
+    }
+
+    #[test]
+    fn empty_status_says_so() {
+        assert!(status(&StatusReport::default()).contains("no services"));
+    }
+}
