@@ -90,7 +90,9 @@ fn every_lbctl_command_works_against_a_running_lbd() {
     let rs2 = lab.fact("RS2_IP").to_owned();
     let gui = "Wowza GUI";
 
-    let mode = std::fs::metadata(lab.socket()).expect("socket exists").permissions();
+    let mode = std::fs::metadata(lab.socket())
+        .expect("socket exists")
+        .permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o600,

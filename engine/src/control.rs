@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 
 /// How long a change waits for every worker to use the new snapshot.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a change waits for the MAC of a real server it adds.
+const RESOLVE_WAIT: Duration = Duration::from_secs(1);
 /// How long `status`/`stats` wait for a worker's report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -381,18 +383,42 @@ impl Control {
         )
     }
 
-    /// Real servers in `config` without a pinned MAC that the table knows already.
+    /// Learns the MACs of `config`'s real servers that lbd does not know yet, asking the
+    /// kernel to resolve them and waiting up to [`RESOLVE_WAIT`] so that a server added by
+    /// `lbctl` takes traffic as soon as the command returns. One that stays silent is added
+    /// unresolved; the neighbour refresh keeps asking.
     fn learn_new_servers(&mut self, config: &Config) {
-        let Ok(table) = host::neighbours(&config.engine.interface) else {
-            return;
-        };
-        for rs in config.services.iter().flat_map(|s| &s.real_servers) {
-            if rs.mac.is_none()
-                && !self.macs.contains_key(&rs.ip)
-                && let Some(&mac) = table.get(&rs.ip)
-            {
-                self.macs.insert(rs.ip, mac);
+        let mut missing: Vec<Ipv4Addr> = config
+            .services
+            .iter()
+            .flat_map(|s| &s.real_servers)
+            .filter(|rs| rs.mac.is_none() && !self.macs.contains_key(&rs.ip))
+            .map(|rs| rs.ip)
+            .collect();
+        missing.sort();
+        missing.dedup();
+        let deadline = Instant::now() + RESOLVE_WAIT;
+        let mut asked = false;
+        while !missing.is_empty() {
+            if let Ok(table) = host::neighbours(&config.engine.interface) {
+                missing.retain(|ip| match table.get(ip) {
+                    Some(&mac) => {
+                        self.macs.insert(*ip, mac);
+                        false
+                    }
+                    None => true,
+                });
             }
+            if missing.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            if !asked {
+                for &ip in &missing {
+                    let _ = host::trigger_resolution(ip);
+                }
+                asked = true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
