@@ -388,37 +388,17 @@ impl Control {
     /// `lbctl` takes traffic as soon as the command returns. One that stays silent is added
     /// unresolved; the neighbour refresh keeps asking.
     fn learn_new_servers(&mut self, config: &Config) {
-        let mut missing: Vec<Ipv4Addr> = config
+        let missing: Vec<Ipv4Addr> = config
             .services
             .iter()
             .flat_map(|s| &s.real_servers)
             .filter(|rs| rs.mac.is_none() && !self.macs.contains_key(&rs.ip))
             .map(|rs| rs.ip)
             .collect();
-        missing.sort();
-        missing.dedup();
-        let deadline = Instant::now() + RESOLVE_WAIT;
-        let mut asked = false;
-        while !missing.is_empty() {
-            if let Ok(table) = host::neighbours(&config.engine.interface) {
-                missing.retain(|ip| match table.get(ip) {
-                    Some(&mac) => {
-                        self.macs.insert(*ip, mac);
-                        false
-                    }
-                    None => true,
-                });
-            }
-            if missing.is_empty() || Instant::now() >= deadline {
-                break;
-            }
-            if !asked {
-                for &ip in &missing {
-                    let _ = host::trigger_resolution(ip);
-                }
-                asked = true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if !missing.is_empty() {
+            let never = std::sync::atomic::AtomicBool::new(false);
+            let learned = host::resolve(&config.engine.interface, &missing, RESOLVE_WAIT, &never);
+            self.macs.extend(learned);
         }
     }
 

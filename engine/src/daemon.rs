@@ -17,7 +17,6 @@ use crate::sys::{CopyMode, XskError, XskRings, XskSettings};
 use crate::worker::{Worker, WorkerCommand, WorkerSettings};
 use crossbeam::channel::unbounded;
 use lbd_config::{Config, XdpMode};
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -124,13 +123,19 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         sockets.push(rings);
     }
 
-    let mut resolver = Resolver::new(&config);
-    resolver.wait_for_all(Duration::from_millis(100), INITIAL_RESOLUTION, &stop);
+    let unpinned: Vec<Ipv4Addr> = config
+        .services
+        .iter()
+        .flat_map(|s| &s.real_servers)
+        .filter(|rs| rs.mac.is_none())
+        .map(|rs| rs.ip)
+        .collect();
+    let macs = host::resolve(interface, &unpinned, INITIAL_RESOLUTION, &stop);
     let snapshot = Arc::new(Snapshot::build(
         &config,
         own_mac,
         1,
-        |ip| resolver.mac(ip),
+        |ip| macs.get(&ip).copied(),
         |_, _| AdminState::Online,
     ));
     log_services(&config, &snapshot);
@@ -170,7 +175,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         config_path.to_owned(),
         own_mac,
         snapshot,
-        resolver.known,
+        macs,
         steering,
         links,
     )));
@@ -346,84 +351,6 @@ fn spawn_worker(
         },
         thread,
     )
-}
-
-/// The real servers' MACs as the kernel knows them (pinned MACs need no resolution).
-#[derive(Debug)]
-struct Resolver {
-    interface: String,
-    wanted: Vec<Ipv4Addr>,
-    known: HashMap<Ipv4Addr, [u8; 6]>,
-}
-
-impl Resolver {
-    fn new(config: &Config) -> Resolver {
-        let mut wanted: Vec<Ipv4Addr> = config
-            .services
-            .iter()
-            .flat_map(|s| &s.real_servers)
-            .filter(|rs| rs.mac.is_none())
-            .map(|rs| rs.ip)
-            .collect();
-        wanted.sort();
-        wanted.dedup();
-        Resolver {
-            interface: config.engine.interface.clone(),
-            wanted,
-            known: HashMap::new(),
-        }
-    }
-
-    fn mac(&self, ip: Ipv4Addr) -> Option<[u8; 6]> {
-        self.known.get(&ip).copied()
-    }
-
-    /// Re-reads the neighbour table and asks the kernel to resolve what is missing. Returns
-    /// true when a MAC was learned or changed.
-    fn refresh(&mut self) -> bool {
-        let table = match host::neighbours(&self.interface) {
-            Ok(table) => table,
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the neighbour table");
-                return false;
-            }
-        };
-        let mut changed = false;
-        for &ip in &self.wanted {
-            match table.get(&ip) {
-                Some(&mac) => {
-                    let old = self.known.insert(ip, mac);
-                    if old != Some(mac) {
-                        changed = true;
-                        tracing::info!(real_server = %ip, mac = %host::format_mac(mac), "MAC learned");
-                    }
-                }
-                None => {
-                    // Kept if known: the entry may just have aged out. Ask again either way.
-                    if let Err(error) = host::trigger_resolution(ip) {
-                        tracing::debug!(real_server = %ip, %error, "resolution trigger failed");
-                    }
-                }
-            }
-        }
-        changed
-    }
-
-    fn all_known(&self) -> bool {
-        self.wanted.iter().all(|ip| self.known.contains_key(ip))
-    }
-
-    /// Refreshes every `step` until every MAC is known, `limit` passes, or a stop signal.
-    fn wait_for_all(&mut self, step: Duration, limit: Duration, stop: &AtomicBool) {
-        let deadline = Instant::now() + limit;
-        loop {
-            self.refresh();
-            if self.all_known() || Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
-                return;
-            }
-            std::thread::sleep(step);
-        }
-    }
 }
 
 fn distinct_vips(config: &Config) -> Vec<Ipv4Addr> {

@@ -101,6 +101,48 @@ pub fn trigger_resolution(ip: Ipv4Addr) -> io::Result<()> {
     Ok(())
 }
 
+/// Learns the MACs of `ips` from the neighbour table, asking the kernel once to resolve the
+/// missing ones and re-reading every 20 ms until all are known, `wait` has passed, or `stop`
+/// is set. Returns what it learned; the missing ones are left for a later try.
+pub fn resolve(
+    interface: &str,
+    ips: &[Ipv4Addr],
+    wait: std::time::Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> HashMap<Ipv4Addr, [u8; 6]> {
+    let deadline = std::time::Instant::now() + wait;
+    let mut missing: Vec<Ipv4Addr> = ips.to_vec();
+    missing.sort();
+    missing.dedup();
+    let mut learned = HashMap::new();
+    let mut asked = false;
+    while !missing.is_empty() {
+        if let Ok(table) = neighbours(interface) {
+            missing.retain(|ip| match table.get(ip) {
+                Some(&mac) => {
+                    learned.insert(*ip, mac);
+                    false
+                }
+                None => true,
+            });
+        }
+        let done = std::time::Instant::now() >= deadline
+            || stop.load(std::sync::atomic::Ordering::Relaxed);
+        if missing.is_empty() || done {
+            break;
+        }
+        if !asked {
+            for &ip in &missing {
+                // A failed trigger only means waiting for the next one.
+                let _ = trigger_resolution(ip);
+            }
+            asked = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    learned
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
