@@ -18,7 +18,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -155,7 +155,9 @@ fn accept_loop(
             refuse(stream, "too many control clients; try again");
             continue;
         }
-        let control = Arc::clone(control);
+        // Client threads are not joined at stop; a weak reference lets the control state (and
+        // with it the XDP program) go when the daemon drops it, whatever clients are connected.
+        let control = Arc::downgrade(control);
         let count = Arc::clone(&clients);
         let spawned = std::thread::Builder::new()
             .name("lbd-client".to_owned())
@@ -217,7 +219,7 @@ fn supplementary_groups(pid: i32) -> Vec<Gid> {
         .unwrap_or_default()
 }
 
-fn serve_client(stream: UnixStream, control: &Mutex<Control>) {
+fn serve_client(stream: UnixStream, control: &Weak<Mutex<Control>>) {
     if stream.set_nonblocking(false).is_err()
         || stream.set_read_timeout(Some(IDLE_TIMEOUT)).is_err()
     {
@@ -260,9 +262,12 @@ fn serve_client(stream: UnixStream, control: &Mutex<Control>) {
             continue;
         }
         let response = match decode_request(&line) {
-            Ok(request) => match control.lock() {
-                Ok(mut control) => control.handle(request.command),
-                Err(_) => Response::error("lbd's control state is unusable; restart lbd"),
+            Ok(request) => match control.upgrade() {
+                None => Response::error("lbd is stopping"),
+                Some(control) => match control.lock() {
+                    Ok(mut control) => control.handle(request.command),
+                    Err(_) => Response::error("lbd's control state is unusable; restart lbd"),
+                },
             },
             Err(message) => Response::error(message),
         };
