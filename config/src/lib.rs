@@ -159,6 +159,9 @@ pub struct Service {
     /// Maglev lookup table size: a prime, larger than the number of real servers.
     #[serde(default = "default_table_size")]
     pub table_size: u32,
+    /// `[service.health_check]`: how the real servers are checked (each may override it).
+    #[serde(default)]
+    pub health_check: HealthCheck,
     /// `[[service.real_server]]`.
     #[serde(rename = "real_server", default)]
     pub real_servers: Vec<RealServer>,
@@ -233,6 +236,144 @@ pub struct RealServer {
     /// Pinned MAC; otherwise learned from the kernel's neighbour table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<MacAddr>,
+    /// This server's own health check, instead of the service's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `health_check.kind`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthKind {
+    /// Connect to the port.
+    #[default]
+    Tcp,
+    /// GET `path`, expect `expect_status` (and `expect_body` in the body).
+    Http,
+    /// Run `command`; exit 0 means up.
+    External,
+    /// Not checked: always up.
+    None,
+}
+
+/// `[service.health_check]` / `[service.real_server.health_check]`. Checks go from the host's
+/// own stack to the real server's own IP. The defaults find a dead server within 3 seconds
+/// (fall x interval + timeout = 2.8 s).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// tcp | http | external | none.
+    #[serde(default)]
+    pub kind: HealthKind,
+    /// Port to check; default: the service's first port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// HTTP path.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// HTTP Host header; default: the real server's IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Expected HTTP status.
+    #[serde(default = "default_expect_status")]
+    pub expect_status: u16,
+    /// A substring the HTTP body must contain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_body: Option<String>,
+    /// External check: run by `sh -c` with LBD_RS_IP, LBD_RS_PORT, LBD_SERVICE, LBD_VIP set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Milliseconds between checks.
+    #[serde(default = "default_health_interval")]
+    pub interval_ms: u32,
+    /// Milliseconds one check may take.
+    #[serde(default = "default_health_timeout")]
+    pub timeout_ms: u32,
+    /// Consecutive successes that bring a down server up.
+    #[serde(default = "default_rise_fall")]
+    pub rise: u32,
+    /// Consecutive failures that take an up server down.
+    #[serde(default = "default_rise_fall")]
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            kind: HealthKind::Tcp,
+            port: None,
+            path: default_health_path(),
+            host: None,
+            expect_status: default_expect_status(),
+            expect_body: None,
+            command: None,
+            interval_ms: default_health_interval(),
+            timeout_ms: default_health_timeout(),
+            rise: default_rise_fall(),
+            fall: default_rise_fall(),
+        }
+    }
+}
+
+fn default_health_path() -> String {
+    "/".to_owned()
+}
+fn default_expect_status() -> u16 {
+    200
+}
+fn default_health_interval() -> u32 {
+    1000
+}
+fn default_health_timeout() -> u32 {
+    800
+}
+fn default_rise_fall() -> u32 {
+    2
+}
+
+impl HealthCheck {
+    fn check(&self, path: &str) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("{path}.{name}");
+        if self.kind == HealthKind::External && self.command.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::new(
+                field("command"),
+                "an external check needs a command",
+            ));
+        }
+        if self.kind == HealthKind::Http && !self.path.starts_with('/') {
+            return Err(ConfigError::new(
+                field("path"),
+                format!("{:?} must start with /", self.path),
+            ));
+        }
+        if self.port == Some(0) {
+            return Err(ConfigError::new(field("port"), "port 0 is not a port"));
+        }
+        if !(100..=3_600_000).contains(&self.interval_ms) {
+            return Err(ConfigError::new(
+                field("interval_ms"),
+                format!("{} must be in 100..=3600000", self.interval_ms),
+            ));
+        }
+        if self.timeout_ms < 10 || self.timeout_ms > self.interval_ms {
+            return Err(ConfigError::new(
+                field("timeout_ms"),
+                format!(
+                    "{} must be at least 10 and at most interval_ms ({})",
+                    self.timeout_ms, self.interval_ms
+                ),
+            ));
+        }
+        for (name, value) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&value) {
+                return Err(ConfigError::new(
+                    field(name),
+                    format!("{value} must be in 1..=100"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_weight() -> u16 {
@@ -654,8 +795,12 @@ impl Service {
                 ),
             ));
         }
+        self.health_check.check(&format!("{path}.health_check"))?;
         for (i, rs) in self.real_servers.iter().enumerate() {
             let rs_path = format!("{path}.real_server[{i}]");
+            if let Some(check) = &rs.health_check {
+                check.check(&format!("{rs_path}.health_check"))?;
+            }
             if rs.label.trim().is_empty() {
                 return Err(ConfigError::new(
                     format!("{rs_path}.label"),

@@ -97,6 +97,7 @@ fn the_documented_example_parses_exactly() {
                 persistence: Persistence::SourceIp,
                 persistence_timeout_s: 300,
                 table_size: 65537,
+                health_check: HealthCheck::default(),
                 real_servers: vec![RealServer {
                     label: "Wowza Srv 1".into(),
                     ip: Ipv4Addr::new(198, 18, 0, 11),
@@ -104,6 +105,7 @@ fn the_documented_example_parses_exactly() {
                     min_connections: 0,
                     max_connections: 0,
                     mac: Some(MacAddr([2, 0, 0, 0, 0, 0x11])),
+                    health_check: None,
                 }],
             }],
         }
@@ -634,4 +636,56 @@ fn protocols_know_their_numbers_and_names() {
     assert_eq!(Protocol::Udp.ip_protocol_number(), 17);
     assert_eq!(Protocol::Tcp.to_string(), "tcp");
     assert_eq!(Protocol::Udp.to_string(), "udp");
+}
+
+#[test]
+fn health_checks_parse_with_defaults_and_overrides() {
+    let text = format!(
+        "{MINIMAL}\n[service.health_check]\nkind = \"http\"\npath = \"/health\"\nexpect_body = \"ok\"\n"
+    )
+    .replace(
+        "ip = \"198.18.0.12\"\n",
+        "ip = \"198.18.0.12\"\n[service.real_server.health_check]\nkind = \"external\"\ncommand = \"true\"\n",
+    );
+    let config = Config::from_toml_str(&text).expect("valid");
+    let service = &config.services[0];
+    assert_eq!(service.health_check.kind, HealthKind::Http);
+    assert_eq!(service.health_check.interval_ms, 1000);
+    assert_eq!(service.health_check.fall, 2);
+    let own = service.real_servers[1]
+        .health_check
+        .as_ref()
+        .expect("override");
+    assert_eq!(own.kind, HealthKind::External);
+    assert_eq!(Config::from_toml_str(&config.to_toml_string()), Ok(config));
+    // A dead server is found within 3 s with the defaults.
+    let d = HealthCheck::default();
+    assert!(d.fall * d.interval_ms + d.timeout_ms <= 3000);
+}
+
+#[test]
+fn health_check_errors_name_the_field() {
+    let with = |extra: &str| format!("{MINIMAL}\n[service.health_check]\n{extra}\n");
+    assert_rejected(
+        &with("kind = \"external\""),
+        "service[0] \"web\".health_check.command",
+        "needs a command",
+    );
+    assert_rejected(
+        &with("interval_ms = 10"),
+        "health_check.interval_ms",
+        "100..=3600000",
+    );
+    assert_rejected(
+        &with("timeout_ms = 5000"),
+        "health_check.timeout_ms",
+        "at most interval_ms",
+    );
+    assert_rejected(&with("rise = 0"), "health_check.rise", "1..=100");
+    assert_rejected(
+        &with("kind = \"http\"\npath = \"health\""),
+        "health_check.path",
+        "start with /",
+    );
+    assert_rejected(&with("kind = \"icmp\""), "health_check.kind", "icmp");
 }

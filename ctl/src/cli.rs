@@ -278,6 +278,7 @@ impl Verb {
                     persistence: persistence.into(),
                     persistence_timeout_s: persistence_timeout,
                     table_size,
+                    health_check: Default::default(),
                     real_servers: Vec::new(),
                 },
             },
@@ -316,6 +317,7 @@ impl Verb {
                     min_connections: min_conns,
                     max_connections: max_conns,
                     mac,
+                    health_check: None,
                 },
             },
             Verb::EditRip {

@@ -410,6 +410,7 @@ mod tests {
             min_connections: 0,
             max_connections: 0,
             mac: None,
+            health_check: None,
         };
         let s = || "GUI".to_owned();
         let l = || "a".to_owned();
