@@ -40,6 +40,7 @@ pub fn status(report: &StatusReport) -> String {
         "CONNS".to_owned(),
         "STATE".to_owned(),
         "MAC".to_owned(),
+        "LAST CHECK".to_owned(),
     ]];
     for service in &report.services {
         rows.push(vec![
@@ -62,6 +63,7 @@ pub fn status(report: &StatusReport) -> String {
                 rs.conns.to_string(),
                 rs.state.clone(),
                 rs.mac.clone().unwrap_or_else(|| "-".to_owned()),
+                rs.check.clone().unwrap_or_else(|| "-".to_owned()),
             ]);
         }
     }
@@ -169,6 +171,7 @@ mod tests {
                         conns: 12,
                         state: "up".into(),
                         mac: Some("02:00:00:00:00:11".into()),
+                        check: Some("ok (connected) at 21:04:05 UTC".into()),
                     },
                     RealServerStatus {
                         label: "Wowza Srv 2".into(),
@@ -177,6 +180,7 @@ mod tests {
                         conns: 0,
                         state: "unresolved".into(),
                         mac: None,
+                        check: None,
                     },
                 ],
             }],
@@ -190,7 +194,8 @@ mod tests {
             lines[2].contains("Layer 4") && lines[2].contains("DR") && lines[2].ends_with("12")
         );
         assert!(lines[3].starts_with("  Wowza Srv 1"));
-        assert!(lines[3].contains("  up  ") && lines[3].ends_with("02:00:00:00:00:11"));
+        assert!(lines[3].contains("  up  ") && lines[3].contains("02:00:00:00:00:11"));
+        assert!(lines[3].ends_with("ok (connected) at 21:04:05 UTC"));
         assert!(lines[4].contains("unresolved"));
         // Columns line up: the IP column starts at the same place on every row.
         let column = lines[2].find("198.18.0.100").expect("vip");

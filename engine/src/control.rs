@@ -12,8 +12,9 @@
 //! forget them, and a new VIP is announced with gratuitous ARP.
 
 use crate::counters::DropReason;
+use crate::health::{CheckResult, Target, Tracker};
 use crate::host;
-use crate::snapshot::{AdminState, Snapshot};
+use crate::snapshot::{AdminState, ServerState, Snapshot};
 use crate::steer::Steering;
 use crate::worker::{WorkerCommand, WorkerReport};
 use crossbeam::channel::{Sender, bounded};
@@ -28,7 +29,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// How long a change waits for every worker to use the new snapshot.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -59,6 +60,7 @@ pub struct Control {
     macs: HashMap<Ipv4Addr, [u8; 6]>,
     steering: Steering,
     workers: Vec<WorkerLink>,
+    health: Tracker,
 }
 
 /// The outcome of a request: the reply, or the reason it was refused.
@@ -84,6 +86,7 @@ impl Control {
             macs,
             steering,
             workers,
+            health: Tracker::default(),
         }
     }
 
@@ -354,6 +357,9 @@ impl Control {
         self.config = config;
         self.admin = admin;
         self.snapshot = snapshot;
+        let checked: BTreeSet<(String, String)> =
+            self.health_targets().iter().map(Target::key).collect();
+        self.health.retain(|key| checked.contains(key));
         tracing::info!(generation = self.snapshot.generation, "{message}");
         Ok(Reply::Done { message })
     }
@@ -375,12 +381,61 @@ impl Control {
             generation,
             |ip| self.macs.get(&ip).copied(),
             |service, rs| {
-                admin
-                    .get(&(service.to_owned(), rs.to_owned()))
-                    .copied()
-                    .unwrap_or_default()
+                let key = (service.to_owned(), rs.to_owned());
+                ServerState {
+                    admin: admin.get(&key).copied().unwrap_or_default(),
+                    healthy: self.health.get(&key).up,
+                }
             },
         )
+    }
+
+    /// What the health checker checks: every real server with its (own or service's) check.
+    pub fn health_targets(&self) -> Vec<Target> {
+        self.config
+            .services
+            .iter()
+            .flat_map(|service| {
+                service.real_servers.iter().map(move |rs| {
+                    let check = rs
+                        .health_check
+                        .clone()
+                        .unwrap_or_else(|| service.health_check.clone());
+                    Target {
+                        service: service.label.clone(),
+                        label: rs.label.clone(),
+                        vip: service.vip,
+                        ip: rs.ip,
+                        port: check.port.unwrap_or_else(|| service.ports.first()),
+                        check,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Records a check's result; a server going down or up is logged and published.
+    pub fn record_health(&mut self, target: &Target, result: CheckResult) {
+        // A result for a server that has since been removed or changed is stale.
+        if !self.health_targets().contains(target) {
+            return;
+        }
+        let detail = result.detail.clone();
+        let Some(up) = self
+            .health
+            .record(target.key(), &target.check, result, SystemTime::now())
+        else {
+            return;
+        };
+        if up {
+            tracing::info!(service = %target.service, real_server = %target.label, ip = %target.ip, %detail, "real server up");
+        } else {
+            tracing::warn!(service = %target.service, real_server = %target.label, ip = %target.ip, %detail, "real server down");
+        }
+        let snapshot =
+            Arc::new(self.build(&self.config, &self.admin, self.snapshot.generation + 1));
+        self.publish(Arc::clone(&snapshot));
+        self.snapshot = snapshot;
     }
 
     /// Learns the MACs of `config`'s real servers that lbd does not know yet, asking the
@@ -494,6 +549,11 @@ impl Control {
                         conns: conns_of(r),
                         state: rs.state_name().to_owned(),
                         mac: rs.mac.map(host::format_mac),
+                        check: self
+                            .health
+                            .get(&(entry.label.clone(), rs.label.clone()))
+                            .last
+                            .map(|(at, result)| describe_check(at, &result)),
                     })
                     .collect();
                 ServiceStatus {
@@ -614,6 +674,16 @@ pub fn publish(workers: &[WorkerLink], snapshot: Arc<Snapshot>, timeout: Duratio
         }
     }
     all
+}
+
+/// `ok (HTTP 200) at 21:04:05 UTC`: a check's result for `lbctl status`.
+fn describe_check(at: SystemTime, result: &CheckResult) -> String {
+    let seconds = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (h, m, s) = (seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
+    let verdict = if result.ok { "ok" } else { "failed" };
+    format!("{verdict} ({}) at {h:02}:{m:02}:{s:02} UTC", result.detail)
 }
 
 fn service_index(config: &Config, label: &str) -> Result<usize, String> {

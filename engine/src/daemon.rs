@@ -9,12 +9,12 @@
 use crate::control::{Control, WorkerLink};
 use crate::counters::{Counters, DropReason};
 use crate::dataplane::{Dataplane, TableSizes};
-use crate::host;
 use crate::server::{ControlServer, ServerError};
 use crate::snapshot::{AdminState, Snapshot};
 use crate::steer::{AttachMode, SteerError, Steering};
 use crate::sys::{CopyMode, XskError, XskRings, XskSettings};
 use crate::worker::{Worker, WorkerCommand, WorkerSettings};
+use crate::{health, host};
 use crossbeam::channel::unbounded;
 use lbd_config::{Config, XdpMode};
 use std::net::Ipv4Addr;
@@ -192,6 +192,28 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
             return Err(error.into());
         }
     };
+    let checker = {
+        let (control, stop) = (Arc::clone(&control), Arc::clone(&stop));
+        std::thread::Builder::new()
+            .name("lbd-health".to_owned())
+            .spawn(move || {
+                health::run(
+                    &stop,
+                    || {
+                        control
+                            .lock()
+                            .map(|c| c.health_targets())
+                            .unwrap_or_default()
+                    },
+                    |target, result| {
+                        if let Ok(mut control) = control.lock() {
+                            control.record_health(target, result);
+                        }
+                    },
+                );
+            })
+            .expect("spawning the health checker")
+    };
     tracing::info!(
         interface,
         mac = %host::format_mac(own_mac),
@@ -228,6 +250,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
 
     tracing::info!("stopping");
     drop(server);
+    let _ = checker.join();
     join_workers(threads);
     // The last reference to the control state holds the steering program: dropping it detaches.
     drop(control);

@@ -2,6 +2,7 @@
 //!
 //! - [`dataplane`]: classify, choose a real server, rewrite in place; no I/O.
 //! - [`flows`]: per-worker connection and persistence tables.
+//! - [`health`]: health checks and their rise/fall state machine.
 //! - [`maglev`]: the consistent-hash tables the dataplane looks real servers up in.
 //! - [`snapshot`]: the immutable configuration view the packet path reads.
 //! - [`worker`]: the poll loop that drives one queue's rings through the dataplane.
@@ -16,6 +17,7 @@ pub mod counters;
 pub mod daemon;
 pub mod dataplane;
 pub mod flows;
+pub mod health;
 pub mod host;
 pub mod maglev;
 pub mod server;

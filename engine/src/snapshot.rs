@@ -38,6 +38,33 @@ pub enum AdminState {
     Halt,
 }
 
+/// Everything the control side knows of a real server beyond its config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerState {
+    /// The operator's setting.
+    pub admin: AdminState,
+    /// What the health checks say.
+    pub healthy: bool,
+}
+
+impl Default for ServerState {
+    fn default() -> Self {
+        ServerState {
+            admin: AdminState::Online,
+            healthy: true,
+        }
+    }
+}
+
+impl From<AdminState> for ServerState {
+    fn from(admin: AdminState) -> Self {
+        ServerState {
+            admin,
+            healthy: true,
+        }
+    }
+}
+
 /// A real server as the packet path sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RealServerEntry {
@@ -51,23 +78,26 @@ pub struct RealServerEntry {
     pub weight: u16,
     /// Operator state.
     pub admin: AdminState,
+    /// False when its health checks failed: it gets no traffic, its connections move.
+    pub healthy: bool,
 }
 
 impl RealServerEntry {
-    /// True when the server owns Maglev slots: online, resolved, non-zero weight.
+    /// True when the server owns Maglev slots: online, healthy, resolved, non-zero weight.
     pub fn takes_new_clients(&self) -> bool {
-        self.mac.is_some() && self.weight > 0 && self.admin == AdminState::Online
+        self.takes_known_clients() && self.weight > 0 && self.admin == AdminState::Online
     }
 
     /// True when its established flows and persisted clients may still reach it.
     pub fn takes_known_clients(&self) -> bool {
-        self.mac.is_some() && self.admin != AdminState::Halt
+        self.mac.is_some() && self.healthy && self.admin != AdminState::Halt
     }
 
     /// The state `lbctl status` shows.
     pub fn state_name(&self) -> &'static str {
         match (self.admin, self.mac) {
             (AdminState::Halt, _) => "halt",
+            _ if !self.healthy => "down",
             (_, None) => "unresolved",
             (AdminState::Drain, _) => "drain",
             (AdminState::Online, _) if self.weight == 0 => "drain",
@@ -118,14 +148,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Builds the snapshot for a validated config. `mac_of` gives each real server's MAC when
-    /// it is known (a MAC pinned in the config wins over it); `admin_of(service, real server)`
-    /// the operator's state for it.
-    pub fn build(
+    /// it is known (a MAC pinned in the config wins over it); `state_of(service, real server)`
+    /// the operator's setting and health for it (an [`AdminState`] alone means healthy).
+    pub fn build<S: Into<ServerState>>(
         config: &Config,
         own_mac: [u8; 6],
         generation: u64,
         mac_of: impl Fn(Ipv4Addr) -> Option<[u8; 6]>,
-        admin_of: impl Fn(&str, &str) -> AdminState,
+        state_of: impl Fn(&str, &str) -> S,
     ) -> Snapshot {
         let mut vips = HashSet::new();
         let mut by_port = HashMap::new();
@@ -148,12 +178,16 @@ impl Snapshot {
                 .real_servers
                 .iter()
                 .take(MAX_BACKENDS)
-                .map(|rs| RealServerEntry {
-                    label: rs.label.clone(),
-                    ip: rs.ip,
-                    mac: rs.mac.map(|MacAddr(mac)| mac).or_else(|| mac_of(rs.ip)),
-                    weight: rs.weight,
-                    admin: admin_of(&service.label, &rs.label),
+                .map(|rs| {
+                    let state: ServerState = state_of(&service.label, &rs.label).into();
+                    RealServerEntry {
+                        label: rs.label.clone(),
+                        ip: rs.ip,
+                        mac: rs.mac.map(|MacAddr(mac)| mac).or_else(|| mac_of(rs.ip)),
+                        weight: rs.weight,
+                        admin: state.admin,
+                        healthy: state.healthy,
+                    }
                 })
                 .collect();
             let by_ip = real_servers

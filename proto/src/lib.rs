@@ -274,11 +274,14 @@ pub struct RealServerStatus {
     pub weight: u16,
     /// Tracked connections to it.
     pub conns: u64,
-    /// `up`, `drain`, `halt` or `unresolved`.
+    /// `up`, `down`, `drain`, `halt` or `unresolved`.
     pub state: String,
     /// MAC in use, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mac: Option<String>,
+    /// The last health check: `ok (HTTP 200) at 21:04:05 UTC`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 /// `stats`: counters per worker and summed.

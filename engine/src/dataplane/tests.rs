@@ -676,6 +676,35 @@ mac = "02:00:00:00:00:12"
         }
     }
 
+    #[test]
+    fn a_server_that_fails_its_checks_loses_even_established_connections() {
+        use crate::snapshot::ServerState;
+        let text = TWO.replace("PERSISTENCE", "source-ip");
+        let config = Config::from_toml_str(&text).expect("valid");
+        let mut dp = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
+        let before = open_all(&mut dp, 1_000);
+        assert!(before.contains(&RS1_MAC));
+        let rs1_down = Snapshot::build(
+            &config,
+            OWN_MAC,
+            2,
+            |_| None,
+            |_, rs| ServerState {
+                admin: AdminState::Online,
+                healthy: rs != "rs1",
+            },
+        );
+        assert_eq!(rs1_down.services[0].real_servers[0].state_name(), "down");
+        dp.set_snapshot(Arc::new(rs1_down));
+        for client in 1..=100u8 {
+            assert_eq!(
+                server_of(&mut dp, ack(client), 2_000),
+                Some(RS2_MAC),
+                "client {client}"
+            );
+        }
+    }
+
     fn fin(sport: u16) -> Vec<u8> {
         let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
             .ipv4(CLIENT, VIP, 64)

@@ -1,0 +1,436 @@
+//! Health checks: from the host's own stack to each real server's own IP, off the packet path.
+//!
+//! One scheduler thread keeps every target's next due time and hands due checks to a small
+//! pool of threads ([`POOL_SIZE`]), so hundreds of servers are checked without one slow server
+//! delaying the others; a check never takes longer than its `timeout_ms`. Results go through
+//! [`Tracker`], the rise/fall state machine (keepalived's and HAProxy's semantics): `fall`
+//! consecutive failures take an up server down, `rise` consecutive successes bring it back. A
+//! change of state is reported to the caller, which republishes the configuration.
+
+use crossbeam::channel::{Receiver, Sender, unbounded};
+use lbd_config::{HealthCheck, HealthKind};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Threads running checks.
+pub const POOL_SIZE: usize = 4;
+/// The most of an HTTP response a check reads.
+const MAX_HTTP_RESPONSE: u64 = 64 * 1024;
+
+/// What is checked: a real server of a service, with its check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// The service's label.
+    pub service: String,
+    /// The real server's label.
+    pub label: String,
+    /// The service's VIP (for external commands).
+    pub vip: Ipv4Addr,
+    /// The real server's own address.
+    pub ip: Ipv4Addr,
+    /// The port checked.
+    pub port: u16,
+    /// How.
+    pub check: HealthCheck,
+}
+
+impl Target {
+    /// (service, real server): how targets are named.
+    pub fn key(&self) -> (String, String) {
+        (self.service.clone(), self.label.clone())
+    }
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckResult {
+    /// Passed?
+    pub ok: bool,
+    /// What was seen: `connected`, `HTTP 200`, `exit 0`, or the error.
+    pub detail: String,
+}
+
+/// A server's health as the checks see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// Up (takes traffic) or down.
+    pub up: bool,
+    /// The last check's result and when it ended.
+    pub last: Option<(SystemTime, CheckResult)>,
+    successes: u32,
+    failures: u32,
+}
+
+impl Default for Health {
+    /// Servers start up: traffic flows from the start, and `fall` failures take a dead one out.
+    fn default() -> Self {
+        Health {
+            up: true,
+            last: None,
+            successes: 0,
+            failures: 0,
+        }
+    }
+}
+
+/// The rise/fall state machine.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    health: HashMap<(String, String), Health>,
+}
+
+impl Tracker {
+    /// Records a result; returns the new state when it changed.
+    pub fn record(
+        &mut self,
+        key: (String, String),
+        check: &HealthCheck,
+        result: CheckResult,
+        at: SystemTime,
+    ) -> Option<bool> {
+        let health = self.health.entry(key).or_default();
+        if result.ok {
+            health.successes = health.successes.saturating_add(1);
+            health.failures = 0;
+        } else {
+            health.failures = health.failures.saturating_add(1);
+            health.successes = 0;
+        }
+        health.last = Some((at, result));
+        let changed = if health.up && health.failures >= check.fall {
+            health.up = false;
+            true
+        } else if !health.up && health.successes >= check.rise {
+            health.up = true;
+            true
+        } else {
+            false
+        };
+        changed.then_some(health.up)
+    }
+
+    /// A server's health (up with no result for an unchecked one).
+    pub fn get(&self, key: &(String, String)) -> Health {
+        self.health.get(key).cloned().unwrap_or_default()
+    }
+
+    /// Forgets servers that are no longer checked.
+    pub fn retain(&mut self, keep: impl Fn(&(String, String)) -> bool) {
+        self.health.retain(|key, _| keep(key));
+    }
+}
+
+/// Runs one check now.
+pub fn run_check(target: &Target) -> CheckResult {
+    let timeout = Duration::from_millis(u64::from(target.check.timeout_ms));
+    let address = SocketAddr::from((target.ip, target.port));
+    let outcome = match target.check.kind {
+        HealthKind::None => Ok("not checked".to_owned()),
+        HealthKind::Tcp => TcpStream::connect_timeout(&address, timeout)
+            .map(|_| "connected".to_owned())
+            .map_err(|e| format!("connect: {e}")),
+        HealthKind::Http => http_check(target, address, timeout),
+        HealthKind::External => external_check(target, timeout),
+    };
+    match outcome {
+        Ok(detail) => CheckResult { ok: true, detail },
+        Err(detail) => CheckResult { ok: false, detail },
+    }
+}
+
+fn http_check(target: &Target, address: SocketAddr, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    let mut stream =
+        TcpStream::connect_timeout(&address, timeout).map_err(|e| format!("connect: {e}"))?;
+    let left = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
+    stream
+        .set_write_timeout(Some(left()))
+        .and_then(|()| stream.set_read_timeout(Some(left())))
+        .map_err(|e| format!("socket: {e}"))?;
+    let host = target
+        .check
+        .host
+        .clone()
+        .unwrap_or_else(|| target.ip.to_string());
+    let request = format!(
+        "GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n",
+        target.check.path
+    );
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    let mut response = Vec::new();
+    (&mut stream)
+        .take(MAX_HTTP_RESPONSE)
+        .read_to_end(&mut response)
+        .map_err(|e| format!("receive: {e}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let status: u16 = text
+        .lines()
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| "no HTTP status line".to_owned())?;
+    if status != target.check.expect_status {
+        return Err(format!(
+            "HTTP {status}, expected {}",
+            target.check.expect_status
+        ));
+    }
+    if let Some(expected) = &target.check.expect_body {
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        if !body.contains(expected.as_str()) {
+            return Err(format!("HTTP {status}, body lacks {expected:?}"));
+        }
+    }
+    Ok(format!("HTTP {status}"))
+}
+
+fn external_check(target: &Target, timeout: Duration) -> Result<String, String> {
+    let command = target.check.command.as_deref().unwrap_or("false");
+    let mut child = Command::new("sh")
+        .args(["-c", command])
+        .env("LBD_RS_IP", target.ip.to_string())
+        .env("LBD_RS_PORT", target.port.to_string())
+        .env("LBD_SERVICE", &target.service)
+        .env("LBD_VIP", target.vip.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok("exit 0".to_owned()),
+            Ok(Some(status)) => return Err(format!("{status}")),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("timed out after {} ms", timeout.as_millis()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(format!("waiting for {command:?}: {e}")),
+        }
+    }
+}
+
+/// A finished check, from the pool to the scheduler.
+#[derive(Debug)]
+struct Done {
+    target: Target,
+    result: CheckResult,
+}
+
+/// Runs the checks of `targets()` until `stop`, each at its interval, calling
+/// `on_result(target, result)` for every result. `targets` is asked again every tick (20 ms),
+/// so added, removed and edited servers are picked up.
+pub fn run(
+    stop: &AtomicBool,
+    targets: impl Fn() -> Vec<Target>,
+    mut on_result: impl FnMut(&Target, CheckResult),
+) {
+    let (jobs, job_queue) = unbounded::<Target>();
+    let (results, done) = unbounded::<Done>();
+    let pool_stop = Arc::new(AtomicBool::new(false));
+    let pool: Vec<_> = (0..POOL_SIZE)
+        .filter_map(|i| {
+            let (queue, results, stop) =
+                (job_queue.clone(), results.clone(), Arc::clone(&pool_stop));
+            std::thread::Builder::new()
+                .name(format!("lbd-check-{i}"))
+                .spawn(move || check_worker(&queue, &results, &stop))
+                .ok()
+        })
+        .collect();
+    let mut next_due: HashMap<(String, String), Instant> = HashMap::new();
+    let mut in_flight: HashMap<(String, String), Target> = HashMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let current = targets();
+        next_due.retain(|key, _| current.iter().any(|t| &t.key() == key));
+        for target in current {
+            let key = target.key();
+            let due = *next_due.entry(key.clone()).or_insert(now);
+            if due <= now && !in_flight.contains_key(&key) {
+                next_due.insert(
+                    key.clone(),
+                    now + Duration::from_millis(u64::from(target.check.interval_ms)),
+                );
+                in_flight.insert(key, target.clone());
+                let _ = jobs.send(target);
+            }
+        }
+        while let Ok(Done { target, result }) = done.try_recv() {
+            in_flight.remove(&target.key());
+            on_result(&target, result);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pool_stop.store(true, Ordering::Relaxed);
+    drop(jobs);
+    for thread in pool {
+        let _ = thread.join();
+    }
+}
+
+fn check_worker(queue: &Receiver<Target>, results: &Sender<Done>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        match queue.recv_timeout(Duration::from_millis(100)) {
+            Ok(target) => {
+                let result = run_check(&target);
+                if results.send(Done { target, result }).is_err() {
+                    return;
+                }
+            }
+            Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn check(kind: HealthKind) -> HealthCheck {
+        HealthCheck {
+            kind,
+            timeout_ms: 500,
+            ..HealthCheck::default()
+        }
+    }
+
+    fn target(port: u16, check: HealthCheck) -> Target {
+        Target {
+            service: "web".into(),
+            label: "a".into(),
+            vip: Ipv4Addr::new(198, 18, 0, 100),
+            ip: Ipv4Addr::LOCALHOST,
+            port,
+            check,
+        }
+    }
+
+    fn result(ok: bool) -> CheckResult {
+        CheckResult {
+            ok,
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn fall_takes_down_and_rise_brings_back() {
+        let check = HealthCheck {
+            rise: 3,
+            fall: 2,
+            ..HealthCheck::default()
+        };
+        let key = ("s".to_owned(), "r".to_owned());
+        let mut tracker = Tracker::default();
+        let now = SystemTime::now();
+        assert!(tracker.get(&key).up, "servers start up");
+        assert_eq!(
+            tracker.record(key.clone(), &check, result(false), now),
+            None
+        );
+        assert_eq!(tracker.record(key.clone(), &check, result(true), now), None);
+        assert_eq!(
+            tracker.record(key.clone(), &check, result(false), now),
+            None
+        );
+        assert_eq!(
+            tracker.record(key.clone(), &check, result(false), now),
+            Some(false)
+        );
+        assert!(!tracker.get(&key).up);
+        assert_eq!(tracker.record(key.clone(), &check, result(true), now), None);
+        assert_eq!(tracker.record(key.clone(), &check, result(true), now), None);
+        assert_eq!(
+            tracker.record(key.clone(), &check, result(false), now),
+            None
+        );
+        for _ in 0..2 {
+            assert_eq!(tracker.record(key.clone(), &check, result(true), now), None);
+        }
+        assert_eq!(
+            tracker.record(key.clone(), &check, result(true), now),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn tcp_and_http_checks_against_real_sockets() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let server = std::thread::spawn(move || {
+            for (i, stream) in listener.incoming().take(4).enumerate() {
+                let mut stream = stream.expect("accept");
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let reply: &[u8] = if i == 3 {
+                    b"HTTP/1.1 503 Unavailable\r\nContent-Length: 0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                };
+                let _ = stream.write_all(reply);
+            }
+        });
+        assert!(run_check(&target(port, check(HealthKind::Tcp))).ok);
+        let http = HealthCheck {
+            path: "/health".into(),
+            ..check(HealthKind::Http)
+        };
+        assert_eq!(run_check(&target(port, http.clone())).detail, "HTTP 200");
+        let wrong_body = HealthCheck {
+            expect_body: Some("healthy".into()),
+            ..http.clone()
+        };
+        assert!(
+            run_check(&target(port, wrong_body))
+                .detail
+                .contains("body lacks")
+        );
+        let failing = run_check(&target(port, http));
+        assert!(
+            !failing.ok && failing.detail.contains("HTTP 503"),
+            "{failing:?}"
+        );
+        server.join().expect("server");
+        // Nothing listens there any more.
+        let refused = run_check(&target(port, check(HealthKind::Tcp)));
+        assert!(
+            !refused.ok && refused.detail.starts_with("connect"),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn external_checks_see_the_server_and_are_bounded() {
+        let with = |command: &str| HealthCheck {
+            command: Some(command.into()),
+            ..check(HealthKind::External)
+        };
+        assert!(
+            run_check(&target(
+                8088,
+                with("test \"$LBD_RS_IP:$LBD_RS_PORT\" = 127.0.0.1:8088")
+            ))
+            .ok
+        );
+        assert!(!run_check(&target(8088, with("exit 3"))).ok);
+        let slow = run_check(&target(8088, with("sleep 5")));
+        assert!(!slow.ok && slow.detail.contains("timed out"), "{slow:?}");
+        assert!(run_check(&target(1, check(HealthKind::None))).ok);
+    }
+}

@@ -1,0 +1,187 @@
+//! Health checks in the namespace lab: a real server whose nginx stops is taken out within
+//! `fall x interval + 1 s` and comes back after `rise` checks; HTTP and external checks with a
+//! passing and a failing server each.
+
+mod common;
+
+use common::{Lab, Lbd, VIP, lab_allowed, lbctl_ok};
+use lbd_proto::{Reply, StatusReport};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+fn status(lab: &Lab) -> StatusReport {
+    match serde_json::from_str::<Reply>(&lbctl_ok(lab, &["--json", "status"])) {
+        Ok(Reply::Status(report)) => report,
+        other => panic!("status gave {other:?}"),
+    }
+}
+
+fn state_of(report: &StatusReport, service: &str, label: &str) -> (String, Option<String>) {
+    let rs = report
+        .services
+        .iter()
+        .find(|s| s.label == service)
+        .and_then(|s| s.real_servers.iter().find(|rs| rs.label == label))
+        .unwrap_or_else(|| panic!("no {service}/{label} in {report:?}"));
+    (rs.state.clone(), rs.check.clone())
+}
+
+/// The server (`rs1`, `rs2`) each client reaches through the VIP.
+fn servers_by_client(lab: &Lab) -> HashMap<String, String> {
+    lab.client_ips()
+        .into_iter()
+        .map(|source| {
+            let output = lab.exec(
+                "NS_CLIENT",
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "3",
+                    "--interface",
+                    &source,
+                    &format!("http://{VIP}:8088/"),
+                ],
+            );
+            let body = String::from_utf8_lossy(&output.stdout).to_string();
+            let server = body
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("server="))
+                .unwrap_or_else(|| panic!("{source}: no answer ({body:?})"))
+                .to_owned();
+            (source, server)
+        })
+        .collect()
+}
+
+fn nginx(lab: &Lab, server: usize, start: bool) {
+    let dir = lab.fact(&format!("RS{server}_DIR")).to_owned();
+    let conf = format!("{dir}/nginx.conf");
+    let mut args = vec!["nginx", "-p", dir.as_str(), "-c", conf.as_str()];
+    if !start {
+        args.extend(["-s", "stop"]);
+    }
+    let output = lab.exec(&format!("NS_RS{server}"), &args);
+    assert!(
+        output.status.success(),
+        "nginx {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn a_dead_server_leaves_within_fall_checks_and_returns_after_rise() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up(2);
+    let (interval_ms, fall, rise) = (300u64, 2u64, 2u64);
+    let config = format!(
+        "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
+         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\npersistence_timeout_s = 1\n\n\
+         [service.health_check]\nkind = \"tcp\"\ninterval_ms = {interval_ms}\ntimeout_ms = 200\nrise = {rise}\nfall = {fall}\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{}\"\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 2\"\nip = \"{}\"\n",
+        lab.socket().display(),
+        lab.fact("RS1_IP"),
+        lab.fact("RS2_IP")
+    );
+    let lbd = Lbd::start(&lab, &config);
+    std::thread::sleep(Duration::from_millis(interval_ms * 2));
+    let before = servers_by_client(&lab);
+    assert!(
+        before.values().any(|s| s == "rs1") && before.values().any(|s| s == "rs2"),
+        "{before:?}"
+    );
+    assert_eq!(state_of(&status(&lab), "Wowza GUI", "Wowza Srv 1").0, "up");
+
+    nginx(&lab, 1, false);
+    let stopped = Instant::now();
+    std::thread::sleep(Duration::from_millis(fall * interval_ms + 1000));
+    let report = status(&lab);
+    let (state, check) = state_of(&report, "Wowza GUI", "Wowza Srv 1");
+    assert_eq!(state, "down", "{report:?}");
+    assert!(
+        check.as_deref().is_some_and(|c| c.starts_with("failed")),
+        "{check:?}"
+    );
+    let during = servers_by_client(&lab);
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    for (client, server) in &during {
+        assert_eq!(server, "rs2", "{client} must avoid the dead server");
+        if before[client] == "rs2" {
+            assert_eq!(
+                server, &before[client],
+                "a healthy server's client never moves"
+            );
+        }
+    }
+    assert!(
+        lbd.log_text().contains("real server down"),
+        "{}",
+        lbd.log_text()
+    );
+
+    nginx(&lab, 1, true);
+    // rise checks, then the 1 s persistence of the clients that moved runs out.
+    std::thread::sleep(Duration::from_millis(rise * interval_ms + 2500));
+    assert_eq!(state_of(&status(&lab), "Wowza GUI", "Wowza Srv 1").0, "up");
+    let after = servers_by_client(&lab);
+    assert_eq!(after, before, "every client is back on its own server");
+}
+
+#[test]
+fn http_and_external_checks_pass_and_fail() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up(2);
+    let (rs1, rs2) = (lab.fact("RS1_IP").to_owned(), lab.fact("RS2_IP").to_owned());
+    let config = format!(
+        "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
+         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\n\n\
+         [service.health_check]\nkind = \"http\"\npath = \"/health\"\nexpect_body = \"ok\"\ninterval_ms = 200\ntimeout_ms = 150\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{rs1}\"\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 2\"\nip = \"{rs2}\"\n\n\
+         [service.real_server.health_check]\nkind = \"http\"\npath = \"/health\"\nexpect_body = \"not-there\"\ninterval_ms = 200\ntimeout_ms = 150\n\n\
+         [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nports = 1935\n\n\
+         [service.health_check]\nkind = \"external\"\ncommand = \"test \\\"$LBD_RS_IP\\\" = {rs1} && test \\\"$LBD_RS_PORT\\\" = 1935\"\ninterval_ms = 200\ntimeout_ms = 150\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{rs1}\"\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 2\"\nip = \"{rs2}\"\n",
+        lab.socket().display(),
+    );
+    let _lbd = Lbd::start(&lab, &config);
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = status(&lab);
+    let expect = [
+        ("Wowza GUI", "Wowza Srv 1", "up", "ok (HTTP 200)"),
+        (
+            "Wowza GUI",
+            "Wowza Srv 2",
+            "down",
+            "failed (HTTP 200, body lacks",
+        ),
+        ("Wowza Streaming", "Wowza Srv 1", "up", "ok (exit 0)"),
+        (
+            "Wowza Streaming",
+            "Wowza Srv 2",
+            "down",
+            "failed (exit status: 1)",
+        ),
+    ];
+    for (service, label, state, check) in expect {
+        let (got_state, got_check) = state_of(&report, service, label);
+        assert_eq!(got_state, state, "{service}/{label}: {report:?}");
+        assert!(
+            got_check.as_deref().is_some_and(|c| c.starts_with(check)),
+            "{service}/{label}: {got_check:?}"
+        );
+    }
+    // Every client of the GUI goes to the one healthy server.
+    assert!(servers_by_client(&lab).values().all(|s| s == "rs1"));
+    let human = lbctl_ok(&lab, &["status"]);
+    assert!(
+        human.contains("down") && human.contains("LAST CHECK"),
+        "{human}"
+    );
+}
