@@ -185,3 +185,84 @@ fn http_and_external_checks_pass_and_fail() {
         "{human}"
     );
 }
+
+#[test]
+fn all_servers_down_with_and_without_a_fallback() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up(3);
+    let (rs1, rs2, rs3) = (lab.fact("RS1_IP"), lab.fact("RS2_IP"), lab.fact("RS3_IP"));
+    let check = "[service.health_check]\nkind = \"tcp\"\ninterval_ms = 300\ntimeout_ms = 200\nfall = 2\nrise = 2\n";
+    let config = format!(
+        "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
+         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\nfallback = \"{rs3}\"\n\n{check}\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{rs1}\"\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 2\"\nip = \"{rs2}\"\n\n\
+         [[service]]\nlabel = \"Plain\"\nvip = \"198.18.0.101\"\nports = 8088\n\n{check}\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{rs1}\"\n",
+        lab.socket().display(),
+    );
+    let _lbd = Lbd::start(&lab, &config);
+    let report = status(&lab);
+    let gui = report
+        .services
+        .iter()
+        .find(|s| s.label == "Wowza GUI")
+        .expect("gui");
+    assert_eq!(
+        gui.fallback.as_deref(),
+        Some(format!("{rs3} (standby)").as_str())
+    );
+    assert!(
+        servers_by_client(&lab).values().all(|s| s != "rs3"),
+        "standby takes nothing"
+    );
+
+    nginx(&lab, 1, false);
+    nginx(&lab, 2, false);
+    std::thread::sleep(Duration::from_millis(2 * 300 + 1000));
+    let report = status(&lab);
+    let gui = report
+        .services
+        .iter()
+        .find(|s| s.label == "Wowza GUI")
+        .expect("gui");
+    assert_eq!(
+        gui.fallback.as_deref(),
+        Some(format!("{rs3} (in use)").as_str()),
+        "{report:?}"
+    );
+    let during = servers_by_client(&lab);
+    assert!(
+        during.values().all(|s| s == "rs3"),
+        "every client on the fallback: {during:?}"
+    );
+
+    // Without a fallback the frames are dropped and counted.
+    let plain = lab.exec(
+        "NS_CLIENT",
+        &["curl", "-s", "--max-time", "2", "http://198.18.0.101:8088/"],
+    );
+    assert!(
+        !plain.status.success(),
+        "nobody can serve the plain service"
+    );
+    let stats = lbctl_ok(&lab, &["--json", "stats"]);
+    match serde_json::from_str::<Reply>(&stats) {
+        Ok(Reply::Stats(report)) => {
+            assert!(
+                report
+                    .total
+                    .drops
+                    .get("no_real_server")
+                    .copied()
+                    .unwrap_or(0)
+                    > 0,
+                "{report:?}"
+            );
+            assert!(report.total.fallback_packets > 0, "{report:?}");
+        }
+        other => panic!("stats gave {other:?}"),
+    }
+}

@@ -162,6 +162,10 @@ pub struct Service {
     /// `[service.health_check]`: how the real servers are checked (each may override it).
     #[serde(default)]
     pub health_check: HealthCheck,
+    /// Where new clients go when no real server can take them (all down, halted or drained);
+    /// without it such frames are dropped and counted. Set up like a real server (DR).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Ipv4Addr>,
     /// `[[service.real_server]]`.
     #[serde(rename = "real_server", default)]
     pub real_servers: Vec<RealServer>,
@@ -796,6 +800,16 @@ impl Service {
             ));
         }
         self.health_check.check(&format!("{path}.health_check"))?;
+        if let Some(fallback) = self.fallback {
+            check_unicast(fallback)
+                .map_err(|reason| ConfigError::new(format!("{path}.fallback"), reason))?;
+            if fallback == self.vip {
+                return Err(ConfigError::new(
+                    format!("{path}.fallback"),
+                    "is the service's VIP; the fallback server needs its own address",
+                ));
+            }
+        }
         for (i, rs) in self.real_servers.iter().enumerate() {
             let rs_path = format!("{path}.real_server[{i}]");
             if let Some(check) = &rs.health_check {

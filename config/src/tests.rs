@@ -98,6 +98,7 @@ fn the_documented_example_parses_exactly() {
                 persistence_timeout_s: 300,
                 table_size: 65537,
                 health_check: HealthCheck::default(),
+                fallback: None,
                 real_servers: vec![RealServer {
                     label: "Wowza Srv 1".into(),
                     ip: Ipv4Addr::new(198, 18, 0, 11),
@@ -688,4 +689,27 @@ fn health_check_errors_name_the_field() {
         "start with /",
     );
     assert_rejected(&with("kind = \"icmp\""), "health_check.kind", "icmp");
+}
+
+#[test]
+fn fallback_must_be_a_unicast_address_other_than_the_vip() {
+    let with = |ip: &str| {
+        MINIMAL.replace(
+            "ports = 8088",
+            &format!("ports = 8088\nfallback = \"{ip}\""),
+        )
+    };
+    assert_eq!(
+        Config::from_toml_str(&with("198.18.0.50"))
+            .expect("valid")
+            .services[0]
+            .fallback,
+        Some(Ipv4Addr::new(198, 18, 0, 50))
+    );
+    assert_rejected(&with("198.18.0.100"), "service[0] \"web\".fallback", "VIP");
+    assert_rejected(
+        &with("224.0.0.9"),
+        "service[0] \"web\".fallback",
+        "multicast",
+    );
 }

@@ -279,6 +279,7 @@ impl Verb {
                     persistence_timeout_s: persistence_timeout,
                     table_size,
                     health_check: Default::default(),
+                    fallback: None,
                     real_servers: Vec::new(),
                 },
             },

@@ -66,6 +66,9 @@ pub fn status(report: &StatusReport) -> String {
                 rs.check.clone().unwrap_or_else(|| "-".to_owned()),
             ]);
         }
+        if let Some(fallback) = &service.fallback {
+            rows.push(vec!["  (fallback)".to_owned(), fallback.clone()]);
+        }
     }
     let mut out = format!("generation {}\n", report.generation);
     if report.services.is_empty() {
@@ -88,10 +91,11 @@ fn worker_lines(name: &str, w: &WorkerStats, out: &mut String) {
     };
     let _ = writeln!(
         out,
-        "{name}: rx {} forwarded {} ({} bytes) arp-replies {} icmp-replies {} gratuitous-arps {} flows {} persistent-clients {}\n  drops: {drops}",
+        "{name}: rx {} forwarded {} ({} bytes) fallback {} arp-replies {} icmp-replies {} gratuitous-arps {} flows {} persistent-clients {}\n  drops: {drops}",
         w.rx_frames,
         w.forwarded_packets,
         w.forwarded_bytes,
+        w.fallback_packets,
         w.arp_replies,
         w.icmp_echo_replies,
         w.gratuitous_arps,
@@ -163,6 +167,7 @@ mod tests {
                 method: "Layer 4".into(),
                 mode: "DR".into(),
                 conns: 12,
+                fallback: Some("198.18.0.50 (standby)".into()),
                 real_servers: vec![
                     RealServerStatus {
                         label: "Wowza Srv 1".into(),
@@ -197,8 +202,10 @@ mod tests {
         assert!(lines[3].contains("  up  ") && lines[3].contains("02:00:00:00:00:11"));
         assert!(lines[3].ends_with("ok (connected) at 21:04:05 UTC"));
         assert!(lines[4].contains("unresolved"));
+        assert!(lines[5].starts_with("  (fallback)"));
         // Columns line up: the IP column starts at the same place on every row.
         let column = lines[2].find("198.18.0.100").expect("vip");
+        assert_eq!(lines[5].find("198.18.0.50 (standby)"), Some(column));
         assert_eq!(lines[3].find("198.18.0.11"), Some(column));
         assert_eq!(lines[1].find("VIP / IP"), Some(column));
     }
@@ -230,7 +237,7 @@ mod tests {
             workers: vec![worker],
             total,
         });
-        assert!(text.contains("worker (queue 0): rx 10 forwarded 8 (800 bytes)"));
+        assert!(text.contains("worker (queue 0): rx 10 forwarded 8 (800 bytes) fallback 0"));
         assert!(text.contains("drops: not_vip=2"));
         assert!(text.contains("\nGUI "));
         assert!(text.contains("  a "));

@@ -443,12 +443,9 @@ impl Control {
     /// `lbctl` takes traffic as soon as the command returns. One that stays silent is added
     /// unresolved; the neighbour refresh keeps asking.
     fn learn_new_servers(&mut self, config: &Config) {
-        let missing: Vec<Ipv4Addr> = config
-            .services
-            .iter()
-            .flat_map(|s| &s.real_servers)
-            .filter(|rs| rs.mac.is_none() && !self.macs.contains_key(&rs.ip))
-            .map(|rs| rs.ip)
+        let missing: Vec<Ipv4Addr> = addresses_to_resolve(config)
+            .into_iter()
+            .filter(|ip| !self.macs.contains_key(ip))
             .collect();
         if !missing.is_empty() {
             let never = std::sync::atomic::AtomicBool::new(false);
@@ -468,15 +465,7 @@ impl Control {
             }
         };
         let mut changed = false;
-        let wanted: BTreeSet<Ipv4Addr> = self
-            .config
-            .services
-            .iter()
-            .flat_map(|s| &s.real_servers)
-            .filter(|rs| rs.mac.is_none())
-            .map(|rs| rs.ip)
-            .collect();
-        for ip in wanted {
+        for ip in addresses_to_resolve(&self.config) {
             match table.get(&ip) {
                 Some(&mac) => {
                     if self.macs.insert(ip, mac) != Some(mac) {
@@ -564,6 +553,17 @@ impl Control {
                     method: "Layer 4".to_owned(),
                     mode: "DR".to_owned(),
                     conns: real_servers.iter().map(|rs| rs.conns).sum(),
+                    fallback: entry.fallback.map(|(ip, mac)| {
+                        let use_ = if entry.all_unavailable() {
+                            "in use"
+                        } else {
+                            "standby"
+                        };
+                        match mac {
+                            Some(_) => format!("{ip} ({use_})"),
+                            None => format!("{ip} ({use_}, unresolved)"),
+                        }
+                    }),
                     real_servers,
                 }
             })
@@ -635,6 +635,7 @@ impl Control {
             arp_replies: counters.arp_replies,
             icmp_echo_replies: counters.icmp_echo_replies,
             gratuitous_arps: counters.gratuitous_arps,
+            fallback_packets: counters.fallback,
             flows: 0,
             persistent_clients: 0,
             drops: DropReason::ALL
@@ -674,6 +675,24 @@ pub fn publish(workers: &[WorkerLink], snapshot: Arc<Snapshot>, timeout: Duratio
         }
     }
     all
+}
+
+/// Every address whose MAC lbd must learn: real servers without a pinned MAC, and fallbacks.
+pub fn addresses_to_resolve(config: &Config) -> Vec<Ipv4Addr> {
+    let mut ips: Vec<Ipv4Addr> = config
+        .services
+        .iter()
+        .flat_map(|s| {
+            s.real_servers
+                .iter()
+                .filter(|rs| rs.mac.is_none())
+                .map(|rs| rs.ip)
+                .chain(s.fallback)
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
 }
 
 /// `ok (HTTP 200) at 21:04:05 UTC`: a check's result for `lbctl status`.

@@ -114,6 +114,8 @@ pub struct Counters {
     pub icmp_echo_replies: u64,
     /// Gratuitous ARP frames sent.
     pub gratuitous_arps: u64,
+    /// Frames sent to a service's fallback server (also counted as forwarded).
+    pub fallback: u64,
     /// Drops, indexed by [`DropReason`].
     pub drops: [u64; DropReason::ALL.len()],
     /// Per service (snapshot order), per real server (service's order).
@@ -172,6 +174,16 @@ impl Counters {
         }
     }
 
+    /// Counts one frame of `len` bytes sent to a service's fallback server.
+    #[inline]
+    pub fn forward_fallback(&mut self, service: usize, len: usize) {
+        self.forwarded.add(len);
+        self.fallback += 1;
+        if let Some(service) = self.services.get_mut(service) {
+            service.total.add(len);
+        }
+    }
+
     /// Adds another worker's counters into these (same service shape expected; extra entries
     /// are appended).
     pub fn merge(&mut self, other: &Counters) {
@@ -181,6 +193,7 @@ impl Counters {
         self.arp_replies += other.arp_replies;
         self.icmp_echo_replies += other.icmp_echo_replies;
         self.gratuitous_arps += other.gratuitous_arps;
+        self.fallback += other.fallback;
         for (mine, theirs) in self.drops.iter_mut().zip(other.drops) {
             *mine += theirs;
         }

@@ -6,7 +6,7 @@
 //! (SIGINT/SIGTERM) the workers finish their batch and exit, the sockets close, and dropping
 //! the steering program's link detaches it, leaving the interface as it was.
 
-use crate::control::{Control, WorkerLink};
+use crate::control::{Control, WorkerLink, addresses_to_resolve};
 use crate::counters::{Counters, DropReason};
 use crate::dataplane::{Dataplane, TableSizes};
 use crate::server::{ControlServer, ServerError};
@@ -123,14 +123,12 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         sockets.push(rings);
     }
 
-    let unpinned: Vec<Ipv4Addr> = config
-        .services
-        .iter()
-        .flat_map(|s| &s.real_servers)
-        .filter(|rs| rs.mac.is_none())
-        .map(|rs| rs.ip)
-        .collect();
-    let macs = host::resolve(interface, &unpinned, INITIAL_RESOLUTION, &stop);
+    let macs = host::resolve(
+        interface,
+        &addresses_to_resolve(&config),
+        INITIAL_RESOLUTION,
+        &stop,
+    );
     let snapshot = Arc::new(Snapshot::build(
         &config,
         own_mac,

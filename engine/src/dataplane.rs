@@ -361,7 +361,16 @@ impl Dataplane {
             ),
         };
         let Some(backend) = backend else {
-            return Verdict::Drop(DropReason::NoRealServer);
+            // No real server can take the client: the fallback server, when there is one.
+            return match service.fallback {
+                Some((_, Some(mac))) => {
+                    frame[field::ETH_DST].copy_from_slice(&mac);
+                    frame[field::ETH_SRC].copy_from_slice(&snapshot.own_mac);
+                    counters.forward_fallback(usize::from(service_index), frame.len());
+                    Verdict::Transmit
+                }
+                _ => Verdict::Drop(DropReason::NoRealServer),
+            };
         };
         let Some(real_server) = service.real_servers.get(usize::from(backend)) else {
             return Verdict::Drop(DropReason::NoRealServer);

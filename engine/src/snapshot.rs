@@ -127,6 +127,18 @@ pub struct ServiceEntry {
     pub real_servers: Vec<RealServerEntry>,
     /// Real-server address (host order) -> index into `real_servers`.
     pub by_ip: HashMap<u32, u16>,
+    /// The fallback server's address and MAC (`None` when unset; MAC `None` while unresolved).
+    pub fallback: Option<(Ipv4Addr, Option<[u8; 6]>)>,
+}
+
+impl ServiceEntry {
+    /// True when no real server takes new clients: new clients go to the fallback, if any.
+    pub fn all_unavailable(&self) -> bool {
+        !self
+            .real_servers
+            .iter()
+            .any(RealServerEntry::takes_new_clients)
+    }
 }
 
 /// The whole packet-path view of the configuration.
@@ -212,6 +224,7 @@ impl Snapshot {
                 table: MaglevTable::build(&backends, service.table_size, config.engine.hash_seed),
                 real_servers,
                 by_ip,
+                fallback: service.fallback.map(|ip| (ip, mac_of(ip))),
             });
         }
         Snapshot {

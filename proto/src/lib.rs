@@ -259,6 +259,9 @@ pub struct ServiceStatus {
     pub mode: String,
     /// Tracked connections to the service.
     pub conns: u64,
+    /// The fallback server: `198.18.0.50 (standby)` or `(in use)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
     /// Real servers in config order.
     pub real_servers: Vec<RealServerStatus>,
 }
@@ -311,6 +314,9 @@ pub struct WorkerStats {
     pub icmp_echo_replies: u64,
     /// Gratuitous ARPs sent.
     pub gratuitous_arps: u64,
+    /// Frames sent to fallback servers.
+    #[serde(default)]
+    pub fallback_packets: u64,
     /// Tracked connections.
     pub flows: u64,
     /// Remembered persistent clients.

@@ -763,3 +763,41 @@ fn a_long_connection_keeps_its_client_persisted() {
     assert!(dp.persistence().get(&key, 60_000).is_some());
     assert!(dp.persistence().get(&key, 75_000).is_none());
 }
+
+#[test]
+fn the_fallback_server_takes_new_clients_only_when_no_real_server_can() {
+    const FALLBACK_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x50];
+    let text = CONFIG.replace(
+        "ports = \"1935\"\nprotocol = \"tcp\"",
+        "ports = \"1935\"\nprotocol = \"tcp\"\nfallback = \"198.18.0.50\"",
+    );
+    let config = Config::from_toml_str(&text).expect("valid");
+    let build = |admin: AdminState| {
+        Snapshot::build(
+            &config,
+            OWN_MAC,
+            1,
+            |ip| match ip.octets()[3] {
+                11 => Some(RS1_MAC),
+                50 => Some(FALLBACK_MAC),
+                _ => None,
+            },
+            move |_, _| admin,
+        )
+    };
+    let mut standby = Dataplane::new(Arc::new(build(AdminState::Online)), TableSizes::default());
+    let mut frame = tcp_frame(CLIENT, VIP, 1, 1935);
+    assert_eq!(standby.process(&mut frame, 0), Verdict::Transmit);
+    assert_ne!(frame[0..6], FALLBACK_MAC);
+    let mut all_halted = Dataplane::new(Arc::new(build(AdminState::Halt)), TableSizes::default());
+    let mut frame = tcp_frame(CLIENT, VIP, 1, 1935);
+    assert_eq!(all_halted.process(&mut frame, 0), Verdict::Transmit);
+    assert_eq!(frame[0..6], FALLBACK_MAC);
+    assert_eq!(all_halted.counters().fallback, 1);
+    // "Wowza GUI" has no fallback: dropped and counted.
+    let mut frame = tcp_frame(CLIENT, VIP, 1, 8088);
+    assert_eq!(
+        all_halted.process(&mut frame, 0),
+        Verdict::Drop(DropReason::NoRealServer)
+    );
+}
