@@ -13,8 +13,10 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// How long lbctl waits for lbd (a change waits for every worker; that is quick).
-const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long lbctl waits for lbd. The daemon's slowest reply is a change that adds real
+/// servers: up to 1 s to resolve their MACs, then up to 2 s for every worker to take the new
+/// snapshot (engine/src/control.rs), so 10 s leaves a wide margin.
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Sends one command and returns lbd's reply, or the one-line reason it failed.
 fn exchange(socket: &Path, command: Command) -> Result<Reply, String> {
@@ -90,15 +92,27 @@ mod tests {
     use lbd_proto::Response;
     use std::os::unix::net::UnixListener;
 
-    /// A one-shot fake lbd that answers any request with `response`.
-    fn fake_lbd(response: Response) -> (std::path::PathBuf, std::thread::JoinHandle<String>) {
-        let dir = std::env::temp_dir().join(format!(
+    /// A private temp directory, removed on drop.
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A one-shot fake lbd that answers any request with `response`; its socket lives in the
+    /// returned directory.
+    fn fake_lbd(
+        response: Response,
+    ) -> (TempDir, std::path::PathBuf, std::thread::JoinHandle<String>) {
+        let dir = TempDir(std::env::temp_dir().join(format!(
             "lbctl-test-{}-{:?}",
             std::process::id(),
             std::thread::current().id()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join("lbd.sock");
+        )));
+        std::fs::create_dir_all(&dir.0).expect("temp dir");
+        let path = dir.0.join("lbd.sock");
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).expect("bind");
         let thread = std::thread::spawn(move || {
@@ -112,12 +126,12 @@ mod tests {
                 .expect("write");
             request
         });
-        (path, thread)
+        (dir, path, thread)
     }
 
     #[test]
     fn a_reply_comes_back_and_the_request_is_one_versioned_line() {
-        let (path, lbd) = fake_lbd(Response::ok(Reply::Done {
+        let (_dir, path, lbd) = fake_lbd(Response::ok(Reply::Done {
             message: "ok".into(),
         }));
         let reply = exchange(&path, Command::Status).expect("reply");
@@ -136,7 +150,7 @@ mod tests {
 
     #[test]
     fn a_refusal_is_the_error() {
-        let (path, lbd) = fake_lbd(Response::error("no service named \"x\""));
+        let (_dir, path, lbd) = fake_lbd(Response::error("no service named \"x\""));
         let error = exchange(&path, Command::Reload).expect_err("refused");
         assert_eq!(error, "no service named \"x\"");
         lbd.join().expect("fake lbd");
