@@ -266,3 +266,87 @@ fn all_servers_down_with_and_without_a_fallback() {
         other => panic!("stats gave {other:?}"),
     }
 }
+
+/// Runs the keep-alive client from `sources` for `seconds`, while `during` runs; its summary.
+fn keepalive_while(
+    lab: &Lab,
+    sources: &[String],
+    fresh: &[String],
+    seconds: u32,
+    during: impl FnOnce(),
+) -> (bool, serde_json::Value) {
+    let script = common::repo_root().join("tests/clients/keepalive.py");
+    let client = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.fact("NS_CLIENT"), "python3"])
+        .arg(&script)
+        .args(["--vip", VIP, "--seconds", &seconds.to_string()])
+        .args(["--sources", &sources.join(" "), "--fresh", &fresh.join(" ")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the keep-alive client");
+    std::thread::sleep(Duration::from_millis(1000));
+    during();
+    let output = client.wait_with_output().expect("keep-alive client ends");
+    let summary = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "keep-alive client output: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.success(), summary)
+}
+
+#[test]
+fn drain_keeps_open_connections_and_halt_ends_them() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up(2);
+    let config = format!(
+        "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
+         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\npersistence_timeout_s = 1\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{}\"\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 2\"\nip = \"{}\"\n",
+        lab.socket().display(),
+        lab.fact("RS1_IP"),
+        lab.fact("RS2_IP")
+    );
+    let _lbd = Lbd::start(&lab, &config);
+    let placement = servers_by_client(&lab);
+    let on_rs1: Vec<String> = placement
+        .iter()
+        .filter(|(_, s)| *s == "rs1")
+        .map(|(c, _)| c.clone())
+        .collect();
+    assert!(on_rs1.len() >= 3, "{placement:?}");
+    let (long_lived, fresh) = (&on_rs1[..2], &on_rs1[2..]);
+
+    // Drain: the open connections to rs1 go on; new clients, even rs1's own, go to rs2.
+    let (ok, summary) = keepalive_while(&lab, long_lived, fresh, 5, || {
+        lbctl_ok(&lab, &["drain", "Wowza GUI", "Wowza Srv 1"]);
+    });
+    assert!(ok, "drain broke an open connection: {summary}");
+    assert_eq!(summary["servers"], serde_json::json!(["rs1"]), "{summary}");
+    std::thread::sleep(Duration::from_millis(1500)); // the 1 s persistence runs out
+    for (client, server) in servers_by_client(&lab) {
+        assert_eq!(
+            server, "rs2",
+            "{client}: a drained server takes no new client"
+        );
+    }
+
+    // Halt: rs1's open connections stop at once.
+    lbctl_ok(&lab, &["online", "Wowza GUI", "Wowza Srv 1"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (ok, summary) = keepalive_while(&lab, long_lived, &[], 4, || {
+        lbctl_ok(&lab, &["halt", "Wowza GUI", "Wowza Srv 1"]);
+    });
+    assert!(!ok, "a halted server's connections must end: {summary}");
+    let failures = summary["failures"].to_string();
+    assert!(
+        failures.contains("moved from rs1") || failures.contains("request"),
+        "{summary}"
+    );
+}
