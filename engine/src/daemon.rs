@@ -1,8 +1,9 @@
 //! Start-up, the workers' threads, neighbour resolution, signals and shutdown.
 //!
 //! Order matters at start: the XDP program is attached with an empty VIP map (so it steers
-//! nothing yet), then each queue's socket is bound and entered in the XSKMAP, and only then are
-//! the VIPs added: no VIP frame is ever redirected to a queue without a socket. At stop
+//! nothing yet), then each queue's socket is bound and entered in the XSKMAP, its worker starts
+//! and fills the fill ring, and only then are the VIPs added: no VIP frame is ever redirected
+//! to a queue that cannot take it. At stop
 //! (SIGINT/SIGTERM) the workers finish their batch and exit, the sockets close, and dropping
 //! the steering program's link detaches it, leaving the interface as it was.
 
@@ -139,9 +140,6 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     log_services(&config, &snapshot);
 
     let vips = distinct_vips(&config);
-    for &vip in &vips {
-        steering.add_vip(vip)?;
-    }
 
     let settings = WorkerSettings {
         batch_size: engine.batch_size as usize,
@@ -166,6 +164,21 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         );
         links.push(link);
         threads.push((index, thread));
+    }
+
+    // VIPs are steered only once every worker runs (its fill ring holds frames): before that
+    // the kernel would have nowhere to put them.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while links.iter().any(|l| l.applied.load(Ordering::Acquire) == 0) && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for &vip in &vips {
+        if let Err(error) = steering.add_vip(vip) {
+            stop.store(true, Ordering::Relaxed);
+            join_workers(threads);
+            return Err(error.into());
+        }
     }
 
     let control = Arc::new(Mutex::new(Control::new(

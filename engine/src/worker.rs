@@ -43,6 +43,9 @@ pub trait Rings {
     fn wait_for_rx(&mut self, timeout_ms: i32);
 }
 
+/// Wake-and-retry rounds for a batch that found the TX ring full before its rest is recycled.
+const MAX_TX_RETRIES: usize = 4;
+
 /// What the control side asks of a running worker; applied between batches.
 #[derive(Debug)]
 pub enum WorkerCommand {
@@ -304,8 +307,23 @@ impl<R: Rings> Worker<R> {
         if self.tx_batch.is_empty() {
             return;
         }
-        let sent = self.rings.transmit(&self.tx_batch);
+        let mut sent = self.rings.transmit(&self.tx_batch);
         self.in_tx += sent;
+        // A full TX ring: in copy mode the kernel only sends when woken, a bounded number of
+        // frames per wakeup, so wake it, take back what it completed, and try again.
+        let mut tries = 0;
+        while sent < self.tx_batch.len() && tries < MAX_TX_RETRIES {
+            self.rings.kick();
+            self.reclaim();
+            let more = self.rings.transmit(&self.tx_batch[sent..]);
+            self.in_tx += more;
+            sent += more;
+            tries += 1;
+        }
+        if self.in_tx > 0 {
+            // Have the kernel work on what is queued now, not at the next idle poll.
+            self.rings.kick();
+        }
         for desc in self.tx_batch.drain(sent..) {
             self.dataplane.counters_mut().drop(DropReason::TxRingFull);
             self.free.push(desc);
