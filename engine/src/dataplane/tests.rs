@@ -465,6 +465,24 @@ mod fuzz {
             prop_assert_eq!(frame.len(), bytes.len());
         }
 
+        /// Random bytes behind an Ethernet header addressed to the balancer, so the IPv4 and
+        /// ARP parsers see them (random destination MACs would stop at the first check).
+        #[test]
+        fn arbitrary_payloads_to_our_mac_never_panic(
+            arp in any::<bool>(),
+            payload in prop::collection::vec(any::<u8>(), 0..120),
+        ) {
+            let mut dp = dataplane();
+            let mut frame = Vec::with_capacity(14 + payload.len());
+            frame.extend_from_slice(&OWN_MAC);
+            frame.extend_from_slice(&CLIENT_MAC);
+            frame.extend_from_slice(if arp { &[0x08, 0x06] } else { &[0x08, 0x00] });
+            frame.extend_from_slice(&payload);
+            let len = frame.len();
+            dp.process_at0(&mut frame);
+            prop_assert_eq!(frame.len(), len);
+        }
+
         /// Valid headers with random fields and truncation never panic either.
         #[test]
         fn mutated_valid_frames_never_panic(
