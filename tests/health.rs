@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Lab, Lbd, VIP, lab_allowed, lbctl_ok};
+use common::{Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl_ok};
 use lbd_proto::{Reply, StatusReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -265,37 +265,6 @@ fn all_servers_down_with_and_without_a_fallback() {
         }
         other => panic!("stats gave {other:?}"),
     }
-}
-
-/// Runs the keep-alive client from `sources` for `seconds`, while `during` runs; its summary.
-fn keepalive_while(
-    lab: &Lab,
-    sources: &[String],
-    fresh: &[String],
-    seconds: u32,
-    during: impl FnOnce(),
-) -> (bool, serde_json::Value) {
-    let script = common::repo_root().join("tests/clients/keepalive.py");
-    let client = std::process::Command::new("ip")
-        .args(["netns", "exec", lab.fact("NS_CLIENT"), "python3"])
-        .arg(&script)
-        .args(["--vip", VIP, "--seconds", &seconds.to_string()])
-        .args(["--sources", &sources.join(" "), "--fresh", &fresh.join(" ")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start the keep-alive client");
-    std::thread::sleep(Duration::from_millis(1000));
-    during();
-    let output = client.wait_with_output().expect("keep-alive client ends");
-    let summary = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
-        panic!(
-            "keep-alive client output: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    (output.status.success(), summary)
 }
 
 #[test]

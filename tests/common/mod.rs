@@ -266,3 +266,36 @@ pub fn lbctl_ok(lab: &Lab, args: &[&str]) -> String {
     assert_eq!(code, 0, "lbctl {args:?} failed: {stderr}{stdout}");
     stdout
 }
+
+/// Runs tests/clients/keepalive.py in the client namespace from `sources` (long-lived
+/// connections) and `fresh` (new clients) for `seconds`, calls `during` a second in, and
+/// returns whether the client passed and its JSON summary.
+pub fn keepalive_while(
+    lab: &Lab,
+    sources: &[String],
+    fresh: &[String],
+    seconds: u32,
+    during: impl FnOnce(),
+) -> (bool, serde_json::Value) {
+    let script = repo_root().join("tests/clients/keepalive.py");
+    let client = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.fact("NS_CLIENT"), "python3"])
+        .arg(&script)
+        .args(["--vip", VIP, "--seconds", &seconds.to_string()])
+        .args(["--sources", &sources.join(" "), "--fresh", &fresh.join(" ")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the keep-alive client");
+    std::thread::sleep(Duration::from_millis(1000));
+    during();
+    let output = client.wait_with_output().expect("keep-alive client ends");
+    let summary = serde_json::from_slice(&output.stdout).unwrap_or_else(|_| {
+        panic!(
+            "keep-alive client output: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.success(), summary)
+}
