@@ -319,3 +319,62 @@ fn drain_keeps_open_connections_and_halt_ends_them() {
         "{summary}"
     );
 }
+
+#[test]
+fn a_server_at_max_connections_takes_no_new_client_until_below_the_lower_threshold() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up(2);
+    let config = format!(
+        "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
+         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\npersistence_timeout_s = 1\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{}\"\nmax_connections = 3\n\n\
+         [[service.real_server]]\nlabel = \"Wowza Srv 2\"\nip = \"{}\"\n",
+        lab.socket().display(),
+        lab.fact("RS1_IP"),
+        lab.fact("RS2_IP")
+    );
+    let _lbd = Lbd::start(&lab, &config);
+    let on_rs1: Vec<String> = servers_by_client(&lab)
+        .into_iter()
+        .filter(|(_, s)| s == "rs1")
+        .map(|(c, _)| c)
+        .collect();
+    assert!(on_rs1.len() >= 4, "{on_rs1:?}");
+    let (holders, next) = (&on_rs1[..3], &on_rs1[3]);
+    let fetch = |source: &str| {
+        let output = lab.exec(
+            "NS_CLIENT",
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "3",
+                "--interface",
+                source,
+                &format!("http://{VIP}:8088/"),
+            ],
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    // Three open connections fill rs1; the next client of rs1 goes to rs2.
+    let (ok, summary) = keepalive_while(&lab, holders, &[], 3, || {
+        std::thread::sleep(Duration::from_millis(800));
+        let report = status(&lab);
+        let (state, _) = state_of(&report, "Wowza GUI", "Wowza Srv 1");
+        assert_eq!(state, "full", "{report:?}");
+        assert!(
+            fetch(next).contains("server=rs2"),
+            "a full server takes no new client"
+        );
+    });
+    assert!(
+        ok,
+        "the open connections go on while the server is full: {summary}"
+    );
+    // Closed again: below 3/4 of the limit it takes clients again.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(state_of(&status(&lab), "Wowza GUI", "Wowza Srv 1").0, "up");
+    assert!(fetch(next).contains("server=rs1"));
+}

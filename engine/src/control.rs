@@ -61,6 +61,8 @@ pub struct Control {
     steering: Steering,
     workers: Vec<WorkerLink>,
     health: Tracker,
+    /// Real servers at their connection limit (IPVS -x/-y hysteresis).
+    full: BTreeSet<(String, String)>,
 }
 
 /// The outcome of a request: the reply, or the reason it was refused.
@@ -87,6 +89,7 @@ impl Control {
             steering,
             workers,
             health: Tracker::default(),
+            full: BTreeSet::new(),
         }
     }
 
@@ -385,6 +388,7 @@ impl Control {
                 ServerState {
                     admin: admin.get(&key).copied().unwrap_or_default(),
                     healthy: self.health.get(&key).up,
+                    full: self.full.contains(&key),
                 }
             },
         )
@@ -484,6 +488,65 @@ impl Control {
         if changed {
             let snapshot =
                 Arc::new(self.build(&self.config, &self.admin, self.snapshot.generation + 1));
+            self.publish(Arc::clone(&snapshot));
+            self.snapshot = snapshot;
+        }
+    }
+
+    /// Applies the connection limits: a server with `max_connections` set stops taking new
+    /// connections when its tracked connections reach it and takes them again below
+    /// `min_connections` (or, unset, 3/4 of the maximum), as IPVS's -x/-y do. Counts come
+    /// from the workers' flow tables, so the limit holds within one refresh of the caller.
+    pub fn enforce_limits(&mut self) {
+        let limited: Vec<(usize, usize)> = self
+            .config
+            .services
+            .iter()
+            .enumerate()
+            .flat_map(|(s, service)| {
+                service
+                    .real_servers
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, rs)| rs.max_connections > 0)
+                    .map(move |(r, _)| (s, r))
+            })
+            .collect();
+        if limited.is_empty() && self.full.is_empty() {
+            return;
+        }
+        let reports = self.reports();
+        let generation = self.snapshot.generation;
+        let mut full = BTreeSet::new();
+        for (s, r) in limited {
+            let conns: u64 = reports
+                .iter()
+                .filter_map(|(_, report)| report.as_ref())
+                .filter(|report| report.generation == generation)
+                .filter_map(|report| report.connections.get(s)?.get(r))
+                .sum();
+            let service = &self.config.services[s];
+            let rs = &service.real_servers[r];
+            let key = (service.label.clone(), rs.label.clone());
+            let max = u64::from(rs.max_connections);
+            let low = if rs.min_connections > 0 {
+                u64::from(rs.min_connections)
+            } else {
+                max * 3 / 4
+            };
+            let was_full = self.full.contains(&key);
+            if (was_full && conns >= low) || (!was_full && conns >= max) {
+                if !was_full {
+                    tracing::info!(service = %key.0, real_server = %key.1, conns, max, "connection limit reached");
+                }
+                full.insert(key);
+            } else if was_full {
+                tracing::info!(service = %key.0, real_server = %key.1, conns, low, "below the lower threshold again");
+            }
+        }
+        if full != self.full {
+            self.full = full;
+            let snapshot = Arc::new(self.build(&self.config, &self.admin, generation + 1));
             self.publish(Arc::clone(&snapshot));
             self.snapshot = snapshot;
         }

@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 const INITIAL_RESOLUTION: Duration = Duration::from_secs(3);
 /// How often unresolved real servers are retried, and known ones re-read, while running.
 const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often connection counts are summed and the limits applied.
+const LIMITS_INTERVAL: Duration = Duration::from_millis(200);
 /// Spacing of the gratuitous ARP rounds at start.
 const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -236,6 +238,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let mut announcements_left = engine.gratuitous_arp_count;
     let mut next_announce = Instant::now();
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
+    let mut next_limits = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if announcements_left > 0 && now >= next_announce && !vips.is_empty() {
@@ -254,6 +257,12 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
             next_resolve = now + RESOLVE_INTERVAL;
             if let Ok(mut control) = control.lock() {
                 control.refresh_neighbours();
+            }
+        }
+        if now >= next_limits {
+            next_limits = now + LIMITS_INTERVAL;
+            if let Ok(mut control) = control.lock() {
+                control.enforce_limits();
             }
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -473,7 +473,7 @@ fn choose(
                 usable(
                     service,
                     entry.real_server,
-                    RealServerEntry::takes_known_clients,
+                    RealServerEntry::takes_persisted_clients,
                 )
             });
             let backend = persisted.or_else(|| service.table.lookup(&src))?;

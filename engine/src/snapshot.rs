@@ -45,6 +45,8 @@ pub struct ServerState {
     pub admin: AdminState,
     /// What the health checks say.
     pub healthy: bool,
+    /// At its `max_connections` (until it falls below `min_connections`).
+    pub full: bool,
 }
 
 impl Default for ServerState {
@@ -52,6 +54,7 @@ impl Default for ServerState {
         ServerState {
             admin: AdminState::Online,
             healthy: true,
+            full: false,
         }
     }
 }
@@ -60,7 +63,7 @@ impl From<AdminState> for ServerState {
     fn from(admin: AdminState) -> Self {
         ServerState {
             admin,
-            healthy: true,
+            ..ServerState::default()
         }
     }
 }
@@ -80,12 +83,21 @@ pub struct RealServerEntry {
     pub admin: AdminState,
     /// False when its health checks failed: it gets no traffic, its connections move.
     pub healthy: bool,
+    /// At its connection limit: no new connections, established ones go on.
+    pub full: bool,
 }
 
 impl RealServerEntry {
-    /// True when the server owns Maglev slots: online, healthy, resolved, non-zero weight.
+    /// True when the server owns Maglev slots: online, healthy, resolved, non-zero weight,
+    /// below its connection limit.
     pub fn takes_new_clients(&self) -> bool {
-        self.takes_known_clients() && self.weight > 0 && self.admin == AdminState::Online
+        self.takes_persisted_clients() && self.weight > 0 && self.admin == AdminState::Online
+    }
+
+    /// True when a persisted client may open a new connection to it (drained servers keep
+    /// their persisted clients; full ones take no new connection at all).
+    pub fn takes_persisted_clients(&self) -> bool {
+        self.takes_known_clients() && !self.full
     }
 
     /// True when its established flows and persisted clients may still reach it.
@@ -101,6 +113,7 @@ impl RealServerEntry {
             (_, None) => "unresolved",
             (AdminState::Drain, _) => "drain",
             (AdminState::Online, _) if self.weight == 0 => "drain",
+            _ if self.full => "full",
             (AdminState::Online, _) => "up",
         }
     }
@@ -199,6 +212,7 @@ impl Snapshot {
                         weight: rs.weight,
                         admin: state.admin,
                         healthy: state.healthy,
+                        full: state.full,
                     }
                 })
                 .collect();

@@ -708,8 +708,8 @@ mac = "02:00:00:00:00:12"
             2,
             |_| None,
             |_, rs| ServerState {
-                admin: AdminState::Online,
                 healthy: rs != "rs1",
+                ..ServerState::default()
             },
         );
         assert_eq!(rs1_down.services[0].real_servers[0].state_name(), "down");
@@ -720,6 +720,39 @@ mac = "02:00:00:00:00:12"
                 Some(RS2_MAC),
                 "client {client}"
             );
+        }
+    }
+
+    #[test]
+    fn a_full_server_keeps_its_connections_but_takes_no_new_one() {
+        use crate::snapshot::ServerState;
+        let text = TWO.replace("PERSISTENCE", "source-ip");
+        let config = Config::from_toml_str(&text).expect("valid");
+        let mut dp = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
+        let before = open_all(&mut dp, 1_000);
+        let full = Snapshot::build(
+            &config,
+            OWN_MAC,
+            2,
+            |_| None,
+            |_, rs| ServerState {
+                full: rs == "rs1",
+                ..ServerState::default()
+            },
+        );
+        assert_eq!(full.services[0].real_servers[0].state_name(), "full");
+        dp.set_snapshot(Arc::new(full));
+        for client in 1..=100u8 {
+            let index = usize::from(client) - 1;
+            // The open connection stays...
+            assert_eq!(server_of(&mut dp, ack(client), 2_000), Some(before[index]));
+            // ...but a new one, even from a client persisted to rs1, goes to rs2.
+            let next = server_of(
+                &mut dp,
+                tcp_frame([198, 18, 1, client], VIP, 50000, 8088),
+                2_000,
+            );
+            assert_eq!(next, Some(RS2_MAC), "client {client}");
         }
     }
 
