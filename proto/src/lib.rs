@@ -277,7 +277,7 @@ pub struct RealServerStatus {
     pub weight: u16,
     /// Tracked connections to it.
     pub conns: u64,
-    /// `up`, `down`, `drain`, `halt` or `unresolved`.
+    /// `up`, `down`, `drain`, `full`, `halt` or `unresolved`.
     pub state: String,
     /// MAC in use, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
