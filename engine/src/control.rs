@@ -93,11 +93,6 @@ impl Control {
         }
     }
 
-    /// The running config.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     /// The workers' command channels (to stop them, announce, ...).
     pub fn workers(&self) -> &[WorkerLink] {
         &self.workers

@@ -87,11 +87,6 @@ impl MaglevTable {
         MaglevTable { slots, seed }
     }
 
-    /// The number of slots (`M`).
-    pub fn size(&self) -> usize {
-        self.slots.len()
-    }
-
     /// The backend index owning the slot for `key`, or `None` when the table is empty.
     #[inline]
     pub fn lookup(&self, key: &[u8]) -> Option<u16> {
