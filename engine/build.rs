@@ -1,15 +1,21 @@
 //! Compiles the XDP steering program (bpf/steer.c) with clang into OUT_DIR, where the engine
-//! embeds it. clang and libbpf's headers (Debian: clang, libbpf-dev) are build dependencies.
+//! embeds it, and the packet-rate benchmark's programs (../benches/bpf/pps.c), which only that
+//! benchmark embeds. clang and libbpf's headers (Debian: clang, libbpf-dev) are build
+//! dependencies.
 
 use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let source = "bpf/steer.c";
-    println!("cargo:rerun-if-changed={source}");
     println!("cargo:rerun-if-env-changed=CLANG");
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("steer.o");
+    compile_bpf("bpf/steer.c", "steer.o");
+    compile_bpf("../benches/bpf/pps.c", "pps.o");
+}
+
+fn compile_bpf(source: &str, object: &str) {
+    println!("cargo:rerun-if-changed={source}");
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join(object);
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
     // <linux/bpf.h> pulls in <asm/types.h>, which Debian keeps under the multiarch directory
     // that a `-target bpf` compile does not search by itself.

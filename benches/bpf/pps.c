@@ -1,0 +1,207 @@
+// SPDX-License-Identifier: (GPL-2.0 OR MIT)
+//
+// XDP programs of the packet-rate benchmark (benches/pps.rs); none of them is part of lbd.
+//   pps_gen   the traffic generator, run with BPF_PROG_TEST_RUN in live-frames mode on the
+//             wire's far end: writes one frame per run from templates and sends it (XDP_TX)
+//             to the balancer's interface. Source addresses cycle through `sources` clients.
+//   pps_sink  on the wire's far end: counts every frame the forwarder sends, per destination
+//             MAC (one slot per real server, slot 0 for anything else), and drops it.
+//   pps_fwd   the in-kernel XDP contender: the same DR rewrite as lbd (destination MAC from a
+//             hash of the source address, source MAC = own), then XDP_TX.
+//   pps_pass  XDP_PASS only: in front of the nftables contender, so that every contender's
+//             frames arrive through the same veth XDP receive path.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define FRAME_LEN 60
+#define TEMPLATES 3
+#define MAX_SERVERS 64
+
+enum template_kind { TEMPLATE_VIP = 0, TEMPLATE_ARP = 1, TEMPLATE_OTHER = 2 };
+
+struct gen_config {
+	__u32 sources; // clients to cycle through, from the template's source address upwards
+	__u32 mix;     // 0: every frame to the VIP; 1: 1% ARP requests, 1% to a non-VIP address
+};
+
+struct frame_template {
+	__u8 bytes[64];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct gen_config);
+} gen_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, TEMPLATES);
+	__type(key, __u32);
+	__type(value, struct frame_template);
+} gen_templates SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} gen_sent SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_SERVERS);
+	__type(key, __u64);   // destination MAC in the low 48 bits, as laid out in memory
+	__type(value, __u32); // counter slot, 1..
+} sink_macs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_SERVERS + 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} sink_counts SEC(".maps");
+
+struct fwd_config {
+	__be32 vip;
+	__u32 servers;
+	__u8 own_mac[ETH_ALEN];
+	__u8 pad[2];
+};
+
+struct server_mac {
+	__u8 mac[ETH_ALEN];
+	__u8 pad[2];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct fwd_config);
+} fwd_config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_SERVERS);
+	__type(key, __u32);
+	__type(value, struct server_mac);
+} fwd_servers SEC(".maps");
+
+// RFC 1624 eqn. 3 for a 32-bit field: the words are summed as they lie in memory, which the
+// one's complement sum allows whatever the byte order.
+static __always_inline __u16 csum_replace32(__u16 check, __u32 from, __u32 to)
+{
+	__u32 sum = (__u16)~check;
+	sum += (__u16)~(from & 0xffff) + (__u16)~(from >> 16);
+	sum += (to & 0xffff) + (to >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+SEC("xdp")
+int pps_gen(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u32 zero = 0;
+
+	if (data + FRAME_LEN > data_end)
+		return XDP_ABORTED;
+	struct gen_config *config = bpf_map_lookup_elem(&gen_config, &zero);
+	__u64 *sent = bpf_map_lookup_elem(&gen_sent, &zero);
+	if (!config || !sent || config->sources == 0)
+		return XDP_ABORTED;
+	__u64 index = *sent;
+	*sent = index + 1;
+
+	__u32 kind = TEMPLATE_VIP;
+	if (config->mix) {
+		__u32 slot = index % 100;
+		if (slot == 0)
+			kind = TEMPLATE_ARP;
+		else if (slot == 1)
+			kind = TEMPLATE_OTHER;
+	}
+	struct frame_template *template = bpf_map_lookup_elem(&gen_templates, &kind);
+	if (!template)
+		return XDP_ABORTED;
+	// Pages are recycled between runs: every frame is written whole.
+	__builtin_memcpy(data, template->bytes, FRAME_LEN);
+	if (kind == TEMPLATE_ARP)
+		return XDP_TX;
+
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	__u32 from = ip->saddr;
+	__u32 to = bpf_htonl(bpf_ntohl(from) + (__u32)(index % config->sources));
+	ip->saddr = to;
+	ip->check = csum_replace32(ip->check, from, to);
+	// TCP checksum at offset 16 of the header (RFC 9293), UDP at 6 (RFC 768); both cover the
+	// source address in their pseudo-header.
+	__u16 *l4_check = (void *)(ip + 1) + (ip->protocol == IPPROTO_TCP ? 16 : 6);
+	if ((void *)(l4_check + 1) > data_end)
+		return XDP_ABORTED;
+	if (ip->protocol == IPPROTO_TCP || *l4_check != 0)
+		*l4_check = csum_replace32(*l4_check, from, to);
+	return XDP_TX;
+}
+
+SEC("xdp")
+int pps_sink(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 mac = 0;
+	__u32 slot = 0;
+
+	if (data + ETH_ALEN <= data_end) {
+		__builtin_memcpy(&mac, data, ETH_ALEN);
+		__u32 *known = bpf_map_lookup_elem(&sink_macs, &mac);
+		if (known)
+			slot = *known;
+	}
+	__u64 *count = bpf_map_lookup_elem(&sink_counts, &slot);
+	if (count)
+		*count += 1;
+	return XDP_DROP;
+}
+
+SEC("xdp")
+int pps_fwd(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip = data + sizeof(*eth);
+	__u32 zero = 0;
+
+	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return XDP_PASS;
+	struct fwd_config *config = bpf_map_lookup_elem(&fwd_config, &zero);
+	if (!config || config->servers == 0 || ip->daddr != config->vip)
+		return XDP_PASS;
+	// Multiplicative hash of the client address: source-IP affinity, as jhash gives nftables.
+	__u32 hash = bpf_ntohl(ip->saddr) * 0x9e3779b1u;
+	__u32 index = (hash ^ (hash >> 16)) % config->servers;
+	struct server_mac *server = bpf_map_lookup_elem(&fwd_servers, &index);
+	if (!server)
+		return XDP_PASS;
+	__builtin_memcpy(eth->h_dest, server->mac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, config->own_mac, ETH_ALEN);
+	return XDP_TX;
+}
+
+SEC("xdp")
+int pps_pass(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+
+char _license[] SEC("license") = "Dual MIT/GPL";

@@ -1,0 +1,959 @@
+//! Packet rate through lbd on a veth pair, side by side with the kernel's own forwarding paths.
+//!
+//! `sudo scripts/bench-pps` (or, as root, `cargo bench -p lbd-engine --bench pps`) builds a
+//! network namespace `lbdpps` with one veth pair, `lb0` (the forwarder's interface) and `sw0`
+//! (the wire's far end), and measures, over the same topology and the same traffic:
+//! - lbd (release build, AF_XDP copy mode, one worker on its own core);
+//! - the kernel's netdev ingress path: an nftables `netdev` chain that rewrites both MACs from
+//!   a `jhash ip saddr` map and `fwd`s the frame back out (this kernel has no IPVS);
+//! - an in-kernel XDP program doing the same rewrite and XDP_TX: the ceiling on this topology.
+//!
+//! Traffic: TCP SYNs (60-byte frames) to VIP:1935 from 4096 client addresses, written by an XDP
+//! generator run with `BPF_PROG_TEST_RUN` in live-frames mode on `sw0`, pinned to core 0; it
+//! sends as fast as the kernel takes frames, so every contender runs saturated. A sink XDP
+//! program on `sw0` counts what comes back per destination MAC (one counter per real server)
+//! and drops it: the rate is what arrives at the real servers, not what the generator claims.
+//! Each round measures every contender once (the order rotates) over a fixed window after a
+//! warm-up; the table gives medians over the rounds.
+//!
+//! Also measured: lbd with 2 workers on 2 queues (a generator thread on each core; veth picks
+//! the receive queue by the sending core) against 1 worker; a mix with 1% ARP requests for the
+//! VIP and 1% frames to a non-VIP address; and a 10-million-frame run paced below saturation
+//! that checks lbd's frame accounting and that every frame lbd forwarded arrived.
+//!
+//! Options (after `--`): `--rounds N` (5), `--window-ms MS` (2000), `--long-frames N`
+//! (10000000; 0 skips the long run), `--long-rate PPS` (default: half lbd's median rate).
+//! The generator and every contender share this machine's cores: the table prints how many
+//! cores were busy during each measurement.
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId};
+use aya::{Ebpf, include_bytes_aligned};
+use etherparse::PacketBuilder;
+use lbd_proto::{Command as CtlCommand, Outcome, Reply, Request, StatsReport};
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+static PPS_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pps.o"));
+const LBD: &str = env!("CARGO_BIN_EXE_lbd");
+
+const NAMESPACE: &str = "lbdpps";
+const LB_IF: &str = "lb0";
+const WIRE_IF: &str = "sw0";
+const QUEUES: usize = 2;
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const WIRE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const NOT_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+const PORT: u16 = 1935;
+const FIRST_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
+const CLIENTS: u32 = 4096;
+const REAL_SERVERS: usize = 4;
+const FRAME_LEN: usize = 60;
+/// Frames per BPF_PROG_TEST_RUN call when the generator runs flat out: as many as possible,
+/// because each call sets up and tears down a page pool and waits for the frames of the last
+/// one (an RCU grace period: milliseconds of silence). A signal (SIGUSR1) ends a call.
+const FLOOD_CHUNK: u32 = 1 << 30;
+/// Frames per call when paced.
+const PACED_CHUNK: u32 = 64;
+const STATE_DIR: &str = "/tmp/lbdpps";
+
+fn real_server_mac(index: usize) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0x01, 0x10 + index as u8]
+}
+
+fn real_server_ip(index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 11 + index as u8)
+}
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+struct Options {
+    rounds: usize,
+    window: Duration,
+    long_frames: u64,
+    long_rate: Option<u64>,
+}
+
+impl Options {
+    fn parse() -> BenchResult<Options> {
+        let mut options = Options {
+            rounds: 5,
+            window: Duration::from_millis(2000),
+            long_frames: 10_000_000,
+            long_rate: None,
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || -> BenchResult<u64> {
+                let text = args.next().ok_or(format!("{arg} needs a value"))?;
+                Ok(text.parse().map_err(|e| format!("{arg} {text}: {e}"))?)
+            };
+            match arg.as_str() {
+                "--rounds" => options.rounds = value()?.max(1) as usize,
+                "--window-ms" => options.window = Duration::from_millis(value()?.max(100)),
+                "--long-frames" => options.long_frames = value()?,
+                "--long-rate" => options.long_rate = Some(value()?.max(1000)),
+                // cargo bench passes --bench; criterion-style filters are not used here.
+                _ => {}
+            }
+        }
+        Ok(options)
+    }
+}
+
+fn main() -> BenchResult<()> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("pps: needs root (namespaces, XDP, AF_XDP); run `sudo scripts/bench-pps`");
+        std::process::exit(2);
+    }
+    let options = Options::parse()?;
+    // The generator threads are stopped by SIGUSR1, which makes their BPF_PROG_TEST_RUN
+    // return EINTR; the handler itself only has to exist.
+    signal_hook::flag::register(
+        signal_hook::consts::SIGUSR1,
+        std::sync::Arc::new(AtomicBool::new(false)),
+    )?;
+    let wire = Wire::create()?;
+    let mut bench = Bench::load(&wire)?;
+    let report = bench.run(&options)?;
+    println!("{report}");
+    Ok(())
+}
+
+/// The namespace with the veth pair. This thread (and every thread it starts) lives in it.
+struct Wire {
+    wire_ifindex: u32,
+}
+
+impl Wire {
+    fn create() -> BenchResult<Wire> {
+        let _ = Command::new("ip")
+            .args(["netns", "del", NAMESPACE])
+            .stderr(Stdio::null())
+            .status();
+        sh("ip", &["netns", "add", NAMESPACE])?;
+        let handle = std::fs::File::open(format!("/run/netns/{NAMESPACE}"))?;
+        nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let queues = QUEUES.to_string();
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                LB_IF,
+                "numtxqueues",
+                &queues,
+                "numrxqueues",
+                &queues,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                WIRE_IF,
+                "numtxqueues",
+                &queues,
+                "numrxqueues",
+                &queues,
+            ],
+        )?;
+        sh("ip", &["link", "set", LB_IF, "address", &mac_text(LB_MAC)])?;
+        sh(
+            "ip",
+            &["link", "set", WIRE_IF, "address", &mac_text(WIRE_MAC)],
+        )?;
+        for interface in ["lo", LB_IF, WIRE_IF] {
+            sh("ip", &["link", "set", interface, "up"])?;
+        }
+        Ok(Wire {
+            wire_ifindex: ifindex(WIRE_IF)?,
+        })
+    }
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        // The namespace (and the veth pair in it) goes away with the last process inside.
+        let _ = Command::new("ip")
+            .args(["netns", "del", NAMESPACE])
+            .status();
+    }
+}
+
+fn ifindex(interface: &str) -> BenchResult<u32> {
+    // `ip -o link show lb0` starts with "<index>: lb0@sw0: ...".
+    let output = Command::new("ip")
+        .args(["-o", "link", "show", interface])
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let index = text
+        .split(':')
+        .next()
+        .ok_or(format!("no ifindex for {interface}"))?;
+    Ok(index.trim().parse()?)
+}
+
+fn sh(program: &str, args: &[&str]) -> BenchResult<()> {
+    let output = Command::new(program).args(args).output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn sh_with_input(program: &str, args: &[&str], input: &str) -> BenchResult<()> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(input.as_bytes())?;
+    let output = child.wait_with_output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Who forwards the frames in one measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Contender {
+    /// lbd with this many workers (one per queue, pinned to cores 1, 0).
+    Lbd { workers: usize },
+    /// nftables netdev ingress: MAC rewrite + fwd.
+    Nftables,
+    /// In-kernel XDP rewrite + XDP_TX.
+    XdpKernel,
+}
+
+impl Contender {
+    fn name(self) -> String {
+        match self {
+            Contender::Lbd { workers: 1 } => "lbd, 1 worker (AF_XDP copy mode)".to_owned(),
+            Contender::Lbd { workers } => format!("lbd, {workers} workers on {workers} queues"),
+            Contender::Nftables => "nftables netdev: MAC rewrite + fwd".to_owned(),
+            Contender::XdpKernel => "XDP in kernel: MAC rewrite + XDP_TX".to_owned(),
+        }
+    }
+}
+
+/// Counters read at one instant.
+#[derive(Debug, Clone)]
+struct Sample {
+    at: Instant,
+    /// Frames the generator wrote (and handed to sw0's XDP transmit).
+    generated: u64,
+    /// Frames that entered lb0 (its XDP receive path).
+    entered: u64,
+    /// Per sink slot: 0 = any other destination, 1.. = real server i - 1.
+    sink: Vec<u64>,
+    /// (busy, total) jiffies over all cores.
+    cpu: (u64, u64),
+}
+
+/// What one measurement window saw.
+#[derive(Debug, Clone)]
+struct Measurement {
+    contender: Contender,
+    mix: bool,
+    /// Frames per second arriving at the real servers.
+    forwarded_pps: f64,
+    generated_pps: f64,
+    entered_pps: f64,
+    per_server: Vec<u64>,
+    other: u64,
+    /// Cores busy on average (all processes and softirq).
+    busy_cores: f64,
+}
+
+impl Measurement {
+    fn loss(&self) -> f64 {
+        if self.generated_pps <= 0.0 {
+            return 0.0;
+        }
+        (1.0 - self.forwarded_pps / self.generated_pps).max(0.0)
+    }
+}
+
+struct Bench<'w> {
+    wire: &'w Wire,
+    ebpf: Ebpf,
+    sink_link: Option<XdpLinkId>,
+    lbd_config: PathBuf,
+}
+
+impl<'w> Bench<'w> {
+    fn load(wire: &'w Wire) -> BenchResult<Bench<'w>> {
+        let mut ebpf = Ebpf::load(PPS_OBJECT)?;
+        for name in ["pps_gen", "pps_sink", "pps_fwd", "pps_pass"] {
+            let program: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or(format!("no program {name}"))?
+                .try_into()?;
+            program.load()?;
+        }
+        let mut bench = Bench {
+            wire,
+            ebpf,
+            sink_link: None,
+            lbd_config: PathBuf::from(STATE_DIR).join("lbd.toml"),
+        };
+        bench.write_maps()?;
+        let sink = bench.xdp("pps_sink")?;
+        bench.sink_link = Some(sink.attach(WIRE_IF, XdpMode::Driver)?);
+        Ok(bench)
+    }
+
+    fn xdp(&mut self, name: &str) -> BenchResult<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(name)
+            .ok_or(format!("no program {name}"))?
+            .try_into()?)
+    }
+
+    fn write_maps(&mut self) -> BenchResult<()> {
+        let templates = frame_templates()?;
+        let mut map: Array<&mut MapData, [u8; 64]> =
+            Array::try_from(self.ebpf.map_mut("gen_templates").ok_or("gen_templates")?)?;
+        for (index, template) in templates.iter().enumerate() {
+            map.set(index as u32, template, 0)?;
+        }
+        let mut sink: BpfHashMap<&mut MapData, u64, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("sink_macs").ok_or("sink_macs")?)?;
+        for index in 0..REAL_SERVERS {
+            sink.insert(mac_key(real_server_mac(index)), index as u32 + 1, 0)?;
+        }
+        let mut config = [0u8; 16];
+        config[0..4].copy_from_slice(&VIP.octets());
+        config[4..8].copy_from_slice(&(REAL_SERVERS as u32).to_ne_bytes());
+        config[8..14].copy_from_slice(&LB_MAC);
+        let mut fwd: Array<&mut MapData, [u8; 16]> =
+            Array::try_from(self.ebpf.map_mut("fwd_config").ok_or("fwd_config")?)?;
+        fwd.set(0, config, 0)?;
+        let mut servers: Array<&mut MapData, [u8; 8]> =
+            Array::try_from(self.ebpf.map_mut("fwd_servers").ok_or("fwd_servers")?)?;
+        for index in 0..REAL_SERVERS {
+            let mut entry = [0u8; 8];
+            entry[..6].copy_from_slice(&real_server_mac(index));
+            servers.set(index as u32, entry, 0)?;
+        }
+        Ok(())
+    }
+
+    fn set_mix(&mut self, mix: bool) -> BenchResult<()> {
+        let mut config: Array<&mut MapData, [u32; 2]> =
+            Array::try_from(self.ebpf.map_mut("gen_config").ok_or("gen_config")?)?;
+        config.set(0, [CLIENTS, u32::from(mix)], 0)?;
+        Ok(())
+    }
+
+    fn sample(&self) -> BenchResult<Sample> {
+        let at = Instant::now();
+        let generated: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("gen_sent").ok_or("gen_sent")?)?;
+        let generated = generated.get(&0, 0)?.iter().sum();
+        let counts: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("sink_counts").ok_or("sink_counts")?)?;
+        let mut sink = Vec::with_capacity(REAL_SERVERS + 1);
+        for slot in 0..=REAL_SERVERS as u32 {
+            sink.push(counts.get(&slot, 0)?.iter().sum());
+        }
+        Ok(Sample {
+            at,
+            generated,
+            entered: lb_xdp_packets()?,
+            sink,
+            cpu: cpu_jiffies()?,
+        })
+    }
+
+    fn run(&mut self, options: &Options) -> BenchResult<String> {
+        std::fs::create_dir_all(STATE_DIR)?;
+        let main = [
+            Contender::Lbd { workers: 1 },
+            Contender::Nftables,
+            Contender::XdpKernel,
+        ];
+        let mut results: Vec<Measurement> = Vec::new();
+        for round in 0..options.rounds {
+            let mut order = main.to_vec();
+            order.rotate_left(round % main.len());
+            // The scaling and mix runs are lbd only; they go last in every round.
+            order.push(Contender::Lbd { workers: 2 });
+            for contender in order {
+                let measurement = self.measure(contender, false, options.window)?;
+                eprintln!("round {}: {}", round + 1, line(&measurement));
+                results.push(measurement);
+            }
+            let measurement = self.measure(Contender::Lbd { workers: 1 }, true, options.window)?;
+            eprintln!("round {}: {} (mix)", round + 1, line(&measurement));
+            results.push(measurement);
+        }
+        let mut report = table(&results);
+        if options.long_frames > 0 {
+            let lbd = median_of(&results, Contender::Lbd { workers: 1 }, false)
+                .map_or(0.0, |m| m.forwarded_pps);
+            let rate = options.long_rate.unwrap_or((lbd / 2.0) as u64).max(10_000);
+            report += &self.long_run(options.long_frames, rate)?;
+        }
+        report += &machine();
+        Ok(report)
+    }
+
+    /// One window of one contender, saturated: warm-up, then counters before and after.
+    fn measure(
+        &mut self,
+        contender: Contender,
+        mix: bool,
+        window: Duration,
+    ) -> BenchResult<Measurement> {
+        self.set_mix(mix)?;
+        let setup = self.start(contender)?;
+        let generator_cores: Vec<usize> = match contender {
+            Contender::Lbd { workers } => (0..workers).collect(),
+            _ => vec![0],
+        };
+        let stop = AtomicBool::new(false);
+        let (before, after) = std::thread::scope(|scope| -> BenchResult<(Sample, Sample)> {
+            let program = self.gen_program()?;
+            let mut threads = Vec::new();
+            let (ids, id) = std::sync::mpsc::channel();
+            for &core in &generator_cores {
+                let stop = &stop;
+                let wire = self.wire;
+                let ids = ids.clone();
+                threads.push(scope.spawn(move || {
+                    let _ = ids.send(nix::sys::pthread::pthread_self());
+                    generate(program, wire, core, stop, None)
+                }));
+            }
+            let ids: Vec<_> = id.iter().take(threads.len()).collect();
+            std::thread::sleep(Duration::from_millis(700));
+            let before = self.sample();
+            std::thread::sleep(window);
+            let after = self.sample();
+            stop.store(true, Ordering::Relaxed);
+            // Signal until every generator has seen the flag: a signal that lands between its
+            // check of the flag and the next call would otherwise be missed.
+            while threads.iter().any(|t| !t.is_finished()) {
+                for &thread in &ids {
+                    let _ =
+                        nix::sys::pthread::pthread_kill(thread, nix::sys::signal::Signal::SIGUSR1);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            for thread in threads {
+                thread.join().map_err(|_| "generator panicked")??;
+            }
+            Ok((before?, after?))
+        })?;
+        self.stop(contender, setup)?;
+        Ok(measure_between(contender, mix, &before, &after))
+    }
+
+    fn gen_program(&self) -> BenchResult<&Xdp> {
+        Ok(self
+            .ebpf
+            .program("pps_gen")
+            .ok_or("no pps_gen")?
+            .try_into()?)
+    }
+
+    fn start(&mut self, contender: Contender) -> BenchResult<Setup> {
+        match contender {
+            Contender::Lbd { workers } => {
+                let lbd = LbdProcess::start(&self.lbd_config, workers)?;
+                Ok(Setup::Lbd(lbd))
+            }
+            Contender::Nftables => {
+                let link = self.xdp("pps_pass")?.attach(LB_IF, XdpMode::Driver)?;
+                sh_with_input("nft", &["-f", "-"], &nft_ruleset())?;
+                Ok(Setup::Xdp(link))
+            }
+            Contender::XdpKernel => {
+                let link = self.xdp("pps_fwd")?.attach(LB_IF, XdpMode::Driver)?;
+                Ok(Setup::Xdp(link))
+            }
+        }
+    }
+
+    fn stop(&mut self, contender: Contender, setup: Setup) -> BenchResult<()> {
+        if contender == Contender::Nftables {
+            sh("nft", &["delete", "table", "netdev", "lbdbench"])?;
+        }
+        match (contender, setup) {
+            (Contender::Nftables, Setup::Xdp(link)) => self.xdp("pps_pass")?.detach(link)?,
+            (Contender::XdpKernel, Setup::Xdp(link)) => self.xdp("pps_fwd")?.detach(link)?,
+            (_, Setup::Lbd(lbd)) => {
+                let log = lbd.stop()?;
+                for line in log.lines().filter(|l| {
+                    l.contains("kernel socket") || l.contains("totals") || l.contains("dropped")
+                }) {
+                    eprintln!("    lbd: {}", line.split("daemon: ").last().unwrap_or(line));
+                }
+            }
+            _ => return Err("contender and setup do not match".into()),
+        }
+        // Let the frames in flight drain before the next contender is measured.
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(())
+    }
+
+    /// `frames` frames at `rate` per second through lbd (one worker): every frame lbd forwards
+    /// must arrive, and lbd must account for every UMEM frame at stop.
+    fn long_run(&mut self, frames: u64, rate: u64) -> BenchResult<String> {
+        self.set_mix(false)?;
+        let lbd = LbdProcess::start(&self.lbd_config, 1)?;
+        let before = self.sample()?;
+        let stop = AtomicBool::new(false);
+        let started = Instant::now();
+        std::thread::scope(|scope| -> BenchResult<()> {
+            let program = self.gen_program()?;
+            let wire = self.wire;
+            let stop = &stop;
+            scope
+                .spawn(move || generate(program, wire, 0, stop, Some((rate, frames))))
+                .join()
+                .map_err(|_| "generator panicked")?
+        })?;
+        let elapsed = started.elapsed();
+        std::thread::sleep(Duration::from_millis(500));
+        let after = self.sample()?;
+        let stats = lbd.stats()?;
+        let log = lbd.stop()?;
+        let generated = after.generated - before.generated;
+        let entered = after.entered - before.entered;
+        let received: u64 = (1..=REAL_SERVERS)
+            .map(|slot| after.sink[slot] - before.sink[slot])
+            .sum();
+        let total = &stats.total;
+        let accounted = log.matches("accounted=true").count();
+        let unaccounted = log.matches("accounted=false").count();
+        let kernel = log
+            .lines()
+            .filter(|l| l.contains("kernel socket statistics"))
+            .map(|l| l.split("statistics").nth(1).unwrap_or("").trim().to_owned())
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut out = format!(
+            "\nLong run: {frames} frames paced at {rate} frames/s ({:.1} s), lbd 1 worker\n",
+            elapsed.as_secs_f64()
+        );
+        out += &format!("  generated            {generated}\n");
+        out += &format!("  entered lb0 (XDP)    {entered}\n");
+        out += &format!("  lbd received         {}\n", total.rx_frames);
+        out += &format!("  lbd forwarded        {}\n", total.forwarded_packets);
+        out += &format!("  arrived at servers   {received}\n");
+        out += &format!(
+            "  forwarded - arrived  {}\n",
+            total.forwarded_packets as i64 - received as i64
+        );
+        out += &format!(
+            "  sent - arrived       {}\n",
+            generated as i64 - received as i64
+        );
+        out += &format!("  lbd drops            {:?}\n", total.drops);
+        out += &format!("  AF_XDP socket        {kernel}\n");
+        out += &format!(
+            "  UMEM frames at stop  {} worker(s) accounted, {} not\n",
+            accounted, unaccounted
+        );
+        Ok(out)
+    }
+}
+
+enum Setup {
+    Lbd(LbdProcess),
+    Xdp(XdpLinkId),
+}
+
+/// Runs the generator on `core` until `stop`, or for `paced = (rate, frames)`.
+fn generate(
+    program: &Xdp,
+    wire: &Wire,
+    core: usize,
+    stop: &AtomicBool,
+    paced: Option<(u64, u64)>,
+) -> BenchResult<()> {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+        return Err(format!("cannot pin the generator to core {core}").into());
+    }
+    let frame = [0u8; FRAME_LEN];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    // The kernel wants data_end = the frame's length and the device in this namespace.
+    let mut context = [0u8; 24];
+    context[4..8].copy_from_slice(&(FRAME_LEN as u32).to_ne_bytes());
+    context[12..16].copy_from_slice(&wire.wire_ifindex.to_ne_bytes());
+    let run = |repeat: u32| -> BenchResult<()> {
+        let options = TestRunOptions {
+            data_in: Some(&frame),
+            ctx_in: Some(&context),
+            repeat,
+            attrs: TestRunAttrs::new().xdp_live_frames(64),
+            ..TestRunOptions::default()
+        };
+        match program.test_run(options) {
+            Ok(_) => Ok(()),
+            // A signal ends a long run early; the frames it sent are counted by the program.
+            Err(aya::programs::ProgramError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::Interrupted =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    };
+    match paced {
+        None => {
+            while !stop.load(Ordering::Relaxed) {
+                run(FLOOD_CHUNK)?;
+            }
+        }
+        Some((rate, frames)) => {
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while sent < frames && !stop.load(Ordering::Relaxed) {
+                let chunk = (frames - sent).min(u64::from(PACED_CHUNK)) as u32;
+                run(chunk)?;
+                sent += u64::from(chunk);
+                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                let now = start.elapsed();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn measure_between(
+    contender: Contender,
+    mix: bool,
+    before: &Sample,
+    after: &Sample,
+) -> Measurement {
+    let seconds = after.at.duration_since(before.at).as_secs_f64();
+    let per_server: Vec<u64> = (1..=REAL_SERVERS)
+        .map(|slot| after.sink[slot] - before.sink[slot])
+        .collect();
+    let forwarded: u64 = per_server.iter().sum();
+    let busy = after.cpu.0.saturating_sub(before.cpu.0) as f64;
+    let total = after.cpu.1.saturating_sub(before.cpu.1).max(1) as f64;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    Measurement {
+        contender,
+        mix,
+        forwarded_pps: forwarded as f64 / seconds,
+        generated_pps: (after.generated - before.generated) as f64 / seconds,
+        entered_pps: (after.entered - before.entered) as f64 / seconds,
+        per_server,
+        other: after.sink[0] - before.sink[0],
+        busy_cores: busy / total * cores,
+    }
+}
+
+fn line(m: &Measurement) -> String {
+    format!(
+        "{:<42} {:>10.0} pps forwarded, generated {:>10.0}, entered lb0 {:>10.0}, loss {:>5.1}%, busy cores {:.2}",
+        m.contender.name(),
+        m.forwarded_pps,
+        m.generated_pps,
+        m.entered_pps,
+        m.loss() * 100.0,
+        m.busy_cores
+    )
+}
+
+fn median_of(results: &[Measurement], contender: Contender, mix: bool) -> Option<Measurement> {
+    let mut runs: Vec<&Measurement> = results
+        .iter()
+        .filter(|m| m.contender == contender && m.mix == mix)
+        .collect();
+    if runs.is_empty() {
+        return None;
+    }
+    runs.sort_by(|a, b| a.forwarded_pps.total_cmp(&b.forwarded_pps));
+    Some(runs[runs.len() / 2].clone())
+}
+
+fn table(results: &[Measurement]) -> String {
+    let rows = [
+        (Contender::Lbd { workers: 1 }, false),
+        (Contender::Nftables, false),
+        (Contender::XdpKernel, false),
+        (Contender::Lbd { workers: 2 }, false),
+        (Contender::Lbd { workers: 1 }, true),
+    ];
+    let lbd =
+        median_of(results, Contender::Lbd { workers: 1 }, false).map_or(0.0, |m| m.forwarded_pps);
+    let rounds = results
+        .iter()
+        .filter(|m| m.contender == Contender::Lbd { workers: 1 } && !m.mix)
+        .count();
+    let mut out = format!(
+        "\nForwarded frames per second, median of {rounds} rounds (64-byte TCP SYN, 4096 clients, {REAL_SERVERS} real servers)\n"
+    );
+    out += &format!(
+        "{:<46} {:>12} {:>9} {:>7} {:>6}  {}\n",
+        "contender", "median pps", "lbd/this", "loss", "cores", "share per real server"
+    );
+    for (contender, mix) in rows {
+        let Some(m) = median_of(results, contender, mix) else {
+            continue;
+        };
+        let name = if mix {
+            "lbd, 1 worker, 1% ARP + 1% non-VIP".to_owned()
+        } else {
+            contender.name()
+        };
+        let total: u64 = m.per_server.iter().sum::<u64>().max(1);
+        let shares = m
+            .per_server
+            .iter()
+            .map(|&n| format!("{:.1}", n as f64 * 100.0 / total as f64))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        out += &format!(
+            "{:<46} {:>12.0} {:>9.2} {:>6.1}% {:>6.2}  {}%\n",
+            name,
+            m.forwarded_pps,
+            lbd / m.forwarded_pps.max(1.0),
+            m.loss() * 100.0,
+            m.busy_cores,
+            shares
+        );
+        if mix {
+            out += &format!(
+                "{:<46} {:>12.0} ARP replies and other frames per second\n",
+                "",
+                m.other as f64 / 1.0
+            );
+        }
+    }
+    if let (Some(one), Some(two)) = (
+        median_of(results, Contender::Lbd { workers: 1 }, false),
+        median_of(results, Contender::Lbd { workers: 2 }, false),
+    ) {
+        out += &format!(
+            "lbd scaling, 2 workers / 1 worker: {:.2}x\n",
+            two.forwarded_pps / one.forwarded_pps.max(1.0)
+        );
+    }
+    out
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("\nMachine: {cpu}, {cores} cores, Linux {}\n", kernel.trim())
+}
+
+/// The nftables contender: the frames of the VIP get both MACs rewritten and go back out.
+fn nft_ruleset() -> String {
+    let map = (0..REAL_SERVERS)
+        .map(|i| format!("{i} : {}", mac_text(real_server_mac(i))))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "table netdev lbdbench {{\n  chain ingress {{\n    type filter hook ingress device \"{LB_IF}\" priority 0; policy accept;\n    \
+         ip daddr {VIP} ether saddr set {} ether daddr set jhash ip saddr mod {REAL_SERVERS} map {{ {map} }} fwd to \"{LB_IF}\"\n  }}\n}}\n",
+        mac_text(LB_MAC)
+    )
+}
+
+/// The generator's templates: SYN to the VIP, ARP request for the VIP, SYN to a non-VIP.
+fn frame_templates() -> BenchResult<[[u8; 64]; 3]> {
+    let syn_to = |dst: Ipv4Addr| -> BenchResult<[u8; 64]> {
+        let builder = PacketBuilder::ethernet2(WIRE_MAC, LB_MAC)
+            .ipv4(FIRST_CLIENT.octets(), dst.octets(), 64)
+            .tcp(40000, PORT, 1, 64240)
+            .syn();
+        let mut frame = Vec::new();
+        builder.write(&mut frame, &[])?;
+        let mut bytes = [0u8; 64];
+        bytes[..frame.len()].copy_from_slice(&frame);
+        Ok(bytes)
+    };
+    let mut arp = [0u8; 64];
+    arp[0..6].copy_from_slice(&[0xff; 6]);
+    arp[6..12].copy_from_slice(&WIRE_MAC);
+    arp[12..14].copy_from_slice(&[0x08, 0x06]);
+    arp[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
+    arp[22..28].copy_from_slice(&WIRE_MAC);
+    arp[28..32].copy_from_slice(&FIRST_CLIENT.octets());
+    arp[38..42].copy_from_slice(&VIP.octets());
+    Ok([syn_to(VIP)?, arp, syn_to(NOT_VIP)?])
+}
+
+fn mac_key(mac: [u8; 6]) -> u64 {
+    let mut bytes = [0u8; 8];
+    bytes[..6].copy_from_slice(&mac);
+    u64::from_ne_bytes(bytes)
+}
+
+/// Frames that went through lb0's XDP receive path, all queues.
+fn lb_xdp_packets() -> BenchResult<u64> {
+    let output = Command::new("ethtool").args(["-S", LB_IF]).output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| l.trim().split_once(": "))
+        .filter(|(key, _)| key.starts_with("rx_queue_") && key.ends_with("_xdp_packets"))
+        .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
+        .sum())
+}
+
+fn cpu_jiffies() -> BenchResult<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/stat")?;
+    let line = text.lines().next().ok_or("empty /proc/stat")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().take(8).sum();
+    // idle and iowait.
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// lbd started in the namespace (through `ip netns exec`, which also gives it the namespace's
+/// /sys), with a config for `workers` workers.
+struct LbdProcess {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl LbdProcess {
+    fn start(config_path: &Path, workers: usize) -> BenchResult<LbdProcess> {
+        let socket = PathBuf::from(STATE_DIR).join("lbd.sock");
+        let log = PathBuf::from(STATE_DIR).join("lbd.log");
+        let _ = std::fs::remove_file(&socket);
+        std::fs::write(config_path, lbd_config(workers, &socket))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", NAMESPACE, LBD, "--config"])
+            .arg(config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut lbd = LbdProcess { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if lbd.stats().is_ok() {
+                return Ok(lbd);
+            }
+            if let Some(status) = lbd.child.try_wait()? {
+                return Err(format!(
+                    "lbd exited ({status}): {}",
+                    std::fs::read_to_string(&lbd.log).unwrap_or_default()
+                )
+                .into());
+            }
+            if Instant::now() > deadline {
+                return Err("lbd did not answer on its control socket within 20 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stats(&self) -> BenchResult<StatsReport> {
+        let mut stream = UnixStream::connect(&self.socket)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let request = Request {
+            version: lbd_proto::VERSION,
+            command: CtlCommand::Stats,
+        };
+        stream.write_all(lbd_proto::encode_line(&request).as_bytes())?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        match lbd_proto::decode_response(&line)?.outcome {
+            Outcome::Ok(Reply::Stats(stats)) => Ok(stats),
+            other => Err(format!("unexpected reply {other:?}").into()),
+        }
+    }
+
+    /// SIGTERM, wait, and the log it wrote.
+    fn stop(mut self) -> BenchResult<String> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = self.child.wait()?;
+        let log = std::fs::read_to_string(&self.log)?;
+        if !status.success() {
+            return Err(format!("lbd stopped with {status}: {log}").into());
+        }
+        Ok(log)
+    }
+}
+
+impl Drop for LbdProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn lbd_config(workers: usize, socket: &Path) -> String {
+    let queues: Vec<String> = (0..workers).map(|q| q.to_string()).collect();
+    // Worker 0 on core 1, away from the single generator on core 0; with 2 workers each
+    // core has a generator thread and a worker.
+    let cores: Vec<String> = (0..workers).map(|q| ((q + 1) % 2).to_string()).collect();
+    let mut text = format!(
+        "[engine]\ninterface = \"{LB_IF}\"\nqueues = [{}]\ncores = [{}]\nxdp_mode = \"copy\"\n\
+         control_socket = \"{}\"\ngratuitous_arp_count = 0\n\n\
+         [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nports = \"{PORT}\"\n\
+         protocol = \"tcp\"\npersistence = \"source-ip\"\n\n[service.health_check]\nkind = \"none\"\n",
+        queues.join(", "),
+        cores.join(", "),
+        socket.display()
+    );
+    for index in 0..REAL_SERVERS {
+        text += &format!(
+            "\n[[service.real_server]]\nlabel = \"Wowza Srv {}\"\nip = \"{}\"\nmac = \"{}\"\n",
+            index + 1,
+            real_server_ip(index),
+            mac_text(real_server_mac(index))
+        );
+    }
+    text
+}
