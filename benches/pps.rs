@@ -21,8 +21,9 @@
 //! VIP and 1% frames to a non-VIP address; and a 10-million-frame run paced below saturation
 //! that checks lbd's frame accounting and that every frame lbd forwarded arrived.
 //!
-//! Options (after `--`): `--rounds N` (5), `--window-ms MS` (2000), `--long-frames N`
-//! (10000000; 0 skips the long run), `--long-rate PPS` (default: half lbd's median rate).
+//! Options (after `--`): `--rounds N` (5; 0 runs only the long run), `--window-ms MS` (2000), `--long-frames N`
+//! (10000000; 0 skips the long run), `--long-rate PPS` (default: half lbd's median rate),
+//! `--engine 'KEY = VALUE'` (repeatable: extra `[engine]` settings for lbd, e.g. `polling = "busy"`).
 //! The generator and every contender share this machine's cores: the table prints how many
 //! cores were busy during each measurement.
 
@@ -59,8 +60,6 @@ const FRAME_LEN: usize = 60;
 /// because each call sets up and tears down a page pool and waits for the frames of the last
 /// one (an RCU grace period: milliseconds of silence). A signal (SIGUSR1) ends a call.
 const FLOOD_CHUNK: u32 = 1 << 30;
-/// Frames per call when paced.
-const PACED_CHUNK: u32 = 64;
 const STATE_DIR: &str = "/tmp/lbdpps";
 
 fn real_server_mac(index: usize) -> [u8; 6] {
@@ -78,6 +77,8 @@ struct Options {
     window: Duration,
     long_frames: u64,
     long_rate: Option<u64>,
+    /// Extra `[engine]` lines for lbd's config (e.g. `polling = "busy"`, `batch_size = 256`).
+    engine: Vec<String>,
 }
 
 impl Options {
@@ -87,6 +88,7 @@ impl Options {
             window: Duration::from_millis(2000),
             long_frames: 10_000_000,
             long_rate: None,
+            engine: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -95,10 +97,13 @@ impl Options {
                 Ok(text.parse().map_err(|e| format!("{arg} {text}: {e}"))?)
             };
             match arg.as_str() {
-                "--rounds" => options.rounds = value()?.max(1) as usize,
+                "--rounds" => options.rounds = value()? as usize,
                 "--window-ms" => options.window = Duration::from_millis(value()?.max(100)),
                 "--long-frames" => options.long_frames = value()?,
                 "--long-rate" => options.long_rate = Some(value()?.max(1000)),
+                "--engine" => options
+                    .engine
+                    .push(args.next().ok_or("--engine needs a TOML line")?),
                 // cargo bench passes --bench; criterion-style filters are not used here.
                 _ => {}
             }
@@ -306,6 +311,7 @@ struct Bench<'w> {
     ebpf: Ebpf,
     sink_link: Option<XdpLinkId>,
     lbd_config: PathBuf,
+    engine_extra: String,
 }
 
 impl<'w> Bench<'w> {
@@ -323,6 +329,7 @@ impl<'w> Bench<'w> {
             ebpf,
             sink_link: None,
             lbd_config: PathBuf::from(STATE_DIR).join("lbd.toml"),
+            engine_extra: String::new(),
         };
         bench.write_maps()?;
         let sink = bench.xdp("pps_sink")?;
@@ -367,11 +374,34 @@ impl<'w> Bench<'w> {
         Ok(())
     }
 
-    fn set_mix(&mut self, mix: bool) -> BenchResult<()> {
-        let mut config: Array<&mut MapData, [u32; 2]> =
+    /// The generator's settings: the frame mix, and `paced = (rate, frames)` or flat out.
+    fn set_generator(&mut self, mix: bool, paced: Option<(u64, u64)>) -> BenchResult<()> {
+        let (rate, limit) = paced.unwrap_or((0, 0));
+        if paced.is_some() {
+            let mut counts: PerCpuArray<&mut MapData, u64> =
+                PerCpuArray::try_from(self.ebpf.map_mut("gen_paced").ok_or("gen_paced")?)?;
+            let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+            counts.set(0, aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?, 0)?;
+        }
+        // struct gen_config: sources, mix, rate, limit, start_ns.
+        let start = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+        let start_ns = start.tv_sec() as u64 * 1_000_000_000 + start.tv_nsec() as u64;
+        let mut bytes = [0u8; 32];
+        bytes[0..4].copy_from_slice(&CLIENTS.to_ne_bytes());
+        bytes[4..8].copy_from_slice(&u32::from(mix).to_ne_bytes());
+        bytes[8..16].copy_from_slice(&rate.to_ne_bytes());
+        bytes[16..24].copy_from_slice(&limit.to_ne_bytes());
+        bytes[24..32].copy_from_slice(&start_ns.to_ne_bytes());
+        let mut config: Array<&mut MapData, [u8; 32]> =
             Array::try_from(self.ebpf.map_mut("gen_config").ok_or("gen_config")?)?;
-        config.set(0, [CLIENTS, u32::from(mix)], 0)?;
+        config.set(0, bytes, 0)?;
         Ok(())
+    }
+
+    fn paced_sent(&self) -> BenchResult<u64> {
+        let counts: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("gen_paced").ok_or("gen_paced")?)?;
+        Ok(counts.get(&0, 0)?.iter().sum())
     }
 
     fn sample(&self) -> BenchResult<Sample> {
@@ -396,6 +426,7 @@ impl<'w> Bench<'w> {
 
     fn run(&mut self, options: &Options) -> BenchResult<String> {
         std::fs::create_dir_all(STATE_DIR)?;
+        self.engine_extra = options.engine.iter().map(|l| format!("{l}\n")).collect();
         let main = [
             Contender::Lbd { workers: 1 },
             Contender::Nftables,
@@ -420,7 +451,9 @@ impl<'w> Bench<'w> {
         if options.long_frames > 0 {
             let lbd = median_of(&results, Contender::Lbd { workers: 1 }, false)
                 .map_or(0.0, |m| m.forwarded_pps);
-            let rate = options.long_rate.unwrap_or((lbd / 2.0) as u64).max(10_000);
+            // Half the saturated rate: a load lbd is expected to carry without any loss.
+            let half = if lbd > 0.0 { lbd / 2.0 } else { 300_000.0 };
+            let rate = options.long_rate.unwrap_or(half as u64).max(10_000);
             report += &self.long_run(options.long_frames, rate)?;
         }
         report += &machine();
@@ -434,46 +467,19 @@ impl<'w> Bench<'w> {
         mix: bool,
         window: Duration,
     ) -> BenchResult<Measurement> {
-        self.set_mix(mix)?;
+        self.set_generator(mix, None)?;
         let setup = self.start(contender)?;
         let generator_cores: Vec<usize> = match contender {
             Contender::Lbd { workers } => (0..workers).collect(),
             _ => vec![0],
         };
-        let stop = AtomicBool::new(false);
-        let (before, after) = std::thread::scope(|scope| -> BenchResult<(Sample, Sample)> {
-            let program = self.gen_program()?;
-            let mut threads = Vec::new();
-            let (ids, id) = std::sync::mpsc::channel();
-            for &core in &generator_cores {
-                let stop = &stop;
-                let wire = self.wire;
-                let ids = ids.clone();
-                threads.push(scope.spawn(move || {
-                    let _ = ids.send(nix::sys::pthread::pthread_self());
-                    generate(program, wire, core, stop, None)
-                }));
-            }
-            let ids: Vec<_> = id.iter().take(threads.len()).collect();
-            std::thread::sleep(Duration::from_millis(700));
-            let before = self.sample();
-            std::thread::sleep(window);
-            let after = self.sample();
-            stop.store(true, Ordering::Relaxed);
-            // Signal until every generator has seen the flag: a signal that lands between its
-            // check of the flag and the next call would otherwise be missed.
-            while threads.iter().any(|t| !t.is_finished()) {
-                for &thread in &ids {
-                    let _ =
-                        nix::sys::pthread::pthread_kill(thread, nix::sys::signal::Signal::SIGUSR1);
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            for thread in threads {
-                thread.join().map_err(|_| "generator panicked")??;
-            }
-            Ok((before?, after?))
-        })?;
+        let (before, after) =
+            with_generators(self.gen_program()?, self.wire, &generator_cores, || {
+                std::thread::sleep(Duration::from_millis(700));
+                let before = self.sample()?;
+                std::thread::sleep(window);
+                Ok((before, self.sample()?))
+            })?;
         self.stop(contender, setup)?;
         Ok(measure_between(contender, mix, &before, &after))
     }
@@ -489,7 +495,7 @@ impl<'w> Bench<'w> {
     fn start(&mut self, contender: Contender) -> BenchResult<Setup> {
         match contender {
             Contender::Lbd { workers } => {
-                let lbd = LbdProcess::start(&self.lbd_config, workers)?;
+                let lbd = LbdProcess::start(&self.lbd_config, workers, &self.engine_extra)?;
                 Ok(Setup::Lbd(lbd))
             }
             Contender::Nftables => {
@@ -529,19 +535,21 @@ impl<'w> Bench<'w> {
     /// `frames` frames at `rate` per second through lbd (one worker): every frame lbd forwards
     /// must arrive, and lbd must account for every UMEM frame at stop.
     fn long_run(&mut self, frames: u64, rate: u64) -> BenchResult<String> {
-        self.set_mix(false)?;
-        let lbd = LbdProcess::start(&self.lbd_config, 1)?;
+        let lbd = LbdProcess::start(&self.lbd_config, 1, &self.engine_extra)?;
         let before = self.sample()?;
-        let stop = AtomicBool::new(false);
+        self.set_generator(false, Some((rate, frames)))?;
         let started = Instant::now();
-        std::thread::scope(|scope| -> BenchResult<()> {
-            let program = self.gen_program()?;
-            let wire = self.wire;
-            let stop = &stop;
-            scope
-                .spawn(move || generate(program, wire, 0, stop, Some((rate, frames))))
-                .join()
-                .map_err(|_| "generator panicked")?
+        // Bounded: the schedule takes frames / rate seconds; twice that and a minute more is
+        // a generator that cannot keep up, and the run says so.
+        let limit = Duration::from_secs_f64(frames as f64 / rate as f64 * 2.0 + 60.0);
+        with_generators(self.gen_program()?, self.wire, &[0], || {
+            while self.paced_sent()? < frames {
+                if started.elapsed() > limit {
+                    return Err("the paced generator fell behind its schedule".into());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(())
         })?;
         let elapsed = started.elapsed();
         std::thread::sleep(Duration::from_millis(500));
@@ -594,14 +602,8 @@ enum Setup {
     Xdp(XdpLinkId),
 }
 
-/// Runs the generator on `core` until `stop`, or for `paced = (rate, frames)`.
-fn generate(
-    program: &Xdp,
-    wire: &Wire,
-    core: usize,
-    stop: &AtomicBool,
-    paced: Option<(u64, u64)>,
-) -> BenchResult<()> {
+/// Runs the generator on `core` until `stop` is set and a signal ends the current run.
+fn generate(program: &Xdp, wire: &Wire, core: usize, stop: &AtomicBool) -> BenchResult<()> {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         return Err(format!("cannot pin the generator to core {core}").into());
     }
@@ -611,47 +613,60 @@ fn generate(
     let mut context = [0u8; 24];
     context[4..8].copy_from_slice(&(FRAME_LEN as u32).to_ne_bytes());
     context[12..16].copy_from_slice(&wire.wire_ifindex.to_ne_bytes());
-    let run = |repeat: u32| -> BenchResult<()> {
+    while !stop.load(Ordering::Relaxed) {
         let options = TestRunOptions {
             data_in: Some(&frame),
             ctx_in: Some(&context),
-            repeat,
+            repeat: FLOOD_CHUNK,
             attrs: TestRunAttrs::new().xdp_live_frames(64),
             ..TestRunOptions::default()
         };
         match program.test_run(options) {
-            Ok(_) => Ok(()),
-            // A signal ends a long run early; the frames it sent are counted by the program.
+            Ok(_) => {}
+            // The stop signal; the frames sent so far are counted by the program.
             Err(aya::programs::ProgramError::SyscallError(e))
-                if e.io_error.kind() == std::io::ErrorKind::Interrupted =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
-    };
-    match paced {
-        None => {
-            while !stop.load(Ordering::Relaxed) {
-                run(FLOOD_CHUNK)?;
-            }
-        }
-        Some((rate, frames)) => {
-            let start = Instant::now();
-            let mut sent = 0u64;
-            while sent < frames && !stop.load(Ordering::Relaxed) {
-                let chunk = (frames - sent).min(u64::from(PACED_CHUNK)) as u32;
-                run(chunk)?;
-                sent += u64::from(chunk);
-                let due = Duration::from_secs_f64(sent as f64 / rate as f64);
-                let now = start.elapsed();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-            }
+                if e.io_error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+/// Runs generators on `cores` while `during` runs, then stops them.
+fn with_generators<T>(
+    program: &Xdp,
+    wire: &Wire,
+    cores: &[usize],
+    during: impl FnOnce() -> BenchResult<T>,
+) -> BenchResult<T> {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let (ids, id) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for &core in cores {
+            let stop = &stop;
+            let ids = ids.clone();
+            threads.push(scope.spawn(move || {
+                let _ = ids.send(nix::sys::pthread::pthread_self());
+                generate(program, wire, core, stop)
+            }));
+        }
+        let ids: Vec<_> = id.iter().take(threads.len()).collect();
+        let result = during();
+        stop.store(true, Ordering::Relaxed);
+        // Signal until every generator has seen the flag: a signal that lands between its
+        // check of the flag and the next call would otherwise be missed.
+        while threads.iter().any(|t| !t.is_finished()) {
+            for &thread in &ids {
+                let _ = nix::sys::pthread::pthread_kill(thread, nix::sys::signal::Signal::SIGUSR1);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for thread in threads {
+            thread.join().map_err(|_| "generator panicked")??;
+        }
+        result
+    })
 }
 
 fn measure_between(
@@ -863,11 +878,11 @@ struct LbdProcess {
 }
 
 impl LbdProcess {
-    fn start(config_path: &Path, workers: usize) -> BenchResult<LbdProcess> {
+    fn start(config_path: &Path, workers: usize, engine_extra: &str) -> BenchResult<LbdProcess> {
         let socket = PathBuf::from(STATE_DIR).join("lbd.sock");
         let log = PathBuf::from(STATE_DIR).join("lbd.log");
         let _ = std::fs::remove_file(&socket);
-        std::fs::write(config_path, lbd_config(workers, &socket))?;
+        std::fs::write(config_path, lbd_config(workers, &socket, engine_extra))?;
         let child = Command::new("ip")
             .args(["netns", "exec", NAMESPACE, LBD, "--config"])
             .arg(config_path)
@@ -933,14 +948,14 @@ impl Drop for LbdProcess {
     }
 }
 
-fn lbd_config(workers: usize, socket: &Path) -> String {
+fn lbd_config(workers: usize, socket: &Path, engine_extra: &str) -> String {
     let queues: Vec<String> = (0..workers).map(|q| q.to_string()).collect();
     // Worker 0 on core 1, away from the single generator on core 0; with 2 workers each
     // core has a generator thread and a worker.
     let cores: Vec<String> = (0..workers).map(|q| ((q + 1) % 2).to_string()).collect();
     let mut text = format!(
         "[engine]\ninterface = \"{LB_IF}\"\nqueues = [{}]\ncores = [{}]\nxdp_mode = \"copy\"\n\
-         control_socket = \"{}\"\ngratuitous_arp_count = 0\n\n\
+         control_socket = \"{}\"\ngratuitous_arp_count = 0\n{engine_extra}\n\
          [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nports = \"{PORT}\"\n\
          protocol = \"tcp\"\npersistence = \"source-ip\"\n\n[service.health_check]\nkind = \"none\"\n",
         queues.join(", "),

@@ -62,6 +62,9 @@ pub struct Engine {
     /// How AF_XDP moves frames.
     #[serde(default)]
     pub xdp_mode: XdpMode,
+    /// How a worker with no traffic waits.
+    #[serde(default)]
+    pub polling: Polling,
     /// Where `lbctl` reaches the daemon.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
@@ -134,6 +137,18 @@ pub enum XdpMode {
     /// Zero-copy: the NIC writes into the UMEM; start fails if the driver cannot.
     #[serde(rename = "zerocopy")]
     ZeroCopy,
+}
+
+/// `engine.polling`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Polling {
+    /// Spin while traffic flows, sleep on the socket after a run of empty polls: an idle
+    /// worker costs nothing, a busy one never sleeps.
+    #[default]
+    Adaptive,
+    /// Never sleep: each worker keeps its core at 100%, for cores dedicated to lbd.
+    Busy,
 }
 
 /// `[[service]]`: a virtual service.

@@ -78,6 +78,7 @@ fn the_documented_example_parses_exactly() {
                 queues: vec![0],
                 cores: vec![1],
                 xdp_mode: XdpMode::Auto,
+                polling: Polling::Adaptive,
                 control_socket: "/run/lbd/lbd.sock".into(),
                 hash_seed: DEFAULT_HASH_SEED,
                 frame_size: 4096,
@@ -124,7 +125,12 @@ fn defaults_fill_what_is_left_out() {
     assert_eq!(service.real_servers[0].weight, 100);
     assert_eq!(service.real_servers[0].mac, None);
     assert_eq!(config.engine.xdp_mode, XdpMode::Auto);
+    assert_eq!(config.engine.polling, Polling::Adaptive);
     assert!(config.engine.cores.is_empty());
+    let busy =
+        Config::from_toml_str(&MINIMAL.replace("queues = [0]", "queues = [0]\npolling = \"busy\""))
+            .expect("busy polling is accepted");
+    assert_eq!(busy.engine.polling, Polling::Busy);
 }
 
 #[test]
@@ -197,6 +203,11 @@ fn type_errors_name_the_field() {
         &MINIMAL.replace("queues = [0]", "queues = [0]\nxdp_mode = \"fast\""),
         "engine.xdp_mode",
         "fast",
+    );
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0]\npolling = \"spin\""),
+        "engine.polling",
+        "spin",
     );
     assert_rejected(
         &MINIMAL.replace(

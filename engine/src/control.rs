@@ -797,6 +797,7 @@ fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
         ("queues", a.queues != b.queues),
         ("cores", a.cores != b.cores),
         ("xdp_mode", a.xdp_mode != b.xdp_mode),
+        ("polling", a.polling != b.polling),
         ("control_socket", a.control_socket != b.control_socket),
         ("control_group", a.control_group != b.control_group),
         ("hash_seed", a.hash_seed != b.hash_seed),

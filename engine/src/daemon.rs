@@ -17,7 +17,7 @@ use crate::sys::{CopyMode, XskError, XskRings, XskSettings};
 use crate::worker::{Worker, WorkerCommand, WorkerSettings};
 use crate::{health, host};
 use crossbeam::channel::unbounded;
-use lbd_config::{Config, XdpMode};
+use lbd_config::{Config, Polling, XdpMode};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -145,6 +145,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
 
     let settings = WorkerSettings {
         batch_size: engine.batch_size as usize,
+        busy_poll: engine.polling == Polling::Busy,
         ..WorkerSettings::default()
     };
     let sizes = TableSizes {

@@ -81,8 +81,15 @@ pub struct WorkerSettings {
     pub batch_size: usize,
     /// Empty polls in a row before the worker sleeps on the socket instead of spinning.
     pub idle_polls_before_sleep: u32,
+    /// ...and milliseconds since the last frame: a worker that carries traffic keeps spinning
+    /// through short gaps, because waking a sleeping core (a halted vCPU, a deep C-state) can
+    /// take longer than the RX ring lasts. A worker that has been idle longer goes back to
+    /// sleep at once after each wake-up, so idle costs the same as without it.
+    pub spin_after_traffic_ms: u64,
     /// How long one sleep lasts at most (the stop flag is checked between sleeps).
     pub sleep_ms: i32,
+    /// Never sleep (`engine.polling = "busy"`).
+    pub busy_poll: bool,
 }
 
 impl Default for WorkerSettings {
@@ -90,9 +97,11 @@ impl Default for WorkerSettings {
         WorkerSettings {
             batch_size: 64,
             idle_polls_before_sleep: 1024,
+            spin_after_traffic_ms: 50,
             // Short enough that a change reaches an idle worker quickly, long enough to cost
             // nothing measurable when idle.
             sleep_ms: 10,
+            busy_poll: false,
         }
     }
 }
@@ -246,6 +255,7 @@ impl<R: Rings> Worker<R> {
         applied: &AtomicU64,
     ) {
         let epoch = Instant::now();
+        let mut last_traffic_ms: Option<u64> = None;
         applied.store(self.dataplane.snapshot().generation, Ordering::Release);
         while !stop.load(Ordering::Relaxed) {
             // One clock read per batch; the flow table's timeouts are seconds long.
@@ -256,6 +266,7 @@ impl<R: Rings> Worker<R> {
             }
             if self.poll_once(now_ms) > 0 {
                 self.idle_polls = 0;
+                last_traffic_ms = Some(now_ms);
                 continue;
             }
             self.idle_polls = self.idle_polls.saturating_add(1);
@@ -263,7 +274,12 @@ impl<R: Rings> Worker<R> {
                 // Frames still waiting on TX: make sure the kernel is working on them.
                 self.rings.kick();
             }
-            if self.idle_polls >= self.settings.idle_polls_before_sleep {
+            if !self.settings.busy_poll
+                && self.idle_polls >= self.settings.idle_polls_before_sleep
+                && last_traffic_ms.is_none_or(|last| {
+                    now_ms.saturating_sub(last) >= self.settings.spin_after_traffic_ms
+                })
+            {
                 self.rings.wait_for_rx(self.settings.sleep_ms);
             }
         }

@@ -27,6 +27,11 @@ struct FakeRings {
     /// Copy mode: a kick sends up to this many frames (the kernel's TX batch); 0: the "NIC"
     /// sends only when the test says so.
     sends_per_kick: usize,
+    /// Receive calls (one per poll) and sleeps on the socket.
+    polls: usize,
+    waits: usize,
+    /// Raises the flag once this many polls have been made, to end `Worker::run`.
+    stop_after: Option<(usize, Arc<AtomicBool>)>,
 }
 
 impl FakeRings {
@@ -41,6 +46,9 @@ impl FakeRings {
             handed_out: false,
             sent: Vec::new(),
             sends_per_kick: 0,
+            polls: 0,
+            waits: 0,
+            stop_after: None,
         }
     }
 
@@ -107,6 +115,12 @@ impl Rings for FakeRings {
     }
 
     fn receive(&mut self, out: &mut [usize]) -> usize {
+        self.polls += 1;
+        if let Some((limit, stop)) = &self.stop_after
+            && self.polls >= *limit
+        {
+            stop.store(true, Ordering::Relaxed);
+        }
         let n = out.len().min(self.rx.len());
         for slot in out.iter_mut().take(n) {
             *slot = self.rx.pop_front().expect("counted");
@@ -132,7 +146,9 @@ impl Rings for FakeRings {
         self.send(self.sends_per_kick);
     }
 
-    fn wait_for_rx(&mut self, _timeout_ms: i32) {}
+    fn wait_for_rx(&mut self, _timeout_ms: i32) {
+        self.waits += 1;
+    }
 }
 
 fn dataplane() -> Dataplane {
@@ -173,6 +189,56 @@ fn syn(client: u8, dport: u16) -> Vec<u8> {
     let mut frame = Vec::new();
     builder.write(&mut frame, &[]).expect("write");
     frame
+}
+
+/// Adaptive polling sleeps on the socket once a run of empty polls has gone by; busy polling
+/// never sleeps.
+#[test]
+fn an_idle_worker_sleeps_only_when_polling_is_adaptive() {
+    for busy_poll in [false, true] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut rings = FakeRings::new(64, 32);
+        rings.stop_after = Some((5_000, Arc::clone(&stop)));
+        let settings = WorkerSettings {
+            batch_size: 8,
+            idle_polls_before_sleep: 100,
+            // No traffic yet: the spin window does not apply.
+            spin_after_traffic_ms: 60_000,
+            busy_poll,
+            ..WorkerSettings::default()
+        };
+        let mut worker = Worker::new(rings, dataplane(), settings);
+        let (_commands, receiver) = crossbeam::channel::unbounded();
+        worker.run(&stop, &receiver, &AtomicU64::new(0));
+        let waits = worker.rings().waits;
+        if busy_poll {
+            assert_eq!(waits, 0);
+        } else {
+            // Every empty poll from the 100th on ends in a sleep.
+            assert_eq!(waits, 5_000 - 99);
+        }
+    }
+}
+
+/// A worker that has just carried traffic keeps spinning through a gap shorter than
+/// `spin_after_traffic_ms` instead of sleeping (waking a core can outlast the RX ring).
+#[test]
+fn a_worker_with_recent_traffic_spins_through_a_gap() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut rings = FakeRings::new(64, 32);
+    rings.stop_after = Some((5_000, Arc::clone(&stop)));
+    let settings = WorkerSettings {
+        batch_size: 8,
+        idle_polls_before_sleep: 100,
+        spin_after_traffic_ms: 60_000,
+        ..WorkerSettings::default()
+    };
+    let mut worker = Worker::new(rings, dataplane(), settings);
+    assert!(worker.rings.arrive(&syn(1, 8088)));
+    let (_commands, receiver) = crossbeam::channel::unbounded();
+    worker.run(&stop, &receiver, &AtomicU64::new(0));
+    assert_eq!(worker.dataplane().counters().rx_frames, 1);
+    assert_eq!(worker.rings().waits, 0);
 }
 
 fn settings(batch_size: usize) -> WorkerSettings {
