@@ -456,8 +456,34 @@ impl<'w> Bench<'w> {
             let rate = options.long_rate.unwrap_or(half as u64).max(10_000);
             report += &self.long_run(options.long_frames, rate)?;
         }
+        report += &self.idle_cost(Duration::from_secs(10))?;
         report += &machine();
         Ok(report)
+    }
+
+    /// CPU used by an lbd (one worker) with no traffic at all, adaptive polling.
+    fn idle_cost(&mut self, window: Duration) -> BenchResult<String> {
+        let lbd = LbdProcess::start(&self.lbd_config, 1, &self.engine_extra)?;
+        // Past start-up and the spin window after the last frame.
+        std::thread::sleep(Duration::from_secs(1));
+        let before = (Instant::now(), process_cpu_ticks(lbd.child.id())?);
+        std::thread::sleep(window);
+        let after = (Instant::now(), process_cpu_ticks(lbd.child.id())?);
+        lbd.stop()?;
+        let ticks_per_second =
+            nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.ok_or("no CLK_TCK")? as f64;
+        let used = (after.1 - before.1) as f64 / ticks_per_second;
+        let share = used / after.0.duration_since(before.0).as_secs_f64() * 100.0;
+        Ok(format!(
+            "\nIdle: lbd with 1 worker and no traffic used {share:.2}% of one core over {} s \
+             (utime + stime, {} polling)\n",
+            window.as_secs(),
+            if self.engine_extra.contains("busy") {
+                "busy"
+            } else {
+                "adaptive"
+            }
+        ))
     }
 
     /// One window of one contender, saturated: warm-up, then counters before and after.
@@ -853,6 +879,17 @@ fn lb_xdp_packets() -> BenchResult<u64> {
         .filter(|(key, _)| key.starts_with("rx_queue_") && key.ends_with("_xdp_packets"))
         .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
         .sum())
+}
+
+/// utime + stime of a process, in clock ticks (`/proc/PID/stat` fields 14 and 15).
+fn process_cpu_ticks(pid: u32) -> BenchResult<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let after_name = text.rsplit_once(')').ok_or("malformed stat")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let utime: u64 = fields.get(11).ok_or("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).ok_or("no stime")?.parse()?;
+    Ok(utime + stime)
 }
 
 fn cpu_jiffies() -> BenchResult<(u64, u64)> {
