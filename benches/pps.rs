@@ -204,22 +204,15 @@ fn ifindex(interface: &str) -> BenchResult<u32> {
 }
 
 fn sh(program: &str, args: &[&str]) -> BenchResult<()> {
-    let output = Command::new(program).args(args).output()?;
-    if !output.status.success() {
-        return Err(format!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )
-        .into());
-    }
-    Ok(())
+    sh_with_input(program, args, "")
 }
 
+/// Runs `program` with `input` on its stdin; its stderr becomes the error when it fails.
 fn sh_with_input(program: &str, args: &[&str], input: &str) -> BenchResult<()> {
     let mut child = Command::new(program)
         .args(args)
         .stdin(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
     child

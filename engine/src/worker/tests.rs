@@ -191,39 +191,9 @@ fn syn(client: u8, dport: u16) -> Vec<u8> {
     frame
 }
 
-/// Adaptive polling sleeps on the socket once a run of empty polls has gone by; busy polling
-/// never sleeps.
-#[test]
-fn an_idle_worker_sleeps_only_when_polling_is_adaptive() {
-    for busy_poll in [false, true] {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut rings = FakeRings::new(64, 32);
-        rings.stop_after = Some((5_000, Arc::clone(&stop)));
-        let settings = WorkerSettings {
-            batch_size: 8,
-            idle_polls_before_sleep: 100,
-            // No traffic yet: the spin window does not apply.
-            spin_after_traffic_ms: 60_000,
-            busy_poll,
-            ..WorkerSettings::default()
-        };
-        let mut worker = Worker::new(rings, dataplane(), settings);
-        let (_commands, receiver) = crossbeam::channel::unbounded();
-        worker.run(&stop, &receiver, &AtomicU64::new(0));
-        let waits = worker.rings().waits;
-        if busy_poll {
-            assert_eq!(waits, 0);
-        } else {
-            // Every empty poll from the 100th on ends in a sleep.
-            assert_eq!(waits, 5_000 - 99);
-        }
-    }
-}
-
-/// A worker that has just carried traffic keeps spinning through a gap shorter than
-/// `spin_after_traffic_ms` instead of sleeping (waking a core can outlast the RX ring).
-#[test]
-fn a_worker_with_recent_traffic_spins_through_a_gap() {
+/// Runs a worker (100 empty polls before a sleep, a minute's spin window after traffic) for
+/// 5000 polls, with `arrivals` on its RX ring at the start.
+fn run_for_5000_polls(busy_poll: bool, arrivals: &[Vec<u8>]) -> Worker<FakeRings> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut rings = FakeRings::new(64, 32);
     rings.stop_after = Some((5_000, Arc::clone(&stop)));
@@ -231,12 +201,32 @@ fn a_worker_with_recent_traffic_spins_through_a_gap() {
         batch_size: 8,
         idle_polls_before_sleep: 100,
         spin_after_traffic_ms: 60_000,
+        busy_poll,
         ..WorkerSettings::default()
     };
     let mut worker = Worker::new(rings, dataplane(), settings);
-    assert!(worker.rings.arrive(&syn(1, 8088)));
+    for frame in arrivals {
+        assert!(worker.rings.arrive(frame));
+    }
     let (_commands, receiver) = crossbeam::channel::unbounded();
     worker.run(&stop, &receiver, &AtomicU64::new(0));
+    worker
+}
+
+/// Adaptive polling sleeps on the socket once a run of empty polls has gone by (with no
+/// traffic yet, the spin window does not apply); busy polling never sleeps.
+#[test]
+fn an_idle_worker_sleeps_only_when_polling_is_adaptive() {
+    // Every empty poll from the 100th on ends in a sleep.
+    assert_eq!(run_for_5000_polls(false, &[]).rings().waits, 5_000 - 99);
+    assert_eq!(run_for_5000_polls(true, &[]).rings().waits, 0);
+}
+
+/// A worker that has just carried traffic keeps spinning through a gap shorter than
+/// `spin_after_traffic_ms` instead of sleeping (waking a core can outlast the RX ring).
+#[test]
+fn a_worker_with_recent_traffic_spins_through_a_gap() {
+    let worker = run_for_5000_polls(false, &[syn(1, 8088)]);
     assert_eq!(worker.dataplane().counters().rx_frames, 1);
     assert_eq!(worker.rings().waits, 0);
 }
