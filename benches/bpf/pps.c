@@ -27,9 +27,8 @@ enum template_kind { TEMPLATE_VIP = 0, TEMPLATE_ARP = 1, TEMPLATE_OTHER = 2 };
 struct gen_config {
 	__u32 sources;  // clients to cycle through, from the template's source address upwards
 	__u32 mix;      // 0: every frame to the VIP; 1: 1% ARP requests, 1% to a non-VIP address
-	__u64 rate;     // 0: flat out; else frames per second (paced), each CPU on its own
-	__u64 limit;    // paced: frames to send in all, per CPU
-	__u64 start_ns; // paced: CLOCK_MONOTONIC time the schedule starts from
+	__u64 interval_ns; // 0: flat out; else paced, one frame per interval on each CPU
+	__u64 limit;       // paced: frames to send in all, per CPU
 };
 
 struct frame_template {
@@ -57,12 +56,21 @@ struct {
 	__type(value, __u64);
 } gen_sent SEC(".maps");
 
-// Frames sent under the current paced schedule (user space zeroes it before each).
+// The paced schedule of each CPU (user space zeroes it before each paced run).
+struct pacing {
+	__u64 sent;    // frames sent under the schedule
+	__u64 next_ns; // when the next frame is due
+};
+
+// At most this many frames go out back to back when the generator was held up: catching up
+// a long delay at full speed would be a burst no real traffic source makes.
+#define MAX_BURST 32
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct pacing);
 } gen_paced SEC(".maps");
 
 struct {
@@ -130,16 +138,17 @@ int pps_gen(struct xdp_md *ctx)
 	__u64 *sent = bpf_map_lookup_elem(&gen_sent, &zero);
 	if (!config || !sent || config->sources == 0)
 		return XDP_ABORTED;
-	if (config->rate) {
+	if (config->interval_ns) {
 		// Pacing without leaving the kernel: a frame ahead of the schedule is dropped here
 		// (recycled at once) instead of sent; one long run, no per-call setup cost.
-		__u64 *paced = bpf_map_lookup_elem(&gen_paced, &zero);
+		struct pacing *pacing = bpf_map_lookup_elem(&gen_paced, &zero);
 		__u64 now = bpf_ktime_get_ns();
-		if (!paced || *paced >= config->limit || now < config->start_ns)
+		if (!pacing || pacing->sent >= config->limit || now < pacing->next_ns)
 			return XDP_DROP;
-		if (*paced >= (now - config->start_ns) * config->rate / 1000000000ull)
-			return XDP_DROP;
-		*paced += 1;
+		__u64 earliest = now - MAX_BURST * config->interval_ns;
+		__u64 due = pacing->next_ns > earliest ? pacing->next_ns : earliest;
+		pacing->next_ns = due + config->interval_ns;
+		pacing->sent += 1;
 	}
 	__u64 index = *sent;
 	*sent = index + 1;
