@@ -74,7 +74,7 @@ pub struct Engine {
     /// Bytes per UMEM frame: 2048 or 4096.
     #[serde(default = "default_frame_size")]
     pub frame_size: u32,
-    /// UMEM frames per queue: a power of two, at least twice `ring_size`.
+    /// UMEM frames per queue: a power of two, at least twice `ring_size` (default: four times).
     #[serde(default = "default_frame_count")]
     pub frame_count: u32,
     /// Entries in each AF_XDP ring: a power of two in 64..=16384.
@@ -107,7 +107,9 @@ fn default_frame_size() -> u32 {
     4096
 }
 fn default_frame_count() -> u32 {
-    4096
+    // Four rings' worth: fill, RX, TX and completion can each hold a full ring at once, so
+    // a burst that fills RX while TX completions lag never finds the fill ring empty.
+    8192
 }
 fn default_ring_size() -> u32 {
     2048

@@ -82,7 +82,7 @@ fn the_documented_example_parses_exactly() {
                 control_socket: "/run/lbd/lbd.sock".into(),
                 hash_seed: DEFAULT_HASH_SEED,
                 frame_size: 4096,
-                frame_count: 4096,
+                frame_count: 8192,
                 ring_size: 2048,
                 batch_size: 64,
                 gratuitous_arp_count: 3,
