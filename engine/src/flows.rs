@@ -12,7 +12,7 @@
 //! the new entry is not recorded (the frame is still forwarded by Maglev, which is stable as
 //! long as the server set is) and a counter says so. Time is milliseconds given by the caller.
 
-use hashbrown::HashMap;
+use std::hash::BuildHasher;
 
 /// TCP flags the state machine reads (RFC 9293 header byte 13).
 pub mod tcp_flags {
@@ -96,6 +96,7 @@ pub enum FlowState {
 
 impl FlowState {
     /// The state after a packet with `flags` (`None` for UDP), and its idle timeout.
+    #[inline(always)]
     pub fn after(flags: Option<u8>) -> (FlowState, u64) {
         let Some(flags) = flags else {
             return (FlowState::Datagram, UDP_TIMEOUT_MS);
@@ -113,6 +114,7 @@ impl FlowState {
 
     /// The state after a packet with `flags` on a connection in this state: a closing or
     /// reset connection stays so until it expires (its last ACKs do not revive it).
+    #[inline(always)]
     pub fn next(self, flags: Option<u8>) -> (FlowState, u64) {
         let (next, timeout) = FlowState::after(flags);
         match (self, next) {
@@ -136,13 +138,61 @@ impl FlowState {
 }
 
 /// A bounded map whose entries expire.
+///
+/// Open addressing with linear probing over a power-of-two array that is at most half full,
+/// so a lookup is one hash (a folded multiply), usually one slot, and no call: it runs for
+/// every frame. The array doubles as entries arrive (memory is reserved as the table fills);
+/// an entry is removed by shifting the rest of its run back (no tombstones).
 #[derive(Debug)]
 pub struct ExpiringTable<K, V> {
-    entries: HashMap<K, V>,
+    slots: Box<[Option<(K, V)>]>,
+    len: usize,
+    seeds: Seeds,
     capacity: usize,
     last_sweep_ms: u64,
     /// Entries that could not be recorded because the table was full of live entries.
     pub full_misses: u64,
+}
+
+/// A table's random hash keys, drawn when it is created: the keys come from the wire, so
+/// their hash must not be predictable.
+#[derive(Debug, Clone, Copy)]
+pub struct Seeds([u64; 2]);
+
+impl Seeds {
+    fn random() -> Seeds {
+        let random = hashbrown::DefaultHashBuilder::default();
+        Seeds([random.hash_one(0u64), random.hash_one(1u64)])
+    }
+}
+
+/// 64 x 64 -> 128-bit multiply, high and low halves folded together (as foldhash does).
+#[inline(always)]
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    (product as u64) ^ ((product >> 64) as u64)
+}
+
+/// Keys of an [`ExpiringTable`]: fixed-size integers hashed with one folded multiply.
+pub trait TableKey: Copy + Eq {
+    /// The key's hash under `seeds`.
+    fn hash(&self, seeds: &Seeds) -> u64;
+}
+
+impl TableKey for FlowKey {
+    #[inline(always)]
+    fn hash(&self, seeds: &Seeds) -> u64 {
+        let addresses = u64::from(self.src) << 32 | u64::from(self.dst);
+        let rest = u64::from(self.ports) << 32 | u64::from(self.protocol);
+        folded_multiply(addresses ^ seeds.0[0], rest ^ seeds.0[1])
+    }
+}
+
+impl TableKey for (u32, u64) {
+    #[inline(always)]
+    fn hash(&self, seeds: &Seeds) -> u64 {
+        folded_multiply(u64::from(self.0) ^ seeds.0[0], self.1 ^ seeds.0[1])
+    }
 }
 
 /// Values that know when they expire.
@@ -172,71 +222,159 @@ impl Expires for PersistEntry {
     }
 }
 
-impl<K: std::hash::Hash + Eq + Copy, V: Expires + Copy> ExpiringTable<K, V> {
+/// Slots of a new table; it doubles from there.
+const MIN_SLOTS: usize = 16;
+
+impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     /// An empty table of at most `capacity` entries (memory is reserved as it fills).
     pub fn new(capacity: usize) -> Self {
         ExpiringTable {
-            entries: HashMap::new(),
+            slots: vec![None; MIN_SLOTS].into_boxed_slice(),
+            len: 0,
+            seeds: Seeds::random(),
             capacity: capacity.max(1),
             last_sweep_ms: 0,
             full_misses: 0,
         }
     }
 
+    /// The slot a key's probe starts at.
+    #[inline(always)]
+    fn home(&self, key: &K) -> usize {
+        key.hash(&self.seeds) as usize & (self.slots.len() - 1)
+    }
+
+    /// The slot holding `key`, or the free slot that ends its probe.
+    #[inline(always)]
+    fn probe(&self, key: &K) -> (usize, bool) {
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        // At most half full: every walk ends at a free slot.
+        while let Some(Some((k, _))) = self.slots.get(i) {
+            if k == key {
+                return (i, true);
+            }
+            i = (i + 1) & mask;
+        }
+        (i, false)
+    }
+
     /// The live entry for `key`, if any.
     #[inline]
     pub fn get(&self, key: &K, now_ms: u64) -> Option<V> {
-        self.entries
-            .get(key)
-            .copied()
-            .filter(|v| v.expires_ms() > now_ms)
+        let (i, found) = self.probe(key);
+        if !found {
+            return None;
+        }
+        let (_, v) = self.slots.get(i)?.as_ref()?;
+        (v.expires_ms() > now_ms).then_some(*v)
     }
 
     /// The live entry for `key`, to update in place.
-    #[inline]
+    #[inline(always)]
     pub fn get_mut(&mut self, key: &K, now_ms: u64) -> Option<&mut V> {
-        self.entries
-            .get_mut(key)
-            .filter(|v| v.expires_ms() > now_ms)
+        let (i, found) = self.probe(key);
+        if !found {
+            return None;
+        }
+        let (_, v) = self.slots.get_mut(i)?.as_mut()?;
+        (v.expires_ms() > now_ms).then_some(v)
     }
 
     /// Records or replaces the entry for `key`; false when the table is full of live entries.
     #[inline]
     pub fn insert(&mut self, key: K, value: V, now_ms: u64) -> bool {
-        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
-            if now_ms.saturating_sub(self.last_sweep_ms) >= SWEEP_INTERVAL_MS {
-                self.sweep(now_ms);
+        let (mut i, found) = self.probe(&key);
+        if !found {
+            if self.len >= self.capacity {
+                if now_ms.saturating_sub(self.last_sweep_ms) >= SWEEP_INTERVAL_MS {
+                    self.sweep(now_ms);
+                }
+                if self.len >= self.capacity {
+                    self.full_misses += 1;
+                    return false;
+                }
+                i = self.probe(&key).0;
             }
-            if self.entries.len() >= self.capacity {
-                self.full_misses += 1;
-                return false;
+            if (self.len + 1) * 2 > self.slots.len() {
+                self.grow();
+                i = self.probe(&key).0;
             }
+            self.len += 1;
         }
-        self.entries.insert(key, value);
+        if let Some(slot) = self.slots.get_mut(i) {
+            *slot = Some((key, value));
+        }
         true
+    }
+
+    /// Twice the slots, every entry placed again.
+    #[cold]
+    fn grow(&mut self) {
+        let grown = vec![None; self.slots.len() * 2].into_boxed_slice();
+        let old = std::mem::replace(&mut self.slots, grown);
+        for (key, value) in old.into_iter().flatten() {
+            let (i, _) = self.probe(&key);
+            self.slots[i] = Some((key, value));
+        }
     }
 
     /// Removes expired entries.
     pub fn sweep(&mut self, now_ms: u64) {
         self.last_sweep_ms = now_ms;
-        self.entries.retain(|_, v| v.expires_ms() > now_ms);
+        let mut i = 0;
+        while i < self.slots.len() {
+            match self.slots[i] {
+                // The slot is refilled from later in its run: look at it again.
+                Some((_, v)) if v.expires_ms() <= now_ms => self.remove_at(i),
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// Empties slot `i` and moves back the later entries of its run that may no longer be
+    /// found past the gap (Knuth's algorithm R): no tombstones, probes stay short.
+    fn remove_at(&mut self, mut gap: usize) {
+        let mask = self.slots.len() - 1;
+        self.slots[gap] = None;
+        self.len -= 1;
+        let mut j = gap;
+        loop {
+            j = (j + 1) & mask;
+            let Some((key, _)) = self.slots[j] else {
+                return;
+            };
+            let home = self.home(&key);
+            // The entry stays when its home lies cyclically in (gap, j].
+            let stays = if gap <= j {
+                gap < home && home <= j
+            } else {
+                gap < home || home <= j
+            };
+            if !stays {
+                self.slots[gap] = self.slots[j].take();
+                gap = j;
+            }
+        }
     }
 
     /// Entries, live or not yet swept.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
     /// Live entries.
     pub fn live(&self, now_ms: u64) -> impl Iterator<Item = (&K, &V)> {
-        self.entries
+        self.slots
             .iter()
+            .flatten()
             .filter(move |(_, v)| v.expires_ms() > now_ms)
+            .map(|(k, v)| (k, v))
     }
 }
 
@@ -333,6 +471,123 @@ mod tests {
         assert_eq!(table.get(&key(1), 1_100), None);
         // Replacing an existing key never needs room.
         assert!(table.insert(key(3), entry(9_000), 1_200));
+    }
+
+    #[test]
+    fn slots_are_no_larger_than_their_entries() {
+        // The state's niche holds the free-slot marker: a flow slot is one key and one entry.
+        assert_eq!(
+            std::mem::size_of::<Option<(FlowKey, FlowEntry)>>(),
+            std::mem::size_of::<(FlowKey, FlowEntry)>()
+        );
+    }
+
+    #[test]
+    fn sweeping_keeps_every_live_entry_reachable() {
+        // Many keys in a small array: long runs that wrap around its end, then holes in them.
+        let mut table = FlowTable::new(1_000);
+        for port in 0..500u16 {
+            assert!(table.insert(key(port), entry(u64::from(port % 3) * 1_000 + 500), 0));
+        }
+        table.sweep(600);
+        assert_eq!(table.len(), 333);
+        for port in 0..500u16 {
+            let live = port % 3 != 0;
+            assert_eq!(table.get(&key(port), 600).is_some(), live, "port {port}");
+        }
+        assert_eq!(table.live(600).count(), 333);
+    }
+
+    mod model {
+        //! The table against a plain map with the same rules, over random operations.
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Insert(u16, u64),
+            Get(u16),
+            Touch(u16),
+            Sweep,
+            Wait(u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0..48u16, 0..3_000u64).prop_map(|(k, ttl)| Op::Insert(k, ttl)),
+                3 => (0..48u16).prop_map(Op::Get),
+                1 => (0..48u16).prop_map(Op::Touch),
+                1 => Just(Op::Sweep),
+                2 => (0..700u64).prop_map(Op::Wait),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn behaves_like_a_map_with_the_same_rules(
+                capacity in 1usize..40,
+                ops in prop::collection::vec(op(), 1..300),
+            ) {
+                let mut table = FlowTable::new(capacity);
+                let mut model: HashMap<FlowKey, FlowEntry> = HashMap::new();
+                let mut model_last_sweep = 0u64;
+                let mut model_misses = 0u64;
+                let mut now = 0u64;
+                for op in ops {
+                    match op {
+                        Op::Insert(k, ttl) => {
+                            let value = entry(now + ttl);
+                            let mut recorded = true;
+                            if model.len() >= capacity && !model.contains_key(&key(k)) {
+                                if now - model_last_sweep >= SWEEP_INTERVAL_MS {
+                                    model_last_sweep = now;
+                                    model.retain(|_, v| v.expires_ms > now);
+                                }
+                                if model.len() >= capacity {
+                                    model_misses += 1;
+                                    recorded = false;
+                                }
+                            }
+                            if recorded {
+                                model.insert(key(k), value);
+                            }
+                            prop_assert_eq!(table.insert(key(k), value, now), recorded);
+                        }
+                        Op::Get(k) => {
+                            let expected = model.get(&key(k)).copied().filter(|v| v.expires_ms > now);
+                            prop_assert_eq!(table.get(&key(k), now), expected);
+                        }
+                        Op::Touch(k) => {
+                            let expected = model.get_mut(&key(k)).filter(|v| v.expires_ms > now);
+                            let found = table.get_mut(&key(k), now);
+                            prop_assert_eq!(found.is_some(), expected.is_some());
+                            if let (Some(found), Some(expected)) = (found, expected) {
+                                found.expires_ms += 100;
+                                expected.expires_ms += 100;
+                            }
+                        }
+                        Op::Sweep => {
+                            model_last_sweep = now;
+                            model.retain(|_, v| v.expires_ms > now);
+                            table.sweep(now);
+                        }
+                        Op::Wait(ms) => now += ms,
+                    }
+                    prop_assert_eq!(table.len(), model.len());
+                    prop_assert_eq!(table.full_misses, model_misses);
+                }
+                let mut live: Vec<_> = table.live(now).map(|(k, v)| (k.ports, *v)).collect();
+                let mut expected: Vec<_> = model
+                    .iter()
+                    .filter(|(_, v)| v.expires_ms > now)
+                    .map(|(k, v)| (k.ports, *v))
+                    .collect();
+                live.sort_by_key(|(p, _)| *p);
+                expected.sort_by_key(|(p, _)| *p);
+                prop_assert_eq!(live, expected);
+            }
+        }
     }
 
     #[test]
