@@ -20,7 +20,7 @@ use crate::flows::{
     FlowEntry, FlowKey, FlowState, FlowTable, PersistEntry, PersistenceTable, tcp_flags,
 };
 use crate::snapshot::{FragmentRoute, RealServerEntry, ServiceEntry, Snapshot, service_key};
-use etherparse::{ArpPacketSlice, EtherType, Ethernet2HeaderSlice, Ipv4HeaderSlice};
+use etherparse::{ArpPacketSlice, EtherType, Ethernet2HeaderSlice};
 use lbd_config::Persistence;
 use std::sync::Arc;
 
@@ -40,10 +40,16 @@ mod field {
     pub const ARP_FRAME_LEN: usize = 42;
 
     // IPv4, relative to the frame start.
+    pub const IP_VERSION_IHL: usize = 14;
+    pub const IP_TOTAL_LEN: usize = 16;
+    pub const IP_FLAGS_FRAGMENT: usize = 20;
     pub const IP_TTL: usize = 22;
+    pub const IP_PROTOCOL: usize = 23;
     pub const IP_CHECKSUM: Range<usize> = 24..26;
     pub const IP_SRC: Range<usize> = 26..30;
     pub const IP_DST: Range<usize> = 30..34;
+    /// Ethernet header and the fixed part of the IPv4 header.
+    pub const IP_MIN_FRAME_LEN: usize = 34;
 }
 
 const ARP_OP_REQUEST: u16 = 1;
@@ -223,28 +229,58 @@ impl Dataplane {
     }
 
     fn ipv4(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
-        let Ok(ip) = Ipv4HeaderSlice::from_slice(&frame[field::ETH_HEADER_LEN..]) else {
-            return if frame.len() < field::ETH_HEADER_LEN + 20 {
-                Verdict::Drop(DropReason::Truncated)
-            } else {
-                Verdict::Drop(DropReason::BadIpHeader)
-            };
+        // The fixed 20-byte IPv4 header behind the Ethernet header, checked by hand: version 4,
+        // a header length of at least 20 bytes that the frame holds, and a total length that
+        // covers the header and fits in the frame.
+        let Some(header) = frame.first_chunk::<{ field::IP_MIN_FRAME_LEN }>() else {
+            return Verdict::Drop(DropReason::Truncated);
         };
-        let header_len = ip.slice().len();
-        let total_len = usize::from(ip.total_len());
+        let version_ihl = header[field::IP_VERSION_IHL];
+        let header_len = usize::from(version_ihl & 0x0f) * 4;
+        if version_ihl >> 4 != 4
+            || header_len < 20
+            || frame.len() < field::ETH_HEADER_LEN + header_len
+        {
+            return Verdict::Drop(DropReason::BadIpHeader);
+        }
+        let total_len = usize::from(u16::from_be_bytes([
+            header[field::IP_TOTAL_LEN],
+            header[field::IP_TOTAL_LEN + 1],
+        ]));
         if total_len < header_len {
             return Verdict::Drop(DropReason::BadIpHeader);
         }
         if field::ETH_HEADER_LEN + total_len > frame.len() {
             return Verdict::Drop(DropReason::Truncated);
         }
-        let dst = u32::from_be_bytes(ip.destination());
-        let protocol = ip.protocol().0;
-        let first_fragment = ip.fragments_offset().value() == 0;
-        let fragmented = ip.more_fragments() || !first_fragment;
-        let src = ip.source();
+        let flags_fragment = u16::from_be_bytes([
+            header[field::IP_FLAGS_FRAGMENT],
+            header[field::IP_FLAGS_FRAGMENT + 1],
+        ]);
+        // Fragment offset (13 bits) zero; "more fragments" (0x2000) or an offset: fragmented.
+        let first_fragment = flags_fragment & 0x1fff == 0;
+        let fragmented = flags_fragment & 0x3fff != 0;
+        let protocol = header[field::IP_PROTOCOL];
+        let src = [
+            header[field::IP_SRC.start],
+            header[field::IP_SRC.start + 1],
+            header[field::IP_SRC.start + 2],
+            header[field::IP_SRC.start + 3],
+        ];
+        let dst = u32::from_be_bytes([
+            header[field::IP_DST.start],
+            header[field::IP_DST.start + 1],
+            header[field::IP_DST.start + 2],
+            header[field::IP_DST.start + 3],
+        ]);
         let l4 = field::ETH_HEADER_LEN + header_len;
         let l4_end = field::ETH_HEADER_LEN + total_len;
+        // The transport header's first four bytes (both ports for TCP and UDP), when the
+        // packet holds them; `l4 + 4 <= l4_end <= frame.len()` then.
+        let l4_start = (l4_end - l4 >= 4)
+            .then(|| frame.get(l4..l4 + 4))
+            .flatten()
+            .map(|b| [b[0], b[1], b[2], b[3]]);
 
         if protocol == IP_PROTO_ICMP {
             if !self.snapshot.vips.contains(&dst) {
@@ -256,19 +292,12 @@ impl Dataplane {
             return self.icmp_echo(frame, l4, l4_end);
         }
 
-        // Disjoint borrows: the snapshot is read while the tables and counters change.
-        let Dataplane {
-            snapshot,
-            counters,
-            flows,
-            persistence,
-        } = self;
-        let snapshot = &**snapshot;
+        let snapshot = &*self.snapshot;
         let service_index = if first_fragment {
-            if l4_end - l4 < 4 {
+            let Some(ports) = l4_start else {
                 return Verdict::Drop(DropReason::Truncated);
-            }
-            let port = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+            };
+            let port = u16::from_be_bytes([ports[2], ports[3]]);
             // One lookup on the forwarding path; the VIP set only tells the drops apart.
             match snapshot.by_port.get(&service_key(dst, protocol, port)) {
                 Some(&index) => index,
@@ -288,84 +317,99 @@ impl Dataplane {
         };
 
         // A connection already known keeps its server while that server takes known clients.
-        let flow = if fragmented || l4_end - l4 < 4 {
-            None
-        } else {
-            let ports =
-                u32::from_be_bytes([frame[l4], frame[l4 + 1], frame[l4 + 2], frame[l4 + 3]]);
-            let flags = (protocol == IP_PROTO_TCP && l4_end - l4 > TCP_FLAGS_OFFSET)
-                .then(|| frame[l4 + TCP_FLAGS_OFFSET]);
-            Some((
-                FlowKey {
+        let flow = match l4_start {
+            Some(ports) if !fragmented => {
+                let flags = (protocol == IP_PROTO_TCP && l4_end - l4 > TCP_FLAGS_OFFSET)
+                    .then(|| frame.get(l4 + TCP_FLAGS_OFFSET).copied())
+                    .flatten();
+                let key = FlowKey {
                     src: u32::from_be_bytes(src),
                     dst,
-                    ports,
+                    ports: u32::from_be_bytes(ports),
                     protocol,
-                },
-                flags,
-            ))
-        };
-        let known = flow.and_then(|(key, flags)| {
-            let entry = flows.get_mut(&key, now_ms)?;
-            // A new SYN on a closing tuple is a new connection (port reuse): choose again.
-            let reused = matches!(entry.state, FlowState::Closing | FlowState::Reset)
-                && flags.is_some_and(|f| f & tcp_flags::SYN != 0 && f & tcp_flags::ACK == 0);
-            if reused {
-                return None;
-            }
-            // The index is cached with the generation it was found in; a new snapshot means one
-            // lookup by address to find the server again (or learn that it is gone).
-            let backend = if entry.generation == snapshot.generation {
-                entry.index
-            } else {
-                let index = usable(
+                };
+                if let Some(backend) = known_backend(
+                    &mut self.flows,
+                    &mut self.persistence,
+                    snapshot,
                     service,
-                    entry.real_server,
-                    RealServerEntry::takes_known_clients,
-                )?;
-                entry.generation = snapshot.generation;
-                entry.index = index;
-                index
-            };
-            // Updated in place: one table lookup per packet of a known connection.
-            let (state, timeout) = entry.state.next(flags);
-            entry.state = state;
-            entry.expires_ms = now_ms + timeout;
-            if service.persistence == Persistence::SourceIp
-                && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
-            {
-                entry.persisted_until_ms = now_ms + service.persistence_timeout_ms;
-                persistence.insert(
-                    (key.src, service.key),
-                    PersistEntry {
-                        real_server: entry.real_server,
-                        expires_ms: entry.persisted_until_ms,
-                    },
+                    key,
+                    flags,
                     now_ms,
-                );
+                ) {
+                    let Some(mac) = service
+                        .real_servers
+                        .get(usize::from(backend))
+                        .and_then(|rs| rs.mac)
+                    else {
+                        return Verdict::Drop(DropReason::NoRealServer);
+                    };
+                    rewrite_macs(frame, mac, snapshot.own_mac);
+                    let len = frame.len();
+                    self.counters
+                        .forward(usize::from(service_index), usize::from(backend), len);
+                    return Verdict::Transmit;
+                }
+                Some((key, flags))
             }
-            Some(backend)
-        });
-
-        let backend = match known {
-            Some(backend) => Some(backend),
-            None => choose(
-                service,
-                persistence,
-                src,
-                dst,
-                protocol,
-                fragmented,
-                &frame[l4..l4 + 4.min(l4_end - l4)],
-                now_ms,
-            ),
+            _ => None,
         };
+        self.new_connection(
+            frame,
+            service_index,
+            src,
+            dst,
+            protocol,
+            fragmented,
+            flow,
+            now_ms,
+        )
+    }
+
+    /// A frame that no known connection places: the persisted or Maglev choice, recorded in
+    /// the flow table when the frame belongs to a connection (`flow`), or the fallback server.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the parsed header fields of one frame"
+    )]
+    #[inline(never)]
+    fn new_connection(
+        &mut self,
+        frame: &mut [u8],
+        service_index: u16,
+        src: [u8; 4],
+        dst: u32,
+        protocol: u8,
+        fragmented: bool,
+        flow: Option<(FlowKey, Option<u8>)>,
+        now_ms: u64,
+    ) -> Verdict {
+        let Dataplane {
+            snapshot,
+            counters,
+            flows,
+            persistence,
+        } = self;
+        let snapshot = &**snapshot;
+        let Some(service) = snapshot.services.get(usize::from(service_index)) else {
+            return Verdict::Drop(DropReason::PortNotServed);
+        };
+        let ports = flow.map(|(key, _)| key.ports.to_be_bytes());
+        let backend = choose(
+            service,
+            persistence,
+            src,
+            dst,
+            protocol,
+            fragmented,
+            ports.as_ref().map_or(&[][..], |p| &p[..]),
+            now_ms,
+        );
         let Some(backend) = backend else {
             // No real server can take the client: the fallback server, when there is one.
             return match service.fallback {
                 Some((_, Some(mac))) => {
-                    frame[field::ETH_DST].copy_from_slice(&mac);
-                    frame[field::ETH_SRC].copy_from_slice(&snapshot.own_mac);
+                    rewrite_macs(frame, mac, snapshot.own_mac);
                     counters.forward_fallback(usize::from(service_index), frame.len());
                     Verdict::Transmit
                 }
@@ -378,9 +422,7 @@ impl Dataplane {
         let Some(mac) = real_server.mac else {
             return Verdict::Drop(DropReason::NoRealServer);
         };
-        if known.is_none()
-            && let Some((key, flags)) = flow
-        {
+        if let Some((key, flags)) = flow {
             let (state, timeout) = FlowState::after(flags);
             flows.insert(
                 key,
@@ -396,8 +438,7 @@ impl Dataplane {
                 now_ms,
             );
         }
-        frame[field::ETH_DST].copy_from_slice(&mac);
-        frame[field::ETH_SRC].copy_from_slice(&snapshot.own_mac);
+        rewrite_macs(frame, mac, snapshot.own_mac);
         let len = frame.len();
         counters.forward(usize::from(service_index), usize::from(backend), len);
         Verdict::Transmit
@@ -435,6 +476,70 @@ impl Dataplane {
         frame[field::ETH_SRC].copy_from_slice(&self.snapshot.own_mac);
         self.counters.icmp_echo_replies += 1;
         Verdict::Transmit
+    }
+}
+
+/// The server of a connection the flow table knows, renewing its entry (state, expiry and,
+/// once half spent, the client's persistence entry); `None` when the connection must be placed
+/// anew: unknown or expired, a new SYN on a closing tuple (port reuse), or a server that no
+/// longer takes known clients.
+#[inline(always)]
+fn known_backend(
+    flows: &mut FlowTable,
+    persistence: &mut PersistenceTable,
+    snapshot: &Snapshot,
+    service: &ServiceEntry,
+    key: FlowKey,
+    flags: Option<u8>,
+    now_ms: u64,
+) -> Option<u16> {
+    let entry = flows.get_mut(&key, now_ms)?;
+    // A new SYN on a closing tuple is a new connection (port reuse): choose again.
+    let reused = matches!(entry.state, FlowState::Closing | FlowState::Reset)
+        && flags.is_some_and(|f| f & tcp_flags::SYN != 0 && f & tcp_flags::ACK == 0);
+    if reused {
+        return None;
+    }
+    // The index is cached with the generation it was found in; a new snapshot means one
+    // lookup by address to find the server again (or learn that it is gone).
+    let backend = if entry.generation == snapshot.generation {
+        entry.index
+    } else {
+        let index = usable(
+            service,
+            entry.real_server,
+            RealServerEntry::takes_known_clients,
+        )?;
+        entry.generation = snapshot.generation;
+        entry.index = index;
+        index
+    };
+    // Updated in place: one table lookup per packet of a known connection.
+    let (state, timeout) = entry.state.next(flags);
+    entry.state = state;
+    entry.expires_ms = now_ms + timeout;
+    if service.persistence == Persistence::SourceIp
+        && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
+    {
+        entry.persisted_until_ms = now_ms + service.persistence_timeout_ms;
+        persistence.insert(
+            (key.src, service.key),
+            PersistEntry {
+                real_server: entry.real_server,
+                expires_ms: entry.persisted_until_ms,
+            },
+            now_ms,
+        );
+    }
+    Some(backend)
+}
+
+/// Direct Routing: to `dst` from `own`, the IP packet untouched.
+#[inline(always)]
+fn rewrite_macs(frame: &mut [u8], dst: [u8; 6], own: [u8; 6]) {
+    if let Some(header) = frame.first_chunk_mut::<12>() {
+        header[field::ETH_DST].copy_from_slice(&dst);
+        header[field::ETH_SRC].copy_from_slice(&own);
     }
 }
 
