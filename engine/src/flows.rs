@@ -97,7 +97,7 @@ pub enum FlowState {
 impl FlowState {
     /// The state after a packet with `flags` (`None` for UDP), and its idle timeout.
     #[inline(always)]
-    pub fn after(flags: Option<u8>) -> (FlowState, u64) {
+    pub const fn after(flags: Option<u8>) -> (FlowState, u64) {
         let Some(flags) = flags else {
             return (FlowState::Datagram, UDP_TIMEOUT_MS);
         };
@@ -115,7 +115,7 @@ impl FlowState {
     /// The state after a packet with `flags` on a connection in this state: a closing or
     /// reset connection stays so until it expires (its last ACKs do not revive it).
     #[inline(always)]
-    pub fn next(self, flags: Option<u8>) -> (FlowState, u64) {
+    pub const fn next(self, flags: Option<u8>) -> (FlowState, u64) {
         let (next, timeout) = FlowState::after(flags);
         match (self, next) {
             (FlowState::Closing, FlowState::Established | FlowState::SynSent) => {
@@ -128,6 +128,16 @@ impl FlowState {
         }
     }
 
+    /// A packet with `flags` on a known connection in this state: its next state and timeout
+    /// (as [`FlowState::next`]), or `None` when it is a new SYN (no ACK) on a closing or reset
+    /// tuple, which starts a new connection (port reuse). One lookup in a table built from
+    /// those rules at compile time: it runs for every frame of a known connection.
+    #[inline(always)]
+    pub fn on_packet(self, flags: Option<u8>) -> Option<(FlowState, u64)> {
+        let step = STEPS[self as usize][flag_class(flags)];
+        (!step.new_connection).then_some((step.state, u64::from(step.timeout_ms)))
+    }
+
     /// Whether the connection counts as active for a server's connection count.
     pub fn is_active(self) -> bool {
         matches!(
@@ -136,6 +146,74 @@ impl FlowState {
         )
     }
 }
+
+/// What a packet does to a known connection, by state and flag class: [`FlowState::on_packet`].
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    state: FlowState,
+    new_connection: bool,
+    timeout_ms: u32,
+}
+
+/// The TCP flags the state machine reads (FIN, SYN, RST, ACK) packed into 4 bits, and one more
+/// class for UDP (no flags).
+const FLAG_CLASSES: usize = 17;
+
+#[inline(always)]
+const fn flag_class(flags: Option<u8>) -> usize {
+    match flags {
+        Some(f) => ((f & 0x07) | ((f & tcp_flags::ACK) >> 1)) as usize,
+        None => FLAG_CLASSES - 1,
+    }
+}
+
+/// A flags byte of each class (the other bits do not change the state machine's answer).
+const fn class_flags(class: usize) -> Option<u8> {
+    if class == FLAG_CLASSES - 1 {
+        None
+    } else {
+        Some((class as u8 & 0x07) | ((class as u8 & 0x08) << 1))
+    }
+}
+
+/// [`FlowState::on_packet`] for every state (by discriminant) and flag class.
+const STEPS: [[Step; FLAG_CLASSES]; 5] = {
+    let states = [
+        FlowState::SynSent,
+        FlowState::Established,
+        FlowState::Closing,
+        FlowState::Reset,
+        FlowState::Datagram,
+    ];
+    let mut steps = [[Step {
+        state: FlowState::Datagram,
+        new_connection: false,
+        timeout_ms: 0,
+    }; FLAG_CLASSES]; 5];
+    let mut s = 0;
+    while s < states.len() {
+        let state = states[s];
+        assert!(state as usize == s);
+        let mut class = 0;
+        while class < FLAG_CLASSES {
+            let flags = class_flags(class);
+            let (next, timeout_ms) = state.next(flags);
+            assert!(timeout_ms <= u32::MAX as u64);
+            let new_syn = match flags {
+                Some(f) => f & tcp_flags::SYN != 0 && f & tcp_flags::ACK == 0,
+                None => false,
+            };
+            steps[s][class] = Step {
+                state: next,
+                new_connection: matches!(state, FlowState::Closing | FlowState::Reset) && new_syn,
+                timeout_ms: timeout_ms as u32,
+            };
+            class += 1;
+        }
+        s += 1;
+    }
+    steps
+};
 
 /// A bounded map whose entries expire.
 ///
@@ -447,6 +525,27 @@ mod tests {
         );
         assert!(FlowState::Established.is_active());
         assert!(!FlowState::Closing.is_active());
+    }
+
+    #[test]
+    fn the_step_table_follows_the_rules_for_every_flags_byte() {
+        use tcp_flags::*;
+        let states = [
+            FlowState::SynSent,
+            FlowState::Established,
+            FlowState::Closing,
+            FlowState::Reset,
+            FlowState::Datagram,
+        ];
+        let all_flags = (0..=255u8).map(Some).chain([None]);
+        for state in states {
+            for flags in all_flags.clone() {
+                let reused = matches!(state, FlowState::Closing | FlowState::Reset)
+                    && flags.is_some_and(|f| f & SYN != 0 && f & ACK == 0);
+                let expected = (!reused).then(|| state.next(flags));
+                assert_eq!(state.on_packet(flags), expected, "{state:?} {flags:?}");
+            }
+        }
     }
 
     #[test]
