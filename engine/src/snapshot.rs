@@ -24,8 +24,8 @@ pub fn service_key(vip: u32, protocol: u8, port: u16) -> u64 {
 pub struct PortMap {
     /// `(key, service)`; [`PortMap::EMPTY`] marks a free slot.
     slots: Box<[(u64, u16)]>,
-    /// log2 of the slot count.
-    bits: u32,
+    /// 64 - log2 of the slot count: the hash's top bits index the slots.
+    shift: u32,
     len: usize,
 }
 
@@ -33,7 +33,7 @@ impl Default for PortMap {
     fn default() -> Self {
         PortMap {
             slots: vec![(PortMap::EMPTY, 0); 2].into_boxed_slice(),
-            bits: 1,
+            shift: 63,
             len: 0,
         }
     }
@@ -43,11 +43,11 @@ impl PortMap {
     /// Never a [`service_key`]: bits 24..32 (above the 8-bit protocol) are always zero there.
     const EMPTY: u64 = u64::MAX;
 
-    /// Fibonacci hashing: the top `bits` bits of the key times 2^64 / golden ratio. The keys
+    /// Fibonacci hashing: the top bits of the key times 2^64 / golden ratio. The keys
     /// come from the configuration, so no secret is needed to keep the probes short.
     #[inline(always)]
     fn slot(&self, key: u64) -> usize {
-        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - self.bits)) as usize
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
     }
 
     /// The service for `key`.
@@ -78,7 +78,7 @@ impl PortMap {
         if (self.len + 1) * 2 > self.slots.len() {
             let grown = vec![(PortMap::EMPTY, 0); self.slots.len() * 2].into_boxed_slice();
             let old = std::mem::replace(&mut self.slots, grown);
-            self.bits += 1;
+            self.shift -= 1;
             self.len = 0;
             for &(k, v) in old.iter().filter(|(k, _)| *k != PortMap::EMPTY) {
                 self.insert(k, v);
