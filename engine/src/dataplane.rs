@@ -178,14 +178,14 @@ impl Dataplane {
         let Some(eth) = frame.first_chunk::<{ field::ETH_HEADER_LEN }>() else {
             return Verdict::Drop(DropReason::Truncated);
         };
-        let ether_type = u16::from_be_bytes([eth[12], eth[13]]);
+        let ether_type = [eth[12], eth[13]];
         let to_us = mac_word(eth) == self.own_mac_word;
-        if ether_type == EtherType::IPV4.0 {
+        if ether_type == EtherType::IPV4.0.to_be_bytes() {
             if !to_us {
                 return Verdict::Drop(DropReason::NotOurMac);
             }
             self.ipv4(frame, now_ms)
-        } else if ether_type == EtherType::ARP.0 {
+        } else if ether_type == EtherType::ARP.0.to_be_bytes() {
             if !to_us && eth[field::ETH_DST] != BROADCAST {
                 return Verdict::Drop(DropReason::NotOurMac);
             }
@@ -241,21 +241,54 @@ impl Dataplane {
         if ip.protocol == IP_PROTO_ICMP {
             return self.icmp(frame, ip.dst, ip.fragmented, ip.l4, ip.l4_end);
         }
-        let snapshot = &*self.snapshot;
-        let service_index = match service_of(snapshot, &ip) {
-            Ok(index) => index,
-            Err(reason) => return Verdict::Drop(reason),
+        if ip.fragmented {
+            return self.fragment(
+                frame,
+                ip.dst,
+                ip.protocol,
+                ip.first_fragment,
+                ip.ports,
+                now_ms,
+            );
+        }
+        // A whole datagram: the transport header is there and says where it goes.
+        let Some(ports) = ip.ports else {
+            return Verdict::Drop(DropReason::Truncated);
+        };
+        let key = FlowKey {
+            src: ip.src,
+            dst: ip.dst,
+            ports,
+            protocol: ip.protocol,
+        };
+        let Dataplane {
+            snapshot,
+            counters,
+            flows,
+            persistence,
+            ..
+        } = self;
+        let snapshot = &**snapshot;
+        // The connection is looked up before the service (a lookup changes nothing): the key's
+        // parts are done with early, which keeps the rest of the path in registers.
+        let entry = flows.get_mut(&key, now_ms);
+        let Some(&service_index) =
+            snapshot
+                .by_port
+                .get(&service_key(ip.dst, ip.protocol, ports as u16))
+        else {
+            return Verdict::Drop(not_served(snapshot, ip.dst));
         };
         // A connection already known keeps its server while that server takes known clients.
         if let Some(service) = snapshot.services.get(usize::from(service_index))
-            && let Some((key, flags)) = ip.flow()
+            && let Some(entry) = entry
             && let Some(backend) = known_backend(
-                &mut self.flows,
-                &mut self.persistence,
+                entry,
+                persistence,
                 snapshot,
                 service,
-                key,
-                flags,
+                key.src,
+                ip.tcp_flags,
                 now_ms,
             )
         {
@@ -268,11 +301,28 @@ impl Dataplane {
             };
             rewrite_macs(frame, mac, snapshot.own_mac);
             let len = frame.len();
-            self.counters
-                .forward(usize::from(service_index), usize::from(backend), len);
+            counters.forward(usize::from(service_index), usize::from(backend), len);
             return Verdict::Transmit;
         }
         self.new_connection(frame, service_index, now_ms)
+    }
+
+    /// A piece of a fragmented datagram: its service (by port in the `first` piece, by VIP and
+    /// protocol in the others), then the persisted or Maglev choice (no connection tracking).
+    #[inline(never)]
+    fn fragment(
+        &mut self,
+        frame: &mut [u8],
+        dst: u32,
+        protocol: u8,
+        first: bool,
+        ports: Option<u32>,
+        now_ms: u64,
+    ) -> Verdict {
+        match service_of(&self.snapshot, dst, protocol, first, ports) {
+            Ok(service_index) => self.new_connection(frame, service_index, now_ms),
+            Err(reason) => Verdict::Drop(reason),
+        }
     }
 
     /// A frame of service `service_index` that no known connection places: the persisted or
@@ -433,13 +483,19 @@ impl Ipv4 {
             return Err(DropReason::Truncated);
         };
         let version_ihl = header[field::IP_VERSION_IHL];
-        let header_len = usize::from(version_ihl & 0x0f) * 4;
-        if version_ihl >> 4 != 4
-            || header_len < 20
-            || frame.len() < field::ETH_HEADER_LEN + header_len
-        {
-            return Err(DropReason::BadIpHeader);
-        }
+        // Almost every packet has no options (0x45): a constant header length from there on.
+        let header_len = if version_ihl == 0x45 {
+            20
+        } else {
+            let header_len = usize::from(version_ihl & 0x0f) * 4;
+            if version_ihl >> 4 != 4
+                || header_len < 20
+                || frame.len() < field::ETH_HEADER_LEN + header_len
+            {
+                return Err(DropReason::BadIpHeader);
+            }
+            header_len
+        };
         let total_len = usize::from(u16::from_be_bytes([
             header[field::IP_TOTAL_LEN],
             header[field::IP_TOTAL_LEN + 1],
@@ -504,20 +560,25 @@ impl Ipv4 {
 /// The service a (non-ICMP) packet is for: by VIP, protocol and port, or for a non-first
 /// fragment (no ports) by VIP and protocol when that is unambiguous.
 #[inline(always)]
-fn service_of(snapshot: &Snapshot, ip: &Ipv4) -> Result<u16, DropReason> {
-    if !ip.first_fragment {
-        return fragment_service(snapshot, ip.dst, ip.protocol);
+fn service_of(
+    snapshot: &Snapshot,
+    dst: u32,
+    protocol: u8,
+    first_fragment: bool,
+    ports: Option<u32>,
+) -> Result<u16, DropReason> {
+    if !first_fragment {
+        return fragment_service(snapshot, dst, protocol);
     }
-    let Some(ports) = ip.ports else {
+    let Some(ports) = ports else {
         return Err(DropReason::Truncated);
     };
-    // One lookup on the forwarding path; the VIP set only tells the drops apart.
     match snapshot
         .by_port
-        .get(&service_key(ip.dst, ip.protocol, ports as u16))
+        .get(&service_key(dst, protocol, ports as u16))
     {
         Some(&index) => Ok(index),
-        None => Err(not_served(snapshot, ip.dst)),
+        None => Err(not_served(snapshot, dst)),
     }
 }
 
@@ -530,21 +591,20 @@ fn fragment_service(snapshot: &Snapshot, dst: u32, protocol: u8) -> Result<u16, 
     }
 }
 
-/// The server of a connection the flow table knows, renewing its entry (state, expiry and,
-/// once half spent, the client's persistence entry); `None` when the connection must be placed
-/// anew: unknown or expired, a new SYN on a closing tuple (port reuse), or a server that no
-/// longer takes known clients.
+/// The server of a connection the flow table knows (`entry`, live), renewing the entry (state,
+/// expiry and, once half spent, the client's persistence entry); `None` when the connection
+/// must be placed anew: a new SYN on a closing tuple (port reuse), or a server that no longer
+/// takes known clients.
 #[inline(always)]
 fn known_backend(
-    flows: &mut FlowTable,
+    entry: &mut FlowEntry,
     persistence: &mut PersistenceTable,
     snapshot: &Snapshot,
     service: &ServiceEntry,
-    key: FlowKey,
+    client: u32,
     flags: Option<u8>,
     now_ms: u64,
 ) -> Option<u16> {
-    let entry = flows.get_mut(&key, now_ms)?;
     // A new SYN on a closing tuple is a new connection (port reuse): choose again.
     let (state, timeout) = entry.state.on_packet(flags)?;
     // The index is cached with the generation it was found in; a new snapshot means one
@@ -560,7 +620,7 @@ fn known_backend(
     if service.persistence == Persistence::SourceIp
         && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
     {
-        renew_persistence(entry, persistence, service, key.src, now_ms);
+        renew_persistence(entry, persistence, service, client, now_ms);
     }
     Some(backend)
 }
