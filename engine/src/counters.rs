@@ -163,7 +163,7 @@ impl Counters {
     }
 
     /// Counts one forwarded frame of `len` bytes for a service's real server.
-    #[inline]
+    #[inline(always)]
     pub fn forward(&mut self, service: usize, real_server: usize, len: usize) {
         self.forwarded.add(len);
         if let Some(service) = self.services.get_mut(service) {

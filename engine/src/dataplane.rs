@@ -16,11 +16,9 @@
 //! fixed offsets whose bounds those checks have already established.
 
 use crate::counters::{Counters, DropReason};
-use crate::flows::{
-    FlowEntry, FlowKey, FlowState, FlowTable, PersistEntry, PersistenceTable, tcp_flags,
-};
+use crate::flows::{FlowEntry, FlowKey, FlowState, FlowTable, PersistEntry, PersistenceTable};
 use crate::snapshot::{FragmentRoute, RealServerEntry, ServiceEntry, Snapshot, service_key};
-use etherparse::{ArpPacketSlice, EtherType, Ethernet2HeaderSlice, Ipv4HeaderSlice};
+use etherparse::{ArpPacketSlice, EtherType};
 use lbd_config::Persistence;
 use std::sync::Arc;
 
@@ -40,10 +38,16 @@ mod field {
     pub const ARP_FRAME_LEN: usize = 42;
 
     // IPv4, relative to the frame start.
+    pub const IP_VERSION_IHL: usize = 14;
+    pub const IP_TOTAL_LEN: usize = 16;
+    pub const IP_FLAGS_FRAGMENT: usize = 20;
     pub const IP_TTL: usize = 22;
+    pub const IP_PROTOCOL: usize = 23;
     pub const IP_CHECKSUM: Range<usize> = 24..26;
     pub const IP_SRC: Range<usize> = 26..30;
     pub const IP_DST: Range<usize> = 30..34;
+    /// Ethernet header and the fixed part of the IPv4 header.
+    pub const IP_MIN_FRAME_LEN: usize = 34;
 }
 
 const ARP_OP_REQUEST: u16 = 1;
@@ -74,6 +78,8 @@ pub enum Verdict {
 #[derive(Debug)]
 pub struct Dataplane {
     snapshot: Arc<Snapshot>,
+    /// The snapshot's own MAC as [`mac_word`] gives it for a frame sent to it.
+    own_mac_word: u64,
     counters: Counters,
     flows: FlowTable,
     persistence: PersistenceTable,
@@ -102,6 +108,7 @@ impl Dataplane {
     pub fn new(snapshot: Arc<Snapshot>, sizes: TableSizes) -> Dataplane {
         let counters = Counters::for_services(snapshot.real_server_counts());
         Dataplane {
+            own_mac_word: own_mac_word(snapshot.own_mac),
             snapshot,
             counters,
             flows: FlowTable::new(sizes.flows),
@@ -145,6 +152,7 @@ impl Dataplane {
         }
         counters.merge(&old);
         self.counters = counters;
+        self.own_mac_word = own_mac_word(snapshot.own_mac);
         self.snapshot = snapshot;
     }
 
@@ -165,20 +173,20 @@ impl Dataplane {
         verdict
     }
 
-    #[inline]
+    #[inline(always)]
     fn classify_and_rewrite(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
-        let Ok(eth) = Ethernet2HeaderSlice::from_slice(frame) else {
+        let Some(eth) = frame.first_chunk::<{ field::ETH_HEADER_LEN }>() else {
             return Verdict::Drop(DropReason::Truncated);
         };
-        let ether_type = eth.ether_type();
-        let dst = eth.destination();
-        if ether_type == EtherType::IPV4 {
-            if dst != self.snapshot.own_mac {
+        let ether_type = [eth[12], eth[13]];
+        let to_us = mac_word(eth) == self.own_mac_word;
+        if ether_type == EtherType::IPV4.0.to_be_bytes() {
+            if !to_us {
                 return Verdict::Drop(DropReason::NotOurMac);
             }
             self.ipv4(frame, now_ms)
-        } else if ether_type == EtherType::ARP {
-            if dst != self.snapshot.own_mac && dst != BROADCAST {
+        } else if ether_type == EtherType::ARP.0.to_be_bytes() {
+            if !to_us && eth[field::ETH_DST] != BROADCAST {
                 return Verdict::Drop(DropReason::NotOurMac);
             }
             self.arp(frame)
@@ -222,150 +230,139 @@ impl Dataplane {
         Verdict::Transmit
     }
 
+    /// IPv4: a known connection's frame is forwarded here; everything else (ICMP, fragments,
+    /// new connections, drops) goes through the out-of-line paths.
+    #[inline(always)]
     fn ipv4(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
-        let Ok(ip) = Ipv4HeaderSlice::from_slice(&frame[field::ETH_HEADER_LEN..]) else {
-            return if frame.len() < field::ETH_HEADER_LEN + 20 {
-                Verdict::Drop(DropReason::Truncated)
-            } else {
-                Verdict::Drop(DropReason::BadIpHeader)
-            };
+        let ip = match Ipv4::parse(frame) {
+            Ok(ip) => ip,
+            Err(reason) => return Verdict::Drop(reason),
         };
-        let header_len = ip.slice().len();
-        let total_len = usize::from(ip.total_len());
-        if total_len < header_len {
-            return Verdict::Drop(DropReason::BadIpHeader);
+        if ip.protocol == IP_PROTO_ICMP {
+            return self.icmp(frame, ip.dst, ip.fragmented, ip.l4, ip.l4_end);
         }
-        if field::ETH_HEADER_LEN + total_len > frame.len() {
+        if ip.fragmented {
+            return self.fragment(
+                frame,
+                ip.dst,
+                ip.protocol,
+                ip.first_fragment,
+                ip.ports,
+                now_ms,
+            );
+        }
+        // A whole datagram: the transport header is there and says where it goes.
+        let Some(ports) = ip.ports else {
             return Verdict::Drop(DropReason::Truncated);
-        }
-        let dst = u32::from_be_bytes(ip.destination());
-        let protocol = ip.protocol().0;
-        let first_fragment = ip.fragments_offset().value() == 0;
-        let fragmented = ip.more_fragments() || !first_fragment;
-        let src = ip.source();
-        let l4 = field::ETH_HEADER_LEN + header_len;
-        let l4_end = field::ETH_HEADER_LEN + total_len;
-
-        if protocol == IP_PROTO_ICMP {
-            if !self.snapshot.vips.contains(&dst) {
-                return Verdict::Drop(DropReason::NotVip);
-            }
-            if fragmented {
-                return Verdict::Drop(DropReason::IcmpNotEcho);
-            }
-            return self.icmp_echo(frame, l4, l4_end);
-        }
-
-        // Disjoint borrows: the snapshot is read while the tables and counters change.
+        };
+        let key = FlowKey {
+            src: ip.src,
+            dst: ip.dst,
+            ports,
+            protocol: ip.protocol,
+        };
         let Dataplane {
             snapshot,
             counters,
             flows,
             persistence,
+            ..
         } = self;
         let snapshot = &**snapshot;
-        let service_index = if first_fragment {
-            if l4_end - l4 < 4 {
-                return Verdict::Drop(DropReason::Truncated);
-            }
-            let port = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
-            // One lookup on the forwarding path; the VIP set only tells the drops apart.
-            match snapshot.by_port.get(&service_key(dst, protocol, port)) {
-                Some(&index) => index,
-                None => return Verdict::Drop(not_served(snapshot, dst)),
-            }
-        } else {
-            match snapshot.by_protocol.get(&(dst, protocol)) {
-                Some(FragmentRoute::Service(index)) => *index,
-                Some(FragmentRoute::Ambiguous) => {
-                    return Verdict::Drop(DropReason::FragmentAmbiguous);
-                }
-                None => return Verdict::Drop(not_served(snapshot, dst)),
-            }
+        // The connection is looked up before the service (a lookup changes nothing): the key's
+        // parts are done with early, which keeps the rest of the path in registers.
+        let entry = flows.get_mut(&key, now_ms);
+        let Some(&service_index) =
+            snapshot
+                .by_port
+                .get(&service_key(ip.dst, ip.protocol, ports as u16))
+        else {
+            return Verdict::Drop(not_served(snapshot, ip.dst));
         };
+        // A connection already known keeps its server while that server takes known clients.
+        if let Some(service) = snapshot.services.get(usize::from(service_index))
+            && let Some(entry) = entry
+            && let Some(backend) = known_backend(
+                entry,
+                persistence,
+                snapshot,
+                service,
+                key.src,
+                ip.tcp_flags,
+                now_ms,
+            )
+        {
+            let Some(mac) = service
+                .real_servers
+                .get(usize::from(backend))
+                .and_then(|rs| rs.mac)
+            else {
+                return Verdict::Drop(DropReason::NoRealServer);
+            };
+            rewrite_macs(frame, mac, snapshot.own_mac);
+            let len = frame.len();
+            counters.forward(usize::from(service_index), usize::from(backend), len);
+            return Verdict::Transmit;
+        }
+        self.new_connection(frame, service_index, now_ms)
+    }
+
+    /// A piece of a fragmented datagram: its service (by port in the `first` piece, by VIP and
+    /// protocol in the others), then the persisted or Maglev choice (no connection tracking).
+    #[inline(never)]
+    fn fragment(
+        &mut self,
+        frame: &mut [u8],
+        dst: u32,
+        protocol: u8,
+        first: bool,
+        ports: Option<u32>,
+        now_ms: u64,
+    ) -> Verdict {
+        match service_of(&self.snapshot, dst, protocol, first, ports) {
+            Ok(service_index) => self.new_connection(frame, service_index, now_ms),
+            Err(reason) => Verdict::Drop(reason),
+        }
+    }
+
+    /// A frame of service `service_index` that no known connection places: the persisted or
+    /// Maglev choice, recorded in the flow table when the frame belongs to a connection, or
+    /// the fallback server. Out of line, it parses the header again rather than have the
+    /// per-frame path keep every field for it.
+    #[inline(never)]
+    fn new_connection(&mut self, frame: &mut [u8], service_index: u16, now_ms: u64) -> Verdict {
+        let ip = match Ipv4::parse(frame) {
+            Ok(ip) => ip,
+            Err(reason) => return Verdict::Drop(reason),
+        };
+        let Dataplane {
+            snapshot,
+            counters,
+            flows,
+            persistence,
+            ..
+        } = self;
+        let snapshot = &**snapshot;
         let Some(service) = snapshot.services.get(usize::from(service_index)) else {
             return Verdict::Drop(DropReason::PortNotServed);
         };
-
-        // A connection already known keeps its server while that server takes known clients.
-        let flow = if fragmented || l4_end - l4 < 4 {
-            None
-        } else {
-            let ports =
-                u32::from_be_bytes([frame[l4], frame[l4 + 1], frame[l4 + 2], frame[l4 + 3]]);
-            let flags = (protocol == IP_PROTO_TCP && l4_end - l4 > TCP_FLAGS_OFFSET)
-                .then(|| frame[l4 + TCP_FLAGS_OFFSET]);
-            Some((
-                FlowKey {
-                    src: u32::from_be_bytes(src),
-                    dst,
-                    ports,
-                    protocol,
-                },
-                flags,
-            ))
-        };
-        let known = flow.and_then(|(key, flags)| {
-            let entry = flows.get_mut(&key, now_ms)?;
-            // A new SYN on a closing tuple is a new connection (port reuse): choose again.
-            let reused = matches!(entry.state, FlowState::Closing | FlowState::Reset)
-                && flags.is_some_and(|f| f & tcp_flags::SYN != 0 && f & tcp_flags::ACK == 0);
-            if reused {
-                return None;
-            }
-            // The index is cached with the generation it was found in; a new snapshot means one
-            // lookup by address to find the server again (or learn that it is gone).
-            let backend = if entry.generation == snapshot.generation {
-                entry.index
-            } else {
-                let index = usable(
-                    service,
-                    entry.real_server,
-                    RealServerEntry::takes_known_clients,
-                )?;
-                entry.generation = snapshot.generation;
-                entry.index = index;
-                index
-            };
-            // Updated in place: one table lookup per packet of a known connection.
-            let (state, timeout) = entry.state.next(flags);
-            entry.state = state;
-            entry.expires_ms = now_ms + timeout;
-            if service.persistence == Persistence::SourceIp
-                && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
-            {
-                entry.persisted_until_ms = now_ms + service.persistence_timeout_ms;
-                persistence.insert(
-                    (key.src, service.key),
-                    PersistEntry {
-                        real_server: entry.real_server,
-                        expires_ms: entry.persisted_until_ms,
-                    },
-                    now_ms,
-                );
-            }
-            Some(backend)
-        });
-
-        let backend = match known {
-            Some(backend) => Some(backend),
-            None => choose(
-                service,
-                persistence,
-                src,
-                dst,
-                protocol,
-                fragmented,
-                &frame[l4..l4 + 4.min(l4_end - l4)],
-                now_ms,
-            ),
-        };
+        let flow = ip.flow();
+        let ports = flow.map(|(key, _)| key.ports.to_be_bytes());
+        let backend = choose(
+            service,
+            persistence,
+            ip.src.to_be_bytes(),
+            ip.dst,
+            ip.protocol,
+            ip.fragmented,
+            ports.as_ref().map_or(&[][..], |p| &p[..]),
+            now_ms,
+        );
         let Some(backend) = backend else {
             // No real server can take the client: the fallback server, when there is one.
             return match service.fallback {
                 Some((_, Some(mac))) => {
-                    frame[field::ETH_DST].copy_from_slice(&mac);
-                    frame[field::ETH_SRC].copy_from_slice(&snapshot.own_mac);
+                    rewrite_macs(frame, mac, snapshot.own_mac);
                     counters.forward_fallback(usize::from(service_index), frame.len());
                     Verdict::Transmit
                 }
@@ -378,9 +375,7 @@ impl Dataplane {
         let Some(mac) = real_server.mac else {
             return Verdict::Drop(DropReason::NoRealServer);
         };
-        if known.is_none()
-            && let Some((key, flags)) = flow
-        {
+        if let Some((key, flags)) = flow {
             let (state, timeout) = FlowState::after(flags);
             flows.insert(
                 key,
@@ -396,11 +391,29 @@ impl Dataplane {
                 now_ms,
             );
         }
-        frame[field::ETH_DST].copy_from_slice(&mac);
-        frame[field::ETH_SRC].copy_from_slice(&snapshot.own_mac);
+        rewrite_macs(frame, mac, snapshot.own_mac);
         let len = frame.len();
         counters.forward(usize::from(service_index), usize::from(backend), len);
         Verdict::Transmit
+    }
+
+    /// ICMP to a VIP: echo requests are answered, the rest dropped.
+    #[inline(never)]
+    fn icmp(
+        &mut self,
+        frame: &mut [u8],
+        dst: u32,
+        fragmented: bool,
+        l4: usize,
+        l4_end: usize,
+    ) -> Verdict {
+        if !self.snapshot.vips.contains(&dst) {
+            return Verdict::Drop(DropReason::NotVip);
+        }
+        if fragmented {
+            return Verdict::Drop(DropReason::IcmpNotEcho);
+        }
+        self.icmp_echo(frame, l4, l4_end)
     }
 
     /// RFC 792 echo request to a VIP -> echo reply from the VIP.
@@ -435,6 +448,242 @@ impl Dataplane {
         frame[field::ETH_SRC].copy_from_slice(&self.snapshot.own_mac);
         self.counters.icmp_echo_replies += 1;
         Verdict::Transmit
+    }
+}
+
+/// The IPv4 header fields the balancer reads, checked.
+#[derive(Debug, Clone, Copy)]
+struct Ipv4 {
+    /// Client address (host order).
+    src: u32,
+    /// Destination address (host order).
+    dst: u32,
+    protocol: u8,
+    /// "More fragments" set or a fragment offset: not a whole datagram.
+    fragmented: bool,
+    /// Fragment offset 0: the piece that carries the transport header.
+    first_fragment: bool,
+    /// Transport header start and packet end, as frame offsets: `l4 <= l4_end <= frame.len()`.
+    l4: usize,
+    l4_end: usize,
+    /// The transport header's first four bytes (both ports for TCP and UDP), when present.
+    ports: Option<u32>,
+    /// TCP flags, when the packet is TCP and holds them.
+    tcp_flags: Option<u8>,
+}
+
+impl Ipv4 {
+    /// Reads and checks the header of an IPv4 frame at fixed offsets: version 4, a header
+    /// length (IHL) of at least 20 bytes that the frame holds, a total length that covers the
+    /// header and that the frame holds. Too short for the fixed header: truncated; the header
+    /// not holding together: a bad header; the packet longer than the frame: truncated.
+    #[inline(always)]
+    fn parse(frame: &[u8]) -> Result<Ipv4, DropReason> {
+        let Some(header) = frame.first_chunk::<{ field::IP_MIN_FRAME_LEN }>() else {
+            return Err(DropReason::Truncated);
+        };
+        let version_ihl = header[field::IP_VERSION_IHL];
+        // Almost every packet has no options (0x45): a constant header length from there on.
+        let header_len = if version_ihl == 0x45 {
+            20
+        } else {
+            let header_len = usize::from(version_ihl & 0x0f) * 4;
+            if version_ihl >> 4 != 4
+                || header_len < 20
+                || frame.len() < field::ETH_HEADER_LEN + header_len
+            {
+                return Err(DropReason::BadIpHeader);
+            }
+            header_len
+        };
+        let total_len = usize::from(u16::from_be_bytes([
+            header[field::IP_TOTAL_LEN],
+            header[field::IP_TOTAL_LEN + 1],
+        ]));
+        if total_len < header_len {
+            return Err(DropReason::BadIpHeader);
+        }
+        let l4 = field::ETH_HEADER_LEN + header_len;
+        let l4_end = field::ETH_HEADER_LEN + total_len;
+        if l4_end > frame.len() {
+            return Err(DropReason::Truncated);
+        }
+        let flags_fragment = u16::from_be_bytes([
+            header[field::IP_FLAGS_FRAGMENT],
+            header[field::IP_FLAGS_FRAGMENT + 1],
+        ]);
+        let protocol = header[field::IP_PROTOCOL];
+        let word = |at: usize| {
+            u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        // `l4 <= l4_end <= frame.len()`: the transport part is there (its reads below are
+        // checked against its own length only).
+        let transport = frame.get(l4..l4_end).unwrap_or_default();
+        let ports = transport
+            .first_chunk::<4>()
+            .map(|ports| u32::from_be_bytes(*ports));
+        let tcp_flags = if protocol == IP_PROTO_TCP {
+            transport.get(TCP_FLAGS_OFFSET).copied()
+        } else {
+            None
+        };
+        Ok(Ipv4 {
+            src: word(field::IP_SRC.start),
+            dst: word(field::IP_DST.start),
+            protocol,
+            // The low 13 bits are the fragment offset, 0x2000 is "more fragments".
+            fragmented: flags_fragment & 0x3fff != 0,
+            first_fragment: flags_fragment & 0x1fff == 0,
+            l4,
+            l4_end,
+            ports,
+            tcp_flags,
+        })
+    }
+
+    /// The connection a whole (unfragmented) datagram with ports belongs to, and its flags.
+    #[inline(always)]
+    fn flow(&self) -> Option<(FlowKey, Option<u8>)> {
+        if self.fragmented {
+            return None;
+        }
+        let key = FlowKey {
+            src: self.src,
+            dst: self.dst,
+            ports: self.ports?,
+            protocol: self.protocol,
+        };
+        Some((key, self.tcp_flags))
+    }
+}
+
+/// The service a (non-ICMP) packet is for: by VIP, protocol and port, or for a non-first
+/// fragment (no ports) by VIP and protocol when that is unambiguous.
+#[inline(always)]
+fn service_of(
+    snapshot: &Snapshot,
+    dst: u32,
+    protocol: u8,
+    first_fragment: bool,
+    ports: Option<u32>,
+) -> Result<u16, DropReason> {
+    if !first_fragment {
+        return fragment_service(snapshot, dst, protocol);
+    }
+    let Some(ports) = ports else {
+        return Err(DropReason::Truncated);
+    };
+    match snapshot
+        .by_port
+        .get(&service_key(dst, protocol, ports as u16))
+    {
+        Some(&index) => Ok(index),
+        None => Err(not_served(snapshot, dst)),
+    }
+}
+
+#[inline(never)]
+fn fragment_service(snapshot: &Snapshot, dst: u32, protocol: u8) -> Result<u16, DropReason> {
+    match snapshot.by_protocol.get(&(dst, protocol)) {
+        Some(FragmentRoute::Service(index)) => Ok(*index),
+        Some(FragmentRoute::Ambiguous) => Err(DropReason::FragmentAmbiguous),
+        None => Err(not_served(snapshot, dst)),
+    }
+}
+
+/// The server of a connection the flow table knows (`entry`, live), renewing the entry (state,
+/// expiry and, once half spent, the client's persistence entry); `None` when the connection
+/// must be placed anew: a new SYN on a closing tuple (port reuse), or a server that no longer
+/// takes known clients.
+#[inline(always)]
+fn known_backend(
+    entry: &mut FlowEntry,
+    persistence: &mut PersistenceTable,
+    snapshot: &Snapshot,
+    service: &ServiceEntry,
+    client: u32,
+    flags: Option<u8>,
+    now_ms: u64,
+) -> Option<u16> {
+    // A new SYN on a closing tuple is a new connection (port reuse): choose again.
+    let (state, timeout) = entry.state.on_packet(flags)?;
+    // The index is cached with the generation it was found in; a new snapshot means one
+    // lookup by address to find the server again (or learn that it is gone).
+    let backend = if entry.generation == snapshot.generation {
+        entry.index
+    } else {
+        relocate(entry, snapshot, service)?
+    };
+    // Updated in place: one table lookup per packet of a known connection.
+    entry.state = state;
+    entry.expires_ms = now_ms + timeout;
+    if service.persistence == Persistence::SourceIp
+        && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
+    {
+        renew_persistence(entry, persistence, service, client, now_ms);
+    }
+    Some(backend)
+}
+
+/// A known connection under a new snapshot: its server's index there, when the server still
+/// takes known clients; recorded with the snapshot's generation.
+#[cold]
+#[inline(never)]
+fn relocate(entry: &mut FlowEntry, snapshot: &Snapshot, service: &ServiceEntry) -> Option<u16> {
+    let index = usable(
+        service,
+        entry.real_server,
+        RealServerEntry::takes_known_clients,
+    )?;
+    entry.generation = snapshot.generation;
+    entry.index = index;
+    Some(index)
+}
+
+/// The connection keeps its client's persistence entry alive (IPVS keeps a persistence
+/// template alive while its connections live): written again once half spent.
+#[cold]
+#[inline(never)]
+fn renew_persistence(
+    entry: &mut FlowEntry,
+    persistence: &mut PersistenceTable,
+    service: &ServiceEntry,
+    client: u32,
+    now_ms: u64,
+) {
+    entry.persisted_until_ms = now_ms + service.persistence_timeout_ms;
+    persistence.insert(
+        (client, service.key),
+        PersistEntry {
+            real_server: entry.real_server,
+            expires_ms: entry.persisted_until_ms,
+        },
+        now_ms,
+    );
+}
+
+/// The destination MAC of an Ethernet header as one word: its first eight bytes (destination
+/// and half the source) read at once, the source half shifted out.
+#[inline(always)]
+fn mac_word(eth: &[u8; field::ETH_HEADER_LEN]) -> u64 {
+    u64::from_le_bytes([
+        eth[0], eth[1], eth[2], eth[3], eth[4], eth[5], eth[6], eth[7],
+    ]) << 16
+}
+
+/// [`mac_word`] of a frame sent to `mac`.
+fn own_mac_word(mac: [u8; 6]) -> u64 {
+    let mut eth = [0; field::ETH_HEADER_LEN];
+    eth[field::ETH_DST].copy_from_slice(&mac);
+    mac_word(&eth)
+}
+
+/// Direct Routing: to `dst` from `own`, the IP packet untouched.
+#[inline(always)]
+fn rewrite_macs(frame: &mut [u8], dst: [u8; 6], own: [u8; 6]) {
+    if let Some(header) = frame.first_chunk_mut::<12>() {
+        header[field::ETH_DST].copy_from_slice(&dst);
+        header[field::ETH_SRC].copy_from_slice(&own);
     }
 }
 
@@ -509,7 +758,7 @@ fn choose(
 }
 
 /// Why a frame to `dst` matched no service: `dst` is no VIP at all, or the port/protocol is not served.
-#[inline]
+#[cold]
 fn not_served(snapshot: &Snapshot, dst: u32) -> DropReason {
     if snapshot.vips.contains(&dst) {
         DropReason::PortNotServed

@@ -17,6 +17,101 @@ pub fn service_key(vip: u32, protocol: u8, port: u16) -> u64 {
     u64::from(vip) << 32 | u64::from(protocol) << 16 | u64::from(port)
 }
 
+/// [`service_key`] -> service index: an open-addressing table (linear probing, at most half
+/// full) with one multiply to hash, so that the lookup every forwarded frame makes is a few
+/// instructions inlined into the packet path. Built once per snapshot, never changed after.
+#[derive(Debug, Clone)]
+pub struct PortMap {
+    /// `(key, service)`; [`PortMap::EMPTY`] marks a free slot.
+    slots: Box<[(u64, u16)]>,
+    /// 64 - log2 of the slot count: the hash's top bits index the slots.
+    shift: u32,
+    len: usize,
+}
+
+impl Default for PortMap {
+    fn default() -> Self {
+        PortMap {
+            slots: vec![(PortMap::EMPTY, 0); 2].into_boxed_slice(),
+            shift: 63,
+            len: 0,
+        }
+    }
+}
+
+impl PortMap {
+    /// Never a [`service_key`]: bits 24..32 (above the 8-bit protocol) are always zero there.
+    const EMPTY: u64 = u64::MAX;
+
+    /// Fibonacci hashing: the top bits of the key times 2^64 / golden ratio. The keys
+    /// come from the configuration, so no secret is needed to keep the probes short.
+    #[inline(always)]
+    fn slot(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> self.shift) as usize
+    }
+
+    /// The service for `key`.
+    #[inline(always)]
+    pub fn get(&self, key: &u64) -> Option<&u16> {
+        let key = *key;
+        if key == PortMap::EMPTY {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.slot(key);
+        loop {
+            // At most half full: the walk ends at a free slot.
+            let (k, service) = self.slots.get(i)?;
+            if *k == key {
+                return Some(service);
+            }
+            if *k == PortMap::EMPTY {
+                return None;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Records `key` -> `service` (replacing an earlier one).
+    pub fn insert(&mut self, key: u64, service: u16) {
+        debug_assert_ne!(key, PortMap::EMPTY);
+        if (self.len + 1) * 2 > self.slots.len() {
+            let grown = vec![(PortMap::EMPTY, 0); self.slots.len() * 2].into_boxed_slice();
+            let old = std::mem::replace(&mut self.slots, grown);
+            self.shift -= 1;
+            self.len = 0;
+            for &(k, v) in old.iter().filter(|(k, _)| *k != PortMap::EMPTY) {
+                self.insert(k, v);
+            }
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.slot(key);
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.0 == key {
+                slot.1 = service;
+                return;
+            }
+            if slot.0 == PortMap::EMPTY {
+                *slot = (key, service);
+                self.len += 1;
+                return;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no key is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// How non-first IP fragments of a VIP's protocol find their service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FragmentRoute {
@@ -164,7 +259,7 @@ pub struct Snapshot {
     /// Every configured VIP (host order `u32`), for ARP and the first classification step.
     pub vips: HashSet<u32>,
     /// [`service_key`]`(VIP, protocol, port)` -> index into `services`.
-    pub by_port: HashMap<u64, u16>,
+    pub by_port: PortMap,
     /// (VIP, protocol) -> service for non-first fragments.
     pub by_protocol: HashMap<(u32, u8), FragmentRoute>,
     /// Config order.
@@ -183,7 +278,7 @@ impl Snapshot {
         state_of: impl Fn(&str, &str) -> S,
     ) -> Snapshot {
         let mut vips = HashSet::new();
-        let mut by_port = HashMap::new();
+        let mut by_port = PortMap::default();
         let mut by_protocol: HashMap<(u32, u8), FragmentRoute> = HashMap::new();
         let mut services = Vec::with_capacity(config.services.len());
         for (index, service) in config.services.iter().enumerate() {
@@ -286,5 +381,31 @@ mod tests {
         assert!(!servers[2].takes_new_clients());
         // The unresolved server owns no slot.
         assert!(snapshot.services[0].table.slots().iter().all(|&s| s != 2));
+    }
+
+    #[test]
+    fn the_port_map_finds_every_key_and_only_those() {
+        let mut map = PortMap::default();
+        let mut model = std::collections::HashMap::new();
+        for (i, port) in (0..3000u16).step_by(3).enumerate() {
+            let vip = 0xc612_0064 + (i % 5) as u32;
+            let protocol = if i % 2 == 0 { 6 } else { 17 };
+            map.insert(service_key(vip, protocol, port), i as u16);
+            model.insert(service_key(vip, protocol, port), i as u16);
+        }
+        // Replacing keeps one entry.
+        map.insert(service_key(0xc612_0064, 6, 0), 7);
+        model.insert(service_key(0xc612_0064, 6, 0), 7);
+        assert_eq!(map.len(), model.len());
+        for vip in 0xc612_0063..0xc612_006a {
+            for protocol in [6, 17, 1] {
+                for port in 0..3100u16 {
+                    let key = service_key(vip, protocol, port);
+                    assert_eq!(map.get(&key), model.get(&key), "{key:x}");
+                }
+            }
+        }
+        assert_eq!(map.get(&u64::MAX), None);
+        assert_eq!(PortMap::default().get(&service_key(1, 6, 1)), None);
     }
 }
