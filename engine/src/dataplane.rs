@@ -616,9 +616,17 @@ fn known_backend(
     } else {
         relocate(entry, snapshot, service)?
     };
-    // Updated in place: one table lookup per packet of a known connection.
-    entry.state = state;
-    entry.expires_ms = now_ms + timeout;
+    // Updated in place: one table lookup per packet of a known connection. Fields are written
+    // only when they change: the clock has millisecond steps, so at high packet rates most
+    // frames of a connection find its entry already up to date, and an entry left clean is
+    // dropped from the cache for free instead of being written back.
+    if entry.state != state {
+        entry.state = state;
+    }
+    let expires_ms = now_ms + timeout;
+    if entry.expires_ms != expires_ms {
+        entry.expires_ms = expires_ms;
+    }
     if service.persistence == Persistence::SourceIp
         && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
     {
