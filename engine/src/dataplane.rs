@@ -16,7 +16,9 @@
 //! fixed offsets whose bounds those checks have already established.
 
 use crate::counters::{Counters, DropReason};
-use crate::flows::{FlowEntry, FlowKey, FlowState, FlowTable, PersistEntry, PersistenceTable};
+use crate::flows::{
+    FlowEntry, FlowKey, FlowState, FlowTable, NO_FLAGS, PersistEntry, PersistenceTable,
+};
 use crate::snapshot::{FragmentRoute, RealServerEntry, ServiceEntry, Snapshot, service_key};
 use etherparse::{ArpPacketSlice, EtherType};
 use lbd_config::Persistence;
@@ -468,8 +470,8 @@ struct Ipv4 {
     l4_end: usize,
     /// The transport header's first four bytes (both ports for TCP and UDP), when present.
     ports: Option<u32>,
-    /// TCP flags, when the packet is TCP and holds them.
-    tcp_flags: Option<u8>,
+    /// TCP flags when the packet is TCP and holds them, else [`NO_FLAGS`].
+    tcp_flags: u16,
 }
 
 impl Ipv4 {
@@ -522,10 +524,9 @@ impl Ipv4 {
         let ports = transport
             .first_chunk::<4>()
             .map(|ports| u32::from_be_bytes(*ports));
-        let tcp_flags = if protocol == IP_PROTO_TCP {
-            transport.get(TCP_FLAGS_OFFSET).copied()
-        } else {
-            None
+        let tcp_flags = match transport.get(TCP_FLAGS_OFFSET) {
+            Some(&flags) if protocol == IP_PROTO_TCP => u16::from(flags),
+            _ => NO_FLAGS,
         };
         Ok(Ipv4 {
             src: word(field::IP_SRC.start),
@@ -553,7 +554,8 @@ impl Ipv4 {
             ports: self.ports?,
             protocol: self.protocol,
         };
-        Some((key, self.tcp_flags))
+        let flags = u8::try_from(self.tcp_flags).ok();
+        Some((key, flags))
     }
 }
 
@@ -602,11 +604,11 @@ fn known_backend(
     snapshot: &Snapshot,
     service: &ServiceEntry,
     client: u32,
-    flags: Option<u8>,
+    flags: u16,
     now_ms: u64,
 ) -> Option<u16> {
     // A new SYN on a closing tuple is a new connection (port reuse): choose again.
-    let (state, timeout) = entry.state.on_packet(flags)?;
+    let (state, timeout) = entry.state.on_flags(flags)?;
     // The index is cached with the generation it was found in; a new snapshot means one
     // lookup by address to find the server again (or learn that it is gone).
     let backend = if entry.generation == snapshot.generation {
@@ -614,9 +616,17 @@ fn known_backend(
     } else {
         relocate(entry, snapshot, service)?
     };
-    // Updated in place: one table lookup per packet of a known connection.
-    entry.state = state;
-    entry.expires_ms = now_ms + timeout;
+    // Updated in place: one table lookup per packet of a known connection. Fields are written
+    // only when they change: the clock has millisecond steps, so at high packet rates most
+    // frames of a connection find its entry already up to date, and an entry left clean is
+    // dropped from the cache for free instead of being written back.
+    if entry.state != state {
+        entry.state = state;
+    }
+    let expires_ms = now_ms + timeout;
+    if entry.expires_ms != expires_ms {
+        entry.expires_ms = expires_ms;
+    }
     if service.persistence == Persistence::SourceIp
         && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
     {
