@@ -294,14 +294,14 @@ impl Dataplane {
                 now_ms,
             )
         {
-            let Some(mac) = service
+            let Some(header) = service
                 .real_servers
                 .get(usize::from(backend))
-                .and_then(|rs| rs.mac)
+                .and_then(|rs| rs.forward_header)
             else {
                 return Verdict::Drop(DropReason::NoRealServer);
             };
-            rewrite_macs(frame, mac, snapshot.own_mac);
+            write_header(frame, header);
             let len = frame.len();
             counters.forward(usize::from(service_index), usize::from(backend), len);
             return Verdict::Transmit;
@@ -374,7 +374,7 @@ impl Dataplane {
         let Some(real_server) = service.real_servers.get(usize::from(backend)) else {
             return Verdict::Drop(DropReason::NoRealServer);
         };
-        let Some(mac) = real_server.mac else {
+        let Some(header) = real_server.forward_header else {
             return Verdict::Drop(DropReason::NoRealServer);
         };
         if let Some((key, flags)) = flow {
@@ -393,7 +393,7 @@ impl Dataplane {
                 now_ms,
             );
         }
-        rewrite_macs(frame, mac, snapshot.own_mac);
+        write_header(frame, header);
         let len = frame.len();
         counters.forward(usize::from(service_index), usize::from(backend), len);
         Verdict::Transmit
@@ -686,6 +686,15 @@ fn own_mac_word(mac: [u8; 6]) -> u64 {
     let mut eth = [0; field::ETH_HEADER_LEN];
     eth[field::ETH_DST].copy_from_slice(&mac);
     mac_word(&eth)
+}
+
+/// Direct Routing: the Ethernet addresses of [`RealServerEntry::forward_header`], the IP
+/// packet untouched.
+#[inline(always)]
+fn write_header(frame: &mut [u8], header: [u8; 12]) {
+    if let Some(addresses) = frame.first_chunk_mut::<12>() {
+        *addresses = header;
+    }
 }
 
 /// Direct Routing: to `dst` from `own`, the IP packet untouched.

@@ -112,6 +112,14 @@ impl PortMap {
     }
 }
 
+/// The destination and source MAC addresses of a frame sent to `mac` from `own`.
+pub fn forward_header(mac: [u8; 6], own: [u8; 6]) -> [u8; 12] {
+    let mut header = [0; 12];
+    header[..6].copy_from_slice(&mac);
+    header[6..].copy_from_slice(&own);
+    header
+}
+
 /// How non-first IP fragments of a VIP's protocol find their service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FragmentRoute {
@@ -172,6 +180,9 @@ pub struct RealServerEntry {
     pub ip: Ipv4Addr,
     /// Where frames for it go; `None` while unresolved.
     pub mac: Option<[u8; 6]>,
+    /// The Ethernet addresses of a frame forwarded to it (its MAC, then the balancer's):
+    /// written over a frame's first 12 bytes in one go. `None` while unresolved.
+    pub forward_header: Option<[u8; 12]>,
     /// Configured weight; 0 = drain.
     pub weight: u16,
     /// Operator state.
@@ -300,10 +311,12 @@ impl Snapshot {
                 .take(MAX_BACKENDS)
                 .map(|rs| {
                     let state: ServerState = state_of(&service.label, &rs.label).into();
+                    let mac = rs.mac.map(|MacAddr(mac)| mac).or_else(|| mac_of(rs.ip));
                     RealServerEntry {
                         label: rs.label.clone(),
                         ip: rs.ip,
-                        mac: rs.mac.map(|MacAddr(mac)| mac).or_else(|| mac_of(rs.ip)),
+                        mac,
+                        forward_header: mac.map(|mac| forward_header(mac, own_mac)),
                         weight: rs.weight,
                         admin: state.admin,
                         healthy: state.healthy,
@@ -381,6 +394,17 @@ mod tests {
         assert!(!servers[2].takes_new_clients());
         // The unresolved server owns no slot.
         assert!(snapshot.services[0].table.slots().iter().all(|&s| s != 2));
+        // Frames to a resolved server get its MAC, then ours; an unresolved one has no header.
+        let header = |mac: [u8; 6]| [mac, [2; 6]].concat();
+        assert_eq!(
+            servers[0].forward_header.map(|h| h.to_vec()),
+            Some(header([2, 0, 0, 0, 0, 0xaa]))
+        );
+        assert_eq!(
+            servers[1].forward_header.map(|h| h.to_vec()),
+            Some(header(table_mac))
+        );
+        assert_eq!(servers[2].forward_header, None);
     }
 
     #[test]
