@@ -12,8 +12,14 @@
 //!   packet is untouched, so the real server sees the client's address and answers it directly.
 //! - ICMP echo request (RFC 792) to a VIP: turned into the echo reply from the VIP.
 //!
-//! Parsing uses etherparse's checked slices for untrusted input; the in-place rewrites write
-//! fixed offsets whose bounds those checks have already established.
+//! The Ethernet and IPv4 headers, read for every frame, are checked by hand at fixed offsets
+//! (every read bounds-checked: a malformed frame is a counted drop, never a panic); ARP goes
+//! through etherparse's checked slices. The in-place rewrites write fixed offsets whose bounds
+//! those checks have already established.
+//!
+//! The per-frame path of a known connection (Ethernet, IPv4, connection, service, rewrite,
+//! counters) is inlined into [`Dataplane::process`]; new connections, fragments, ICMP and a
+//! new snapshot's relocations are out-of-line functions.
 
 use crate::counters::{Counters, DropReason};
 use crate::flows::{
