@@ -12,8 +12,14 @@
 //!   packet is untouched, so the real server sees the client's address and answers it directly.
 //! - ICMP echo request (RFC 792) to a VIP: turned into the echo reply from the VIP.
 //!
-//! Parsing uses etherparse's checked slices for untrusted input; the in-place rewrites write
-//! fixed offsets whose bounds those checks have already established.
+//! The Ethernet and IPv4 headers, read for every frame, are checked by hand at fixed offsets
+//! (every read bounds-checked: a malformed frame is a counted drop, never a panic); ARP goes
+//! through etherparse's checked slices. The in-place rewrites write fixed offsets whose bounds
+//! those checks have already established.
+//!
+//! The per-frame path of a known connection (Ethernet, IPv4, connection, service, rewrite,
+//! counters) is inlined into [`Dataplane::process`]; new connections, fragments, ICMP and a
+//! new snapshot's relocations are out-of-line functions.
 
 use crate::counters::{Counters, DropReason};
 use crate::flows::{
@@ -818,3 +824,158 @@ pub fn write_gratuitous_arp(buf: &mut [u8; MIN_FRAME_LEN], mac: [u8; 6], vip: [u
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod path_tests {
+    //! The hand-written header checks and the known-connection path against their edge cases.
+    use super::*;
+    use crate::snapshot::AdminState;
+    use etherparse::PacketBuilder;
+    use lbd_config::Config;
+
+    const OWN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+    const VIP: [u8; 4] = [198, 18, 0, 100];
+    const CLIENT: [u8; 4] = [198, 19, 0, 7];
+
+    fn dataplane() -> Dataplane {
+        Dataplane::new(Arc::new(snapshot(OWN_MAC)), TableSizes::default())
+    }
+
+    fn snapshot(own_mac: [u8; 6]) -> Snapshot {
+        let config = Config::from_toml_str(
+            "[engine]\ninterface = \"eth0\"\nqueues = [0]\n[[service]]\nlabel = \"s\"\n\
+             vip = \"198.18.0.100\"\nports = \"1935\"\ntable_size = 251\n\
+             [[service.real_server]]\nlabel = \"a\"\nip = \"198.18.0.11\"\nmac = \"02:00:00:00:01:01\"\n\
+             [[service.real_server]]\nlabel = \"b\"\nip = \"198.18.0.12\"\nmac = \"02:00:00:00:01:02\"\n",
+        )
+        .expect("valid");
+        Snapshot::build(&config, own_mac, 1, |_| None, |_, _| AdminState::Online)
+    }
+
+    fn tcp(
+        sport: u16,
+        flags: impl FnOnce(
+            etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+        ) -> etherparse::PacketBuilderStep<etherparse::TcpHeader>,
+    ) -> Vec<u8> {
+        let builder = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], OWN_MAC)
+            .ipv4(CLIENT, VIP, 64)
+            .tcp(sport, 1935, 1, 64240);
+        let builder = flags(builder);
+        let mut frame = Vec::new();
+        builder.write(&mut frame, b"data").expect("write");
+        frame
+    }
+
+    fn key(sport: u16) -> FlowKey {
+        FlowKey {
+            src: u32::from_be_bytes(CLIENT),
+            dst: u32::from_be_bytes(VIP),
+            ports: u32::from(sport) << 16 | 1935,
+            protocol: IP_PROTO_TCP,
+        }
+    }
+
+    /// The same datagram with four bytes of IP options (four NOPs): IHL 6.
+    fn with_options(frame: &[u8]) -> Vec<u8> {
+        let mut out = frame[..34].to_vec();
+        out.extend_from_slice(&[1, 1, 1, 1]);
+        out.extend_from_slice(&frame[34..]);
+        out[14] = 0x46;
+        let total = u16::from_be_bytes([out[16], out[17]]) + 4;
+        out[16..18].copy_from_slice(&total.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn a_header_with_options_is_forwarded_like_one_without() {
+        let mut dp = dataplane();
+        let mut plain = tcp(40000, |b| b.syn());
+        let mut options = with_options(&tcp(40001, |b| b.syn()));
+        assert_eq!(dp.process(&mut plain, 0), Verdict::Transmit);
+        assert_eq!(dp.process(&mut options, 0), Verdict::Transmit);
+        assert_eq!(dp.flows().len(), 2);
+        // Known now: the next segment of the options one goes the same way.
+        let mut again = with_options(&tcp(40001, |b| b.ack(1)));
+        assert_eq!(dp.process(&mut again, 5), Verdict::Transmit);
+        assert_eq!(again[0..6], options[0..6]);
+        assert_eq!(again[12..], with_options(&tcp(40001, |b| b.ack(1)))[12..]);
+        // Options longer than the frame: a bad header; a total length short of them: too.
+        let mut long = with_options(&tcp(40002, |b| b.syn()));
+        long[14] = 0x4f;
+        long.truncate(70);
+        assert_eq!(
+            dp.process(&mut long, 5),
+            Verdict::Drop(DropReason::BadIpHeader)
+        );
+        let mut short_total = with_options(&tcp(40003, |b| b.syn()));
+        short_total[16..18].copy_from_slice(&22u16.to_be_bytes());
+        assert_eq!(
+            dp.process(&mut short_total, 5),
+            Verdict::Drop(DropReason::BadIpHeader)
+        );
+    }
+
+    #[test]
+    fn a_known_connection_is_renewed_and_its_state_follows_the_flags() {
+        let mut dp = dataplane();
+        let mut syn = tcp(40000, |b| b.syn());
+        assert_eq!(dp.process(&mut syn, 1_000), Verdict::Transmit);
+        let entry = dp.flows().get(&key(40000), 1_000).expect("recorded");
+        assert_eq!(
+            (entry.state, entry.expires_ms),
+            (FlowState::SynSent, 61_000)
+        );
+        // Same millisecond, same flags: nothing to change.
+        let mut syn_again = tcp(40000, |b| b.syn());
+        assert_eq!(dp.process(&mut syn_again, 1_000), Verdict::Transmit);
+        assert_eq!(dp.flows().get(&key(40000), 1_000), Some(entry));
+        // Later segments move the expiry on and the state along.
+        let mut ack = tcp(40000, |b| b.ack(1));
+        assert_eq!(dp.process(&mut ack, 2_000), Verdict::Transmit);
+        let entry = dp.flows().get(&key(40000), 2_000).expect("live");
+        assert_eq!(
+            (entry.state, entry.expires_ms),
+            (FlowState::Established, 902_000)
+        );
+        let mut fin = tcp(40000, |b| b.fin().ack(1));
+        assert_eq!(dp.process(&mut fin, 3_000), Verdict::Transmit);
+        let entry = dp.flows().get(&key(40000), 3_000).expect("live");
+        assert_eq!(
+            (entry.state, entry.expires_ms),
+            (FlowState::Closing, 123_000)
+        );
+        assert!(dp.flows().get(&key(40000), 123_000).is_none());
+        assert_eq!(dp.counters().forwarded.packets, 4);
+    }
+
+    #[test]
+    fn the_own_mac_is_compared_in_full_and_follows_the_snapshot() {
+        let mut dp = dataplane();
+        for at in 0..6 {
+            let mut frame = tcp(40000, |b| b.syn());
+            frame[at] ^= 0x40;
+            assert_eq!(
+                dp.process(&mut frame, 0),
+                Verdict::Drop(DropReason::NotOurMac),
+                "byte {at}"
+            );
+        }
+        // The source MAC's first bytes share the 8-byte read: they do not count.
+        let mut frame = tcp(40000, |b| b.syn());
+        frame[6] = 0xff;
+        frame[7] = 0xff;
+        assert_eq!(dp.process(&mut frame, 0), Verdict::Transmit);
+        // A snapshot with another MAC: frames to it are ours, and leave from it.
+        let other = [2, 0, 0, 0, 0, 3];
+        dp.set_snapshot(Arc::new(snapshot(other)));
+        let mut frame = tcp(40001, |b| b.syn());
+        assert_eq!(
+            dp.process(&mut frame, 0),
+            Verdict::Drop(DropReason::NotOurMac)
+        );
+        frame[0..6].copy_from_slice(&other);
+        assert_eq!(dp.process(&mut frame, 0), Verdict::Transmit);
+        assert_eq!(frame[6..12], other);
+    }
+}

@@ -248,11 +248,15 @@ const STEPS: [[Step; FLAG_CLASSES]; 5] = {
 /// Open addressing with linear probing over a power-of-two array that is at most half full,
 /// so a lookup is one hash (a folded multiply), usually one slot, and no call: it runs for
 /// every frame. The array doubles as entries arrive (memory is reserved as the table fills);
-/// an entry is removed by shifting the rest of its run back (no tombstones).
+/// an entry is removed by shifting the rest of its run back (no tombstones). A byte per slot
+/// (8 KB for 8192 slots: it stays in the cache) holds a tag of its key's hash, which lookups
+/// walk instead of the slots.
 #[derive(Debug)]
 pub struct ExpiringTable<K, V> {
     /// Packed keys ([`TableKey::pack`]) and their values.
     slots: Box<[Option<(u128, V)>]>,
+    /// Per slot: 0 when free, else [`tag`] of its key's hash.
+    tags: Box<[u8]>,
     /// `slots.len() - 1` (a power of two less one).
     mask: usize,
     /// 64 - log2(`slots.len()`): a hash's top bits index the slots.
@@ -326,6 +330,13 @@ impl TableKey for (u32, u64) {
     }
 }
 
+/// Seven bits of a hash that the slot index does not use, with the top bit set: a slot's
+/// tag, never 0 (a free slot's).
+#[inline(always)]
+fn tag(hash: u64) -> u8 {
+    hash as u8 | 0x80
+}
+
 /// A packed key's hash under `seeds`: one folded multiply of its two halves, then Fibonacci
 /// hashing so that the top bits (the slot index) depend on every key bit. The low bits of the
 /// folded product alone cluster badly for keys that differ in a few bits (clients of one
@@ -375,6 +386,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     pub fn new(capacity: usize) -> Self {
         ExpiringTable {
             slots: vec![None; MIN_SLOTS].into_boxed_slice(),
+            tags: vec![0; MIN_SLOTS].into_boxed_slice(),
             mask: MIN_SLOTS - 1,
             shift: 64 - MIN_SLOTS.trailing_zeros(),
             keys: PhantomData,
@@ -406,13 +418,32 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         (i, false)
     }
 
+    /// The slot holding the packed key, found by walking the tags: whether the key is in its
+    /// home slot or further (one key in four is further in a half-full table) is a branch
+    /// the predictor cannot guess, and on the tags it resolves within a few cycles instead of
+    /// after the slot's load, the access that misses the cache. Only the slot whose tag
+    /// matches is read (its key compared: one in 128 other keys has the same tag).
+    #[inline(always)]
+    fn find(&self, packed: u128) -> Option<usize> {
+        let hash = hash(packed, &self.seeds);
+        let wanted = tag(hash);
+        let mut i = (hash >> self.shift) as usize;
+        loop {
+            let t = *self.tags.get(i)?;
+            if t == wanted && matches!(self.slots.get(i), Some(Some((k, _))) if *k == packed) {
+                return Some(i);
+            }
+            if t == 0 {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
     /// The live entry for `key`, if any.
     #[inline]
     pub fn get(&self, key: &K, now_ms: u64) -> Option<V> {
-        let (i, found) = self.probe(key.pack());
-        if !found {
-            return None;
-        }
+        let i = self.find(key.pack())?;
         let (_, v) = self.slots.get(i)?.as_ref()?;
         (v.expires_ms() > now_ms).then_some(*v)
     }
@@ -420,10 +451,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     /// The live entry for `key`, to update in place.
     #[inline(always)]
     pub fn get_mut(&mut self, key: &K, now_ms: u64) -> Option<&mut V> {
-        let (i, found) = self.probe(key.pack());
-        if !found {
-            return None;
-        }
+        let i = self.find(key.pack())?;
         let (_, v) = self.slots.get_mut(i)?.as_mut()?;
         (v.expires_ms() > now_ms).then_some(v)
     }
@@ -453,6 +481,9 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         if let Some(slot) = self.slots.get_mut(i) {
             *slot = Some((packed, value));
         }
+        if let Some(t) = self.tags.get_mut(i) {
+            *t = tag(hash(packed, &self.seeds));
+        }
         true
     }
 
@@ -461,11 +492,13 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     fn grow(&mut self) {
         let grown = vec![None; self.slots.len() * 2].into_boxed_slice();
         let old = std::mem::replace(&mut self.slots, grown);
+        self.tags = vec![0; self.slots.len()].into_boxed_slice();
         self.mask = self.slots.len() - 1;
         self.shift -= 1;
         for (packed, value) in old.into_iter().flatten() {
             let (i, _) = self.probe(packed);
             self.slots[i] = Some((packed, value));
+            self.tags[i] = tag(hash(packed, &self.seeds));
         }
     }
 
@@ -486,6 +519,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     /// found past the gap (Knuth's algorithm R): no tombstones, probes stay short.
     fn remove_at(&mut self, mut gap: usize) {
         self.slots[gap] = None;
+        self.tags[gap] = 0;
         self.len -= 1;
         let mut j = gap;
         loop {
@@ -502,6 +536,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
             };
             if !stays {
                 self.slots[gap] = self.slots[j].take();
+                self.tags[gap] = std::mem::take(&mut self.tags[j]);
                 gap = j;
             }
         }

@@ -180,8 +180,9 @@ pub struct RealServerEntry {
     pub ip: Ipv4Addr,
     /// Where frames for it go; `None` while unresolved.
     pub mac: Option<[u8; 6]>,
-    /// The Ethernet addresses of a frame forwarded to it (its MAC, then the balancer's):
-    /// written over a frame's first 12 bytes in one go. `None` while unresolved.
+    /// The Ethernet addresses of a frame forwarded to it (its MAC, then the snapshot's
+    /// `own_mac`): written over a frame's first 12 bytes in one go. `None` while unresolved.
+    /// Derived from those two by [`Snapshot::build`].
     pub forward_header: Option<[u8; 12]>,
     /// Configured weight; 0 = drain.
     pub weight: u16,
