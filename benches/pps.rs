@@ -307,7 +307,6 @@ impl Measurement {
 struct Bench<'w> {
     wire: &'w Wire,
     ebpf: Ebpf,
-    sink_link: Option<XdpLinkId>,
     lbd_config: PathBuf,
     engine_extra: String,
 }
@@ -325,13 +324,13 @@ impl<'w> Bench<'w> {
         let mut bench = Bench {
             wire,
             ebpf,
-            sink_link: None,
             lbd_config: PathBuf::from(STATE_DIR).join("lbd.toml"),
             engine_extra: String::new(),
         };
         bench.write_maps()?;
         let sink = bench.xdp("pps_sink")?;
-        bench.sink_link = Some(sink.attach(WIRE_IF, XdpMode::Driver)?);
+        // Attached for the whole run: the link goes with the loaded object.
+        sink.attach(WIRE_IF, XdpMode::Driver)?;
         Ok(bench)
     }
 

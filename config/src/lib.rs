@@ -145,8 +145,8 @@ pub enum XdpMode {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Polling {
-    /// Spin while traffic flows, sleep on the socket after a run of empty polls: an idle
-    /// worker costs nothing, a busy one never sleeps.
+    /// Spin while traffic flows and for 50 ms after the last frame, then sleep on the socket:
+    /// an idle worker costs next to nothing, a busy one never sleeps.
     #[default]
     Adaptive,
     /// Never sleep: each worker keeps its core at 100%, for cores dedicated to lbd.

@@ -82,9 +82,9 @@ pub struct WorkerSettings {
     /// Empty polls in a row before the worker sleeps on the socket instead of spinning.
     pub idle_polls_before_sleep: u32,
     /// ...and milliseconds since the last frame: a worker that carries traffic keeps spinning
-    /// through short gaps, because waking a sleeping core (a halted vCPU, a deep C-state) can
-    /// take longer than the RX ring lasts. A worker that has been idle longer goes back to
-    /// sleep at once after each wake-up, so idle costs the same as without it.
+    /// through short gaps instead of paying a sleep and a wake-up (a halted vCPU, a deep
+    /// C-state) on each. A worker that has been idle longer goes back to sleep at once after
+    /// each wake-up, so idle costs the same as without it.
     pub spin_after_traffic_ms: u64,
     /// How long one sleep lasts at most (the stop flag is checked between sleeps).
     pub sleep_ms: i32,
