@@ -12,7 +12,7 @@ use crossbeam::channel::unbounded;
 use lbd_config::Config;
 use lbd_engine::control::{WorkerLink, publish};
 use lbd_engine::dataplane::{Dataplane, TableSizes};
-use lbd_engine::snapshot::{AdminState, Snapshot};
+use lbd_engine::snapshot::{AdminState, ServiceIds, Snapshot};
 use lbd_engine::worker::{Rings, Worker, WorkerSettings};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -59,6 +59,7 @@ fn config() -> Config {
 fn snapshot(config: &Config, generation: u64) -> Arc<Snapshot> {
     Arc::new(Snapshot::build(
         config,
+        &mut ServiceIds::default(),
         [2, 0, 0, 0, 0, 2],
         generation,
         |_| None,
@@ -103,7 +104,7 @@ fn change_to(c: &mut Criterion, workers: u32) {
                     generation += 1;
                     snapshot(&config, generation)
                 },
-                |next| assert!(publish(&links, next, Duration::from_secs(5))),
+                |next| assert!(publish(&links, next, Duration::from_secs(5)).is_empty()),
                 criterion::BatchSize::SmallInput,
             )
         },

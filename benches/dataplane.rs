@@ -10,7 +10,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
 use lbd_config::Config;
 use lbd_engine::dataplane::{Dataplane, TableSizes, Verdict};
-use lbd_engine::snapshot::{AdminState, Snapshot};
+use lbd_engine::snapshot::{AdminState, ServiceIds, Snapshot};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +37,14 @@ fn dataplane() -> Dataplane {
     }
     text.insert_str(streaming_end, &servers);
     let config = Config::from_toml_str(&text).expect("bench config is valid");
-    let snapshot = Snapshot::build(&config, OWN_MAC, 1, |_| None, |_, _| AdminState::Online);
+    let snapshot = Snapshot::build(
+        &config,
+        &mut ServiceIds::default(),
+        OWN_MAC,
+        1,
+        |_| None,
+        |_, _| AdminState::Online,
+    );
     Dataplane::new(Arc::new(snapshot), TableSizes::default())
 }
 

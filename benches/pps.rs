@@ -986,7 +986,7 @@ impl LbdProcess {
         let mut line = String::new();
         BufReader::new(&stream).read_line(&mut line)?;
         match lbd_proto::decode_response(&line)?.outcome {
-            Outcome::Ok(Reply::Stats(stats)) => Ok(stats),
+            Outcome::Ok(Reply::Stats(stats)) => Ok(*stats),
             other => Err(format!("unexpected reply {other:?}").into()),
         }
     }

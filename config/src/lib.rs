@@ -18,6 +18,21 @@ pub const DEFAULT_HASH_SEED: u64 = 0x6c62_645f_6d61_676c; // "lbd_magl"
 /// The largest Maglev table the engine accepts (a prime just under 2^24).
 pub const MAX_TABLE_SIZE: u32 = 16_777_213;
 
+/// Distinct VIPs lbd can steer: the size of the XDP program's VIP map (`MAX_VIPS` in
+/// engine/bpf/steer.c; a test keeps the two equal).
+pub const MAX_VIPS: usize = 4096;
+
+/// Queues lbd can serve: queue indices are below this, the size of the XDP program's socket
+/// map (`MAX_QUEUES` in engine/bpf/steer.c).
+pub const MAX_QUEUES: u32 = 256;
+
+/// Services one balancer holds: the packet path indexes them with 16 bits.
+pub const MAX_SERVICES: usize = 65_535;
+
+/// Real servers one service holds: Maglev tables index them with 16 bits, one value of which
+/// marks an empty slot.
+pub const MAX_REAL_SERVERS: usize = 65_535;
+
 /// A configuration error: the field it is about and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -367,6 +382,29 @@ impl HealthCheck {
                 format!("{:?} must start with /", self.path),
             ));
         }
+        // Both go into the request line and a header: a CR or LF would let the text write
+        // headers or requests of its own, and a space would end the request target.
+        if let Some(bad) = self
+            .path
+            .chars()
+            .find(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(ConfigError::new(
+                field("path"),
+                format!(
+                    "{:?} contains {bad:?}: no spaces or control characters",
+                    self.path
+                ),
+            ));
+        }
+        if let Some(host) = &self.host
+            && (host.is_empty() || host.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            return Err(ConfigError::new(
+                field("host"),
+                format!("{host:?} is not a host name (no spaces or control characters)"),
+            ));
+        }
         if self.port == Some(0) {
             return Err(ConfigError::new(field("port"), "port 0 is not a port"));
         }
@@ -655,9 +693,29 @@ impl Config {
     /// config is checked when read.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.engine.check()?;
+        if self.services.len() > MAX_SERVICES {
+            return Err(ConfigError::new(
+                format!("service[{MAX_SERVICES}]"),
+                format!(
+                    "{} services; lbd holds at most {MAX_SERVICES}",
+                    self.services.len()
+                ),
+            ));
+        }
+        let mut vips = std::collections::HashSet::new();
         for (i, service) in self.services.iter().enumerate() {
             let path = format!("service[{i}] {:?}", service.label);
             service.check(&path)?;
+            if vips.insert(service.vip) && vips.len() > MAX_VIPS {
+                return Err(ConfigError::new(
+                    format!("{path}.vip"),
+                    format!(
+                        "{} would be VIP number {}; lbd steers at most {MAX_VIPS} distinct VIPs",
+                        service.vip,
+                        vips.len()
+                    ),
+                ));
+            }
             for (j, earlier) in self.services[..i].iter().enumerate() {
                 if earlier.label == service.label {
                     return Err(ConfigError::new(
@@ -708,6 +766,15 @@ impl Engine {
             ));
         }
         for (i, queue) in self.queues.iter().enumerate() {
+            if *queue >= MAX_QUEUES {
+                return Err(ConfigError::new(
+                    field("queues"),
+                    format!(
+                        "queue {queue} is above {} (lbd serves queues 0..{MAX_QUEUES})",
+                        MAX_QUEUES - 1
+                    ),
+                ));
+            }
             if self.queues[..i].contains(queue) {
                 return Err(ConfigError::new(
                     field("queues"),
@@ -803,6 +870,15 @@ impl Service {
                 format!(
                     "{} must be a prime in 3..={MAX_TABLE_SIZE} (65537 is a good size)",
                     self.table_size
+                ),
+            ));
+        }
+        if self.real_servers.len() > MAX_REAL_SERVERS {
+            return Err(ConfigError::new(
+                format!("{path}.real_server[{MAX_REAL_SERVERS}]"),
+                format!(
+                    "{} real servers; a service holds at most {MAX_REAL_SERVERS}",
+                    self.real_servers.len()
                 ),
             ));
         }

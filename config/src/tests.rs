@@ -724,3 +724,64 @@ fn fallback_must_be_a_unicast_address_other_than_the_vip() {
         "multicast",
     );
 }
+
+#[test]
+fn http_check_text_cannot_write_its_own_request() {
+    let with =
+        |extra: &str| format!("{MINIMAL}\n[service.health_check]\nkind = \"http\"\n{extra}\n");
+    assert_rejected(
+        &with("path = \"/health\\r\\nX-Injected: 1\""),
+        "service[0] \"web\".health_check.path",
+        "no spaces or control characters",
+    );
+    assert_rejected(
+        &with("path = \"/a b\""),
+        "health_check.path",
+        "no spaces or control characters",
+    );
+    assert_rejected(
+        &with("host = \"example.com\\r\\n\\r\\nGET /x HTTP/1.0\""),
+        "service[0] \"web\".health_check.host",
+        "not a host name",
+    );
+    assert_rejected(&with("host = \"\""), "health_check.host", "not a host name");
+    let good = Config::from_toml_str(&with("path = \"/health?full=1\"\nhost = \"wowza.example\""))
+        .expect("valid");
+    assert_eq!(good.services[0].health_check.path, "/health?full=1");
+}
+
+/// `count` services on distinct VIPs (198.18.x.y), one real server each.
+fn services_on_distinct_vips(count: usize) -> String {
+    let mut text = String::from("[engine]\ninterface = \"eth0\"\nqueues = [0]\n");
+    for i in 0..count {
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 1)) + i as u32);
+        text += &format!(
+            "[[service]]\nlabel = \"s{i}\"\nvip = \"{vip}\"\nports = 80\ntable_size = 3\n\
+             [[service.real_server]]\nlabel = \"a\"\nip = \"198.18.0.11\"\n"
+        );
+    }
+    text
+}
+
+#[test]
+fn every_limit_of_the_packet_path_is_checked_with_the_config() {
+    // The XDP VIP map holds MAX_VIPS entries: one more is refused at the service that adds it.
+    let config = Config::from_toml_str(&services_on_distinct_vips(MAX_VIPS)).expect("at the limit");
+    assert_eq!(config.services.len(), MAX_VIPS);
+    assert_rejected(
+        &services_on_distinct_vips(MAX_VIPS + 5),
+        "service[4096] \"s4096\".vip",
+        "at most 4096 distinct VIPs",
+    );
+    // Services that share a VIP do not count twice.
+    let mut shared = services_on_distinct_vips(MAX_VIPS);
+    shared += "[[service]]\nlabel = \"extra\"\nvip = \"198.19.0.1\"\nports = 81\ntable_size = 3\n";
+    assert!(Config::from_toml_str(&shared).is_ok());
+    // The socket map holds MAX_QUEUES queues.
+    assert_rejected(
+        &MINIMAL.replace("queues = [0]", "queues = [0, 256]"),
+        "engine.queues",
+        "queue 256 is above 255",
+    );
+    assert!(Config::from_toml_str(&MINIMAL.replace("queues = [0]", "queues = [255]")).is_ok());
+}

@@ -1,29 +1,40 @@
 //! The control plane: owns the running configuration and applies `lbctl` requests to it.
 //!
 //! Every change is made on a copy of the config, checked exactly as a config file is
-//! ([`Config::validate`]), and only then applied: a rejected change leaves everything as it
-//! was. Applying builds a new immutable [`Snapshot`] (generation + 1) and sends it to every
-//! worker over its command channel; workers switch between batches and report the generation
-//! they use, and the reply waits for all of them, so a change is in force when `lbctl` returns.
-//! The packet path never takes a lock; this module's own lock is held by control requests and
-//! the neighbour refresh only.
+//! ([`Config::validate`]) and against the host (no VIP or real server may be one of the host's
+//! own addresses), and only then applied: a rejected change leaves everything as it was.
+//! Applying builds a new immutable [`Snapshot`] (generation + 1) and sends it to every worker
+//! over its command channel; workers switch between batches and report the generation they
+//! use, and the reply waits for all of them, so a change is in force when `lbctl` returns. A
+//! change that does not take (a steering-map update fails) is undone and reported as refused;
+//! one that some worker has not taken in time is reported as an error saying where it stands.
+//! The packet path never takes a lock; this module's own lock is held by control requests,
+//! health results and the neighbour refresh only.
 //!
 //! VIPs enter the XDP steering map after the workers know them and leave it before the workers
-//! forget them, and a new VIP is announced with gratuitous ARP.
+//! forget them, and a new VIP is announced with gratuitous ARP. A real server added live is
+//! never waited for: the kernel is asked for its MAC and it takes traffic once the neighbour
+//! refresh learns it.
+//!
+//! Who may do what: [`Role::Root`] everything; [`Role::Operator`] (a member of
+//! `engine.control_group`) everything an operator does (status, statistics, drain, halt,
+//! weights, services and real servers with tcp, http or no checks, reload and save of the file
+//! lbd started with) but nothing that would run a command or write a file of its choosing as
+//! root: external checks and saving elsewhere are root's.
 
 use crate::counters::DropReason;
 use crate::health::{CheckResult, Target, Tracker};
-use crate::host;
-use crate::snapshot::{AdminState, ServerState, Snapshot};
-use crate::steer::Steering;
+use crate::host::{self, HostFacts};
+use crate::snapshot::{AdminState, ServerState, ServiceIds, Snapshot};
+use crate::steer::VipSteering;
 use crate::worker::{WorkerCommand, WorkerReport};
 use crossbeam::channel::{Sender, bounded};
-use lbd_config::{Config, Service};
+use lbd_config::{Config, HealthKind, RealServer, Service};
 use lbd_proto::{
     Command, RealServerChanges, RealServerStats, RealServerStatus, Reply, Response, ServiceChanges,
     ServiceStats, ServiceStatus, StatsReport, StatusReport, WorkerStats,
 };
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -33,10 +44,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// How long a change waits for every worker to use the new snapshot.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a change waits for the MAC of a real server it adds.
-const RESOLVE_WAIT: Duration = Duration::from_secs(1);
 /// How long `status`/`stats` wait for a worker's report.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long after a change the neighbour table is read often for the MACs it asked for.
+const FAST_RESOLUTION: Duration = Duration::from_secs(5);
 
 /// The control side's handle on one worker.
 #[derive(Debug)]
@@ -49,48 +60,103 @@ pub struct WorkerLink {
     pub applied: Arc<AtomicU64>,
 }
 
+/// What the sender of a request may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// root, or lbd's own user: everything.
+    Root,
+    /// A member of `engine.control_group`: operate the balancer, gain nothing else.
+    Operator,
+}
+
+/// Operator states of real servers, by (service label, real server label).
+type AdminStates = HashMap<(String, String), AdminState>;
+
 /// The running configuration and what is needed to change it live.
-#[derive(Debug)]
 pub struct Control {
     config: Config,
     config_path: PathBuf,
     own_mac: [u8; 6],
     snapshot: Arc<Snapshot>,
-    admin: HashMap<(String, String), AdminState>,
+    ids: ServiceIds,
+    admin: AdminStates,
     macs: HashMap<Ipv4Addr, [u8; 6]>,
-    steering: Steering,
+    steering: Box<dyn VipSteering>,
+    host: Box<dyn HostFacts>,
     workers: Vec<WorkerLink>,
+    apply_timeout: Duration,
     health: Tracker,
     /// Real servers at their connection limit (IPVS -x/-y hysteresis).
     full: BTreeSet<(String, String)>,
+    /// When a change last asked the kernel for MACs lbd did not have.
+    asked_for_macs: Option<Instant>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("config_path", &self.config_path)
+            .field("generation", &self.snapshot.generation)
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The outcome of a request: the reply, or the reason it was refused.
 type Outcome = Result<Reply, String>;
 
 impl Control {
-    /// Control over a running balancer whose workers use `snapshot`.
+    /// Control over the balancer's `config` (read from `config_path`), with the MACs known so
+    /// far. Its first snapshot (generation 1) is [`Control::snapshot`]; the workers that use
+    /// it are attached with [`Control::attach_workers`].
     pub fn new(
         config: Config,
         config_path: PathBuf,
         own_mac: [u8; 6],
-        snapshot: Arc<Snapshot>,
         macs: HashMap<Ipv4Addr, [u8; 6]>,
-        steering: Steering,
-        workers: Vec<WorkerLink>,
+        steering: Box<dyn VipSteering>,
+        host: Box<dyn HostFacts>,
     ) -> Control {
+        let mut ids = ServiceIds::default();
+        let snapshot = Arc::new(Snapshot::build(
+            &config,
+            &mut ids,
+            own_mac,
+            1,
+            |ip| macs.get(&ip).copied(),
+            |_, _| AdminState::Online,
+        ));
         Control {
             config,
             config_path,
             own_mac,
             snapshot,
+            ids,
             admin: HashMap::new(),
             macs,
             steering,
-            workers,
+            host,
+            workers: Vec::new(),
+            apply_timeout: APPLY_TIMEOUT,
             health: Tracker::default(),
             full: BTreeSet::new(),
+            asked_for_macs: None,
         }
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// The running configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Hands over the workers that run the current snapshot.
+    pub fn attach_workers(&mut self, workers: Vec<WorkerLink>) {
+        self.workers = workers;
     }
 
     /// The workers' command channels (to stop them, announce, ...).
@@ -98,19 +164,52 @@ impl Control {
         &self.workers
     }
 
-    /// Handles one request.
-    pub fn handle(&mut self, command: Command) -> Response {
-        let outcome = self.dispatch(command);
+    /// Starts steering every configured VIP (at start, once every worker runs).
+    pub fn steer_all_vips(&mut self) -> Result<(), crate::steer::SteerError> {
+        for vip in vip_set(&self.config) {
+            self.steering.add_vip(vip)?;
+        }
+        Ok(())
+    }
+
+    /// Handles one request from a client with `role`.
+    pub fn handle(&mut self, command: Command, role: Role) -> Response {
+        let outcome = match role {
+            Role::Operator => self.operator_may(&command),
+            Role::Root => Ok(()),
+        }
+        .map_err(|reason| format!("permission denied: {reason}"))
+        .and_then(|()| self.dispatch(command));
         match outcome {
             Ok(reply) => Response::ok(reply),
             Err(message) => Response::error(message),
         }
     }
 
+    /// Refuses what would let a control-group member run a command or write a file as root.
+    fn operator_may(&self, command: &Command) -> Result<(), String> {
+        const EXTERNAL: &str = "external health checks run commands as root: only root may set \
+             them (the control group may use tcp, http and none)";
+        match command {
+            Command::AddVip { service } if has_external_check(service) => Err(EXTERNAL.to_owned()),
+            Command::AddRip { real_server, .. } if rs_has_external_check(real_server) => {
+                Err(EXTERNAL.to_owned())
+            }
+            Command::ConfigSave { path: Some(path) } if Path::new(path) != self.config_path => {
+                Err(format!(
+                    "only root may save the configuration elsewhere than {}, the file lbd \
+                     started with",
+                    self.config_path.display()
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn dispatch(&mut self, command: Command) -> Outcome {
         match command {
             Command::Status => Ok(Reply::Status(self.status())),
-            Command::Stats => Ok(Reply::Stats(self.stats())),
+            Command::Stats => Ok(Reply::Stats(Box::new(self.stats()))),
             Command::ConfigShow => Ok(Reply::Config {
                 toml: self.config.to_toml_string(),
             }),
@@ -124,7 +223,8 @@ impl Control {
                 config.services.remove(index);
                 let mut admin = self.admin.clone();
                 admin.retain(|(service, _), _| service != &label);
-                self.apply(config, admin, format!("service {label:?} removed"))
+                let ids = self.ids.clone();
+                self.apply(config, admin, ids, format!("service {label:?} removed"))
             }
             Command::AddRip {
                 service,
@@ -134,9 +234,11 @@ impl Control {
                 let index = service_index(&config, &service)?;
                 let label = real_server.label.clone();
                 config.services[index].real_servers.push(real_server);
+                let (admin, ids) = (self.admin.clone(), self.ids.clone());
                 self.apply(
                     config,
-                    self.admin.clone(),
+                    admin,
+                    ids,
                     format!("real server {label:?} added to {service:?}"),
                 )
             }
@@ -151,9 +253,11 @@ impl Control {
                 config.services[s].real_servers.remove(r);
                 let mut admin = self.admin.clone();
                 admin.remove(&(service.clone(), label.clone()));
+                let ids = self.ids.clone();
                 self.apply(
                     config,
                     admin,
+                    ids,
                     format!("real server {label:?} removed from {service:?}"),
                 )
             }
@@ -185,11 +289,8 @@ impl Control {
         let mut config = self.config.clone();
         let label = service.label.clone();
         config.services.push(service);
-        self.apply(
-            config,
-            self.admin.clone(),
-            format!("service {label:?} added"),
-        )
+        let (admin, ids) = (self.admin.clone(), self.ids.clone());
+        self.apply(config, admin, ids, format!("service {label:?} added"))
     }
 
     fn edit_vip(&mut self, label: &str, changes: ServiceChanges) -> Outcome {
@@ -200,8 +301,9 @@ impl Control {
         let index = service_index(&config, label)?;
         let service = &mut config.services[index];
         let mut admin = self.admin.clone();
+        let mut ids = self.ids.clone();
         if let Some(new_label) = changes.label {
-            // Operator states follow the service to its new name.
+            // Operator states and the service's identity follow it to its new name.
             let moved: Vec<_> = admin
                 .iter()
                 .filter(|((s, _), _)| s == label)
@@ -211,6 +313,7 @@ impl Control {
             for (rs, state) in moved {
                 admin.insert((new_label.clone(), rs), state);
             }
+            ids.rename(label, &new_label);
             service.label = new_label;
         }
         if let Some(vip) = changes.vip {
@@ -231,7 +334,7 @@ impl Control {
         if let Some(size) = changes.table_size {
             service.table_size = size;
         }
-        self.apply(config, admin, format!("service {label:?} changed"))
+        self.apply(config, admin, ids, format!("service {label:?} changed"))
     }
 
     fn edit_rip(&mut self, service: &str, label: &str, changes: RealServerChanges) -> Outcome {
@@ -267,7 +370,8 @@ impl Control {
             Some(weight) => format!("{service}/{label} weight {weight}"),
             None => format!("real server {label:?} of {service:?} changed"),
         };
-        self.apply(config, admin, message)
+        let ids = self.ids.clone();
+        self.apply(config, admin, ids, message)
     }
 
     fn set_admin(&mut self, service: &str, label: &str, state: AdminState, what: &str) -> Outcome {
@@ -278,11 +382,8 @@ impl Control {
         } else {
             admin.insert((service.to_owned(), label.to_owned()), state);
         }
-        self.apply(
-            self.config.clone(),
-            admin,
-            format!("{service}/{label} {what}"),
-        )
+        let (config, ids) = (self.config.clone(), self.ids.clone());
+        self.apply(config, admin, ids, format!("{service}/{label} {what}"))
     }
 
     fn reload(&mut self) -> Outcome {
@@ -297,9 +398,11 @@ impl Control {
         let mut admin = self.admin.clone();
         admin.retain(|(s, r), _| real_server_index(&config, s, r).is_ok());
         let services = config.services.len();
+        let ids = self.ids.clone();
         self.apply(
             config,
             admin,
+            ids,
             format!(
                 "reloaded {} ({services} service(s))",
                 self.config_path.display()
@@ -309,6 +412,13 @@ impl Control {
 
     fn save(&self, path: Option<PathBuf>) -> Outcome {
         let path = path.unwrap_or_else(|| self.config_path.clone());
+        if !path.is_absolute() {
+            return Err(format!(
+                "config save: {} is not an absolute path (lbctl makes a relative path absolute \
+                 from its own directory)",
+                path.display()
+            ));
+        }
         write_atomically(&path, self.config.to_toml_string().as_bytes())
             .map_err(|e| format!("cannot save the config to {}: {e}", path.display()))?;
         Ok(Reply::Done {
@@ -316,65 +426,113 @@ impl Control {
         })
     }
 
-    /// Checks `config` and, if it is good, makes it (and `admin`) the running state.
+    /// Checks `config` and, if it is good, makes it (with `admin` and `ids`) the running
+    /// state: steering map, snapshot and workers. On any refusal nothing has changed.
     fn apply(
         &mut self,
         config: Config,
-        admin: HashMap<(String, String), AdminState>,
+        admin: AdminStates,
+        mut ids: ServiceIds,
         message: String,
     ) -> Outcome {
         config
             .validate()
             .map_err(|e| format!("{e}; nothing changed"))?;
-        self.learn_new_servers(&config);
+        let local = self.host.local_addresses().map_err(|e| {
+            format!("cannot read this host's addresses to check the change: {e}; nothing changed")
+        })?;
+        check_host_addresses(&config, &local).map_err(|e| format!("{e}; nothing changed"))?;
+        self.ask_for_new_macs(&config);
         let old_vips = vip_set(&self.config);
         let new_vips = vip_set(&config);
-        let snapshot = Arc::new(self.build(&config, &admin, self.snapshot.generation + 1));
+        let leaving: Vec<Ipv4Addr> = old_vips.difference(&new_vips).copied().collect();
+        let arriving: Vec<Ipv4Addr> = new_vips.difference(&old_vips).copied().collect();
+        let generation = self.snapshot.generation + 1;
+        let snapshot = Arc::new(self.build(&config, &admin, &mut ids, generation));
 
         // Leaving VIPs stop being steered before the workers forget them...
-        for &vip in old_vips.difference(&new_vips) {
-            if let Err(error) = self.steering.remove_vip(vip) {
-                tracing::warn!(%vip, %error, "removing a VIP from the steering map");
-            }
+        if let Err(error) = update_vips(&mut *self.steering, &leaving, &[]) {
+            return Err(format!("{error}; nothing changed"));
         }
-        self.publish(Arc::clone(&snapshot));
+        let lagging = self.publish(Arc::clone(&snapshot));
         // ...and new ones are steered once the workers know them.
-        let added: Vec<Ipv4Addr> = new_vips.difference(&old_vips).copied().collect();
-        for &vip in &added {
-            if let Err(error) = self.steering.add_vip(vip) {
-                tracing::error!(%vip, %error, "adding a VIP to the steering map");
-            }
+        if let Err(error) = update_vips(&mut *self.steering, &[], &arriving) {
+            // Undone: the workers go back to the running configuration, the leaving VIPs
+            // are steered again.
+            let mut running_ids = self.ids.clone();
+            let restored = Arc::new(self.build(
+                &self.config.clone(),
+                &self.admin.clone(),
+                &mut running_ids,
+                generation + 1,
+            ));
+            self.publish(Arc::clone(&restored));
+            self.snapshot = restored;
+            return match update_vips(&mut *self.steering, &[], &leaving) {
+                Ok(()) => Err(format!("{error}; the change was undone, nothing changed")),
+                Err(again) => Err(format!(
+                    "{error}; the change was undone, but {again}: those VIPs get no traffic until \
+                     lbd restarts"
+                )),
+            };
         }
-        if !added.is_empty()
+        if !arriving.is_empty()
             && let Some(first) = self.workers.first()
         {
             let _ = first
                 .commands
-                .send(WorkerCommand::Announce(self.own_mac, added));
+                .send(WorkerCommand::Announce(self.own_mac, arriving));
         }
         self.config = config;
         self.admin = admin;
+        self.ids = ids;
         self.snapshot = snapshot;
         let checked: BTreeSet<(String, String)> =
             self.health_targets().iter().map(Target::key).collect();
         self.health.retain(|key| checked.contains(key));
+        if !lagging.is_empty() {
+            tracing::error!(
+                generation = self.snapshot.generation,
+                ?lagging,
+                "{message}: not every worker took it in time"
+            );
+            return Err(format!(
+                "{message} (generation {}), but the worker(s) of queue(s) {lagging:?} did not \
+                 take it within {} ms: it is in force on the other workers and will be on those \
+                 when they next run; lbd may be overloaded",
+                self.snapshot.generation,
+                self.apply_timeout.as_millis()
+            ));
+        }
         tracing::info!(generation = self.snapshot.generation, "{message}");
         Ok(Reply::Done { message })
     }
 
-    /// Sends `snapshot` to every worker and waits until each uses it.
-    fn publish(&self, snapshot: Arc<Snapshot>) {
-        publish(&self.workers, snapshot, APPLY_TIMEOUT);
+    /// Sends `snapshot` to every worker and waits until each uses it; returns the queues of
+    /// the workers that did not in time.
+    fn publish(&self, snapshot: Arc<Snapshot>) -> Vec<u32> {
+        publish(&self.workers, snapshot, self.apply_timeout)
+    }
+
+    /// Publishes the running config again as a new generation (a health, MAC or limit change).
+    fn republish(&mut self) {
+        let generation = self.snapshot.generation + 1;
+        let mut ids = self.ids.clone();
+        let snapshot = Arc::new(self.build(&self.config, &self.admin, &mut ids, generation));
+        self.publish(Arc::clone(&snapshot));
+        self.snapshot = snapshot;
     }
 
     fn build(
         &self,
         config: &Config,
-        admin: &HashMap<(String, String), AdminState>,
+        admin: &AdminStates,
+        ids: &mut ServiceIds,
         generation: u64,
     ) -> Snapshot {
         Snapshot::build(
             config,
+            ids,
             self.own_mac,
             generation,
             |ip| self.macs.get(&ip).copied(),
@@ -431,32 +589,40 @@ impl Control {
         } else {
             tracing::warn!(service = %target.service, real_server = %target.label, ip = %target.ip, %detail, "real server down");
         }
-        let snapshot =
-            Arc::new(self.build(&self.config, &self.admin, self.snapshot.generation + 1));
-        self.publish(Arc::clone(&snapshot));
-        self.snapshot = snapshot;
+        self.republish();
     }
 
-    /// Learns the MACs of `config`'s real servers that lbd does not know yet, asking the
-    /// kernel to resolve them and waiting up to [`RESOLVE_WAIT`] so that a server added by
-    /// `lbctl` takes traffic as soon as the command returns. One that stays silent is added
-    /// unresolved; the neighbour refresh keeps asking.
-    fn learn_new_servers(&mut self, config: &Config) {
+    /// Asks the kernel for the MACs of `config`'s real servers that lbd does not know yet,
+    /// without waiting: they take traffic once [`Control::refresh_neighbours`] learns them.
+    fn ask_for_new_macs(&mut self, config: &Config) {
         let missing: Vec<Ipv4Addr> = addresses_to_resolve(config)
             .into_iter()
             .filter(|ip| !self.macs.contains_key(ip))
             .collect();
+        for &ip in &missing {
+            if let Err(error) = self.host.trigger_resolution(ip) {
+                tracing::debug!(real_server = %ip, %error, "resolution trigger failed");
+            }
+        }
         if !missing.is_empty() {
-            let never = std::sync::atomic::AtomicBool::new(false);
-            let learned = host::resolve(&config.engine.interface, &missing, RESOLVE_WAIT, &never);
-            self.macs.extend(learned);
+            self.asked_for_macs = Some(Instant::now());
         }
     }
 
-    /// Re-reads the neighbour table; publishes a new snapshot when a MAC was learned or
-    /// changed, and asks the kernel to resolve the ones still missing.
-    pub fn refresh_neighbours(&mut self) {
-        let table = match host::neighbours(&self.config.engine.interface) {
+    /// Whether a recent change asked for MACs not learned yet: the caller then refreshes
+    /// the neighbours often, so that a new server takes traffic within a fraction of a second.
+    pub fn awaiting_macs(&self) -> bool {
+        self.asked_for_macs
+            .is_some_and(|asked| asked.elapsed() < FAST_RESOLUTION)
+            && addresses_to_resolve(&self.config)
+                .iter()
+                .any(|ip| !self.macs.contains_key(ip))
+    }
+
+    /// Re-reads the neighbour table and publishes a new snapshot when a MAC was learned or
+    /// changed; with `ask_again`, asks the kernel to resolve the ones still missing.
+    pub fn refresh_neighbours(&mut self, ask_again: bool) {
+        let table = match self.host.neighbours() {
             Ok(table) => table,
             Err(error) => {
                 tracing::warn!(%error, "cannot read the neighbour table");
@@ -467,24 +633,23 @@ impl Control {
         for ip in addresses_to_resolve(&self.config) {
             match table.get(&ip) {
                 Some(&mac) => {
-                    if self.macs.insert(ip, mac) != Some(mac) {
+                    let before = self.macs.insert(ip, mac);
+                    if before != Some(mac) {
                         changed = true;
                         tracing::info!(real_server = %ip, mac = %host::format_mac(mac), "MAC learned");
                     }
                 }
-                None => {
-                    // A known MAC is kept: the entry may only have aged out. Ask again either way.
-                    if let Err(error) = host::trigger_resolution(ip) {
+                // A known MAC is kept: the entry may only have aged out. Ask again either way.
+                None if ask_again => {
+                    if let Err(error) = self.host.trigger_resolution(ip) {
                         tracing::debug!(real_server = %ip, %error, "resolution trigger failed");
                     }
                 }
+                None => {}
             }
         }
         if changed {
-            let snapshot =
-                Arc::new(self.build(&self.config, &self.admin, self.snapshot.generation + 1));
-            self.publish(Arc::clone(&snapshot));
-            self.snapshot = snapshot;
+            self.republish();
         }
     }
 
@@ -541,9 +706,7 @@ impl Control {
         }
         if full != self.full {
             self.full = full;
-            let snapshot = Arc::new(self.build(&self.config, &self.admin, generation + 1));
-            self.publish(Arc::clone(&snapshot));
-            self.snapshot = snapshot;
+            self.republish();
         }
     }
 
@@ -644,16 +807,33 @@ impl Control {
             stats.queue = Some(queue);
             stats.flows = worker.flows as u64;
             stats.persistent_clients = worker.persistent_clients as u64;
-            report.total.flows += stats.flows;
-            report.total.persistent_clients += stats.persistent_clients;
+            stats.flow_evictions = worker.flow_evictions;
+            stats.table_full = [
+                ("flows", worker.table_full.flows),
+                ("persistence", worker.table_full.persistence),
+                ("fragments", worker.table_full.fragments),
+            ]
+            .into_iter()
+            .filter(|(_, count)| *count > 0)
+            .map(|(table, count)| (table.to_owned(), count))
+            .collect();
+            stats.socket = worker.socket;
             total.merge(&worker.counters);
             report.workers.push(stats);
         }
-        let flows = report.total.flows;
-        let persistent = report.total.persistent_clients;
-        report.total = self.worker_stats(&total);
-        report.total.flows = flows;
-        report.total.persistent_clients = persistent;
+        let mut sum = self.worker_stats(&total);
+        for worker in &report.workers {
+            sum.flows += worker.flows;
+            sum.persistent_clients += worker.persistent_clients;
+            sum.flow_evictions += worker.flow_evictions;
+            for (table, count) in &worker.table_full {
+                *sum.table_full.entry(table.clone()).or_default() += count;
+            }
+            if let Some(socket) = &worker.socket {
+                sum.socket.get_or_insert_default().add(socket);
+            }
+        }
+        report.total = sum;
         report
     }
 
@@ -696,6 +876,9 @@ impl Control {
             fallback_packets: counters.fallback,
             flows: 0,
             persistent_clients: 0,
+            table_full: BTreeMap::new(),
+            flow_evictions: 0,
+            socket: None,
             drops: DropReason::ALL
                 .iter()
                 .filter(|r| counters.drops_for(**r) > 0)
@@ -707,8 +890,8 @@ impl Control {
 }
 
 /// Sends `snapshot` to every worker and waits (at most `timeout`) until each reports using
-/// it. Returns false if one did not in time.
-pub fn publish(workers: &[WorkerLink], snapshot: Arc<Snapshot>, timeout: Duration) -> bool {
+/// it. Returns the queues of the workers that did not in time.
+pub fn publish(workers: &[WorkerLink], snapshot: Arc<Snapshot>, timeout: Duration) -> Vec<u32> {
     let generation = snapshot.generation;
     for worker in workers {
         let _ = worker
@@ -716,7 +899,7 @@ pub fn publish(workers: &[WorkerLink], snapshot: Arc<Snapshot>, timeout: Duratio
             .send(WorkerCommand::Snapshot(Arc::clone(&snapshot)));
     }
     let deadline = Instant::now() + timeout;
-    let mut all = true;
+    let mut lagging = Vec::new();
     for worker in workers {
         while worker.applied.load(Ordering::Acquire) < generation {
             if Instant::now() >= deadline {
@@ -725,14 +908,92 @@ pub fn publish(workers: &[WorkerLink], snapshot: Arc<Snapshot>, timeout: Duratio
                     generation,
                     "worker has not taken the new configuration yet"
                 );
-                all = false;
+                lagging.push(worker.queue);
                 break;
             }
             std::hint::spin_loop();
             std::thread::yield_now();
         }
     }
-    all
+    lagging
+}
+
+/// Removes `leaving` from the steering map, then adds `arriving`; on a failure, puts back
+/// what it had done, so that the map is as it was, and names the VIP that failed.
+fn update_vips(
+    steering: &mut dyn VipSteering,
+    leaving: &[Ipv4Addr],
+    arriving: &[Ipv4Addr],
+) -> Result<(), String> {
+    for (done, &vip) in leaving.iter().enumerate() {
+        if let Err(error) = steering.remove_vip(vip) {
+            for &back in &leaving[..done] {
+                let _ = steering.add_vip(back);
+            }
+            return Err(format!(
+                "removing VIP {vip} from the steering map failed: {error}"
+            ));
+        }
+    }
+    for (done, &vip) in arriving.iter().enumerate() {
+        if let Err(error) = steering.add_vip(vip) {
+            for &back in &arriving[..done] {
+                let _ = steering.remove_vip(back);
+            }
+            for &back in leaving {
+                let _ = steering.add_vip(back);
+            }
+            return Err(format!(
+                "adding VIP {vip} to the steering map failed: {error}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a service (or one of its real servers) has an external check.
+fn has_external_check(service: &Service) -> bool {
+    service.health_check.kind == HealthKind::External
+        || service.real_servers.iter().any(rs_has_external_check)
+}
+
+fn rs_has_external_check(real_server: &RealServer) -> bool {
+    real_server
+        .health_check
+        .as_ref()
+        .is_some_and(|check| check.kind == HealthKind::External)
+}
+
+/// Refuses a VIP, real server or fallback that is one of the host's own addresses (`local`):
+/// the balancer would take the host's own traffic for it (its health-check replies among
+/// them) or forward frames to itself.
+pub fn check_host_addresses(config: &Config, local: &[(String, Ipv4Addr)]) -> Result<(), String> {
+    let owner = |ip: Ipv4Addr| local.iter().find(|(_, a)| *a == ip).map(|(name, _)| name);
+    for (i, service) in config.services.iter().enumerate() {
+        let path = format!("service[{i}] {:?}", service.label);
+        if let Some(interface) = owner(service.vip) {
+            return Err(format!(
+                "{path}.vip: {} is an address of this host ({interface}); a VIP must be an                  address of its own",
+                service.vip
+            ));
+        }
+        if let Some(fallback) = service.fallback
+            && let Some(interface) = owner(fallback)
+        {
+            return Err(format!(
+                "{path}.fallback: {fallback} is an address of this host ({interface}); the                  fallback must be another machine"
+            ));
+        }
+        for (j, rs) in service.real_servers.iter().enumerate() {
+            if let Some(interface) = owner(rs.ip) {
+                return Err(format!(
+                    "{path}.real_server[{j}].ip: {} is an address of this host ({interface}); a                      real server must be another machine",
+                    rs.ip
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every address whose MAC lbd must learn: real servers without a pinned MAC, and fallbacks.
@@ -817,8 +1078,22 @@ fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
 }
 
 /// Writes `bytes` to a temporary file beside `path`, syncs it and renames it over `path`: a
-/// crash leaves the old file or the new one, never half of one.
+/// crash leaves the old file or the new one, never half of one. The temporary file has an
+/// unpredictable name and is created exclusively, never through a symbolic link (one planted
+/// in a shared directory cannot redirect the write); it gets the old file's mode and owner
+/// (0600 for a new file). A `path` that exists and is not a regular file is refused.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let existing = match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.file_type().is_file() => Some(metadata),
+        Ok(_) => {
+            return Err(std::io::Error::other(
+                "it exists and is not a regular file (lbd does not write through links)",
+            ));
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(error) => return Err(error),
+    };
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -826,13 +1101,38 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("the path names no file"))?;
-    let temp = dir.join(format!(
-        ".{}.tmp.{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let mode = existing.as_ref().map_or(0o600, |m| m.mode() & 0o7777);
+    let mut attempt = 0;
+    let (temp, mut file) = loop {
+        let temp = dir.join(format!(
+            ".{}.tmp.{}.{:016x}",
+            name.to_string_lossy(),
+            std::process::id(),
+            std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                attempt
+            )
+        ));
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temp);
+        match opened {
+            Ok(file) => break (temp, file),
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists && attempt < 8 => {
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    };
     let result = (|| {
-        let mut file = std::fs::File::create(&temp)?;
+        if let Some(old) = &existing {
+            // Only root may give a file away; as anyone else the new file stays ours.
+            let _ = std::os::unix::fs::fchown(&file, Some(old.uid()), Some(old.gid()));
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
         file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temp, path)?;

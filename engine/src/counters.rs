@@ -2,8 +2,10 @@
 //! packet path; a reader sums the workers' copies.
 //!
 //! Every frame a worker takes off its RX ring ends in exactly one counter: forwarded, answered
-//! (ARP or ICMP), or dropped under a named [`DropReason`]. A reason that exists has a test that
-//! produces it.
+//! (ARP or ICMP), or dropped under a named [`DropReason`]. A frame passed for transmission is
+//! counted when the dataplane decides so; if the TX ring then has no room for it, the driver
+//! takes that count back ([`Counters::unsend`]) and counts the drop instead. A reason that
+//! exists has a test that produces it.
 
 use std::fmt;
 
@@ -26,11 +28,15 @@ pub enum DropReason {
     NotVip,
     /// VIP matches, but no service serves this protocol and port.
     PortNotServed,
-    /// A non-first IP fragment for a VIP with several services of its protocol: the port that
-    /// would choose one is in the first fragment only.
-    FragmentAmbiguous,
+    /// A non-first IP fragment whose first fragment was not seen (or is forgotten), for a VIP
+    /// with several services of its protocol: the port that would choose one is in the first
+    /// fragment only.
+    FragmentUnmatched,
     /// ICMP to a VIP that is not an echo request (or is fragmented).
     IcmpNotEcho,
+    /// An echo request from an address no reply may go to: broadcast, multicast, unspecified,
+    /// loopback, or the VIP itself (RFC 1122 3.2.2.6, 3.3.6).
+    IcmpBadSource,
     /// The service has no real server that can take the frame (all drained or unresolved).
     NoRealServer,
     /// The TX ring had no room: the frame was recycled instead of sent.
@@ -39,7 +45,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order counters are kept and printed.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Truncated,
         DropReason::UnsupportedEtherType,
         DropReason::NotOurMac,
@@ -48,8 +54,9 @@ impl DropReason {
         DropReason::BadIpHeader,
         DropReason::NotVip,
         DropReason::PortNotServed,
-        DropReason::FragmentAmbiguous,
+        DropReason::FragmentUnmatched,
         DropReason::IcmpNotEcho,
+        DropReason::IcmpBadSource,
         DropReason::NoRealServer,
         DropReason::TxRingFull,
     ];
@@ -65,8 +72,9 @@ impl DropReason {
             DropReason::BadIpHeader => "bad_ip_header",
             DropReason::NotVip => "not_vip",
             DropReason::PortNotServed => "port_not_served",
-            DropReason::FragmentAmbiguous => "fragment_ambiguous",
+            DropReason::FragmentUnmatched => "fragment_unmatched",
             DropReason::IcmpNotEcho => "icmp_not_echo",
+            DropReason::IcmpBadSource => "icmp_bad_source",
             DropReason::NoRealServer => "no_real_server",
             DropReason::TxRingFull => "tx_ring_full",
         }
@@ -84,6 +92,30 @@ impl fmt::Display for DropReason {
     }
 }
 
+/// What a frame passed for transmission was counted as: [`Counters::unsend`] takes it back
+/// when the frame cannot be sent after all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    /// Forwarded to a service's real server (indices in the snapshot in use).
+    Forward {
+        /// Service index.
+        service: u16,
+        /// Real-server index within the service.
+        real_server: u16,
+    },
+    /// Forwarded to a service's fallback server.
+    Fallback {
+        /// Service index.
+        service: u16,
+    },
+    /// An ARP reply.
+    ArpReply,
+    /// An ICMP echo reply.
+    EchoReply,
+    /// A gratuitous ARP the worker wrote (not a received frame).
+    GratuitousArp,
+}
+
 /// Packets and bytes, for a service or a real server.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -98,6 +130,11 @@ impl Traffic {
     fn add(&mut self, len: usize) {
         self.packets += 1;
         self.bytes += len as u64;
+    }
+
+    fn remove(&mut self, len: usize) {
+        self.packets = self.packets.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(len as u64);
     }
 }
 
@@ -182,6 +219,41 @@ impl Counters {
         if let Some(service) = self.services.get_mut(service) {
             service.total.add(len);
         }
+    }
+
+    /// Takes back the count of a frame of `len` bytes that was counted as `sent` but could not
+    /// be sent.
+    pub fn unsend(&mut self, sent: Sent, len: usize) {
+        match sent {
+            Sent::Forward {
+                service,
+                real_server,
+            } => {
+                self.forwarded.remove(len);
+                if let Some(service) = self.services.get_mut(usize::from(service)) {
+                    service.total.remove(len);
+                    if let Some(rs) = service.real_servers.get_mut(usize::from(real_server)) {
+                        rs.remove(len);
+                    }
+                }
+            }
+            Sent::Fallback { service } => {
+                self.forwarded.remove(len);
+                self.fallback = self.fallback.saturating_sub(1);
+                if let Some(service) = self.services.get_mut(usize::from(service)) {
+                    service.total.remove(len);
+                }
+            }
+            Sent::ArpReply => self.arp_replies = self.arp_replies.saturating_sub(1),
+            Sent::EchoReply => self.icmp_echo_replies = self.icmp_echo_replies.saturating_sub(1),
+            Sent::GratuitousArp => self.gratuitous_arps = self.gratuitous_arps.saturating_sub(1),
+        }
+    }
+
+    /// Frames taken off the RX ring that some counter accounts for: forwarded, answered or
+    /// dropped. Equal to `rx_frames` at every batch boundary.
+    pub fn accounted_frames(&self) -> u64 {
+        self.forwarded.packets + self.arp_replies + self.icmp_echo_replies + self.total_drops()
     }
 
     /// Adds another worker's counters into these (same service shape expected; extra entries

@@ -1,20 +1,23 @@
 //! Start-up, the workers' threads, neighbour resolution, signals and shutdown.
 //!
-//! Order matters at start: the XDP program is attached with an empty VIP map (so it steers
-//! nothing yet), then each queue's socket is bound and entered in the XSKMAP, its worker starts
-//! and fills the fill ring, and only then are the VIPs added: no VIP frame is ever redirected
-//! to a queue that cannot take it. At stop
-//! (SIGINT/SIGTERM) the workers finish their batch and exit, the sockets close, and dropping
-//! the steering program's link detaches it, leaving the interface as it was.
+//! Order matters at start: what would lose frames or traffic is refused first (an interface
+//! MTU larger than a UMEM frame holds, a VIP or real server that is one of the host's own
+//! addresses); the XDP program is attached with an empty VIP map (so it steers nothing yet),
+//! then each queue's socket is bound and entered in the XSKMAP, its worker starts and fills
+//! the fill ring, and only then are the VIPs added: no VIP frame is ever redirected to a queue
+//! that cannot take it. A worker that does not start in time, or stops while lbd runs, stops
+//! lbd with an error: a queue nobody serves would drop its share of the traffic unseen. At
+//! stop (SIGINT/SIGTERM) the workers finish their batch and exit, the sockets close, and
+//! dropping the steering program's link detaches it, leaving the interface as it was.
 
-use crate::control::{Control, WorkerLink, addresses_to_resolve};
+use crate::control::{Control, WorkerLink, addresses_to_resolve, check_host_addresses};
 use crate::counters::{Counters, DropReason};
 use crate::dataplane::{Dataplane, TableSizes};
 use crate::server::{ControlServer, ServerError};
-use crate::snapshot::{AdminState, Snapshot};
+use crate::snapshot::Snapshot;
 use crate::steer::{AttachMode, SteerError, Steering};
 use crate::sys::{CopyMode, XskError, XskRings, XskSettings};
-use crate::worker::{Worker, WorkerCommand, WorkerSettings};
+use crate::worker::{Rings, Worker, WorkerCommand, WorkerSettings};
 use crate::{health, host};
 use crossbeam::channel::unbounded;
 use lbd_config::{Config, Polling, XdpMode};
@@ -33,6 +36,19 @@ const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
 const LIMITS_INTERVAL: Duration = Duration::from_millis(200);
 /// Spacing of the gratuitous ARP rounds at start.
 const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the neighbour table is read while a change waits for a new server's MAC.
+const FAST_RESOLVE_INTERVAL: Duration = Duration::from_millis(100);
+/// How long every worker has to start (open its rings, fill the fill ring).
+const WORKER_START: Duration = Duration::from_secs(5);
+/// Bytes the kernel keeps free at the start of every UMEM frame (`XDP_PACKET_HEADROOM`).
+const XDP_PACKET_HEADROOM: u32 = 256;
+/// An Ethernet header: what a frame carries beyond the MTU (lbd serves no VLAN tags).
+const ETHERNET_HEADER: u32 = 14;
+
+/// The largest MTU whose frames a UMEM frame of `frame_size` bytes holds.
+pub fn max_mtu(frame_size: u32) -> u32 {
+    frame_size.saturating_sub(XDP_PACKET_HEADROOM + ETHERNET_HEADER)
+}
 
 /// Why the daemon could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +89,41 @@ pub enum DaemonError {
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] ServerError),
+    /// The interface carries frames larger than a UMEM frame holds.
+    #[error(
+        "interface {interface} has MTU {mtu}: frames of up to {} bytes, but a UMEM frame of \
+         engine.frame_size = {frame_size} holds {} ({XDP_PACKET_HEADROOM} bytes are the \
+         kernel's headroom), and the kernel would drop every larger frame; lower the MTU to \
+         {} or less (ip link set {interface} mtu {}){}",
+        mtu + ETHERNET_HEADER,
+        frame_size - XDP_PACKET_HEADROOM,
+        max_mtu(*frame_size),
+        max_mtu(*frame_size),
+        if *frame_size < 4096 { ", or set engine.frame_size = 4096" } else { "" }
+    )]
+    Mtu {
+        /// The interface.
+        interface: String,
+        /// Its MTU.
+        mtu: u32,
+        /// `engine.frame_size`.
+        frame_size: u32,
+    },
+    /// The configuration names one of the host's own addresses.
+    #[error("{0}")]
+    HostAddress(String),
+    /// A worker did not start, or stopped while lbd ran.
+    #[error(
+        "worker {worker} (queue {queue}) {what}; lbd stops rather than leave the queue unserved"
+    )]
+    Worker {
+        /// Its index.
+        worker: usize,
+        /// Its queue.
+        queue: u32,
+        /// What happened.
+        what: &'static str,
+    },
 }
 
 /// Runs the balancer with `config` (read from `config_path`, which `reload` re-reads) until
@@ -107,6 +158,23 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         });
     }
 
+    let mtu = host::interface_mtu(interface).map_err(|source| DaemonError::Host {
+        what: format!("the MTU of {interface}"),
+        source,
+    })?;
+    if mtu > max_mtu(engine.frame_size) {
+        return Err(DaemonError::Mtu {
+            interface: interface.to_owned(),
+            mtu,
+            frame_size: engine.frame_size,
+        });
+    }
+    let local = host::local_addresses().map_err(|source| DaemonError::Host {
+        what: "this host's addresses".to_owned(),
+        source,
+    })?;
+    check_host_addresses(&config, &local).map_err(DaemonError::HostAddress)?;
+
     if (engine.queues.len() as u32) < available {
         tracing::warn!(
             interface,
@@ -132,13 +200,17 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         INITIAL_RESOLUTION,
         &stop,
     );
-    let snapshot = Arc::new(Snapshot::build(
-        &config,
+    let mut control = Control::new(
+        config.clone(),
+        config_path.to_owned(),
         own_mac,
-        1,
-        |ip| macs.get(&ip).copied(),
-        |_, _| AdminState::Online,
-    ));
+        macs,
+        Box::new(steering),
+        Box::new(host::SystemHost {
+            interface: interface.to_owned(),
+        }),
+    );
+    let snapshot = Arc::clone(control.snapshot());
     log_services(&config, &snapshot);
 
     let vips = distinct_vips(&config);
@@ -170,29 +242,34 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     }
 
     // VIPs are steered only once every worker runs (its fill ring holds frames): before that
-    // the kernel would have nowhere to put them.
-    let deadline = Instant::now() + Duration::from_secs(2);
+    // the kernel would have nowhere to put them. One that does not start stops lbd.
+    let deadline = Instant::now() + WORKER_START;
     while links.iter().any(|l| l.applied.load(Ordering::Acquire) == 0) && Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(1));
     }
-    for &vip in &vips {
-        if let Err(error) = steering.add_vip(vip) {
-            stop.store(true, Ordering::Relaxed);
-            join_workers(threads);
-            return Err(error.into());
-        }
+    if let Some((worker, link)) = links
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.applied.load(Ordering::Acquire) == 0)
+    {
+        let error = DaemonError::Worker {
+            worker,
+            queue: link.queue,
+            what: "did not start within 5 s",
+        };
+        stop.store(true, Ordering::Relaxed);
+        join_workers(threads);
+        return Err(error);
+    }
+    control.attach_workers(links);
+    if let Err(error) = control.steer_all_vips() {
+        stop.store(true, Ordering::Relaxed);
+        join_workers(threads);
+        return Err(error.into());
     }
 
-    let control = Arc::new(Mutex::new(Control::new(
-        config.clone(),
-        config_path.to_owned(),
-        own_mac,
-        snapshot,
-        macs,
-        steering,
-        links,
-    )));
+    let control = Arc::new(Mutex::new(control));
     let server = ControlServer::start(
         &engine.control_socket,
         engine.control_group.as_deref(),
@@ -235,11 +312,15 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         "lbd running"
     );
 
-    // Gratuitous ARP rounds and neighbour upkeep, until a signal.
+    // Gratuitous ARP rounds, neighbour upkeep, connection limits and watching the workers and
+    // the MTU, until a signal.
     let mut announcements_left = engine.gratuitous_arp_count;
     let mut next_announce = Instant::now();
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
+    let mut next_fast_resolve = Instant::now();
     let mut next_limits = Instant::now();
+    let mut reported_mtu = mtu;
+    let mut failure = None;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if announcements_left > 0 && now >= next_announce && !vips.is_empty() {
@@ -257,7 +338,15 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         if now >= next_resolve {
             next_resolve = now + RESOLVE_INTERVAL;
             if let Ok(mut control) = control.lock() {
-                control.refresh_neighbours();
+                control.refresh_neighbours(true);
+            }
+            reported_mtu = watch_mtu(interface, engine.frame_size, reported_mtu);
+        } else if now >= next_fast_resolve {
+            next_fast_resolve = now + FAST_RESOLVE_INTERVAL;
+            if let Ok(mut control) = control.lock()
+                && control.awaiting_macs()
+            {
+                control.refresh_neighbours(false);
             }
         }
         if now >= next_limits {
@@ -266,17 +355,51 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
                 control.enforce_limits();
             }
         }
+        if let Some(&(worker, _)) = threads.iter().find(|(_, thread)| thread.is_finished()) {
+            failure = Some(DaemonError::Worker {
+                worker,
+                queue: engine.queues[worker],
+                what: "stopped unexpectedly",
+            });
+            tracing::error!(worker, "worker stopped unexpectedly; stopping lbd");
+            break;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 
     tracing::info!("stopping");
+    stop.store(true, Ordering::Relaxed);
     drop(server);
     let _ = checker.join();
     join_workers(threads);
     // The last reference to the control state holds the steering program: dropping it detaches.
     drop(control);
     tracing::info!(interface, "XDP program detached; stopped");
-    Ok(())
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+/// Logs an error when the interface's MTU has risen past what a UMEM frame holds since it was
+/// `reported` (frames larger than that are dropped by the kernel, counted as the socket's
+/// `rx_dropped` in `lbctl stats`); returns the MTU now.
+fn watch_mtu(interface: &str, frame_size: u32, reported: u32) -> u32 {
+    let Ok(mtu) = host::interface_mtu(interface) else {
+        return reported;
+    };
+    if mtu != reported && mtu > max_mtu(frame_size) {
+        tracing::error!(
+            interface,
+            mtu,
+            max_mtu = max_mtu(frame_size),
+            frame_size,
+            "the interface MTU rose past what a UMEM frame holds: the kernel drops every larger \
+             frame (lbctl stats: socket rx_dropped); lower the MTU, or restart lbd with a larger \
+             engine.frame_size"
+        );
+    }
+    mtu
 }
 
 fn join_workers(threads: Vec<(usize, JoinHandle<WorkerExit>)>) {
@@ -371,12 +494,12 @@ fn spawn_worker(
             }
             let mut worker = Worker::new(rings, dataplane, settings);
             worker.run(&stop, &receiver, &generation);
-            if let Some((dropped, ring_full, fill_empty)) = worker.rings().kernel_stats() {
+            if let Some(socket) = worker.rings().kernel_stats() {
                 tracing::info!(
                     worker = index,
-                    dropped,
-                    ring_full,
-                    fill_empty,
+                    dropped = socket.rx_dropped,
+                    ring_full = socket.rx_ring_full,
+                    fill_empty = socket.fill_ring_empty,
                     "kernel socket statistics"
                 );
             }

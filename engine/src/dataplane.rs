@@ -10,7 +10,17 @@
 //!   header changes: destination = the chosen real server, source = our own MAC (leaving the
 //!   client's MAC as source would teach the switch that the client lives on our port). The IP
 //!   packet is untouched, so the real server sees the client's address and answers it directly.
-//! - ICMP echo request (RFC 792) to a VIP: turned into the echo reply from the VIP.
+//! - ICMP echo request (RFC 792) to a VIP: turned into the echo reply from the VIP, unless it
+//!   comes from an address no reply may go to (broadcast, multicast, the VIP itself).
+//! - A connection is placed when it opens (a TCP SYN, or any UDP datagram) and recorded in the
+//!   flow table. A mid-connection TCP segment that no table knows (the entry was lost to a full
+//!   table, a restart) is placed as its connection most likely was: the client's persisted
+//!   server, else the Maglev table that still holds drained and full servers. It records
+//!   nothing: spoofed segments cannot fill the tables or count as connections.
+//! - IP fragments: the first piece carries the ports and is placed like any datagram; the
+//!   fragment table then sends the later pieces (source, destination, protocol, IP ID) to the
+//!   same server. A later piece seen before its first follows the VIP and protocol when they
+//!   name a single service, and is dropped otherwise.
 //!
 //! The Ethernet and IPv4 headers, read for every frame, are checked by hand at fixed offsets
 //! (every read bounds-checked: a malformed frame is a counted drop, never a panic); ARP goes
@@ -21,10 +31,12 @@
 //! counters) is inlined into [`Dataplane::process`]; new connections, fragments, ICMP and a
 //! new snapshot's relocations are out-of-line functions.
 
-use crate::counters::{Counters, DropReason};
+use crate::counters::{Counters, DropReason, Sent};
 use crate::flows::{
-    FlowEntry, FlowKey, FlowState, FlowTable, NO_FLAGS, PersistEntry, PersistenceTable,
+    FRAGMENT_TIMEOUT_MS, FlowEntry, FlowKey, FlowState, FlowTable, FragmentEntry, FragmentKey,
+    FragmentTable, NO_FLAGS, PersistEntry, PersistenceTable, tcp_flags,
 };
+use crate::maglev::MaglevTable;
 use crate::snapshot::{FragmentRoute, RealServerEntry, ServiceEntry, Snapshot, service_key};
 use etherparse::{ArpPacketSlice, EtherType};
 use lbd_config::Persistence;
@@ -48,6 +60,7 @@ mod field {
     // IPv4, relative to the frame start.
     pub const IP_VERSION_IHL: usize = 14;
     pub const IP_TOTAL_LEN: usize = 16;
+    pub const IP_ID: usize = 18;
     pub const IP_FLAGS_FRAGMENT: usize = 20;
     pub const IP_TTL: usize = 22;
     pub const IP_PROTOCOL: usize = 23;
@@ -71,6 +84,8 @@ const BROADCAST: [u8; 6] = [0xff; 6];
 const REPLY_TTL: u8 = 64;
 /// Minimum Ethernet frame without FCS; generated frames are padded to it.
 pub const MIN_FRAME_LEN: usize = 60;
+/// Fragmented datagrams remembered per worker (they live for [`FRAGMENT_TIMEOUT_MS`]).
+const FRAGMENT_TABLE_SIZE: usize = 16_384;
 
 /// What to do with a processed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,8 +104,11 @@ pub struct Dataplane {
     /// The snapshot's own MAC as [`mac_word`] gives it for a frame sent to it.
     own_mac_word: u64,
     counters: Counters,
+    /// What the last [`Verdict::Transmit`] was counted as.
+    sent: Sent,
     flows: FlowTable,
     persistence: PersistenceTable,
+    fragments: FragmentTable,
 }
 
 /// Table sizes for [`Dataplane::new`].
@@ -119,8 +137,10 @@ impl Dataplane {
             own_mac_word: own_mac_word(snapshot.own_mac),
             snapshot,
             counters,
+            sent: Sent::ArpReply,
             flows: FlowTable::new(sizes.flows),
             persistence: PersistenceTable::new(sizes.persistent_clients),
+            fragments: FragmentTable::new(FRAGMENT_TABLE_SIZE),
         }
     }
 
@@ -134,6 +154,17 @@ impl Dataplane {
         &self.persistence
     }
 
+    /// The fragment table.
+    pub fn fragments(&self) -> &FragmentTable {
+        &self.fragments
+    }
+
+    /// What the last frame passed for transmission was counted as: a driver that cannot send
+    /// it gives this to [`Counters::unsend`].
+    pub fn last_sent(&self) -> Sent {
+        self.sent
+    }
+
     /// This worker's counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
@@ -144,21 +175,34 @@ impl Dataplane {
         &mut self.counters
     }
 
-    /// Switches to a new snapshot between frames. Counters keep their totals; per-service
-    /// counters follow the new snapshot's shape.
+    /// Switches to a new snapshot between frames. Counters keep their totals; per-service and
+    /// per-real-server counters follow their service (by id) and server (by address) to their
+    /// places in the new snapshot, and end with them.
     pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
         let mut counters = Counters::for_services(snapshot.real_server_counts());
         let mut old = std::mem::take(&mut self.counters);
-        let same_shape = old.services.len() == counters.services.len()
-            && old
-                .services
-                .iter()
-                .zip(&counters.services)
-                .all(|(a, b)| a.real_servers.len() == b.real_servers.len());
-        if !same_shape {
-            old.services.clear();
-        }
+        let old_services = std::mem::take(&mut old.services);
         counters.merge(&old);
+        for (new_entry, traffic) in snapshot.services.iter().zip(&mut counters.services) {
+            let Some((old_entry, old_traffic)) =
+                self.snapshot.by_id.get(&new_entry.id).and_then(|&i| {
+                    Some((
+                        self.snapshot.services.get(usize::from(i))?,
+                        old_services.get(usize::from(i))?,
+                    ))
+                })
+            else {
+                continue;
+            };
+            traffic.total = old_traffic.total;
+            for (rs, rs_traffic) in new_entry.real_servers.iter().zip(&mut traffic.real_servers) {
+                if let Some(&old_index) = old_entry.by_ip.get(&u32::from(rs.ip))
+                    && let Some(old_rs) = old_traffic.real_servers.get(usize::from(old_index))
+                {
+                    *rs_traffic = *old_rs;
+                }
+            }
+        }
         self.counters = counters;
         self.own_mac_word = own_mac_word(snapshot.own_mac);
         self.snapshot = snapshot;
@@ -235,6 +279,7 @@ impl Dataplane {
         frame.copy_within(field::ETH_SRC, field::ETH_DST.start);
         frame[field::ETH_SRC].copy_from_slice(&own);
         self.counters.arp_replies += 1;
+        self.sent = Sent::ArpReply;
         Verdict::Transmit
     }
 
@@ -247,17 +292,10 @@ impl Dataplane {
             Err(reason) => return Verdict::Drop(reason),
         };
         if ip.protocol == IP_PROTO_ICMP {
-            return self.icmp(frame, ip.dst, ip.fragmented, ip.l4, ip.l4_end);
+            return self.icmp(frame, &ip);
         }
         if ip.fragmented {
-            return self.fragment(
-                frame,
-                ip.dst,
-                ip.protocol,
-                ip.first_fragment,
-                ip.ports,
-                now_ms,
-            );
+            return self.fragment(frame, &ip, now_ms);
         }
         // A whole datagram: the transport header is there and says where it goes.
         let Some(ports) = ip.ports else {
@@ -272,6 +310,7 @@ impl Dataplane {
         let Dataplane {
             snapshot,
             counters,
+            sent,
             flows,
             persistence,
             ..
@@ -310,118 +349,275 @@ impl Dataplane {
             write_header(frame, header);
             let len = frame.len();
             counters.forward(usize::from(service_index), usize::from(backend), len);
+            *sent = Sent::Forward {
+                service: service_index,
+                real_server: backend,
+            };
             return Verdict::Transmit;
         }
-        self.new_connection(frame, service_index, now_ms)
+        self.new_connection(frame, service_index, now_ms).0
     }
 
-    /// A piece of a fragmented datagram: its service (by port in the `first` piece, by VIP and
-    /// protocol in the others), then the persisted or Maglev choice (no connection tracking).
+    /// A piece of a fragmented datagram. The first carries the ports: it finds its service and
+    /// server as a whole datagram would, and the choice is remembered for the rest. A later
+    /// piece follows its first; one that comes before it (or whose first was forgotten) goes
+    /// by VIP and protocol when they name one service.
     #[inline(never)]
-    fn fragment(
-        &mut self,
-        frame: &mut [u8],
-        dst: u32,
-        protocol: u8,
-        first: bool,
-        ports: Option<u32>,
-        now_ms: u64,
-    ) -> Verdict {
-        match service_of(&self.snapshot, dst, protocol, first, ports) {
-            Ok(service_index) => self.new_connection(frame, service_index, now_ms),
+    fn fragment(&mut self, frame: &mut [u8], ip: &Ipv4, now_ms: u64) -> Verdict {
+        let key = FragmentKey {
+            src: ip.src,
+            dst: ip.dst,
+            id: ip.id,
+            protocol: ip.protocol,
+        };
+        if ip.first_fragment {
+            let service_index = match service_of(&self.snapshot, ip.dst, ip.protocol, ip.ports) {
+                Ok(index) => index,
+                Err(reason) => return Verdict::Drop(reason),
+            };
+            let (verdict, chosen) = self.new_connection(frame, service_index, now_ms);
+            if let (Some(real_server), Some(service)) = (
+                chosen,
+                self.snapshot.services.get(usize::from(service_index)),
+            ) {
+                let entry = FragmentEntry {
+                    service: service.id,
+                    real_server,
+                    expires_ms: now_ms + FRAGMENT_TIMEOUT_MS,
+                };
+                self.fragments.insert(key, entry, now_ms);
+            }
+            return verdict;
+        }
+        if let Some(entry) = self.fragments.get(&key, now_ms) {
+            return self.follow_first_fragment(frame, entry);
+        }
+        match fragment_service(&self.snapshot, ip.dst, ip.protocol) {
+            Ok(service_index) => self.new_connection(frame, service_index, now_ms).0,
             Err(reason) => Verdict::Drop(reason),
         }
     }
 
-    /// A frame of service `service_index` that no known connection places: the persisted or
-    /// Maglev choice, recorded in the flow table when the frame belongs to a connection, or
-    /// the fallback server. Out of line, it parses the header again rather than have the
-    /// per-frame path keep every field for it.
+    /// A later fragment, to where its datagram's first fragment went.
+    #[cold]
+    fn follow_first_fragment(&mut self, frame: &mut [u8], first: FragmentEntry) -> Verdict {
+        let snapshot = &*self.snapshot;
+        let Some(&service_index) = snapshot.by_id.get(&first.service) else {
+            return Verdict::Drop(DropReason::PortNotServed);
+        };
+        let Some(service) = snapshot.services.get(usize::from(service_index)) else {
+            return Verdict::Drop(DropReason::PortNotServed);
+        };
+        if let Some(backend) = usable(
+            service,
+            first.real_server,
+            RealServerEntry::takes_known_clients,
+        ) && let Some(header) = service
+            .real_servers
+            .get(usize::from(backend))
+            .and_then(|rs| rs.forward_header)
+        {
+            write_header(frame, header);
+            self.counters.forward(
+                usize::from(service_index),
+                usize::from(backend),
+                frame.len(),
+            );
+            self.sent = Sent::Forward {
+                service: service_index,
+                real_server: backend,
+            };
+            return Verdict::Transmit;
+        }
+        match service.fallback {
+            Some((ip, Some(mac))) if u32::from(ip) == first.real_server => {
+                self.forward_to_fallback(frame, service_index, mac)
+            }
+            _ => Verdict::Drop(DropReason::NoRealServer),
+        }
+    }
+
+    /// Sends the frame to service `service_index`'s fallback server at `mac`.
+    fn forward_to_fallback(
+        &mut self,
+        frame: &mut [u8],
+        service_index: u16,
+        mac: [u8; 6],
+    ) -> Verdict {
+        rewrite_macs(frame, mac, self.snapshot.own_mac);
+        self.counters
+            .forward_fallback(usize::from(service_index), frame.len());
+        self.sent = Sent::Fallback {
+            service: service_index,
+        };
+        Verdict::Transmit
+    }
+
+    /// A frame of service `service_index` that no known connection places. A TCP segment
+    /// that opens a connection (SYN), a datagram, or a fragment is placed on the persisted or
+    /// Maglev choice (the fallback server when no real server can take it) and a connection
+    /// recorded; a mid-connection segment goes where its connection most likely is and is
+    /// recorded nowhere. Returns the verdict and the address of the server chosen. Out of
+    /// line, it parses the header again rather than have the per-frame path keep every field
+    /// for it.
     #[inline(never)]
-    fn new_connection(&mut self, frame: &mut [u8], service_index: u16, now_ms: u64) -> Verdict {
+    fn new_connection(
+        &mut self,
+        frame: &mut [u8],
+        service_index: u16,
+        now_ms: u64,
+    ) -> (Verdict, Option<u32>) {
         let ip = match Ipv4::parse(frame) {
             Ok(ip) => ip,
-            Err(reason) => return Verdict::Drop(reason),
+            Err(reason) => return (Verdict::Drop(reason), None),
         };
         let Dataplane {
             snapshot,
             counters,
+            sent,
             flows,
             persistence,
             ..
         } = self;
         let snapshot = &**snapshot;
         let Some(service) = snapshot.services.get(usize::from(service_index)) else {
-            return Verdict::Drop(DropReason::PortNotServed);
+            return (Verdict::Drop(DropReason::PortNotServed), None);
         };
         let flow = ip.flow();
-        let ports = flow.map(|(key, _)| key.ports.to_be_bytes());
-        let backend = choose(
-            service,
-            persistence,
-            ip.src.to_be_bytes(),
-            ip.dst,
-            ip.protocol,
-            ip.fragmented,
-            ports.as_ref().map_or(&[][..], |p| &p[..]),
-            now_ms,
-        );
+        let hash_key = HashKey::of(&ip);
+        let client = (ip.src, u64::from(service.id));
+        if !ip.opens_connection() {
+            // A mid-connection segment no table knows: where its connection most likely is.
+            let persisted = persisted_server(
+                service,
+                persistence,
+                client,
+                now_ms,
+                RealServerEntry::takes_known_clients,
+            );
+            let table = service.known_table.as_ref().unwrap_or(&service.table);
+            let backend = persisted.or_else(|| hash_key.lookup(service.persistence, table));
+            return match backend.and_then(|b| Some((b, service.real_servers.get(usize::from(b))?)))
+            {
+                Some((backend, real_server)) if real_server.takes_known_clients() => {
+                    let Some(header) = real_server.forward_header else {
+                        return (Verdict::Drop(DropReason::NoRealServer), None);
+                    };
+                    write_header(frame, header);
+                    counters.forward(
+                        usize::from(service_index),
+                        usize::from(backend),
+                        frame.len(),
+                    );
+                    *sent = Sent::Forward {
+                        service: service_index,
+                        real_server: backend,
+                    };
+                    (Verdict::Transmit, Some(u32::from(real_server.ip)))
+                }
+                _ => (Verdict::Drop(DropReason::NoRealServer), None),
+            };
+        }
+        let persisted = match service.persistence {
+            Persistence::SourceIp => persisted_server(
+                service,
+                persistence,
+                client,
+                now_ms,
+                RealServerEntry::takes_persisted_clients,
+            ),
+            Persistence::None => None,
+        };
+        let backend = persisted.or_else(|| hash_key.lookup(service.persistence, &service.table));
         let Some(backend) = backend else {
             // No real server can take the client: the fallback server, when there is one.
             return match service.fallback {
-                Some((_, Some(mac))) => {
-                    rewrite_macs(frame, mac, snapshot.own_mac);
-                    counters.forward_fallback(usize::from(service_index), frame.len());
-                    Verdict::Transmit
-                }
-                _ => Verdict::Drop(DropReason::NoRealServer),
+                Some((ip, Some(mac))) => (
+                    self.forward_to_fallback(frame, service_index, mac),
+                    Some(u32::from(ip)),
+                ),
+                _ => (Verdict::Drop(DropReason::NoRealServer), None),
             };
         };
         let Some(real_server) = service.real_servers.get(usize::from(backend)) else {
-            return Verdict::Drop(DropReason::NoRealServer);
+            return (Verdict::Drop(DropReason::NoRealServer), None);
         };
         let Some(header) = real_server.forward_header else {
-            return Verdict::Drop(DropReason::NoRealServer);
+            return (Verdict::Drop(DropReason::NoRealServer), None);
         };
-        if let Some((key, flags)) = flow {
-            let (state, timeout) = FlowState::after(flags);
+        let real_server_ip = u32::from(real_server.ip);
+        let (state, timeout) = match flow {
+            Some((_, flags)) => FlowState::after(flags),
+            // A fragment: its datagram persists the client as a datagram flow would.
+            None => (FlowState::Datagram, 0),
+        };
+        // The client is persisted once its connection is under way (a datagram at once, a TCP
+        // connection at the end of its handshake, by the known-connection path).
+        let persisted_until_ms = if service.persistence == Persistence::SourceIp && state.persists()
+        {
+            let until = now_ms + service.persistence_timeout_ms;
+            persistence.insert(
+                client,
+                PersistEntry {
+                    real_server: real_server_ip,
+                    expires_ms: until,
+                },
+                now_ms,
+            );
+            until
+        } else {
+            0
+        };
+        if let Some((key, _)) = flow {
             flows.insert(
                 key,
                 FlowEntry {
-                    real_server: u32::from(real_server.ip),
+                    real_server: real_server_ip,
                     generation: snapshot.generation,
                     index: backend,
                     state,
                     expires_ms: now_ms + timeout,
-                    // `choose` has just written the persistence entry.
-                    persisted_until_ms: now_ms + service.persistence_timeout_ms,
+                    persisted_until_ms,
                 },
                 now_ms,
             );
         }
         write_header(frame, header);
-        let len = frame.len();
-        counters.forward(usize::from(service_index), usize::from(backend), len);
-        Verdict::Transmit
+        counters.forward(
+            usize::from(service_index),
+            usize::from(backend),
+            frame.len(),
+        );
+        *sent = Sent::Forward {
+            service: service_index,
+            real_server: backend,
+        };
+        (Verdict::Transmit, Some(real_server_ip))
     }
 
     /// ICMP to a VIP: echo requests are answered, the rest dropped.
     #[inline(never)]
-    fn icmp(
-        &mut self,
-        frame: &mut [u8],
-        dst: u32,
-        fragmented: bool,
-        l4: usize,
-        l4_end: usize,
-    ) -> Verdict {
-        if !self.snapshot.vips.contains(&dst) {
+    fn icmp(&mut self, frame: &mut [u8], ip: &Ipv4) -> Verdict {
+        if !self.snapshot.vips.contains(&ip.dst) {
             return Verdict::Drop(DropReason::NotVip);
         }
-        if fragmented {
+        if ip.fragmented {
             return Verdict::Drop(DropReason::IcmpNotEcho);
         }
-        self.icmp_echo(frame, l4, l4_end)
+        // RFC 1122 3.2.2.6: no echo reply to a broadcast or multicast address; nor to an
+        // unspecified, loopback or class E source (3.2.1.3), nor to the VIP itself, which
+        // would send the reply back into the balancer.
+        let source = std::net::Ipv4Addr::from(ip.src);
+        if source.is_broadcast()
+            || source.is_multicast()
+            || source.is_unspecified()
+            || source.is_loopback()
+            || source.octets()[0] >= 240
+            || ip.src == ip.dst
+        {
+            return Verdict::Drop(DropReason::IcmpBadSource);
+        }
+        self.icmp_echo(frame, ip.l4, ip.l4_end)
     }
 
     /// RFC 792 echo request to a VIP -> echo reply from the VIP.
@@ -455,6 +651,7 @@ impl Dataplane {
         frame.copy_within(field::ETH_SRC, field::ETH_DST.start);
         frame[field::ETH_SRC].copy_from_slice(&self.snapshot.own_mac);
         self.counters.icmp_echo_replies += 1;
+        self.sent = Sent::EchoReply;
         Verdict::Transmit
     }
 }
@@ -467,6 +664,8 @@ struct Ipv4 {
     /// Destination address (host order).
     dst: u32,
     protocol: u8,
+    /// Identification: names the datagram its fragments belong to.
+    id: u16,
     /// "More fragments" set or a fragment offset: not a whole datagram.
     fragmented: bool,
     /// Fragment offset 0: the piece that carries the transport header.
@@ -538,6 +737,7 @@ impl Ipv4 {
             src: word(field::IP_SRC.start),
             dst: word(field::IP_DST.start),
             protocol,
+            id: u16::from_be_bytes([header[field::IP_ID], header[field::IP_ID + 1]]),
             // The low 13 bits are the fragment offset, 0x2000 is "more fragments".
             fragmented: flags_fragment & 0x3fff != 0,
             first_fragment: flags_fragment & 0x1fff == 0,
@@ -563,21 +763,65 @@ impl Ipv4 {
         let flags = u8::try_from(self.tcp_flags).ok();
         Some((key, flags))
     }
+
+    /// Whether the packet may open a connection: a UDP datagram (or other protocol without
+    /// TCP's states), a fragment, or a TCP segment with SYN and without ACK. A TCP segment too
+    /// short to hold its flags opens nothing.
+    #[inline]
+    fn opens_connection(&self) -> bool {
+        if self.protocol != IP_PROTO_TCP || self.fragmented {
+            return true;
+        }
+        match u8::try_from(self.tcp_flags) {
+            Ok(flags) => flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN,
+            Err(_) => false,
+        }
+    }
 }
 
-/// The service a (non-ICMP) packet is for: by VIP, protocol and port, or for a non-first
-/// fragment (no ports) by VIP and protocol when that is unambiguous.
-#[inline(always)]
+/// What the Maglev tables hash for a packet: the client's address (source-IP persistence), the
+/// 5-tuple, or, for fragments and packets without ports, addresses and protocol (so that every
+/// piece of a datagram hashes alike).
+#[derive(Debug, Clone, Copy)]
+struct HashKey {
+    bytes: [u8; 13],
+    five_tuple: bool,
+}
+
+impl HashKey {
+    fn of(ip: &Ipv4) -> HashKey {
+        let mut bytes = [0u8; 13];
+        bytes[..4].copy_from_slice(&ip.src.to_be_bytes());
+        bytes[4..8].copy_from_slice(&ip.dst.to_be_bytes());
+        bytes[8] = ip.protocol;
+        let ports = if ip.fragmented { None } else { ip.ports };
+        if let Some(ports) = ports {
+            bytes[9..13].copy_from_slice(&ports.to_be_bytes());
+        }
+        HashKey {
+            bytes,
+            five_tuple: ports.is_some(),
+        }
+    }
+
+    /// The server `table` names for this packet under `persistence`.
+    #[inline]
+    fn lookup(&self, persistence: Persistence, table: &MaglevTable) -> Option<u16> {
+        match persistence {
+            Persistence::SourceIp => table.lookup(&self.bytes[..4]),
+            Persistence::None if self.five_tuple => table.lookup(&self.bytes),
+            Persistence::None => table.lookup(&self.bytes[..9]),
+        }
+    }
+}
+
+/// The service a first fragment is for: by VIP, protocol and port.
 fn service_of(
     snapshot: &Snapshot,
     dst: u32,
     protocol: u8,
-    first_fragment: bool,
     ports: Option<u32>,
 ) -> Result<u16, DropReason> {
-    if !first_fragment {
-        return fragment_service(snapshot, dst, protocol);
-    }
     let Some(ports) = ports else {
         return Err(DropReason::Truncated);
     };
@@ -594,7 +838,7 @@ fn service_of(
 fn fragment_service(snapshot: &Snapshot, dst: u32, protocol: u8) -> Result<u16, DropReason> {
     match snapshot.by_protocol.get(&(dst, protocol)) {
         Some(FragmentRoute::Service(index)) => Ok(*index),
-        Some(FragmentRoute::Ambiguous) => Err(DropReason::FragmentAmbiguous),
+        Some(FragmentRoute::Ambiguous) => Err(DropReason::FragmentUnmatched),
         None => Err(not_served(snapshot, dst)),
     }
 }
@@ -634,6 +878,7 @@ fn known_backend(
         entry.expires_ms = expires_ms;
     }
     if service.persistence == Persistence::SourceIp
+        && state.persists()
         && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
     {
         renew_persistence(entry, persistence, service, client, now_ms);
@@ -669,7 +914,7 @@ fn renew_persistence(
 ) {
     entry.persisted_until_ms = now_ms + service.persistence_timeout_ms;
     persistence.insert(
-        (client, service.key),
+        (client, u64::from(service.id)),
         PersistEntry {
             real_server: entry.real_server,
             expires_ms: entry.persisted_until_ms,
@@ -723,63 +968,20 @@ fn usable(service: &ServiceEntry, ip: u32, accepts: fn(&RealServerEntry) -> bool
         .map(|_| index)
 }
 
-/// A server for a connection the flow table does not know: the client's persisted server if
-/// it still takes known clients, else Maglev (which holds only servers taking new clients).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parsed header fields of one frame"
-)]
+/// The client's persisted server, when it still `accepts` persisted clients.
 #[inline]
-fn choose(
+fn persisted_server(
     service: &ServiceEntry,
-    persistence: &mut PersistenceTable,
-    src: [u8; 4],
-    dst: u32,
-    protocol: u8,
-    fragmented: bool,
-    ports: &[u8],
+    persistence: &PersistenceTable,
+    client: (u32, u64),
     now_ms: u64,
+    accepts: fn(&RealServerEntry) -> bool,
 ) -> Option<u16> {
-    match service.persistence {
-        Persistence::SourceIp => {
-            let key = (u32::from_be_bytes(src), service.key);
-            let persisted = persistence.get(&key, now_ms).and_then(|entry| {
-                usable(
-                    service,
-                    entry.real_server,
-                    RealServerEntry::takes_persisted_clients,
-                )
-            });
-            let backend = persisted.or_else(|| service.table.lookup(&src))?;
-            let ip = u32::from(service.real_servers.get(usize::from(backend))?.ip);
-            persistence.insert(
-                key,
-                PersistEntry {
-                    real_server: ip,
-                    expires_ms: now_ms + service.persistence_timeout_ms,
-                },
-                now_ms,
-            );
-            Some(backend)
-        }
-        // Fragments carry ports in the first piece only: hash all pieces of a fragmented
-        // datagram on addresses and protocol so they stay together.
-        Persistence::None if fragmented || ports.len() < 4 => {
-            let mut key = [0u8; 9];
-            key[..4].copy_from_slice(&src);
-            key[4..8].copy_from_slice(&dst.to_be_bytes());
-            key[8] = protocol;
-            service.table.lookup(&key)
-        }
-        Persistence::None => {
-            let mut key = [0u8; 13];
-            key[..4].copy_from_slice(&src);
-            key[4..8].copy_from_slice(&dst.to_be_bytes());
-            key[8] = protocol;
-            key[9..13].copy_from_slice(&ports[..4]);
-            service.table.lookup(&key)
-        }
+    if service.persistence != Persistence::SourceIp {
+        return None;
     }
+    let entry = persistence.get(&client, now_ms)?;
+    usable(service, entry.real_server, accepts)
 }
 
 /// Why a frame to `dst` matched no service: `dst` is no VIP at all, or the port/protocol is not served.
@@ -829,7 +1031,7 @@ mod tests;
 mod path_tests {
     //! The hand-written header checks and the known-connection path against their edge cases.
     use super::*;
-    use crate::snapshot::AdminState;
+    use crate::snapshot::{AdminState, ServiceIds};
     use etherparse::PacketBuilder;
     use lbd_config::Config;
 
@@ -849,7 +1051,14 @@ mod path_tests {
              [[service.real_server]]\nlabel = \"b\"\nip = \"198.18.0.12\"\nmac = \"02:00:00:00:01:02\"\n",
         )
         .expect("valid");
-        Snapshot::build(&config, own_mac, 1, |_| None, |_, _| AdminState::Online)
+        Snapshot::build(
+            &config,
+            &mut ServiceIds::default(),
+            own_mac,
+            1,
+            |_| None,
+            |_, _| AdminState::Online,
+        )
     }
 
     fn tcp(

@@ -8,9 +8,18 @@
 //! - The persistence table maps (client address, service) to a real server for the service's
 //!   `persistence_timeout_s` after the client's last packet (IPVS `-p`).
 //!
-//! Both are bounded: when a table is full, expired entries are swept out; if it is still full
-//! the new entry is not recorded (the frame is still forwarded by Maglev, which is stable as
-//! long as the server set is) and a counter says so. Time is milliseconds given by the caller.
+//! - The fragment table maps an IP datagram (source, destination, protocol, IP ID) to the real
+//!   server its first fragment went to, for a few seconds: the later fragments carry no ports,
+//!   so they follow their first piece.
+//!
+//! All are bounded: when a table is full, expired entries are swept out; if it is still full,
+//! an entry that may give way ([`Expires::evictable`]: a connection that never completed its
+//! handshake, or is closing) does, the one nearest its expiry among the slots near the new
+//! key; failing that the new entry is not recorded (the frame is still forwarded by Maglev,
+//! which is stable as long as the server set is) and a counter says so. Only a SYN or a
+//! datagram creates a connection entry, so spoofed mid-connection packets cannot fill the
+//! table, and a SYN flood only pushes out other half-open connections. Time is milliseconds
+//! given by the caller.
 
 use std::hash::BuildHasher;
 use std::marker::PhantomData;
@@ -34,6 +43,11 @@ const RST_TIMEOUT_MS: u64 = 10_000;
 const UDP_TIMEOUT_MS: u64 = 300_000;
 /// A full table is swept at most this often; in between, new entries are not recorded.
 const SWEEP_INTERVAL_MS: u64 = 1_000;
+/// How long a datagram's first fragment is remembered for its later ones (they arrive within
+/// milliseconds of each other; a receiver gives up reassembling after 30 s).
+pub const FRAGMENT_TIMEOUT_MS: u64 = 5_000;
+/// Slots a full table looks at, from a new key's home slot on, for an entry that may give way.
+const EVICTION_WINDOW: usize = 64;
 
 /// A connection as the balancer sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,12 +161,18 @@ impl FlowState {
         (!step.new_connection).then_some((step.state, u64::from(step.timeout_ms)))
     }
 
-    /// Whether the connection counts as active for a server's connection count.
+    /// Whether the connection counts as active for a server's connection count and its
+    /// limit: data has flowed. A SYN alone does not count (IPVS shows such connections as
+    /// inactive): a spoofed SYN never completes, and must not fill a server up.
     pub fn is_active(self) -> bool {
-        matches!(
-            self,
-            FlowState::SynSent | FlowState::Established | FlowState::Datagram
-        )
+        matches!(self, FlowState::Established | FlowState::Datagram)
+    }
+
+    /// Whether the connection holds its client's persistence entry alive: it has completed
+    /// its handshake (or is a datagram flow). A bare SYN from a spoofed source writes none.
+    #[inline(always)]
+    pub fn persists(self) -> bool {
+        matches!(self, FlowState::Established | FlowState::Datagram)
     }
 }
 
@@ -268,6 +288,8 @@ pub struct ExpiringTable<K, V> {
     last_sweep_ms: u64,
     /// Entries that could not be recorded because the table was full of live entries.
     pub full_misses: u64,
+    /// Live entries that gave way to a new one in a full table.
+    pub evictions: u64,
 }
 
 /// A table's random hash keys, drawn when it is created: the keys come from the wire, so
@@ -355,11 +377,25 @@ fn hash(packed: u128, seeds: &Seeds) -> u64 {
 pub trait Expires {
     /// Absolute expiry time in milliseconds.
     fn expires_ms(&self) -> u64;
+
+    /// Whether the entry may give way to a new one while it is live, when the table is full.
+    fn evictable(&self) -> bool {
+        false
+    }
 }
 
 impl Expires for FlowEntry {
     fn expires_ms(&self) -> u64 {
         self.expires_ms
+    }
+
+    /// Half-open connections (a spoofed SYN is one, for good) and closing ones; never an
+    /// established connection.
+    fn evictable(&self) -> bool {
+        matches!(
+            self.state,
+            FlowState::SynSent | FlowState::Closing | FlowState::Reset
+        )
     }
 }
 
@@ -395,6 +431,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
             capacity: capacity.max(1),
             last_sweep_ms: 0,
             full_misses: 0,
+            evictions: 0,
         }
     }
 
@@ -466,7 +503,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
                 if now_ms.saturating_sub(self.last_sweep_ms) >= SWEEP_INTERVAL_MS {
                     self.sweep(now_ms);
                 }
-                if self.len >= self.capacity {
+                if self.len >= self.capacity && !self.evict_near(packed) {
                     self.full_misses += 1;
                     return false;
                 }
@@ -484,6 +521,32 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         if let Some(t) = self.tags.get_mut(i) {
             *t = tag(hash(packed, &self.seeds));
         }
+        true
+    }
+
+    /// Removes the evictable entry nearest its expiry among [`EVICTION_WINDOW`] slots from
+    /// the home slot of `packed` on (random slots: the keys are hashed with a secret); false
+    /// when there is none. A half-open connection of a real client is milliseconds old when its
+    /// handshake completes, so under a SYN flood the oldest half-open entries, the ones that
+    /// give way, are almost always the flood's.
+    #[cold]
+    fn evict_near(&mut self, packed: u128) -> bool {
+        let home = self.home(packed);
+        let mut victim: Option<(usize, u64)> = None;
+        for step in 0..EVICTION_WINDOW.min(self.slots.len()) {
+            let i = (home + step) & self.mask;
+            if let Some(Some((_, v))) = self.slots.get(i)
+                && v.evictable()
+                && victim.is_none_or(|(_, expires)| v.expires_ms() < expires)
+            {
+                victim = Some((i, v.expires_ms()));
+            }
+        }
+        let Some((i, _)) = victim else {
+            return false;
+        };
+        self.remove_at(i);
+        self.evictions += 1;
         true
     }
 
@@ -570,10 +633,70 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     }
 }
 
+/// An IP datagram that arrives in fragments, as its pieces all say (RFC 791: source,
+/// destination, protocol and identification name the datagram).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FragmentKey {
+    /// Client address.
+    pub src: u32,
+    /// VIP.
+    pub dst: u32,
+    /// IP identification.
+    pub id: u16,
+    /// IP protocol.
+    pub protocol: u8,
+}
+
+impl TableKey for FragmentKey {
+    #[inline(always)]
+    fn pack(&self) -> u128 {
+        u128::from(self.src) << 96
+            | u128::from(self.dst) << 64
+            | u128::from(self.id) << 8
+            | u128::from(self.protocol)
+    }
+
+    #[inline(always)]
+    fn unpack(packed: u128) -> Self {
+        FragmentKey {
+            src: (packed >> 96) as u32,
+            dst: (packed >> 64) as u32,
+            id: (packed >> 8) as u16,
+            protocol: packed as u8,
+        }
+    }
+}
+
+/// Where a fragmented datagram's first piece went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FragmentEntry {
+    /// The service's stable id ([`crate::snapshot::ServiceEntry::id`]).
+    pub service: u32,
+    /// The real server's (or the fallback server's) address.
+    pub real_server: u32,
+    /// When the datagram is forgotten.
+    pub expires_ms: u64,
+}
+
+impl Expires for FragmentEntry {
+    fn expires_ms(&self) -> u64 {
+        self.expires_ms
+    }
+
+    /// A newer datagram's first fragment may always push out an older one's.
+    fn evictable(&self) -> bool {
+        true
+    }
+}
+
+/// The fragment table.
+pub type FragmentTable = ExpiringTable<FragmentKey, FragmentEntry>;
+
 /// The flow table.
 pub type FlowTable = ExpiringTable<FlowKey, FlowEntry>;
 
-/// Persistence key: client address and the service's identity.
+/// Persistence key: client address and the service's stable id
+/// ([`crate::snapshot::ServiceEntry::id`]), which survives edits of its ports, VIP and label.
 pub type PersistKey = (u32, u64);
 
 /// The persistence table.
@@ -639,6 +762,11 @@ mod tests {
         );
         assert!(FlowState::Established.is_active());
         assert!(!FlowState::Closing.is_active());
+        assert!(
+            !FlowState::SynSent.is_active(),
+            "a bare SYN is no connection yet"
+        );
+        assert!(!FlowState::SynSent.persists() && FlowState::Established.persists());
     }
 
     #[test]
@@ -837,6 +965,51 @@ mod tests {
                 prop_assert_eq!(live, expected);
             }
         }
+    }
+
+    #[test]
+    fn a_full_table_gives_half_open_connections_up_before_established_ones() {
+        let half_open = |expires_ms| FlowEntry {
+            state: FlowState::SynSent,
+            ..entry(expires_ms)
+        };
+        let mut table = FlowTable::new(64);
+        // A flood of half-open connections fills the table...
+        for port in 0..64u16 {
+            assert!(table.insert(key(port), half_open(60_000 + u64::from(port)), 0));
+        }
+        // ...and a real client's connections still find room, pushing the oldest out.
+        for port in 1000..1010u16 {
+            assert!(table.insert(key(port), entry(900_000), 10), "port {port}");
+        }
+        assert_eq!(
+            (table.len(), table.evictions, table.full_misses),
+            (64, 10, 0)
+        );
+        for port in 1000..1010u16 {
+            assert!(table.get(&key(port), 20).is_some());
+        }
+        // Established connections never give way.
+        let mut established = FlowTable::new(64);
+        for port in 0..64u16 {
+            assert!(established.insert(key(port), entry(900_000), 0));
+        }
+        assert!(!established.insert(key(1000), half_open(60_000), 10));
+        assert_eq!((established.evictions, established.full_misses), (0, 1));
+        for port in 0..64u16 {
+            assert!(established.get(&key(port), 20).is_some());
+        }
+    }
+
+    #[test]
+    fn fragment_keys_pack_and_unpack() {
+        let fragment = FragmentKey {
+            src: 0xc613_0102,
+            dst: 0xc612_0064,
+            id: 0xbeef,
+            protocol: 17,
+        };
+        assert_eq!(FragmentKey::unpack(fragment.pack()), fragment);
     }
 
     #[test]

@@ -195,9 +195,13 @@ fn http_check(target: &Target, address: SocketAddr, timeout: Duration) -> Result
     Ok(format!("HTTP {status}"))
 }
 
+/// Runs the external check's command with `sh -c` in a process group of its own, so that on
+/// a timeout the whole group (a pipeline, whatever it started) is killed, not just the shell.
 fn external_check(target: &Target, timeout: Duration) -> Result<String, String> {
+    use std::os::unix::process::CommandExt;
     let command = target.check.command.as_deref().unwrap_or("false");
     let mut child = Command::new("sh")
+        .process_group(0)
         .args(["-c", command])
         .env("LBD_RS_IP", target.ip.to_string())
         .env("LBD_RS_PORT", target.port.to_string())
@@ -214,6 +218,13 @@ fn external_check(target: &Target, timeout: Duration) -> Result<String, String> 
             Ok(Some(status)) if status.success() => return Ok("exit 0".to_owned()),
             Ok(Some(status)) => return Err(format!("{status}")),
             Ok(None) if Instant::now() >= deadline => {
+                // The shell is not reaped yet, so its pid still names its group.
+                if let Ok(group) = i32::try_from(child.id()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(group),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err(format!("timed out after {} ms", timeout.as_millis()));
@@ -431,6 +442,19 @@ mod tests {
         assert!(!run_check(&target(8088, with("exit 3"))).ok);
         let slow = run_check(&target(8088, with("sleep 5")));
         assert!(!slow.ok && slow.detail.contains("timed out"), "{slow:?}");
+        // A pipeline that outlives its timeout leaves nothing behind: the whole group goes.
+        let marker = format!("7.{}", std::process::id());
+        let piped = run_check(&target(8088, with(&format!("sleep {marker} | cat"))));
+        assert!(piped.detail.contains("timed out"), "{piped:?}");
+        std::thread::sleep(Duration::from_millis(100));
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(Result::ok)
+            .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+            .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+            .filter(|cmdline| cmdline.contains(&marker))
+            .collect();
+        assert!(left.is_empty(), "left running: {left:?}");
         assert!(run_check(&target(1, check(HealthKind::None))).ok);
     }
 }

@@ -1,5 +1,7 @@
-//! Facts lbd reads from the host it runs on: the interface's MAC and queues (sysfs) and the
-//! real servers' MACs (the kernel's IPv4 neighbour table, /proc/net/arp).
+//! Facts lbd reads from the host it runs on: the interface's MAC, MTU and queues (sysfs), the
+//! host's own addresses (getifaddrs) and the real servers' MACs (the kernel's IPv4 neighbour
+//! table, /proc/net/arp). [`HostFacts`] is the door the control side reads them through, with
+//! a fake behind it in tests.
 //!
 //! lbd never resolves a real server's MAC by itself: the host stack does, as it would for any
 //! neighbour. When an entry is missing, lbd makes the kernel resolve it by sending one empty
@@ -47,6 +49,56 @@ pub fn rx_queue_count(interface: &str) -> io::Result<u32> {
         }
     }
     Ok(count)
+}
+
+/// The interface's MTU: the largest IP packet it carries, so frames of up to MTU + 14 bytes.
+pub fn interface_mtu(interface: &str) -> io::Result<u32> {
+    let text = fs::read_to_string(sysfs_interface(interface).join("mtu"))?;
+    text.trim()
+        .parse()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("mtu {text:?}: {e}")))
+}
+
+/// Every IPv4 address of this host (of its network namespace), with its interface.
+pub fn local_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+    let addresses = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addresses
+        .filter_map(|interface| {
+            let ip = interface.address?.as_sockaddr_in()?.ip();
+            Some((interface.interface_name, ip))
+        })
+        .collect())
+}
+
+/// What the control side needs from the host, in one place that tests can replace.
+pub trait HostFacts: Send {
+    /// Every IPv4 address of this host, with its interface.
+    fn local_addresses(&self) -> io::Result<Vec<(String, Ipv4Addr)>>;
+    /// The complete IPv4 neighbour entries on the balancer's interface.
+    fn neighbours(&self) -> io::Result<HashMap<Ipv4Addr, [u8; 6]>>;
+    /// Makes the kernel resolve `ip`'s MAC.
+    fn trigger_resolution(&self, ip: Ipv4Addr) -> io::Result<()>;
+}
+
+/// The host lbd runs on, for its interface.
+#[derive(Debug, Clone)]
+pub struct SystemHost {
+    /// The balancer's interface.
+    pub interface: String,
+}
+
+impl HostFacts for SystemHost {
+    fn local_addresses(&self) -> io::Result<Vec<(String, Ipv4Addr)>> {
+        local_addresses()
+    }
+
+    fn neighbours(&self) -> io::Result<HashMap<Ipv4Addr, [u8; 6]>> {
+        neighbours(&self.interface)
+    }
+
+    fn trigger_resolution(&self, ip: Ipv4Addr) -> io::Result<()> {
+        trigger_resolution(ip)
+    }
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -171,6 +223,16 @@ garbage line
         assert_eq!(parse_mac("02:ab:00:00:0f"), None);
         assert_eq!(parse_mac("02:ab:00:00:0f:11:22"), None);
         assert_eq!(parse_mac("zz:ab:00:00:0f:11"), None);
+    }
+
+    #[test]
+    fn the_host_knows_its_loopback_address_and_mtu() {
+        let addresses = local_addresses().expect("getifaddrs");
+        assert!(
+            addresses.iter().any(|(_, ip)| *ip == Ipv4Addr::LOCALHOST),
+            "{addresses:?}"
+        );
+        assert!(interface_mtu("lo").expect("lo has an MTU") >= 1500);
     }
 
     #[test]

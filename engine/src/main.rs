@@ -50,7 +50,9 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    match lbd_engine::daemon::run(config, &args.config) {
+    // `lbctl reload` and `config save` use this path later, whatever lbd's directory is then.
+    let path = std::path::absolute(&args.config).unwrap_or(args.config);
+    match lbd_engine::daemon::run(config, &path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("lbd: {error}");

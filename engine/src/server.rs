@@ -1,31 +1,43 @@
 //! The control socket: a unix stream socket where `lbctl` sends one JSON request per line.
 //!
 //! - Created mode 0600 (root only), or 0660 and owned by `engine.control_group` when set; the
-//!   peer's credentials (SO_PEERCRED) are checked on every connection: root, lbd's own user, or
-//!   a member of the control group.
-//! - One thread per client (at most [`MAX_CLIENTS`]), so a client stuck half-way through a
-//!   request holds up nobody else; a client silent for [`IDLE_TIMEOUT`] is disconnected.
+//!   peer's credentials are checked on every connection, from the connection itself (the
+//!   kernel's SO_PEERCRED and SO_PEERGROUPS, fixed when the peer connected): root and lbd's own
+//!   user get [`Role::Root`], a member of the control group [`Role::Operator`]. A path that
+//!   exists and is not a socket is refused, never removed.
+//! - One thread per client, so a client stuck half-way through a request holds up nobody
+//!   else; a client silent for [`IDLE_TIMEOUT`] is disconnected, and one that does not read
+//!   its replies for [`WRITE_TIMEOUT`] too. At most [`MAX_CLIENTS`] at once, of which
+//!   [`MAX_CLIENTS_PER_USER`] per user other than root and [`RESERVED_FOR_ROOT`] are kept for
+//!   root: no other user can lock root out.
 //! - A line longer than [`MAX_REQUEST_BYTES`] gets an error and the connection is closed (the
 //!   rest of such a line cannot be trusted to be a request); malformed JSON, unknown commands
 //!   and wrong types get an error reply and the connection stays usable.
 
-use crate::control::Control;
+use crate::control::{Control, Role};
 use lbd_proto::{MAX_REQUEST_BYTES, Response, decode_request, encode_line};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::unistd::{Gid, Group, Uid};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Clients served at once; more are told to come back later.
 pub const MAX_CLIENTS: usize = 32;
+/// Of those, kept for root: however many connections other users hold, root gets in.
+pub const RESERVED_FOR_ROOT: usize = 8;
+/// Connections one user other than root may hold at once.
+pub const MAX_CLIENTS_PER_USER: usize = 8;
 /// A client that sends nothing for this long is disconnected.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client that does not take a reply within this long is disconnected.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +48,12 @@ pub enum ServerError {
     /// The control group does not exist.
     #[error("engine.control_group: no group named {0:?}")]
     NoGroup(String),
+    /// The path holds something that is not a socket.
+    #[error(
+        "engine.control_socket: {0} exists and is not a socket; lbd removes only a socket it left \
+         behind (move the file away or choose another path)"
+    )]
+    NotASocket(PathBuf),
     /// A system call failed.
     #[error("control socket {path}: {what}: {source}")]
     Io {
@@ -80,12 +98,19 @@ impl ControlServer {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io("creating its directory"))?;
         }
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(ServerError::InUse(path.to_owned()));
+        match std::fs::symlink_metadata(path) {
+            Ok(metadata) if !metadata.file_type().is_socket() => {
+                return Err(ServerError::NotASocket(path.to_owned()));
             }
-            // A socket left behind by an lbd that did not stop cleanly.
-            std::fs::remove_file(path).map_err(io("removing a stale socket"))?;
+            Ok(_) => {
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ServerError::InUse(path.to_owned()));
+                }
+                // A socket left behind by an lbd that did not stop cleanly.
+                std::fs::remove_file(path).map_err(io("removing a stale socket"))?;
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(io("looking at the path")(error)),
         }
         let listener = UnixListener::bind(path).map_err(io("binding"))?;
         let mode = if group_id.is_some() { 0o660 } else { 0o600 };
@@ -125,13 +150,50 @@ impl Drop for ControlServer {
     }
 }
 
+/// Connections open now: in all, and per user.
+#[derive(Debug, Default)]
+struct Clients {
+    total: usize,
+    per_user: HashMap<u32, usize>,
+}
+
+impl Clients {
+    /// Takes a slot for a client of `uid` with `role`, or says why there is none.
+    fn admit(&mut self, uid: u32, role: Role) -> Result<(), &'static str> {
+        let limit = match role {
+            Role::Root => MAX_CLIENTS,
+            Role::Operator => MAX_CLIENTS - RESERVED_FOR_ROOT,
+        };
+        if self.total >= limit {
+            return Err("too many control clients; try again");
+        }
+        let mine = self.per_user.entry(uid).or_default();
+        if role == Role::Operator && *mine >= MAX_CLIENTS_PER_USER {
+            return Err("too many control connections from this user; close some and try again");
+        }
+        *mine += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    fn leave(&mut self, uid: u32) {
+        self.total -= 1;
+        if let Some(mine) = self.per_user.get_mut(&uid) {
+            *mine -= 1;
+            if *mine == 0 {
+                self.per_user.remove(&uid);
+            }
+        }
+    }
+}
+
 fn accept_loop(
     listener: &UnixListener,
     stop: &AtomicBool,
     control: &Arc<Mutex<Control>>,
     group: Option<Gid>,
 ) {
-    let clients = Arc::new(AtomicUsize::new(0));
+    let clients = Arc::new(Mutex::new(Clients::default()));
     while !stop.load(Ordering::Relaxed) {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
@@ -145,28 +207,43 @@ fn accept_loop(
                 continue;
             }
         };
-        if let Err(reason) = authorize(&stream, group) {
-            tracing::warn!(%reason, "control connection refused");
-            refuse(stream, &reason);
-            continue;
-        }
-        if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-            clients.fetch_sub(1, Ordering::AcqRel);
-            refuse(stream, "too many control clients; try again");
+        let (uid, role) = match authorize(&stream, group) {
+            Ok(peer) => peer,
+            Err(reason) => {
+                tracing::warn!(%reason, "control connection refused");
+                refuse(stream, &reason);
+                continue;
+            }
+        };
+        let admitted = match clients.lock() {
+            Ok(mut clients) => clients.admit(uid, role),
+            Err(_) => Err("lbd's control state is unusable; restart lbd"),
+        };
+        if let Err(reason) = admitted {
+            tracing::warn!(uid, reason, "control connection refused");
+            refuse(stream, reason);
             continue;
         }
         // Client threads are not joined at stop; a weak reference lets the control state (and
         // with it the XDP program) go when the daemon drops it, whatever clients are connected.
         let control = Arc::downgrade(control);
         let count = Arc::clone(&clients);
+        let leave = move || {
+            if let Ok(mut clients) = count.lock() {
+                clients.leave(uid);
+            }
+        };
         let spawned = std::thread::Builder::new()
             .name("lbd-client".to_owned())
-            .spawn(move || {
-                serve_client(stream, &control);
-                count.fetch_sub(1, Ordering::AcqRel);
+            .spawn({
+                let leave = leave.clone();
+                move || {
+                    serve_client(stream, &control, role);
+                    leave();
+                }
             });
         if spawned.is_err() {
-            clients.fetch_sub(1, Ordering::AcqRel);
+            leave();
         }
     }
 }
@@ -177,18 +254,20 @@ fn refuse(mut stream: UnixStream, reason: &str) {
     let _ = stream.write_all(encode_line(&Response::error(reason)).as_bytes());
 }
 
-/// Root, lbd's own user, or a member of the control group.
-fn authorize(stream: &UnixStream, group: Option<Gid>) -> Result<(), String> {
+/// The peer's uid and role: root and lbd's own user are [`Role::Root`], a member of the
+/// control group (by its primary or a supplementary group) [`Role::Operator`].
+fn authorize(stream: &UnixStream, group: Option<Gid>) -> Result<(u32, Role), String> {
     let credentials = getsockopt(stream, PeerCredentials)
         .map_err(|e| format!("reading peer credentials: {e}"))?;
     let uid = Uid::from_raw(credentials.uid());
     if uid.is_root() || uid == Uid::effective() {
-        return Ok(());
+        return Ok((uid.as_raw(), Role::Root));
     }
     if let Some(gid) = group {
-        let peer_gid = Gid::from_raw(credentials.gid());
-        if peer_gid == gid || supplementary_groups(credentials.pid()).contains(&gid) {
-            return Ok(());
+        let groups = crate::sys::peer_groups(stream)
+            .map_err(|e| format!("reading the peer's groups: {e}"))?;
+        if credentials.gid() == gid.as_raw() || groups.contains(&gid.as_raw()) {
+            return Ok((uid.as_raw(), Role::Operator));
         }
     }
     Err(format!(
@@ -201,27 +280,10 @@ fn authorize(stream: &UnixStream, group: Option<Gid>) -> Result<(), String> {
     ))
 }
 
-/// A process's supplementary groups, from /proc/PID/status.
-fn supplementary_groups(pid: i32) -> Vec<Gid> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status.lines().find_map(|line| {
-                line.strip_prefix("Groups:").map(|groups| {
-                    groups
-                        .split_whitespace()
-                        .filter_map(|g| g.parse().ok())
-                        .map(Gid::from_raw)
-                        .collect()
-                })
-            })
-        })
-        .unwrap_or_default()
-}
-
-fn serve_client(stream: UnixStream, control: &Weak<Mutex<Control>>) {
+fn serve_client(stream: UnixStream, control: &Weak<Mutex<Control>>, role: Role) {
     if stream.set_nonblocking(false).is_err()
         || stream.set_read_timeout(Some(IDLE_TIMEOUT)).is_err()
+        || stream.set_write_timeout(Some(WRITE_TIMEOUT)).is_err()
     {
         return;
     }
@@ -265,12 +327,13 @@ fn serve_client(stream: UnixStream, control: &Weak<Mutex<Control>>) {
             Ok(request) => match control.upgrade() {
                 None => Response::error("lbd is stopping"),
                 Some(control) => match control.lock() {
-                    Ok(mut control) => control.handle(request.command),
+                    Ok(mut control) => control.handle(request.command, role),
                     Err(_) => Response::error("lbd's control state is unusable; restart lbd"),
                 },
             },
             Err(message) => Response::error(message),
         };
+        // A client that does not read its replies is dropped once the write times out.
         if writer.write_all(encode_line(&response).as_bytes()).is_err() {
             return;
         }

@@ -5,6 +5,11 @@
 //! addresses, and never changes afterwards; workers hold it behind an `Arc`. Real servers keep
 //! their config order (counters and status refer to them by that index); a real server that
 //! cannot take traffic (weight 0 or no MAC) is in the list but owns no Maglev slot.
+//!
+//! Indices change from one snapshot to the next; identities do not. A service is known by a
+//! stable id ([`ServiceIds`]: kept across edits of its label, VIP and ports), a real server
+//! by its address within its service. The tables and counters that outlive a snapshot
+//! (persistence, fragments, per-server traffic) are keyed by those.
 
 use crate::maglev::{Backend, MAX_BACKENDS, MaglevTable};
 use hashbrown::{HashMap, HashSet};
@@ -118,6 +123,43 @@ pub fn forward_header(mac: [u8; 6], own: [u8; 6]) -> [u8; 12] {
     header[..6].copy_from_slice(&mac);
     header[6..].copy_from_slice(&own);
     header
+}
+
+/// The stable ids of services: assigned once per label, kept when a service is edited (a
+/// rename moves its id to the new label), never reused within a run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceIds {
+    by_label: std::collections::HashMap<String, u32>,
+    next: u32,
+}
+
+impl ServiceIds {
+    /// Gives every service of `config` an id (the ones it has keep theirs) and forgets the
+    /// labels no longer there.
+    pub fn sync(&mut self, config: &Config) {
+        let labels: std::collections::HashSet<&str> =
+            config.services.iter().map(|s| s.label.as_str()).collect();
+        self.by_label
+            .retain(|label, _| labels.contains(label.as_str()));
+        for service in &config.services {
+            if !self.by_label.contains_key(&service.label) {
+                self.next += 1;
+                self.by_label.insert(service.label.clone(), self.next);
+            }
+        }
+    }
+
+    /// The service now called `new` is the one that was called `old`.
+    pub fn rename(&mut self, old: &str, new: &str) {
+        if let Some(id) = self.by_label.remove(old) {
+            self.by_label.insert(new.to_owned(), id);
+        }
+    }
+
+    /// The id of the service labelled `label`, once [`ServiceIds::sync`] has seen it.
+    pub fn get(&self, label: &str) -> Option<u32> {
+        self.by_label.get(label).copied()
+    }
 }
 
 /// How non-first IP fragments of a VIP's protocol find their service.
@@ -237,12 +279,19 @@ pub struct ServiceEntry {
     pub protocol: u8,
     /// What the Maglev key is: the client's address alone, or the 5-tuple.
     pub persistence: Persistence,
-    /// Identity for the persistence table, stable across snapshots: VIP, protocol, first port.
-    pub key: u64,
+    /// Stable identity across snapshots ([`ServiceIds`]): the persistence and fragment tables'
+    /// key and what per-service counters follow.
+    pub id: u32,
     /// How long a client stays on its server after its last packet.
     pub persistence_timeout_ms: u64,
-    /// Slot -> index into `real_servers`.
+    /// Slot -> index into `real_servers`, over the servers that take new clients.
     pub table: MaglevTable,
+    /// The table over every server that still takes known clients (drained and full ones
+    /// too, with their weights), when it differs from `table`: where a mid-connection packet
+    /// that no table knows goes. Such a connection began while its server took new clients, so
+    /// this table, which still holds that server, most likely names it (GLB's "second
+    /// chance" keeps drained servers for the same reason).
+    pub known_table: Option<MaglevTable>,
     /// Config order.
     pub real_servers: Vec<RealServerEntry>,
     /// Real-server address (host order) -> index into `real_servers`.
@@ -274,24 +323,30 @@ pub struct Snapshot {
     pub by_port: PortMap,
     /// (VIP, protocol) -> service for non-first fragments.
     pub by_protocol: HashMap<(u32, u8), FragmentRoute>,
+    /// [`ServiceEntry::id`] -> index into `services`.
+    pub by_id: HashMap<u32, u16>,
     /// Config order.
     pub services: Vec<ServiceEntry>,
 }
 
 impl Snapshot {
-    /// Builds the snapshot for a validated config. `mac_of` gives each real server's MAC when
-    /// it is known (a MAC pinned in the config wins over it); `state_of(service, real server)`
-    /// the operator's setting and health for it (an [`AdminState`] alone means healthy).
+    /// Builds the snapshot for a validated config. `ids` gives the services their stable ids
+    /// (new services get new ones); `mac_of` gives each real server's MAC when it is known (a
+    /// MAC pinned in the config wins over it); `state_of(service, real server)` the
+    /// operator's setting and health for it (an [`AdminState`] alone means healthy).
     pub fn build<S: Into<ServerState>>(
         config: &Config,
+        ids: &mut ServiceIds,
         own_mac: [u8; 6],
         generation: u64,
         mac_of: impl Fn(Ipv4Addr) -> Option<[u8; 6]>,
         state_of: impl Fn(&str, &str) -> S,
     ) -> Snapshot {
+        ids.sync(config);
         let mut vips = HashSet::new();
         let mut by_port = PortMap::default();
         let mut by_protocol: HashMap<(u32, u8), FragmentRoute> = HashMap::new();
+        let mut by_id = HashMap::new();
         let mut services = Vec::with_capacity(config.services.len());
         for (index, service) in config.services.iter().enumerate() {
             let index = index as u16;
@@ -330,21 +385,30 @@ impl Snapshot {
                 .enumerate()
                 .map(|(i, rs)| (u32::from(rs.ip), i as u16))
                 .collect();
-            let backends: Vec<Backend> = real_servers
-                .iter()
-                .map(|rs| Backend {
-                    ip: rs.ip,
-                    weight: if rs.takes_new_clients() { rs.weight } else { 0 },
-                })
-                .collect();
+            let backends = |takes: fn(&RealServerEntry) -> bool| -> Vec<Backend> {
+                real_servers
+                    .iter()
+                    .map(|rs| Backend {
+                        ip: rs.ip,
+                        weight: if takes(rs) { rs.weight } else { 0 },
+                    })
+                    .collect()
+            };
+            let new_clients = backends(RealServerEntry::takes_new_clients);
+            let known_clients = backends(RealServerEntry::takes_known_clients);
+            let seed = config.engine.hash_seed;
+            let id = ids.get(&service.label).unwrap_or(u32::MAX);
+            by_id.insert(id, index);
             services.push(ServiceEntry {
                 label: service.label.clone(),
                 vip: service.vip,
                 protocol,
                 persistence: service.persistence,
-                key: service_key(vip, protocol, service.ports.first()),
+                id,
                 persistence_timeout_ms: u64::from(service.persistence_timeout_s) * 1000,
-                table: MaglevTable::build(&backends, service.table_size, config.engine.hash_seed),
+                table: MaglevTable::build(&new_clients, service.table_size, seed),
+                known_table: (known_clients != new_clients)
+                    .then(|| MaglevTable::build(&known_clients, service.table_size, seed)),
                 real_servers,
                 by_ip,
                 fallback: service.fallback.map(|ip| (ip, mac_of(ip))),
@@ -356,6 +420,7 @@ impl Snapshot {
             vips,
             by_port,
             by_protocol,
+            by_id,
             services,
         }
     }
@@ -383,6 +448,7 @@ mod tests {
         let table_mac = [2, 0, 0, 0, 0, 0xbb];
         let snapshot = Snapshot::build(
             &config,
+            &mut ServiceIds::default(),
             [2; 6],
             1,
             |ip| (ip != Ipv4Addr::new(198, 18, 0, 13)).then_some(table_mac),

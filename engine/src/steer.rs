@@ -42,6 +42,16 @@ pub enum SteerError {
     },
 }
 
+/// The steering program's VIP map, as the control side changes it: behind a trait so that the
+/// order of map updates and publication, and what a failed update leaves, are unit-tested
+/// without a kernel.
+pub trait VipSteering: Send {
+    /// Starts steering frames for `vip` to the sockets.
+    fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError>;
+    /// Stops steering frames for `vip`.
+    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError>;
+}
+
 /// How the program ended up attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
@@ -113,27 +123,6 @@ impl Steering {
         self.mode
     }
 
-    /// Starts steering frames for `vip` to the sockets.
-    pub fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
-        // The program compares with the header field as it sits in memory (network order).
-        let key = u32::from_ne_bytes(vip.octets());
-        self.vips
-            .insert(key, 0, 0)
-            .map_err(|source| SteerError::Map {
-                map: "lbd_vips",
-                source,
-            })
-    }
-
-    /// Stops steering frames for `vip`.
-    pub fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
-        let key = u32::from_ne_bytes(vip.octets());
-        self.vips.remove(&key).map_err(|source| SteerError::Map {
-            map: "lbd_vips",
-            source,
-        })
-    }
-
     /// Sends frames arriving on `queue` to the AF_XDP socket `socket`.
     pub fn set_socket(&mut self, queue: u32, socket: &impl AsRawFd) -> Result<(), SteerError> {
         self.xsks
@@ -145,6 +134,27 @@ impl Steering {
     }
 }
 
+impl VipSteering for Steering {
+    fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+        // The program compares with the header field as it sits in memory (network order).
+        let key = u32::from_ne_bytes(vip.octets());
+        self.vips
+            .insert(key, 0, 0)
+            .map_err(|source| SteerError::Map {
+                map: "lbd_vips",
+                source,
+            })
+    }
+
+    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+        let key = u32::from_ne_bytes(vip.octets());
+        self.vips.remove(&key).map_err(|source| SteerError::Map {
+            map: "lbd_vips",
+            source,
+        })
+    }
+}
+
 fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, SteerError>
 where
     M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
@@ -153,4 +163,15 @@ where
         .take_map(name)
         .ok_or_else(|| SteerError::Load(format!("the object has no {name} map").into()))?;
     M::try_from(map).map_err(|source| SteerError::Map { map: name, source })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_program_has_the_map_sizes_the_config_checks_assume() {
+        let source = include_str!("../bpf/steer.c");
+        let define = |name: &str, value: String| format!("#define {name} {value}\n");
+        assert!(source.contains(&define("MAX_VIPS", lbd_config::MAX_VIPS.to_string())));
+        assert!(source.contains(&define("MAX_QUEUES", lbd_config::MAX_QUEUES.to_string())));
+    }
 }

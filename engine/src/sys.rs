@@ -7,11 +7,18 @@
 //! construction: descriptors only come from this socket's own UMEM and rings, the worker moves
 //! each one from exactly one place to exactly one other, and the worker's own accounting
 //! (tested with a fake ring in `worker`) checks that no descriptor is lost or duplicated.
-#![allow(unsafe_code)]
+//!
+//! It also holds the one socket option nix does not wrap: the peer's supplementary groups on
+//! a unix socket (`SO_PEERGROUPS`), which the control socket checks.
+#![expect(
+    unsafe_code,
+    reason = "xsk-rs ring and UMEM calls, and getsockopt(SO_PEERGROUPS)"
+)]
 
-use crate::worker::Rings;
+use crate::worker::{Rings, SocketStats};
+use std::io;
 use std::num::NonZeroU32;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
 };
@@ -121,16 +128,6 @@ impl XskRings {
     pub fn socket_fd(&self) -> RawFd {
         self.rx.fd().as_raw_fd()
     }
-
-    /// Kernel-side drop counters of the socket: (rx dropped, rx ring full, fill ring empty).
-    pub fn kernel_stats(&self) -> Option<(u64, u64, u64)> {
-        let stats = self.rx.fd().xdp_statistics().ok()?;
-        Some((
-            stats.rx_dropped(),
-            stats.rx_ring_full(),
-            stats.rx_fill_ring_empty_descs(),
-        ))
-    }
 }
 
 impl AsRawFd for XskRings {
@@ -216,5 +213,56 @@ impl Rings for XskRings {
     fn wait_for_rx(&mut self, timeout_ms: i32) {
         // An interrupted or failed poll just ends the wait early; the loop polls again.
         let _ = self.rx.poll(timeout_ms);
+    }
+
+    fn kernel_stats(&self) -> Option<SocketStats> {
+        let stats = self.rx.fd().xdp_statistics().ok()?;
+        Some(SocketStats {
+            rx_dropped: stats.rx_dropped(),
+            rx_ring_full: stats.rx_ring_full(),
+            fill_ring_empty: stats.rx_fill_ring_empty_descs(),
+            rx_invalid: stats.rx_invalid_descs(),
+            tx_invalid: stats.tx_invalid_descs(),
+            tx_ring_empty: stats.tx_ring_empty_descs(),
+        })
+    }
+}
+
+/// `SO_PEERGROUPS` (Linux 4.13) in asm-generic/socket.h, the value on x86-64 and arm64.
+const SO_PEERGROUPS: libc::c_int = 59;
+
+/// The supplementary groups of the process at the other end of a connected unix socket, as
+/// the kernel recorded them when it connected (`SO_PEERGROUPS`): a fact of the connection,
+/// which the peer cannot change afterwards, unlike anything read from /proc by its pid.
+pub fn peer_groups(socket: &impl AsFd) -> io::Result<Vec<u32>> {
+    let fd = socket.as_fd().as_raw_fd();
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let capacity = groups.len() * std::mem::size_of::<libc::gid_t>();
+        let mut len = libc::socklen_t::try_from(capacity).map_err(io::Error::other)?;
+        // SAFETY: `fd` is a valid descriptor borrowed for the call; the kernel writes at most
+        // `len` bytes into `groups`, which holds exactly that many, and stores the size it
+        // wrote (or needs) in `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let needed = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(needed.min(groups.len()));
+            return Ok(groups);
+        }
+        let error = io::Error::last_os_error();
+        // Too small: the kernel said how much it needs (at most NGROUPS_MAX = 65536 groups).
+        if error.raw_os_error() == Some(libc::ERANGE) && needed > groups.len() && needed <= 65_536 {
+            groups.resize(needed, 0);
+            continue;
+        }
+        return Err(error);
     }
 }

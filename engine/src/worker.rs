@@ -10,10 +10,12 @@
 //! The rings come through the [`Rings`] trait, so the whole loop runs in tests against a fake
 //! ring in plain memory (as s2n-quic-xdp does), and in the daemon against AF_XDP (`sys`).
 
-use crate::counters::{Counters, DropReason};
+use crate::counters::{Counters, DropReason, Sent};
 use crate::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
 use crate::snapshot::{Snapshot, service_key};
 use crossbeam::channel::{Receiver, Sender};
+/// What the kernel counts for an AF_XDP socket (`XDP_STATISTICS`), as `lbctl stats` shows it.
+pub use lbd_proto::SocketStats;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,6 +43,10 @@ pub trait Rings {
     fn kick(&mut self);
     /// Sleeps until a frame arrives or `timeout_ms` passes.
     fn wait_for_rx(&mut self, timeout_ms: i32);
+    /// The kernel's counters for the socket (frames it could not deliver), when it has any.
+    fn kernel_stats(&self) -> Option<SocketStats> {
+        None
+    }
 }
 
 /// Wake-and-retry rounds for a batch that found the TX ring full before its rest is recycled.
@@ -68,10 +74,28 @@ pub struct WorkerReport {
     pub flows: usize,
     /// Entries in the persistence table.
     pub persistent_clients: usize,
+    /// Connections, persistent clients and fragmented datagrams that found their table full
+    /// of live entries and were not recorded.
+    pub table_full: TableFull,
+    /// Half-open or closing connections that gave way to new ones in a full flow table.
+    pub flow_evictions: u64,
+    /// The kernel's counters for the worker's socket.
+    pub socket: Option<SocketStats>,
     /// Active connections per service and real server (snapshot order).
     pub connections: Vec<Vec<u64>>,
     /// Lost frames check: free + fill + TX equals the UMEM size.
     pub frames_accounted: bool,
+}
+
+/// Entries that found a full table and were not recorded, per table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableFull {
+    /// The flow table.
+    pub flows: u64,
+    /// The persistence table.
+    pub persistence: u64,
+    /// The fragment table.
+    pub fragments: u64,
 }
 
 /// Loop tuning.
@@ -118,6 +142,8 @@ pub struct Worker<R: Rings> {
     in_tx: usize,
     rx_batch: Vec<R::Desc>,
     tx_batch: Vec<R::Desc>,
+    /// Per frame of `tx_batch`: what it was counted as, and its length.
+    tx_counted: Vec<(Sent, usize)>,
     idle_polls: u32,
 }
 
@@ -141,6 +167,7 @@ impl<R: Rings> Worker<R> {
             in_tx: 0,
             rx_batch: Vec::new(),
             tx_batch: Vec::with_capacity(batch_size),
+            tx_counted: Vec::with_capacity(batch_size),
             idle_polls: 0,
         };
         // Ring reads overwrite these; they only give the batch its length.
@@ -184,11 +211,14 @@ impl<R: Rings> Worker<R> {
         for i in 0..received {
             let mut desc = self.rx_batch[i];
             let dataplane = &mut self.dataplane;
-            let verdict = self
-                .rings
-                .with_payload(&mut desc, |frame| dataplane.process(frame, now_ms));
+            let (verdict, len) = self.rings.with_payload(&mut desc, |frame| {
+                (dataplane.process(frame, now_ms), frame.len())
+            });
             match verdict {
-                Verdict::Transmit => self.tx_batch.push(desc),
+                Verdict::Transmit => {
+                    self.tx_batch.push(desc);
+                    self.tx_counted.push((self.dataplane.last_sent(), len));
+                }
                 Verdict::Drop(_) => self.free.push(desc),
             }
         }
@@ -240,6 +270,13 @@ impl<R: Rings> Worker<R> {
             counters: dataplane.counters().clone(),
             flows: dataplane.flows().len(),
             persistent_clients: dataplane.persistence().len(),
+            table_full: TableFull {
+                flows: dataplane.flows().full_misses,
+                persistence: dataplane.persistence().full_misses,
+                fragments: dataplane.fragments().full_misses,
+            },
+            flow_evictions: dataplane.flows().evictions,
+            socket: self.rings.kernel_stats(),
             connections,
             frames_accounted: self.frames_accounted(),
         }
@@ -296,6 +333,7 @@ impl<R: Rings> Worker<R> {
             let len = write_gratuitous_arp(&mut buf, mac, vip.octets());
             self.rings.write(&mut desc, &buf[..len]);
             self.tx_batch.push(desc);
+            self.tx_counted.push((Sent::GratuitousArp, len));
             self.dataplane.counters_mut().gratuitous_arps += 1;
             if self.tx_batch.len() == self.settings.batch_size {
                 self.flush_tx();
@@ -340,11 +378,18 @@ impl<R: Rings> Worker<R> {
             // Have the kernel work on what is queued now, not at the next idle poll.
             self.rings.kick();
         }
-        for desc in self.tx_batch.drain(sent..) {
-            self.dataplane.counters_mut().drop(DropReason::TxRingFull);
-            self.free.push(desc);
+        // What did not fit is recycled: its count is taken back and the drop counted instead,
+        // so that every received frame ends in exactly one counter.
+        let counters = self.dataplane.counters_mut();
+        for &(what, len) in self.tx_counted.get(sent..).unwrap_or_default() {
+            counters.unsend(what, len);
+            if what != Sent::GratuitousArp {
+                counters.drop(DropReason::TxRingFull);
+            }
         }
+        self.free.extend(self.tx_batch.drain(sent..));
         self.tx_batch.clear();
+        self.tx_counted.clear();
     }
 
     fn refill(&mut self) {

@@ -220,7 +220,7 @@ pub enum Reply {
     /// For `status`.
     Status(StatusReport),
     /// For `stats`.
-    Stats(StatsReport),
+    Stats(Box<StatsReport>),
     /// For `config show`: the running config as TOML.
     Config {
         /// The TOML text.
@@ -321,10 +321,55 @@ pub struct WorkerStats {
     pub flows: u64,
     /// Remembered persistent clients.
     pub persistent_clients: u64,
+    /// Entries not recorded because their table was full of live entries, by table
+    /// (`flows`, `persistence`, `fragments`; only tables that were full).
+    #[serde(default)]
+    pub table_full: BTreeMap<String, u64>,
+    /// Half-open or closing connections that gave way to new ones in a full flow table.
+    #[serde(default)]
+    pub flow_evictions: u64,
     /// Drops by reason (only reasons seen).
     pub drops: BTreeMap<String, u64>,
+    /// The kernel's counters for the worker's AF_XDP socket: frames that never reached lbd
+    /// (absent when the kernel gave none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<SocketStats>,
     /// Per service, config order.
     pub services: Vec<ServiceStats>,
+}
+
+/// The kernel's counters for an AF_XDP socket (`XDP_STATISTICS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketStats {
+    /// Frames dropped before the RX ring, e.g. larger than a UMEM frame holds.
+    pub rx_dropped: u64,
+    /// Frames dropped because the RX ring was full.
+    pub rx_ring_full: u64,
+    /// Times the kernel found no buffer on the fill ring.
+    pub fill_ring_empty: u64,
+    /// Invalid RX descriptors.
+    pub rx_invalid: u64,
+    /// Invalid TX descriptors.
+    pub tx_invalid: u64,
+    /// Times the kernel found the TX ring empty when woken.
+    pub tx_ring_empty: u64,
+}
+
+impl SocketStats {
+    /// Adds another socket's counters.
+    pub fn add(&mut self, other: &SocketStats) {
+        self.rx_dropped += other.rx_dropped;
+        self.rx_ring_full += other.rx_ring_full;
+        self.fill_ring_empty += other.fill_ring_empty;
+        self.rx_invalid += other.rx_invalid;
+        self.tx_invalid += other.tx_invalid;
+        self.tx_ring_empty += other.tx_ring_empty;
+    }
+
+    /// Frames the kernel received for lbd and dropped (ring full, no buffer, too large).
+    pub fn lost_frames(&self) -> u64 {
+        self.rx_dropped + self.rx_ring_full
+    }
 }
 
 /// Traffic of one service and its real servers.

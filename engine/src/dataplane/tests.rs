@@ -1,7 +1,7 @@
 //! Frame-in, frame-out tests of every dataplane rule, on byte arrays built with etherparse.
 
 use super::*;
-use crate::snapshot::AdminState;
+use crate::snapshot::{AdminState, ServiceIds};
 use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket};
 use lbd_config::Config;
 use std::net::Ipv4Addr;
@@ -70,6 +70,7 @@ fn config() -> Config {
 fn dataplane_for(config: &Config) -> Dataplane {
     let snapshot = Snapshot::build(
         config,
+        &mut ServiceIds::default(),
         OWN_MAC,
         1,
         |ip| (ip == Ipv4Addr::new(198, 18, 0, 11)).then_some(RS1_MAC),
@@ -221,15 +222,91 @@ fn fragments_of_a_source_ip_service_follow_the_client() {
     assert_eq!(later[0..6], whole[0..6]);
 }
 
+/// Sets the IP identification of a frame built above and fixes its header checksum.
+fn set_ip_id(frame: &mut [u8], id: u16) {
+    frame[18..20].copy_from_slice(&id.to_be_bytes());
+    let (mut header, _) = Ipv4Header::from_slice(&frame[14..]).expect("ipv4 header");
+    header.header_checksum = header.calc_header_checksum();
+    frame[14..34].copy_from_slice(&header.to_bytes());
+}
+
+/// The first and a later fragment of datagram `id` from `src` to port `dport` of the VIP.
+fn fragment_pair(src: [u8; 4], dport: u16, id: u16) -> (Vec<u8>, Vec<u8>) {
+    let mut first = tcp_frame(src, VIP, 40000, dport);
+    set_ip_id(&mut first, id);
+    make_fragment(&mut first, true, 0);
+    let mut later = tcp_frame(src, VIP, 40000, dport);
+    set_ip_id(&mut later, id);
+    make_fragment(&mut later, false, 10);
+    (first, later)
+}
+
 #[test]
-fn non_first_fragment_with_two_services_on_the_vip_is_ambiguous() {
+fn later_fragments_follow_their_first_where_two_services_share_the_vip() {
+    // "Wowza Streaming" (1935) and "Wowza GUI" (8088) are both TCP on the VIP: only the first
+    // fragment's port tells them apart. GUI has rs1 alone, so its fragments all go to rs1.
     let mut dp = dataplane();
-    let mut frame = tcp_frame(CLIENT, VIP, 40000, 1935);
-    make_fragment(&mut frame, true, 10);
+    for (client, id) in (1..=20u8).zip(100u16..) {
+        let (mut first, mut later) = fragment_pair([198, 18, 1, client], 8088, id);
+        assert_eq!(dp.process(&mut first, 10), Verdict::Transmit);
+        assert_eq!(first[0..6], RS1_MAC);
+        assert_eq!(
+            dp.process(&mut later, 20),
+            Verdict::Transmit,
+            "client {client}"
+        );
+        assert_eq!(later[0..6], RS1_MAC, "client {client}");
+    }
+    assert_eq!(dp.counters().services[1].real_servers[0].packets, 40);
+    // Another datagram of the same client (another IP ID) whose first piece never came: the
+    // port is unknown, so it cannot be placed.
+    let (_, mut orphan) = fragment_pair([198, 18, 1, 1], 8088, 7);
     assert_eq!(
-        dp.process_at0(&mut frame),
-        Verdict::Drop(DropReason::FragmentAmbiguous)
+        dp.process(&mut orphan, 30),
+        Verdict::Drop(DropReason::FragmentUnmatched)
     );
+    // The first fragment is remembered for a few seconds only.
+    let (mut first, mut later) = fragment_pair([198, 18, 1, 1], 8088, 8);
+    assert_eq!(dp.process(&mut first, 1_000), Verdict::Transmit);
+    assert_eq!(
+        dp.process(&mut later, 1_000 + crate::flows::FRAGMENT_TIMEOUT_MS),
+        Verdict::Drop(DropReason::FragmentUnmatched)
+    );
+}
+
+#[test]
+fn a_later_fragment_follows_its_first_across_a_change_of_servers() {
+    let config = config();
+    let mut dp = dataplane_for(&config);
+    // A client of "Media UDP" (rs1 and rs2, per 5-tuple) sends a fragmented datagram...
+    let vip2 = [198, 18, 0, 101];
+    let mut first = udp_frame(CLIENT, vip2, 999, 5005);
+    set_ip_id(&mut first, 42);
+    make_fragment(&mut first, true, 0);
+    assert_eq!(dp.process(&mut first, 0), Verdict::Transmit);
+    let chosen: [u8; 6] = first[0..6].try_into().expect("mac");
+    // ...a third server arrives between its pieces (its table shifts), and the rest follows.
+    // (CONFIG ends with "Media UDP": the server joins it.)
+    let with_rs3 = format!(
+        "{CONFIG}\n[[service.real_server]]\nlabel = \"rs3\"\nip = \"198.18.0.13\"\nmac = \"02:00:00:00:00:13\"\n"
+    );
+    let changed = Config::from_toml_str(&with_rs3).expect("valid");
+    let snapshot = Snapshot::build(
+        &changed,
+        &mut ServiceIds::default(),
+        OWN_MAC,
+        2,
+        |ip| (ip == Ipv4Addr::new(198, 18, 0, 11)).then_some(RS1_MAC),
+        |_, _| AdminState::Online,
+    );
+    dp.set_snapshot(Arc::new(snapshot));
+    for offset in [3, 6, 9] {
+        let mut later = udp_frame(CLIENT, vip2, 999, 5005);
+        set_ip_id(&mut later, 42);
+        make_fragment(&mut later, offset != 9, offset);
+        assert_eq!(dp.process(&mut later, 1), Verdict::Transmit);
+        assert_eq!(later[0..6], chosen, "offset {offset}");
+    }
 }
 
 #[test]
@@ -403,6 +480,121 @@ fn drops_are_counted_by_reason() {
 }
 
 #[test]
+fn echo_requests_from_addresses_no_reply_may_go_to_are_dropped() {
+    let mut dp = dataplane();
+    for source in [
+        [255, 255, 255, 255],
+        [224, 0, 0, 1],
+        [239, 1, 2, 3],
+        [0, 0, 0, 0],
+        [127, 0, 0, 1],
+        [240, 0, 0, 1],
+        VIP,
+    ] {
+        let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+            .ipv4(source, VIP, 17)
+            .icmpv4_echo_request(1, 1);
+        let mut frame = Vec::new();
+        builder.write(&mut frame, b"x").expect("write");
+        assert_eq!(
+            dp.process_at0(&mut frame),
+            Verdict::Drop(DropReason::IcmpBadSource),
+            "{source:?}"
+        );
+    }
+    assert_eq!(dp.counters().icmp_echo_replies, 0);
+    let mut fine = icmp_echo(VIP);
+    assert_eq!(dp.process_at0(&mut fine), Verdict::Transmit);
+}
+
+/// A TCP segment with only ACK set, as in the middle of a connection.
+fn ack_frame(src: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+        .ipv4(src, VIP, 64)
+        .tcp(sport, dport, 1000, 64240)
+        .ack(1);
+    let mut frame = Vec::new();
+    builder.write(&mut frame, b"data").expect("write");
+    frame
+}
+
+#[test]
+fn spoofed_mid_connection_segments_are_forwarded_but_recorded_nowhere() {
+    let mut dp = dataplane();
+    for i in 0..1000u32 {
+        let [_, _, a, b] = i.to_be_bytes();
+        let source = [198, 19, a, b];
+        let mut frame = ack_frame(source, 40000, 1935);
+        assert_eq!(dp.process(&mut frame, 10), Verdict::Transmit, "{source:?}");
+        // Where a SYN from that client would go.
+        let mut syn = tcp_frame(source, VIP, 40000, 1935);
+        let mut fresh = dataplane();
+        fresh.process(&mut syn, 10);
+        assert_eq!(frame[0..6], syn[0..6]);
+    }
+    assert_eq!(dp.flows().len(), 0, "no connection entry");
+    assert_eq!(dp.persistence().len(), 0, "no persistence entry");
+    assert_eq!(dp.counters().forwarded.packets, 1000);
+}
+
+#[test]
+fn a_client_is_persisted_once_its_handshake_completes() {
+    let mut dp = dataplane();
+    let mut syn = tcp_frame(CLIENT, VIP, 40000, 1935);
+    assert_eq!(dp.process(&mut syn, 0), Verdict::Transmit);
+    assert_eq!(dp.flows().len(), 1);
+    assert_eq!(dp.persistence().len(), 0, "a SYN alone persists nobody");
+    let mut ack = ack_frame(CLIENT, 40000, 1935);
+    assert_eq!(dp.process(&mut ack, 5), Verdict::Transmit);
+    assert_eq!(ack[0..6], syn[0..6]);
+    assert_eq!(dp.persistence().len(), 1);
+}
+
+#[test]
+fn counters_follow_their_service_and_server_across_changes() {
+    let config = config();
+    let mut dp = dataplane_for(&config);
+    let vip2 = [198, 18, 0, 101];
+    let mut frame = udp_frame(CLIENT, vip2, 999, 5005);
+    assert_eq!(dp.process(&mut frame, 0), Verdict::Transmit);
+    let server = if frame[0..6] == RS1_MAC { 0 } else { 1 };
+    let before = dp.counters().services[2].real_servers[server];
+    assert_eq!(before.packets, 1);
+    // "Wowza Streaming" goes (every later service moves up one place) and "Media UDP" gets a
+    // new server in front of its others.
+    let mut ids = ServiceIds::default();
+    ids.sync(&config);
+    let mut changed = config.clone();
+    changed.services.remove(0);
+    let rs0 = lbd_config::RealServer {
+        label: "rs0".into(),
+        ..changed.services[1].real_servers[0].clone()
+    };
+    changed.services[1].real_servers.insert(
+        0,
+        lbd_config::RealServer {
+            ip: Ipv4Addr::new(198, 18, 0, 10),
+            ..rs0
+        },
+    );
+    changed.validate().expect("valid");
+    let snapshot = Snapshot::build(
+        &changed,
+        &mut ids,
+        OWN_MAC,
+        2,
+        |_| None,
+        |_, _| AdminState::Online,
+    );
+    dp.set_snapshot(Arc::new(snapshot));
+    assert_eq!(dp.counters().services.len(), 2);
+    assert_eq!(dp.counters().services[1].real_servers[server + 1], before);
+    assert_eq!(dp.counters().services[1].real_servers[0].packets, 0);
+    assert_eq!(dp.counters().services[1].total.packets, 1);
+    assert_eq!(dp.counters().forwarded.packets, 1);
+}
+
+#[test]
 fn no_real_server_when_all_are_drained_or_unresolved() {
     let drained = CONFIG.replace(
         "ip = \"198.18.0.11\"\n",
@@ -423,7 +615,14 @@ fn no_real_server_when_all_are_drained_or_unresolved() {
         assert_eq!(frame[0..6], RS2_MAC);
     }
     // Unresolved: no neighbour entry and no pinned MAC.
-    let snapshot = Snapshot::build(&config(), OWN_MAC, 1, |_| None, |_, _| AdminState::Online);
+    let snapshot = Snapshot::build(
+        &config(),
+        &mut ServiceIds::default(),
+        OWN_MAC,
+        1,
+        |_| None,
+        |_, _| AdminState::Online,
+    );
     let mut dp = Dataplane::new(Arc::new(snapshot), TableSizes::default());
     let mut frame = tcp_frame(CLIENT, VIP, 1, 8088);
     assert_eq!(
@@ -514,7 +713,7 @@ impl Dataplane {
 mod live_changes {
     //! Established connections and persistent clients across snapshot changes.
     use super::*;
-    use crate::snapshot::AdminState;
+    use crate::snapshot::{AdminState, ServiceIds};
 
     const TWO: &str = r#"
 [engine]
@@ -550,6 +749,7 @@ mac = "02:00:00:00:00:12"
         let config = Config::from_toml_str(text).expect("valid");
         Arc::new(Snapshot::build(
             &config,
+            &mut ServiceIds::default(),
             OWN_MAC,
             generation,
             |_| None,
@@ -704,6 +904,7 @@ mac = "02:00:00:00:00:12"
         assert!(before.contains(&RS1_MAC));
         let rs1_down = Snapshot::build(
             &config,
+            &mut ServiceIds::default(),
             OWN_MAC,
             2,
             |_| None,
@@ -732,6 +933,7 @@ mac = "02:00:00:00:00:12"
         let before = open_all(&mut dp, 1_000);
         let full = Snapshot::build(
             &config,
+            &mut ServiceIds::default(),
             OWN_MAC,
             2,
             |_| None,
@@ -753,6 +955,62 @@ mac = "02:00:00:00:00:12"
                 2_000,
             );
             assert_eq!(next, Some(RS2_MAC), "client {client}");
+        }
+    }
+
+    #[test]
+    fn a_drained_server_keeps_connections_that_no_table_holds() {
+        // The tables lost every entry (a flood filled them, lbd restarted): the segments of
+        // connections opened before the drain still reach their server.
+        for persistence in ["source-ip", "none"] {
+            let text = TWO.replace("PERSISTENCE", persistence);
+            let mut before = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
+            let servers = open_all(&mut before, 1_000);
+            assert!(servers.contains(&RS1_MAC) && servers.contains(&RS2_MAC));
+            let mut after = Dataplane::new(
+                snapshot(&text, 2, &[("rs1", AdminState::Drain)]),
+                TableSizes::default(),
+            );
+            for client in 1..=100u8 {
+                assert_eq!(
+                    server_of(&mut after, ack(client), 2_000),
+                    Some(servers[usize::from(client) - 1]),
+                    "{persistence}: client {client}"
+                );
+            }
+            assert_eq!(after.flows().len(), 0);
+            // New connections still avoid the drained server.
+            for client in 101..=200u8 {
+                let fresh = server_of(
+                    &mut after,
+                    tcp_frame([198, 18, 1, client], VIP, 1, 8088),
+                    2_000,
+                );
+                assert_eq!(fresh, Some(RS2_MAC), "{persistence}: new client {client}");
+            }
+        }
+    }
+
+    #[test]
+    fn persisted_clients_survive_a_change_of_the_service_ports() {
+        let text = TWO.replace("PERSISTENCE", "source-ip");
+        let mut dp = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
+        let before = open_all(&mut dp, 1_000);
+        // New ports (the first one changes too) and rs1 drained in the same breath: rs1's
+        // clients are known only by their persistence entries now.
+        let edited = text.replace("ports = \"8088\"", "ports = \"8080,8088\"");
+        dp.set_snapshot(snapshot(&edited, 2, &[("rs1", AdminState::Drain)]));
+        for client in 1..=100u8 {
+            let next = server_of(
+                &mut dp,
+                tcp_frame([198, 18, 1, client], VIP, 50000, 8080),
+                2_000,
+            );
+            assert_eq!(
+                next,
+                Some(before[usize::from(client) - 1]),
+                "client {client}"
+            );
         }
     }
 
@@ -810,7 +1068,10 @@ fn a_long_connection_keeps_its_client_persisted() {
         assert_eq!(dp.process(&mut segment, second * 1000), Verdict::Transmit);
     }
     // ...and the client's persistence entry lived on with it.
-    let key = (u32::from_be_bytes(CLIENT), dp.snapshot().services[0].key);
+    let key = (
+        u32::from_be_bytes(CLIENT),
+        u64::from(dp.snapshot().services[0].id),
+    );
     assert!(dp.persistence().get(&key, 60_000).is_some());
     assert!(dp.persistence().get(&key, 75_000).is_none());
 }
@@ -826,6 +1087,7 @@ fn the_fallback_server_takes_new_clients_only_when_no_real_server_can() {
     let build = |admin: AdminState| {
         Snapshot::build(
             &config,
+            &mut ServiceIds::default(),
             OWN_MAC,
             1,
             |ip| match ip.octets()[3] {

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::dataplane::TableSizes;
-use crate::snapshot::{AdminState, Snapshot};
+use crate::snapshot::{AdminState, ServiceIds, Snapshot};
 use etherparse::PacketBuilder;
 use lbd_config::Config;
 use proptest::prelude::*;
@@ -172,6 +172,7 @@ fn dataplane() -> Dataplane {
     Dataplane::new(
         Arc::new(Snapshot::build(
             &config,
+            &mut ServiceIds::default(),
             OWN_MAC,
             1,
             |_| None,
@@ -291,13 +292,19 @@ fn full_tx_ring_recycles_and_counts() {
     }
     worker.poll_once(0);
     assert_conserved(&worker);
-    assert_eq!(
-        worker
-            .dataplane()
-            .counters()
-            .drops_for(DropReason::TxRingFull),
-        4
-    );
+    let counters = worker.dataplane().counters();
+    assert_eq!(counters.drops_for(DropReason::TxRingFull), 4);
+    // Each frame in one counter: the four recycled ones are drops, not forwarded too, and
+    // their real servers' counts do not include them.
+    assert_eq!(counters.forwarded.packets, 4);
+    assert_eq!(counters.accounted_frames(), counters.rx_frames);
+    let per_server: u64 = counters.services[0]
+        .real_servers
+        .iter()
+        .map(|t| t.packets)
+        .sum();
+    assert_eq!(per_server, 4);
+    assert_eq!(counters.services[0].total.packets, 4);
 }
 
 #[test]
@@ -367,12 +374,8 @@ proptest! {
         assert_conserved(&worker);
         let counters = worker.dataplane().counters();
         prop_assert_eq!(counters.rx_frames, arrived);
-        // A forwarded frame that found the TX ring full is counted as forwarded and as a drop.
-        prop_assert_eq!(
-            counters.forwarded.packets + counters.total_drops()
-                - counters.drops_for(DropReason::TxRingFull),
-            arrived
-        );
+        // Every frame in exactly one counter: one that found the TX ring full is a drop only.
+        prop_assert_eq!(counters.accounted_frames(), arrived);
         prop_assert_eq!(worker.frame_census().2, 0, "TX fully drained");
     }
 }
