@@ -277,5 +277,22 @@ fn check_mode_validates_and_names_the_field() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("table_size"), "{stderr}");
+
+    // The XDP program steers at most 4096 VIPs: a file with more fails the check, not the start.
+    let mut many = String::from("[engine]\ninterface = \"eth0\"\nqueues = [0]\n");
+    for i in 0..4101u32 {
+        let vip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 1)) + i);
+        many += &format!(
+            "[[service]]\nlabel = \"s{i}\"\nvip = \"{vip}\"\nports = 80\ntable_size = 3\n"
+        );
+    }
+    let too_many = dir.join("too-many-vips.toml");
+    fs::write(&too_many, many).expect("write");
+    let output = run(Command::new(LBD)
+        .args(["--check", "--config"])
+        .arg(&too_many));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("at most 4096 distinct VIPs"), "{stderr}");
     let _ = fs::remove_dir_all(&dir);
 }

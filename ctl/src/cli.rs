@@ -199,7 +199,8 @@ pub enum Verb {
 pub enum ConfigAction {
     /// Print the running configuration as TOML.
     Show,
-    /// Write it (atomically) to PATH, or to the file lbd was started with.
+    /// Write it (atomically) to PATH, or to the file lbd was started with. A relative PATH is
+    /// taken from the current directory.
     Save {
         /// Where to write.
         path: Option<String>,
@@ -253,6 +254,15 @@ pub struct RipChanges {
     /// New pinned MAC.
     #[arg(long, value_parser = parse_mac)]
     mac: Option<MacAddr>,
+}
+
+/// `path` made absolute from the current directory (lexically: `..` stays).
+fn absolute(path: String) -> Result<String, String> {
+    let absolute = std::path::absolute(&path).map_err(|e| format!("config save {path}: {e}"))?;
+    absolute
+        .into_os_string()
+        .into_string()
+        .map_err(|_| format!("config save {path}: the path is not UTF-8"))
 }
 
 impl Verb {
@@ -363,7 +373,10 @@ impl Verb {
             } => Command::ConfigShow,
             Verb::Config {
                 action: ConfigAction::Save { path },
-            } => Command::ConfigSave { path },
+            } => Command::ConfigSave {
+                // lbd runs elsewhere: a relative path means one from here, not from lbd's cwd.
+                path: path.map(absolute).transpose()?,
+            },
             Verb::Reload => Command::Reload,
         })
     }
@@ -478,6 +491,13 @@ mod tests {
         assert_eq!(
             command(&["config", "save"]),
             Ok(Command::ConfigSave { path: None })
+        );
+        let here = std::env::current_dir().expect("cwd");
+        assert_eq!(
+            command(&["config", "save", "saved.toml"]),
+            Ok(Command::ConfigSave {
+                path: Some(here.join("saved.toml").to_string_lossy().into_owned())
+            })
         );
         assert_eq!(
             command(&["config", "save", "/tmp/x.toml"]),

@@ -80,18 +80,20 @@ pub fn status(report: &StatusReport) -> String {
 }
 
 fn worker_lines(name: &str, w: &WorkerStats, out: &mut String) {
-    let drops = if w.drops.is_empty() {
-        "none".to_owned()
-    } else {
-        w.drops
-            .iter()
-            .map(|(reason, count)| format!("{reason}={count}"))
-            .collect::<Vec<_>>()
-            .join(" ")
+    let listed = |counts: &std::collections::BTreeMap<String, u64>| {
+        if counts.is_empty() {
+            "none".to_owned()
+        } else {
+            counts
+                .iter()
+                .map(|(what, count)| format!("{what}={count}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        }
     };
     let _ = writeln!(
         out,
-        "{name}: rx {} forwarded {} ({} bytes) fallback {} arp-replies {} icmp-replies {} gratuitous-arps {} flows {} persistent-clients {}\n  drops: {drops}",
+        "{name}: rx {} forwarded {} ({} bytes) fallback {} arp-replies {} icmp-replies {} gratuitous-arps {} flows {} persistent-clients {}\n  drops: {}",
         w.rx_frames,
         w.forwarded_packets,
         w.forwarded_bytes,
@@ -100,8 +102,29 @@ fn worker_lines(name: &str, w: &WorkerStats, out: &mut String) {
         w.icmp_echo_replies,
         w.gratuitous_arps,
         w.flows,
-        w.persistent_clients
+        w.persistent_clients,
+        listed(&w.drops)
     );
+    // Frames the kernel dropped never reached lbd's own counters: said apart, always.
+    if let Some(socket) = &w.socket {
+        let _ = writeln!(
+            out,
+            "  socket (kernel): dropped {} rx-ring-full {} fill-ring-empty {} invalid-rx {} invalid-tx {}",
+            socket.rx_dropped,
+            socket.rx_ring_full,
+            socket.fill_ring_empty,
+            socket.rx_invalid,
+            socket.tx_invalid
+        );
+    }
+    if !w.table_full.is_empty() || w.flow_evictions > 0 {
+        let _ = writeln!(
+            out,
+            "  tables full (not recorded): {}; half-open connections evicted: {}",
+            listed(&w.table_full),
+            w.flow_evictions
+        );
+    }
 }
 
 /// `lbctl stats`: per worker, then traffic per service and real server.
@@ -239,8 +262,34 @@ mod tests {
         });
         assert!(text.contains("worker (queue 0): rx 10 forwarded 8 (800 bytes) fallback 0"));
         assert!(text.contains("drops: not_vip=2"));
+        assert!(
+            !text.contains("socket (kernel)"),
+            "no socket counters given"
+        );
         assert!(text.contains("\nGUI "));
         assert!(text.contains("  a "));
+        // The kernel's drops are shown even when lbd itself dropped nothing.
+        let quiet = WorkerStats {
+            socket: Some(lbd_proto::SocketStats {
+                rx_dropped: 76,
+                ..lbd_proto::SocketStats::default()
+            }),
+            ..WorkerStats::default()
+        };
+        let mut table_full = quiet.clone();
+        table_full.table_full.insert("flows".into(), 3);
+        let text = stats(&StatsReport {
+            workers: vec![quiet],
+            total: table_full,
+        });
+        assert!(
+            text.contains("drops: none\n  socket (kernel): dropped 76 "),
+            "{text}"
+        );
+        assert!(
+            text.contains("tables full (not recorded): flows=3"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1148,6 +1148,412 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::steer::SteerError;
+    use crossbeam::channel::unbounded;
+    use lbd_config::HealthCheck;
+    use std::sync::Mutex;
+
+    const CONFIG: &str = "[engine]\ninterface = \"eth0\"\nqueues = [0]\n\n\
+        [[service]]\nlabel = \"Wowza GUI\"\nvip = \"198.18.0.100\"\nports = 8088\n\n\
+        [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"198.18.0.11\"\n";
+    const HOST_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+
+    /// What the fake steering map saw: each update with the generation the worker used then.
+    #[derive(Debug, Default)]
+    struct Map {
+        vips: BTreeSet<Ipv4Addr>,
+        events: Vec<(&'static str, Ipv4Addr, u64)>,
+        refuse: Option<Ipv4Addr>,
+    }
+
+    struct FakeSteering {
+        map: Arc<Mutex<Map>>,
+        worker_generation: Arc<AtomicU64>,
+    }
+
+    impl VipSteering for FakeSteering {
+        fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+            let mut map = self.map.lock().expect("map");
+            if map.refuse == Some(vip) {
+                return Err(SteerError::Load("no room in the map".into()));
+            }
+            let generation = self.worker_generation.load(Ordering::Acquire);
+            map.events.push(("add", vip, generation));
+            map.vips.insert(vip);
+            Ok(())
+        }
+
+        fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+            let mut map = self.map.lock().expect("map");
+            let generation = self.worker_generation.load(Ordering::Acquire);
+            map.events.push(("remove", vip, generation));
+            map.vips.remove(&vip);
+            Ok(())
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeHost {
+        neighbours: Arc<Mutex<HashMap<Ipv4Addr, [u8; 6]>>>,
+        asked: Arc<Mutex<Vec<Ipv4Addr>>>,
+    }
+
+    impl HostFacts for FakeHost {
+        fn local_addresses(&self) -> std::io::Result<Vec<(String, Ipv4Addr)>> {
+            Ok(vec![
+                ("lo".into(), Ipv4Addr::LOCALHOST),
+                ("eth0".into(), HOST_ADDRESS),
+            ])
+        }
+
+        fn neighbours(&self) -> std::io::Result<HashMap<Ipv4Addr, [u8; 6]>> {
+            Ok(self.neighbours.lock().expect("neighbours").clone())
+        }
+
+        fn trigger_resolution(&self, ip: Ipv4Addr) -> std::io::Result<()> {
+            self.asked.lock().expect("asked").push(ip);
+            Ok(())
+        }
+    }
+
+    /// A control over CONFIG with one fake worker; `working: false` makes a worker that never
+    /// takes a snapshot.
+    struct Rig {
+        control: Control,
+        map: Arc<Mutex<Map>>,
+        neighbours: Arc<Mutex<HashMap<Ipv4Addr, [u8; 6]>>>,
+        asked: Arc<Mutex<Vec<Ipv4Addr>>>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn rig(working: bool) -> Rig {
+        static COUNT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lbd-control-{}-{}",
+            std::process::id(),
+            COUNT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("lbd.toml");
+        std::fs::write(&path, CONFIG).expect("write config");
+        let config = Config::from_toml_str(CONFIG).expect("valid");
+        let applied = Arc::new(AtomicU64::new(1));
+        let map = Arc::new(Mutex::new(Map::default()));
+        let host = FakeHost::default();
+        let (neighbours, asked) = (Arc::clone(&host.neighbours), Arc::clone(&host.asked));
+        let mut control = Control::new(
+            config,
+            path,
+            [2, 0, 0, 0, 0, 2],
+            HashMap::from([(Ipv4Addr::new(198, 18, 0, 11), [2, 0, 0, 0, 0, 0x11])]),
+            Box::new(FakeSteering {
+                map: Arc::clone(&map),
+                worker_generation: Arc::clone(&applied),
+            }),
+            Box::new(host),
+        );
+        control.apply_timeout = Duration::from_millis(200);
+        let (commands, receiver) = unbounded();
+        if working {
+            let generation = Arc::clone(&applied);
+            std::thread::spawn(move || {
+                while let Ok(command) = receiver.recv() {
+                    if let WorkerCommand::Snapshot(snapshot) = command {
+                        generation.store(snapshot.generation, Ordering::Release);
+                    }
+                }
+            });
+        }
+        control.attach_workers(vec![WorkerLink {
+            queue: 0,
+            commands,
+            applied,
+        }]);
+        control.steer_all_vips().expect("steer");
+        Rig {
+            control,
+            map,
+            neighbours,
+            asked,
+            dir,
+        }
+    }
+
+    fn service(label: &str, vip: &str) -> Service {
+        let text =
+            format!("{CONFIG}\n[[service]]\nlabel = \"{label}\"\nvip = \"{vip}\"\nports = 1935\n");
+        Config::from_toml_str(&text)
+            .expect("valid")
+            .services
+            .remove(1)
+    }
+
+    fn error_of(response: Response) -> String {
+        match response.outcome {
+            lbd_proto::Outcome::Error(message) => message,
+            lbd_proto::Outcome::Ok(reply) => panic!("accepted: {reply:?}"),
+        }
+    }
+
+    fn done(response: Response) {
+        if let lbd_proto::Outcome::Error(message) = response.outcome {
+            panic!("refused: {message}");
+        }
+    }
+
+    #[test]
+    fn a_host_address_is_no_vip_and_no_real_server() {
+        let mut rig = rig(true);
+        let before = (
+            rig.control.config().clone(),
+            rig.control.snapshot().generation,
+        );
+        let refused = error_of(rig.control.handle(
+            Command::AddVip {
+                service: service("Own", "198.18.0.2"),
+            },
+            Role::Root,
+        ));
+        assert!(
+            refused
+                .contains("service[1] \"Own\".vip: 198.18.0.2 is an address of this host (eth0)")
+                && refused.ends_with("nothing changed"),
+            "{refused}"
+        );
+        let mut own_rs = rig.control.config().services[0].real_servers[0].clone();
+        own_rs.label = "Self".into();
+        own_rs.ip = HOST_ADDRESS;
+        let refused = error_of(rig.control.handle(
+            Command::AddRip {
+                service: "Wowza GUI".into(),
+                real_server: own_rs,
+            },
+            Role::Root,
+        ));
+        assert!(
+            refused.contains("real_server[1].ip: 198.18.0.2 is an address of this host"),
+            "{refused}"
+        );
+        assert_eq!(
+            (
+                rig.control.config().clone(),
+                rig.control.snapshot().generation
+            ),
+            before
+        );
+        assert!(!rig.map.lock().expect("map").vips.contains(&HOST_ADDRESS));
+    }
+
+    #[test]
+    fn vips_leave_the_map_before_the_workers_forget_them_and_join_it_after() {
+        let mut rig = rig(true);
+        done(rig.control.handle(
+            Command::AddVip {
+                service: service("Streaming", "198.18.0.101"),
+            },
+            Role::Root,
+        ));
+        done(rig.control.handle(
+            Command::DelVip {
+                label: "Streaming".into(),
+            },
+            Role::Root,
+        ));
+        let events = rig.map.lock().expect("map").events.clone();
+        let vip = Ipv4Addr::new(198, 18, 0, 101);
+        let of_vip: Vec<_> = events.iter().filter(|(_, v, _)| *v == vip).collect();
+        // Added once the worker used generation 2 (which knows it); removed while the worker
+        // still used generation 2, before generation 3 (which does not) reached it.
+        assert_eq!(
+            of_vip,
+            [&("add", vip, 2), &("remove", vip, 2)],
+            "{events:?}"
+        );
+        assert_eq!(rig.control.snapshot().generation, 3);
+    }
+
+    #[test]
+    fn a_change_whose_steering_update_fails_is_undone() {
+        let mut rig = rig(true);
+        let before = rig.control.config().clone();
+        rig.map.lock().expect("map").refuse = Some(Ipv4Addr::new(198, 18, 0, 101));
+        // The change also moves "Wowza GUI" off its VIP: that VIP's removal is undone too.
+        let mut config = before.clone();
+        config.services[0].vip = Ipv4Addr::new(198, 18, 0, 101);
+        std::fs::write(&rig.control.config_path, config.to_toml_string()).expect("write");
+        let refused = error_of(rig.control.handle(Command::Reload, Role::Root));
+        assert!(
+            refused.contains("adding VIP 198.18.0.101 to the steering map failed")
+                && refused.contains("the change was undone, nothing changed"),
+            "{refused}"
+        );
+        assert_eq!(rig.control.config(), &before);
+        let map = rig.map.lock().expect("map");
+        assert_eq!(
+            map.vips,
+            BTreeSet::from([Ipv4Addr::new(198, 18, 0, 100)]),
+            "{:?}",
+            map.events
+        );
+        // The workers run the old configuration again, under a newer generation.
+        let snapshot = rig.control.snapshot();
+        assert_eq!(snapshot.services[0].vip, Ipv4Addr::new(198, 18, 0, 100));
+        assert_eq!(snapshot.generation, 3);
+    }
+
+    #[test]
+    fn a_change_a_worker_does_not_take_is_an_error_that_says_where_it_stands() {
+        let mut rig = rig(false);
+        let refused = error_of(rig.control.handle(
+            Command::Drain {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into(),
+            },
+            Role::Root,
+        ));
+        assert!(
+            refused.contains("Wowza GUI/Wowza Srv 1 drained (generation 2)")
+                && refused.contains("queue(s) [0] did not take it within 200 ms"),
+            "{refused}"
+        );
+        // It is the running state, as the message says: the worker takes it when it runs.
+        assert_eq!(
+            rig.control.snapshot().services[0].real_servers[0].state_name(),
+            "drain"
+        );
+    }
+
+    #[test]
+    fn a_new_server_is_never_waited_for() {
+        let mut rig = rig(true);
+        let rs2 = RealServer {
+            label: "Wowza Srv 2".into(),
+            ip: Ipv4Addr::new(198, 18, 0, 12),
+            ..rig.control.config().services[0].real_servers[0].clone()
+        };
+        // Nobody answers for it: the change is done at once, the server unresolved.
+        done(rig.control.handle(
+            Command::AddRip {
+                service: "Wowza GUI".into(),
+                real_server: rs2,
+            },
+            Role::Root,
+        ));
+        assert_eq!(
+            *rig.asked.lock().expect("asked"),
+            [Ipv4Addr::new(198, 18, 0, 12)]
+        );
+        assert_eq!(
+            rig.control.snapshot().services[0].real_servers[1].state_name(),
+            "unresolved"
+        );
+        assert!(rig.control.awaiting_macs());
+        // The kernel learns it; the next refresh publishes it.
+        rig.neighbours
+            .lock()
+            .expect("neighbours")
+            .insert(Ipv4Addr::new(198, 18, 0, 12), [2, 0, 0, 0, 0, 0x12]);
+        rig.control.refresh_neighbours(false);
+        assert_eq!(
+            rig.control.snapshot().services[0].real_servers[1].state_name(),
+            "up"
+        );
+        assert!(!rig.control.awaiting_macs());
+    }
+
+    #[test]
+    fn an_operator_runs_no_command_and_writes_no_file_as_root() {
+        let mut rig = rig(true);
+        let external = HealthCheck {
+            kind: HealthKind::External,
+            command: Some("id > /tmp/owned".into()),
+            ..HealthCheck::default()
+        };
+        let mut rs2 = rig.control.config().services[0].real_servers[0].clone();
+        rs2.label = "Wowza Srv 2".into();
+        rs2.ip = Ipv4Addr::new(198, 18, 0, 12);
+        rs2.health_check = Some(external.clone());
+        let add_rip = Command::AddRip {
+            service: "Wowza GUI".into(),
+            real_server: rs2,
+        };
+        let refused = error_of(rig.control.handle(add_rip.clone(), Role::Operator));
+        assert!(
+            refused.starts_with("permission denied: external health checks"),
+            "{refused}"
+        );
+        let mut streaming = service("Streaming", "198.18.0.101");
+        streaming.health_check = external;
+        let refused = error_of(rig.control.handle(
+            Command::AddVip {
+                service: streaming.clone(),
+            },
+            Role::Operator,
+        ));
+        assert!(
+            refused.starts_with("permission denied: external"),
+            "{refused}"
+        );
+        let elsewhere = rig.dir.join("elsewhere.toml");
+        let refused = error_of(rig.control.handle(
+            Command::ConfigSave {
+                path: Some(elsewhere.to_string_lossy().into_owned()),
+            },
+            Role::Operator,
+        ));
+        assert!(
+            refused.contains("only root may save the configuration elsewhere"),
+            "{refused}"
+        );
+        assert!(!elsewhere.exists());
+        // What an operator does is done: a tcp-checked server, a drain, saving the started file.
+        let mut plain = service("Streaming", "198.18.0.101");
+        plain.health_check = HealthCheck::default();
+        done(
+            rig.control
+                .handle(Command::AddVip { service: plain }, Role::Operator),
+        );
+        done(rig.control.handle(
+            Command::Drain {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into(),
+            },
+            Role::Operator,
+        ));
+        let started = rig.control.config_path.to_string_lossy().into_owned();
+        done(rig.control.handle(
+            Command::ConfigSave {
+                path: Some(started),
+            },
+            Role::Operator,
+        ));
+        done(
+            rig.control
+                .handle(Command::ConfigSave { path: None }, Role::Operator),
+        );
+        // Root may do all of it.
+        done(rig.control.handle(add_rip, Role::Root));
+        done(rig.control.handle(
+            Command::ConfigSave {
+                path: Some(elsewhere.to_string_lossy().into_owned()),
+            },
+            Role::Root,
+        ));
+        assert!(elsewhere.exists());
+        let relative = error_of(rig.control.handle(
+            Command::ConfigSave {
+                path: Some("saved.toml".into()),
+            },
+            Role::Root,
+        ));
+        assert!(relative.contains("is not an absolute path"), "{relative}");
+    }
 
     #[test]
     fn atomic_write_replaces_the_file_and_leaves_no_temp() {
@@ -1164,6 +1570,40 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty());
         assert!(write_atomically(&dir.join("no/such/dir/x.toml"), b"x").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_save_keeps_the_mode_and_never_follows_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("lbd-save-links-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        // A root-only file stays root-only.
+        let private = dir.join("private.toml");
+        std::fs::write(&private, "old").expect("write");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        write_atomically(&private, b"new").expect("save");
+        let mode = std::fs::metadata(&private)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A new file is 0600.
+        let fresh = dir.join("fresh.toml");
+        write_atomically(&fresh, b"x").expect("save");
+        let mode = std::fs::metadata(&fresh)
+            .expect("stat")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A link at the path is refused, and its target untouched.
+        let target = dir.join("target");
+        std::fs::write(&target, "precious").expect("write");
+        let link = dir.join("link.toml");
+        std::os::unix::fs::symlink(&target, &link).expect("symlink");
+        let error = write_atomically(&link, b"x").expect_err("a link");
+        assert!(error.to_string().contains("not a regular file"), "{error}");
+        assert_eq!(std::fs::read_to_string(&target).expect("read"), "precious");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -346,13 +346,7 @@ impl Dataplane {
             else {
                 return Verdict::Drop(DropReason::NoRealServer);
             };
-            write_header(frame, header);
-            let len = frame.len();
-            counters.forward(usize::from(service_index), usize::from(backend), len);
-            *sent = Sent::Forward {
-                service: service_index,
-                real_server: backend,
-            };
+            forward(frame, counters, sent, service_index, backend, header);
             return Verdict::Transmit;
         }
         self.new_connection(frame, service_index, now_ms).0
@@ -417,16 +411,14 @@ impl Dataplane {
             .get(usize::from(backend))
             .and_then(|rs| rs.forward_header)
         {
-            write_header(frame, header);
-            self.counters.forward(
-                usize::from(service_index),
-                usize::from(backend),
-                frame.len(),
+            forward(
+                frame,
+                &mut self.counters,
+                &mut self.sent,
+                service_index,
+                backend,
+                header,
             );
-            self.sent = Sent::Forward {
-                service: service_index,
-                real_server: backend,
-            };
             return Verdict::Transmit;
         }
         match service.fallback {
@@ -497,24 +489,20 @@ impl Dataplane {
             );
             let table = service.known_table.as_ref().unwrap_or(&service.table);
             let backend = persisted.or_else(|| hash_key.lookup(service.persistence, table));
-            return match backend.and_then(|b| Some((b, service.real_servers.get(usize::from(b))?)))
-            {
-                Some((backend, real_server)) if real_server.takes_known_clients() => {
-                    let Some(header) = real_server.forward_header else {
-                        return (Verdict::Drop(DropReason::NoRealServer), None);
-                    };
-                    write_header(frame, header);
-                    counters.forward(
-                        usize::from(service_index),
-                        usize::from(backend),
-                        frame.len(),
-                    );
-                    *sent = Sent::Forward {
-                        service: service_index,
-                        real_server: backend,
-                    };
-                    (Verdict::Transmit, Some(u32::from(real_server.ip)))
-                }
+            let known = backend.and_then(|b| {
+                let rs = service.real_servers.get(usize::from(b))?;
+                Some((b, rs.forward_header?, u32::from(rs.ip))).filter(|_| rs.takes_known_clients())
+            });
+            if let Some((backend, header, ip)) = known {
+                forward(frame, counters, sent, service_index, backend, header);
+                return (Verdict::Transmit, Some(ip));
+            }
+            // No real server holds it: where its connection began, the fallback server.
+            return match service.fallback {
+                Some((ip, Some(mac))) => (
+                    self.forward_to_fallback(frame, service_index, mac),
+                    Some(u32::from(ip)),
+                ),
                 _ => (Verdict::Drop(DropReason::NoRealServer), None),
             };
         }
@@ -582,16 +570,7 @@ impl Dataplane {
                 now_ms,
             );
         }
-        write_header(frame, header);
-        counters.forward(
-            usize::from(service_index),
-            usize::from(backend),
-            frame.len(),
-        );
-        *sent = Sent::Forward {
-            service: service_index,
-            real_server: backend,
-        };
+        forward(frame, counters, sent, service_index, backend, header);
         (Verdict::Transmit, Some(real_server_ip))
     }
 
@@ -937,6 +916,29 @@ fn own_mac_word(mac: [u8; 6]) -> u64 {
     let mut eth = [0; field::ETH_HEADER_LEN];
     eth[field::ETH_DST].copy_from_slice(&mac);
     mac_word(&eth)
+}
+
+/// Direct Routing to real server `backend` of service `service_index`: its Ethernet header
+/// written, the frame counted and what it was counted as noted.
+#[inline(always)]
+fn forward(
+    frame: &mut [u8],
+    counters: &mut Counters,
+    sent: &mut Sent,
+    service_index: u16,
+    backend: u16,
+    header: [u8; 12],
+) {
+    write_header(frame, header);
+    counters.forward(
+        usize::from(service_index),
+        usize::from(backend),
+        frame.len(),
+    );
+    *sent = Sent::Forward {
+        service: service_index,
+        real_server: backend,
+    };
 }
 
 /// Direct Routing: the Ethernet addresses of [`RealServerEntry::forward_header`], the IP

@@ -19,20 +19,68 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// True when the lab can run; false (skip) only outside CI.
+/// Programs the lab tests run, with the Debian package of each (scripts/install-deps installs
+/// them all).
+const LAB_PROGRAMS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("sysctl", "procps"),
+    ("nginx", "nginx"),
+    ("curl", "curl"),
+    ("ffmpeg", "ffmpeg"),
+    ("arping", "arping"),
+    ("ping", "iputils-ping"),
+    ("python3", "python3"),
+    ("setpriv", "util-linux"),
+];
+
+/// Whether `program` is an executable file on the PATH.
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// True when the lab can run; false (skip) only outside CI, without root. A skipped test is
+/// recorded in the file `LBD_TEST_SKIPS` names (scripts/test sets it and counts them), so the
+/// suite's closing line says skipped, not passed. A missing program fails the test, naming it
+/// and its package.
 pub fn lab_allowed() -> bool {
     // `id -u` rather than a libc call: the tests stay free of unsafe code.
     let uid = Command::new("id").arg("-u").output().expect("run id");
     let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
-    if root {
-        return true;
+    if !root {
+        assert!(
+            std::env::var("CI").is_err(),
+            "the lab tests must run as root in CI (network namespaces, XDP, AF_XDP)"
+        );
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("a lab test")
+            .to_owned();
+        eprintln!("skipping {test}: the lab tests need root (network namespaces, XDP, AF_XDP)");
+        if let Some(file) = std::env::var_os("LBD_TEST_SKIPS") {
+            use std::io::Write;
+            let _ = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .and_then(|mut f| writeln!(f, "{test}"));
+        }
+        return false;
     }
-    assert!(
-        std::env::var("CI").is_err(),
-        "the lab tests must run as root in CI (network namespaces, XDP, AF_XDP)"
-    );
-    eprintln!("skipping: the lab tests need root (network namespaces, XDP, AF_XDP)");
-    false
+    for (program, package) in LAB_PROGRAMS {
+        assert!(
+            on_path(program),
+            "the lab tests run `{program}`, which is not installed: apt-get install {package} \
+             (or run scripts/install-deps, which installs everything the tests use)"
+        );
+    }
+    true
 }
 
 pub fn unique_name() -> String {
@@ -252,6 +300,38 @@ pub fn lbctl(lab: &Lab, args: &[&str]) -> (i32, String, String) {
     let output = run(Command::new(lbctl_path())
         .arg("--socket")
         .arg(lab.socket())
+        .args(args));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A copy of `lbctl` that any user may run (the build directory may not be theirs to read),
+/// in the lab's state directory.
+pub fn lbctl_for_anyone(lab: &Lab) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = PathBuf::from(lab.fact("STATE_DIR")).join("lbctl");
+    if !copy.exists() {
+        fs::copy(lbctl_path(), &copy).expect("copy lbctl");
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755)).expect("chmod lbctl");
+    }
+    copy
+}
+
+/// Runs a program as user 65534 (nobody) with primary group 65533 and, when `in_group`, the
+/// supplementary group `nogroup` (65534): a member of that control group by its supplementary
+/// groups only, or nobody at all. Returns (exit code, stdout, stderr).
+pub fn as_unprivileged(in_group: bool, program: &Path, args: &[&str]) -> (i32, String, String) {
+    let groups = if in_group {
+        "--groups=65534"
+    } else {
+        "--clear-groups"
+    };
+    let output = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65533", groups])
+        .arg(program)
         .args(args));
     (
         output.status.code().unwrap_or(-1),
