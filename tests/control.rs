@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl, lbctl_ok, run};
+use common::{Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl, lbctl_ok, run, status};
 use lbd_proto::{RealServerStatus, Reply, ServiceStatus, StatusReport};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -22,14 +22,6 @@ fn start(lab: &Lab) -> Lbd {
         lab.fact("RS1_IP")
     );
     Lbd::start(lab, &config)
-}
-
-fn status(lab: &Lab) -> StatusReport {
-    let text = lbctl_ok(lab, &["--json", "status"]);
-    match serde_json::from_str::<Reply>(&text) {
-        Ok(Reply::Status(report)) => report,
-        other => panic!("lbctl --json status gave {other:?} from {text}"),
-    }
 }
 
 fn service<'a>(report: &'a StatusReport, label: &str) -> &'a ServiceStatus {

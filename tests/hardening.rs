@@ -5,25 +5,12 @@
 
 mod common;
 
-use common::{LBD, Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl_ok, repo_root, run};
-use lbd_proto::{Reply, StatsReport, StatusReport};
-use std::path::PathBuf;
+use common::{
+    Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl_ok, repo_root, run, start_error, stats,
+    status,
+};
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn stats(lab: &Lab) -> StatsReport {
-    match serde_json::from_str::<Reply>(&lbctl_ok(lab, &["--json", "stats"])) {
-        Ok(Reply::Stats(report)) => *report,
-        other => panic!("stats gave {other:?}"),
-    }
-}
-
-fn status(lab: &Lab) -> StatusReport {
-    match serde_json::from_str::<Reply>(&lbctl_ok(lab, &["--json", "status"])) {
-        Ok(Reply::Status(report)) => report,
-        other => panic!("status gave {other:?}"),
-    }
-}
 
 /// Sets the MTU of every link between the client and the balancer.
 fn set_path_mtu(lab: &Lab, mtu: u32) {
@@ -42,15 +29,6 @@ fn set_path_mtu(lab: &Lab, mtu: u32) {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-}
-
-/// lbd's start-up error for `config` (it must fail).
-fn start_error(lab: &Lab, name: &str, config: &str) -> String {
-    let path = PathBuf::from(lab.fact("STATE_DIR")).join(name);
-    std::fs::write(&path, config).expect("write config");
-    let output = lab.exec("NS_LB", &[LBD, "--config", path.to_str().expect("utf-8")]);
-    assert!(!output.status.success(), "lbd started with {name}");
-    String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 #[test]

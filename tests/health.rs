@@ -4,17 +4,10 @@
 
 mod common;
 
-use common::{Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl_ok};
+use common::{Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl_ok, status};
 use lbd_proto::{Reply, StatusReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-fn status(lab: &Lab) -> StatusReport {
-    match serde_json::from_str::<Reply>(&lbctl_ok(lab, &["--json", "status"])) {
-        Ok(Reply::Status(report)) => report,
-        other => panic!("status gave {other:?}"),
-    }
-}
 
 fn state_of(report: &StatusReport, service: &str, label: &str) -> (String, Option<String>) {
     let rs = report

@@ -5,7 +5,8 @@
 mod common;
 
 use common::{
-    LBD, Lab, Lbd, VIP, as_unprivileged, lab_allowed, lbctl, lbctl_for_anyone, lbctl_ok, repo_root,
+    Lab, Lbd, VIP, as_unprivileged, lab_allowed, lbctl, lbctl_for_anyone, lbctl_ok, repo_root,
+    start_error,
 };
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -164,19 +165,15 @@ fn nobody_can_use_the_balancers_own_address_as_a_vip() {
     assert!(lbctl_ok(&lab, &["status"]).contains(" up "));
     drop(lbd);
     // Nor does lbd start with such a VIP.
-    let config = PathBuf::from(lab.fact("STATE_DIR")).join("own-vip.toml");
-    fs::write(
-        &config,
-        format!(
+    let stderr = start_error(
+        &lab,
+        "own-vip.toml",
+        &format!(
             "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\
              [[service]]\nlabel = \"Own\"\nvip = \"{own}\"\nports = 80\n",
             lab.socket().display()
         ),
-    )
-    .expect("write");
-    let output = lab.exec("NS_LB", &[LBD, "--config", config.to_str().expect("utf-8")]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    );
     assert!(
         stderr.contains("service[0] \"Own\".vip: 198.18.0.2 is an address of this host"),
         "{stderr}"
@@ -242,11 +239,7 @@ fn a_control_socket_path_that_is_not_a_socket_is_left_alone() {
     let path = lab.socket();
     fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
     fs::write(&path, "precious").expect("write");
-    let config = PathBuf::from(lab.fact("STATE_DIR")).join("lbd.toml");
-    fs::write(&config, lab.config(1)).expect("write");
-    let output = lab.exec("NS_LB", &[LBD, "--config", config.to_str().expect("utf-8")]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = start_error(&lab, "lbd.toml", &lab.config(1));
     assert!(
         stderr.contains("exists and is not a socket; lbd removes only a socket"),
         "{stderr}"

@@ -445,6 +445,23 @@ impl Dataplane {
         Verdict::Transmit
     }
 
+    /// A frame no real server can take: to the service's `fallback` server (its address and
+    /// MAC) when it has a resolved one, else dropped. Returns the verdict and the address.
+    fn fallback_or_drop(
+        &mut self,
+        frame: &mut [u8],
+        service_index: u16,
+        fallback: Option<(std::net::Ipv4Addr, Option<[u8; 6]>)>,
+    ) -> (Verdict, Option<u32>) {
+        match fallback {
+            Some((ip, Some(mac))) => (
+                self.forward_to_fallback(frame, service_index, mac),
+                Some(u32::from(ip)),
+            ),
+            _ => (Verdict::Drop(DropReason::NoRealServer), None),
+        }
+    }
+
     /// A frame of service `service_index` that no known connection places. A TCP segment
     /// that opens a connection (SYN), a datagram, or a fragment is placed on the persisted or
     /// Maglev choice (the fallback server when no real server can take it) and a connection
@@ -498,34 +515,21 @@ impl Dataplane {
                 return (Verdict::Transmit, Some(ip));
             }
             // No real server holds it: where its connection began, the fallback server.
-            return match service.fallback {
-                Some((ip, Some(mac))) => (
-                    self.forward_to_fallback(frame, service_index, mac),
-                    Some(u32::from(ip)),
-                ),
-                _ => (Verdict::Drop(DropReason::NoRealServer), None),
-            };
+            let fallback = service.fallback;
+            return self.fallback_or_drop(frame, service_index, fallback);
         }
-        let persisted = match service.persistence {
-            Persistence::SourceIp => persisted_server(
-                service,
-                persistence,
-                client,
-                now_ms,
-                RealServerEntry::takes_persisted_clients,
-            ),
-            Persistence::None => None,
-        };
+        let persisted = persisted_server(
+            service,
+            persistence,
+            client,
+            now_ms,
+            RealServerEntry::takes_persisted_clients,
+        );
         let backend = persisted.or_else(|| hash_key.lookup(service.persistence, &service.table));
         let Some(backend) = backend else {
-            // No real server can take the client: the fallback server, when there is one.
-            return match service.fallback {
-                Some((ip, Some(mac))) => (
-                    self.forward_to_fallback(frame, service_index, mac),
-                    Some(u32::from(ip)),
-                ),
-                _ => (Verdict::Drop(DropReason::NoRealServer), None),
-            };
+            // No real server can take the client.
+            let fallback = service.fallback;
+            return self.fallback_or_drop(frame, service_index, fallback);
         };
         let Some(real_server) = service.real_servers.get(usize::from(backend)) else {
             return (Verdict::Drop(DropReason::NoRealServer), None);

@@ -340,6 +340,34 @@ pub fn as_unprivileged(in_group: bool, program: &Path, args: &[&str]) -> (i32, S
     )
 }
 
+/// `lbctl --json status`.
+pub fn status(lab: &Lab) -> lbd_proto::StatusReport {
+    let text = lbctl_ok(lab, &["--json", "status"]);
+    match serde_json::from_str::<lbd_proto::Reply>(&text) {
+        Ok(lbd_proto::Reply::Status(report)) => report,
+        other => panic!("lbctl --json status gave {other:?} from {text}"),
+    }
+}
+
+/// `lbctl --json stats`.
+pub fn stats(lab: &Lab) -> lbd_proto::StatsReport {
+    let text = lbctl_ok(lab, &["--json", "stats"]);
+    match serde_json::from_str::<lbd_proto::Reply>(&text) {
+        Ok(lbd_proto::Reply::Stats(report)) => *report,
+        other => panic!("lbctl --json stats gave {other:?} from {text}"),
+    }
+}
+
+/// Runs lbd in the balancer's namespace with `config` (written to STATE_DIR/`name`), which
+/// must make it fail to start; returns what it said.
+pub fn start_error(lab: &Lab, name: &str, config: &str) -> String {
+    let path = PathBuf::from(lab.fact("STATE_DIR")).join(name);
+    fs::write(&path, config).expect("write config");
+    let output = lab.exec("NS_LB", &[LBD, "--config", path.to_str().expect("utf-8")]);
+    assert!(!output.status.success(), "lbd started with {name}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Runs lbctl and insists on success, returning stdout.
 pub fn lbctl_ok(lab: &Lab, args: &[&str]) -> String {
     let (code, stdout, stderr) = lbctl(lab, args);
