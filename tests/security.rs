@@ -72,6 +72,8 @@ fn a_control_group_member_operates_the_balancer_and_gains_nothing_else() {
     );
     let gui = "Wowza GUI";
     let state = PathBuf::from(lab.fact("STATE_DIR"));
+    // A root-only config file, which an operator's save must leave root-only.
+    fs::set_permissions(state.join("lbd.toml"), fs::Permissions::from_mode(0o600)).expect("chmod");
 
     // What an operator does: a member by a supplementary group only (SO_PEERGROUPS).
     for args in [
@@ -133,7 +135,7 @@ fn a_control_group_member_operates_the_balancer_and_gains_nothing_else() {
     let saved = fs::metadata(state.join("lbd.toml")).expect("config");
     assert_eq!(
         (saved.uid(), saved.permissions().mode() & 0o777),
-        (0, 0o644)
+        (0, 0o600)
     );
     // Root may save elsewhere; a relative path is lbctl's directory's, not lbd's.
     let output = Command::new(common::lbctl_path())
@@ -144,6 +146,15 @@ fn a_control_group_member_operates_the_balancer_and_gains_nothing_else() {
         .expect("lbctl");
     assert!(output.status.success(), "{output:?}");
     assert!(state.join("relative.toml").exists());
+
+    // Were the socket opened to everybody, lbd itself still turns a non-member away.
+    fs::set_permissions(lab.socket(), fs::Permissions::from_mode(0o666)).expect("chmod");
+    let (code, _, stderr) = lbctl_as(&lab, false, &["status"]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("permission denied: uid 65534 is not root and not in the control group"),
+        "{stderr}"
+    );
 }
 
 #[test]

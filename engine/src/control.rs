@@ -69,8 +69,77 @@ pub enum Role {
     Operator,
 }
 
-/// Operator states of real servers, by (service label, real server label).
-type AdminStates = HashMap<(String, String), AdminState>;
+/// A real server's name: (service label, real server label).
+type ServerKey = (String, String);
+
+/// What operators set on real servers beyond the config: drain and halt, and the weight a
+/// server had before `set-weight 0` drained it (its connections that no table holds are still
+/// looked up with that weight). Follows renames; forgets removed servers.
+#[derive(Debug, Clone, Default)]
+struct OperatorStates {
+    admin: HashMap<ServerKey, AdminState>,
+    weight_before_zero: HashMap<ServerKey, u16>,
+}
+
+impl OperatorStates {
+    fn set(&mut self, key: ServerKey, state: AdminState) {
+        if state == AdminState::Online {
+            self.admin.remove(&key);
+        } else {
+            self.admin.insert(key, state);
+        }
+    }
+
+    fn state_of(&self, key: &ServerKey) -> ServerState {
+        ServerState {
+            admin: self.admin.get(key).copied().unwrap_or_default(),
+            weight_before_zero: self.weight_before_zero.get(key).copied().unwrap_or(0),
+            ..ServerState::default()
+        }
+    }
+
+    /// Moves what was set on the servers matching `from` to the key `to` gives them.
+    fn rename(&mut self, from: impl Fn(&ServerKey) -> bool, to: impl Fn(&ServerKey) -> ServerKey) {
+        fn moved<V>(
+            map: &mut HashMap<ServerKey, V>,
+            from: &dyn Fn(&ServerKey) -> bool,
+            to: &dyn Fn(&ServerKey) -> ServerKey,
+        ) {
+            let keys: Vec<ServerKey> = map.keys().filter(|k| from(k)).cloned().collect();
+            for key in keys {
+                if let Some(value) = map.remove(&key) {
+                    map.insert(to(&key), value);
+                }
+            }
+        }
+        moved(&mut self.admin, &from, &to);
+        moved(&mut self.weight_before_zero, &from, &to);
+    }
+
+    /// Keeps only the servers `config` has.
+    fn retain_servers_of(&mut self, config: &Config) {
+        let exists = |(s, r): &ServerKey| real_server_index(config, s, r).is_ok();
+        self.admin.retain(|key, _| exists(key));
+        self.weight_before_zero.retain(|key, _| exists(key));
+    }
+
+    /// Remembers the weight of each server that `new` gives weight 0 and `old` did not.
+    fn note_weights(&mut self, old: &Config, new: &Config) {
+        for service in &new.services {
+            for rs in &service.real_servers {
+                let key = (service.label.clone(), rs.label.clone());
+                if rs.weight > 0 {
+                    self.weight_before_zero.remove(&key);
+                } else if let Ok((s, r)) = real_server_index(old, &service.label, &rs.label)
+                    && old.services[s].real_servers[r].weight > 0
+                {
+                    self.weight_before_zero
+                        .insert(key, old.services[s].real_servers[r].weight);
+                }
+            }
+        }
+    }
+}
 
 /// The running configuration and what is needed to change it live.
 pub struct Control {
@@ -79,7 +148,7 @@ pub struct Control {
     own_mac: [u8; 6],
     snapshot: Arc<Snapshot>,
     ids: ServiceIds,
-    admin: AdminStates,
+    operator: OperatorStates,
     macs: HashMap<Ipv4Addr, [u8; 6]>,
     steering: Box<dyn VipSteering>,
     host: Box<dyn HostFacts>,
@@ -132,7 +201,7 @@ impl Control {
             own_mac,
             snapshot,
             ids,
-            admin: HashMap::new(),
+            operator: OperatorStates::default(),
             macs,
             steering,
             host,
@@ -186,12 +255,18 @@ impl Control {
         }
     }
 
-    /// Refuses what would let a control-group member run a command or write a file as root.
+    /// Refuses what would let a control-group member run a command or write a file as root,
+    /// or take over another host's address.
     fn operator_may(&self, command: &Command) -> Result<(), String> {
         const EXTERNAL: &str = "external health checks run commands as root: only root may set \
              them (the control group may use tcp, http and none)";
         match command {
             Command::AddVip { service } if has_external_check(service) => Err(EXTERNAL.to_owned()),
+            Command::AddVip { service } => self.operator_may_take(service.vip),
+            Command::EditVip {
+                changes: ServiceChanges { vip: Some(vip), .. },
+                ..
+            } => self.operator_may_take(*vip),
             Command::AddRip { real_server, .. } if rs_has_external_check(real_server) => {
                 Err(EXTERNAL.to_owned())
             }
@@ -202,6 +277,26 @@ impl Control {
                     self.config_path.display()
                 ))
             }
+            _ => Ok(()),
+        }
+    }
+
+    /// A VIP an operator may add: not the address of another host on the segment (one in
+    /// the neighbour table with another MAC), which lbd would then answer ARP for in its place.
+    fn operator_may_take(&self, vip: Ipv4Addr) -> Result<(), String> {
+        if self.config.services.iter().any(|s| s.vip == vip) {
+            return Ok(());
+        }
+        let neighbours = self
+            .host
+            .neighbours()
+            .map_err(|e| format!("cannot read the neighbour table to check {vip}: {e}"))?;
+        match neighbours.get(&vip) {
+            Some(&mac) if mac != self.own_mac => Err(format!(
+                "{vip} is another host's address on this segment (it answered ARP from {}): only \
+                 root may make it a VIP",
+                host::format_mac(mac)
+            )),
             _ => Ok(()),
         }
     }
@@ -221,10 +316,10 @@ impl Control {
                 let mut config = self.config.clone();
                 let index = service_index(&config, &label)?;
                 config.services.remove(index);
-                let mut admin = self.admin.clone();
-                admin.retain(|(service, _), _| service != &label);
+                let mut operator = self.operator.clone();
+                operator.retain_servers_of(&config);
                 let ids = self.ids.clone();
-                self.apply(config, admin, ids, format!("service {label:?} removed"))
+                self.apply(config, operator, ids, format!("service {label:?} removed"))
             }
             Command::AddRip {
                 service,
@@ -234,10 +329,10 @@ impl Control {
                 let index = service_index(&config, &service)?;
                 let label = real_server.label.clone();
                 config.services[index].real_servers.push(real_server);
-                let (admin, ids) = (self.admin.clone(), self.ids.clone());
+                let (operator, ids) = (self.operator.clone(), self.ids.clone());
                 self.apply(
                     config,
-                    admin,
+                    operator,
                     ids,
                     format!("real server {label:?} added to {service:?}"),
                 )
@@ -251,12 +346,12 @@ impl Control {
                 let mut config = self.config.clone();
                 let (s, r) = real_server_index(&config, &service, &label)?;
                 config.services[s].real_servers.remove(r);
-                let mut admin = self.admin.clone();
-                admin.remove(&(service.clone(), label.clone()));
+                let mut operator = self.operator.clone();
+                operator.retain_servers_of(&config);
                 let ids = self.ids.clone();
                 self.apply(
                     config,
-                    admin,
+                    operator,
                     ids,
                     format!("real server {label:?} removed from {service:?}"),
                 )
@@ -289,8 +384,8 @@ impl Control {
         let mut config = self.config.clone();
         let label = service.label.clone();
         config.services.push(service);
-        let (admin, ids) = (self.admin.clone(), self.ids.clone());
-        self.apply(config, admin, ids, format!("service {label:?} added"))
+        let (operator, ids) = (self.operator.clone(), self.ids.clone());
+        self.apply(config, operator, ids, format!("service {label:?} added"))
     }
 
     fn edit_vip(&mut self, label: &str, changes: ServiceChanges) -> Outcome {
@@ -300,19 +395,14 @@ impl Control {
         let mut config = self.config.clone();
         let index = service_index(&config, label)?;
         let service = &mut config.services[index];
-        let mut admin = self.admin.clone();
+        let mut operator = self.operator.clone();
         let mut ids = self.ids.clone();
         if let Some(new_label) = changes.label {
             // Operator states and the service's identity follow it to its new name.
-            let moved: Vec<_> = admin
-                .iter()
-                .filter(|((s, _), _)| s == label)
-                .map(|((_, rs), state)| (rs.clone(), *state))
-                .collect();
-            admin.retain(|(s, _), _| s != label);
-            for (rs, state) in moved {
-                admin.insert((new_label.clone(), rs), state);
-            }
+            operator.rename(
+                |(s, _)| s == label,
+                |(_, rs)| (new_label.clone(), rs.clone()),
+            );
             ids.rename(label, &new_label);
             service.label = new_label;
         }
@@ -334,7 +424,7 @@ impl Control {
         if let Some(size) = changes.table_size {
             service.table_size = size;
         }
-        self.apply(config, admin, ids, format!("service {label:?} changed"))
+        self.apply(config, operator, ids, format!("service {label:?} changed"))
     }
 
     fn edit_rip(&mut self, service: &str, label: &str, changes: RealServerChanges) -> Outcome {
@@ -344,11 +434,12 @@ impl Control {
         let mut config = self.config.clone();
         let (s, r) = real_server_index(&config, service, label)?;
         let rs = &mut config.services[s].real_servers[r];
-        let mut admin = self.admin.clone();
+        let mut operator = self.operator.clone();
         if let Some(new_label) = changes.label {
-            if let Some(state) = admin.remove(&(service.to_owned(), label.to_owned())) {
-                admin.insert((service.to_owned(), new_label.clone()), state);
-            }
+            operator.rename(
+                |(s, r)| s == service && r == label,
+                |(s, _)| (s.clone(), new_label.clone()),
+            );
             rs.label = new_label;
         }
         if let Some(ip) = changes.ip {
@@ -371,19 +462,15 @@ impl Control {
             None => format!("real server {label:?} of {service:?} changed"),
         };
         let ids = self.ids.clone();
-        self.apply(config, admin, ids, message)
+        self.apply(config, operator, ids, message)
     }
 
     fn set_admin(&mut self, service: &str, label: &str, state: AdminState, what: &str) -> Outcome {
         real_server_index(&self.config, service, label)?;
-        let mut admin = self.admin.clone();
-        if state == AdminState::Online {
-            admin.remove(&(service.to_owned(), label.to_owned()));
-        } else {
-            admin.insert((service.to_owned(), label.to_owned()), state);
-        }
+        let mut operator = self.operator.clone();
+        operator.set((service.to_owned(), label.to_owned()), state);
         let (config, ids) = (self.config.clone(), self.ids.clone());
-        self.apply(config, admin, ids, format!("{service}/{label} {what}"))
+        self.apply(config, operator, ids, format!("{service}/{label} {what}"))
     }
 
     fn reload(&mut self) -> Outcome {
@@ -395,13 +482,13 @@ impl Control {
             ));
         }
         // Operator states stay for the servers that are still there.
-        let mut admin = self.admin.clone();
-        admin.retain(|(s, r), _| real_server_index(&config, s, r).is_ok());
+        let mut operator = self.operator.clone();
+        operator.retain_servers_of(&config);
         let services = config.services.len();
         let ids = self.ids.clone();
         self.apply(
             config,
-            admin,
+            operator,
             ids,
             format!(
                 "reloaded {} ({services} service(s))",
@@ -426,12 +513,12 @@ impl Control {
         })
     }
 
-    /// Checks `config` and, if it is good, makes it (with `admin` and `ids`) the running
+    /// Checks `config` and, if it is good, makes it (with `operator` and `ids`) the running
     /// state: steering map, snapshot and workers. On any refusal nothing has changed.
     fn apply(
         &mut self,
         config: Config,
-        admin: AdminStates,
+        mut operator: OperatorStates,
         mut ids: ServiceIds,
         message: String,
     ) -> Outcome {
@@ -442,13 +529,14 @@ impl Control {
             format!("cannot read this host's addresses to check the change: {e}; nothing changed")
         })?;
         check_host_addresses(&config, &local).map_err(|e| format!("{e}; nothing changed"))?;
-        self.ask_for_new_macs(&config);
+        self.ask_for_missing_macs(&config);
         let old_vips = vip_set(&self.config);
         let new_vips = vip_set(&config);
         let leaving: Vec<Ipv4Addr> = old_vips.difference(&new_vips).copied().collect();
         let arriving: Vec<Ipv4Addr> = new_vips.difference(&old_vips).copied().collect();
         let generation = self.snapshot.generation + 1;
-        let snapshot = Arc::new(self.build(&config, &admin, &mut ids, generation));
+        operator.note_weights(&self.config, &config);
+        let snapshot = Arc::new(self.build(&config, &operator, &mut ids, generation));
 
         // Leaving VIPs stop being steered before the workers forget them...
         if let Err(error) = update_vips(&mut *self.steering, &leaving, &[]) {
@@ -462,19 +550,26 @@ impl Control {
             let mut running_ids = self.ids.clone();
             let restored = Arc::new(self.build(
                 &self.config.clone(),
-                &self.admin.clone(),
+                &self.operator.clone(),
                 &mut running_ids,
                 generation + 1,
             ));
-            self.publish(Arc::clone(&restored));
+            let restore_lagging = self.publish(Arc::clone(&restored));
             self.snapshot = restored;
-            return match update_vips(&mut *self.steering, &[], &leaving) {
-                Ok(()) => Err(format!("{error}; the change was undone, nothing changed")),
-                Err(again) => Err(format!(
-                    "{error}; the change was undone, but {again}: those VIPs get no traffic until \
-                     lbd restarts"
-                )),
-            };
+            let mut message = format!(
+                "{error}; the change had reached the workers and is undone (generation {}), \
+                 nothing changed",
+                self.snapshot.generation
+            );
+            if let Err(again) = update_vips(&mut *self.steering, &[], &leaving) {
+                message += &format!(", but {again}: those VIPs get no traffic until lbd restarts");
+            }
+            if !restore_lagging.is_empty() {
+                message += &format!(
+                    "; the worker(s) of queue(s) {restore_lagging:?} have not taken the undo yet"
+                );
+            }
+            return Err(message);
         }
         if !arriving.is_empty()
             && let Some(first) = self.workers.first()
@@ -484,7 +579,7 @@ impl Control {
                 .send(WorkerCommand::Announce(self.own_mac, arriving));
         }
         self.config = config;
-        self.admin = admin;
+        self.operator = operator;
         self.ids = ids;
         self.snapshot = snapshot;
         let checked: BTreeSet<(String, String)> =
@@ -499,7 +594,8 @@ impl Control {
             return Err(format!(
                 "{message} (generation {}), but the worker(s) of queue(s) {lagging:?} did not \
                  take it within {} ms: it is in force on the other workers and will be on those \
-                 when they next run; lbd may be overloaded",
+                 when they next run (until then they drop frames for VIPs it added); lbd may be \
+                 overloaded",
                 self.snapshot.generation,
                 self.apply_timeout.as_millis()
             ));
@@ -518,7 +614,7 @@ impl Control {
     fn republish(&mut self) {
         let generation = self.snapshot.generation + 1;
         let mut ids = self.ids.clone();
-        let snapshot = Arc::new(self.build(&self.config, &self.admin, &mut ids, generation));
+        let snapshot = Arc::new(self.build(&self.config, &self.operator, &mut ids, generation));
         self.publish(Arc::clone(&snapshot));
         self.snapshot = snapshot;
     }
@@ -526,7 +622,7 @@ impl Control {
     fn build(
         &self,
         config: &Config,
-        admin: &AdminStates,
+        operator: &OperatorStates,
         ids: &mut ServiceIds,
         generation: u64,
     ) -> Snapshot {
@@ -539,9 +635,9 @@ impl Control {
             |service, rs| {
                 let key = (service.to_owned(), rs.to_owned());
                 ServerState {
-                    admin: admin.get(&key).copied().unwrap_or_default(),
                     healthy: self.health.get(&key).up,
                     full: self.full.contains(&key),
+                    ..operator.state_of(&key)
                 }
             },
         )
@@ -592,9 +688,10 @@ impl Control {
         self.republish();
     }
 
-    /// Asks the kernel for the MACs of `config`'s real servers that lbd does not know yet,
-    /// without waiting: they take traffic once [`Control::refresh_neighbours`] learns them.
-    fn ask_for_new_macs(&mut self, config: &Config) {
+    /// Asks the kernel for the MACs of `config`'s real servers that lbd does not know (those a
+    /// change adds, and again those still missing), without waiting: they take traffic once
+    /// [`Control::refresh_neighbours`] learns them.
+    fn ask_for_missing_macs(&mut self, config: &Config) {
         let missing: Vec<Ipv4Addr> = addresses_to_resolve(config)
             .into_iter()
             .filter(|ip| !self.macs.contains_key(ip))
@@ -973,7 +1070,8 @@ pub fn check_host_addresses(config: &Config, local: &[(String, Ipv4Addr)]) -> Re
         let path = format!("service[{i}] {:?}", service.label);
         if let Some(interface) = owner(service.vip) {
             return Err(format!(
-                "{path}.vip: {} is an address of this host ({interface}); a VIP must be an                  address of its own",
+                "{path}.vip: {} is an address of this host ({interface}); a VIP must be an \
+                 address of its own",
                 service.vip
             ));
         }
@@ -981,13 +1079,15 @@ pub fn check_host_addresses(config: &Config, local: &[(String, Ipv4Addr)]) -> Re
             && let Some(interface) = owner(fallback)
         {
             return Err(format!(
-                "{path}.fallback: {fallback} is an address of this host ({interface}); the                  fallback must be another machine"
+                "{path}.fallback: {fallback} is an address of this host ({interface}); the \
+                 fallback must be another machine"
             ));
         }
         for (j, rs) in service.real_servers.iter().enumerate() {
             if let Some(interface) = owner(rs.ip) {
                 return Err(format!(
-                    "{path}.real_server[{j}].ip: {} is an address of this host ({interface}); a                      real server must be another machine",
+                    "{path}.real_server[{j}].ip: {} is an address of this host ({interface}); a \
+                     real server must be another machine",
                     rs.ip
                 ));
             }
@@ -1390,7 +1490,7 @@ mod tests {
         let refused = error_of(rig.control.handle(Command::Reload, Role::Root));
         assert!(
             refused.contains("adding VIP 198.18.0.101 to the steering map failed")
-                && refused.contains("the change was undone, nothing changed"),
+                && refused.contains("the change had reached the workers and is undone (generation 3), nothing changed"),
             "{refused}"
         );
         assert_eq!(rig.control.config(), &before);
@@ -1468,6 +1568,51 @@ mod tests {
     }
 
     #[test]
+    fn a_server_drained_by_weight_zero_keeps_its_weight_for_unknown_connections() {
+        let mut rig = rig(true);
+        let set_weight = |weight| Command::SetWeight {
+            service: "Wowza GUI".into(),
+            label: "Wowza Srv 1".into(),
+            weight,
+        };
+        done(rig.control.handle(set_weight(40), Role::Root));
+        done(rig.control.handle(set_weight(0), Role::Root));
+        let rs = &rig.control.snapshot().services[0].real_servers[0];
+        assert_eq!(
+            (rs.weight, rs.known_weight, rs.state_name()),
+            (0, 40, "drain")
+        );
+        // Renamed, it keeps it; back to a weight, it has that one.
+        done(rig.control.handle(
+            Command::EditRip {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into(),
+                changes: RealServerChanges {
+                    label: Some("Renamed".into()),
+                    ..RealServerChanges::default()
+                },
+            },
+            Role::Root,
+        ));
+        assert_eq!(
+            rig.control.snapshot().services[0].real_servers[0].known_weight,
+            40
+        );
+        done(rig.control.handle(
+            Command::SetWeight {
+                service: "Wowza GUI".into(),
+                label: "Renamed".into(),
+                weight: 70,
+            },
+            Role::Root,
+        ));
+        assert_eq!(
+            rig.control.snapshot().services[0].real_servers[0].known_weight,
+            70
+        );
+    }
+
+    #[test]
     fn an_operator_runs_no_command_and_writes_no_file_as_root() {
         let mut rig = rig(true);
         let external = HealthCheck {
@@ -1510,6 +1655,24 @@ mod tests {
         assert!(
             refused.contains("only root may save the configuration elsewhere"),
             "{refused}"
+        );
+        // Nor may an operator take over another host's address (the gateway, say).
+        rig.neighbours
+            .lock()
+            .expect("neighbours")
+            .insert(Ipv4Addr::new(198, 18, 0, 1), [2, 0, 0, 0, 0, 1]);
+        let hijack = error_of(rig.control.handle(
+            Command::AddVip {
+                service: service("Gateway", "198.18.0.1"),
+            },
+            Role::Operator,
+        ));
+        assert!(
+            hijack.contains(
+                "198.18.0.1 is another host's address on this segment (it answered ARP from \
+                 02:00:00:00:00:01): only root may make it a VIP"
+            ),
+            "{hijack}"
         );
         assert!(!elsewhere.exists());
         // What an operator does is done: a tcp-checked server, a drain, saving the started file.

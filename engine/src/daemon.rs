@@ -122,7 +122,7 @@ pub enum DaemonError {
         /// Its queue.
         queue: u32,
         /// What happened.
-        what: &'static str,
+        what: String,
     },
 }
 
@@ -244,7 +244,10 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     // VIPs are steered only once every worker runs (its fill ring holds frames): before that
     // the kernel would have nowhere to put them. One that does not start stops lbd.
     let deadline = Instant::now() + WORKER_START;
-    while links.iter().any(|l| l.applied.load(Ordering::Acquire) == 0) && Instant::now() < deadline
+    while links.iter().any(|l| l.applied.load(Ordering::Acquire) == 0)
+        && Instant::now() < deadline
+        && !stop.load(Ordering::Relaxed)
+        && !threads.iter().any(|(_, thread)| thread.is_finished())
     {
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -256,7 +259,13 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         let error = DaemonError::Worker {
             worker,
             queue: link.queue,
-            what: "did not start within 5 s",
+            what: if threads[worker].1.is_finished() {
+                "stopped while starting".to_owned()
+            } else if stop.load(Ordering::Relaxed) {
+                "was still starting when lbd was told to stop".to_owned()
+            } else {
+                format!("did not start within {} s", WORKER_START.as_secs())
+            },
         };
         stop.store(true, Ordering::Relaxed);
         join_workers(threads);
@@ -355,11 +364,14 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
                 control.enforce_limits();
             }
         }
-        if let Some(&(worker, _)) = threads.iter().find(|(_, thread)| thread.is_finished()) {
+        // (A worker that ends because lbd is stopping is no failure.)
+        if !stop.load(Ordering::Relaxed)
+            && let Some(&(worker, _)) = threads.iter().find(|(_, thread)| thread.is_finished())
+        {
             failure = Some(DaemonError::Worker {
                 worker,
                 queue: engine.queues[worker],
-                what: "stopped unexpectedly",
+                what: "stopped unexpectedly".to_owned(),
             });
             tracing::error!(worker, "worker stopped unexpectedly; stopping lbd");
             break;

@@ -11,7 +11,7 @@
 //!   client's MAC as source would teach the switch that the client lives on our port). The IP
 //!   packet is untouched, so the real server sees the client's address and answers it directly.
 //! - ICMP echo request (RFC 792) to a VIP: turned into the echo reply from the VIP, unless it
-//!   comes from an address no reply may go to (broadcast, multicast, the VIP itself).
+//!   comes from an address no reply may go to (broadcast, multicast, a VIP).
 //! - A connection is placed when it opens (a TCP SYN, or any UDP datagram) and recorded in the
 //!   flow table. A mid-connection TCP segment that no table knows (the entry was lost to a full
 //!   table, a restart) is placed as its connection most likely was: the client's persisted
@@ -19,8 +19,8 @@
 //!   nothing: spoofed segments cannot fill the tables or count as connections.
 //! - IP fragments: the first piece carries the ports and is placed like any datagram; the
 //!   fragment table then sends the later pieces (source, destination, protocol, IP ID) to the
-//!   same server. A later piece seen before its first follows the VIP and protocol when they
-//!   name a single service, and is dropped otherwise.
+//!   same server. A later piece whose first was not seen is dropped: nothing says where its
+//!   datagram went.
 //!
 //! The Ethernet and IPv4 headers, read for every frame, are checked by hand at fixed offsets
 //! (every read bounds-checked: a malformed frame is a counted drop, never a panic); ARP goes
@@ -37,7 +37,7 @@ use crate::flows::{
     FragmentTable, NO_FLAGS, PersistEntry, PersistenceTable, tcp_flags,
 };
 use crate::maglev::MaglevTable;
-use crate::snapshot::{FragmentRoute, RealServerEntry, ServiceEntry, Snapshot, service_key};
+use crate::snapshot::{RealServerEntry, ServiceEntry, Snapshot, service_key};
 use etherparse::{ArpPacketSlice, EtherType};
 use lbd_config::Persistence;
 use std::sync::Arc;
@@ -291,15 +291,24 @@ impl Dataplane {
             Ok(ip) => ip,
             Err(reason) => return Verdict::Drop(reason),
         };
+        // Out of line, these parse the header again: passing the parsed header on would make
+        // the per-frame path keep all of it in memory.
         if ip.protocol == IP_PROTO_ICMP {
-            return self.icmp(frame, &ip);
+            return self.icmp(frame);
         }
         if ip.fragmented {
-            return self.fragment(frame, &ip, now_ms);
+            return self.fragment(frame, now_ms);
         }
-        // A whole datagram: the transport header is there and says where it goes.
+        self.place(frame, &ip, now_ms).0
+    }
+
+    /// A whole datagram (or the first fragment of one: the transport header is there and says
+    /// where it goes): its known connection's server, else placed anew. Returns the verdict and
+    /// the address of the server it went to.
+    #[inline(always)]
+    fn place(&mut self, frame: &mut [u8], ip: &Ipv4, now_ms: u64) -> (Verdict, Option<u32>) {
         let Some(ports) = ip.ports else {
-            return Verdict::Drop(DropReason::Truncated);
+            return (Verdict::Drop(DropReason::Truncated), None);
         };
         let key = FlowKey {
             src: ip.src,
@@ -324,7 +333,7 @@ impl Dataplane {
                 .by_port
                 .get(&service_key(ip.dst, ip.protocol, ports as u16))
         else {
-            return Verdict::Drop(not_served(snapshot, ip.dst));
+            return (Verdict::Drop(not_served(snapshot, ip.dst)), None);
         };
         // A connection already known keeps its server while that server takes known clients.
         if let Some(service) = snapshot.services.get(usize::from(service_index))
@@ -344,52 +353,54 @@ impl Dataplane {
                 .get(usize::from(backend))
                 .and_then(|rs| rs.forward_header)
             else {
-                return Verdict::Drop(DropReason::NoRealServer);
+                return (Verdict::Drop(DropReason::NoRealServer), None);
             };
             forward(frame, counters, sent, service_index, backend, header);
-            return Verdict::Transmit;
+            return (Verdict::Transmit, Some(entry.real_server));
         }
-        self.new_connection(frame, service_index, now_ms).0
+        self.new_connection(frame, service_index, now_ms)
     }
 
-    /// A piece of a fragmented datagram. The first carries the ports: it finds its service and
-    /// server as a whole datagram would, and the choice is remembered for the rest. A later
-    /// piece follows its first; one that comes before it (or whose first was forgotten) goes
-    /// by VIP and protocol when they name one service.
+    /// A piece of a fragmented datagram. The first carries the transport header: it goes
+    /// where the whole datagram would (its connection's server, or placed anew), and the choice
+    /// is remembered for the rest, which follow it. A later piece whose first was not seen (it
+    /// came first, was lost, or was dropped) has nothing to say where it goes and is dropped.
     #[inline(never)]
-    fn fragment(&mut self, frame: &mut [u8], ip: &Ipv4, now_ms: u64) -> Verdict {
+    fn fragment(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
+        let ip = match Ipv4::parse(frame) {
+            Ok(ip) => ip,
+            Err(reason) => return Verdict::Drop(reason),
+        };
         let key = FragmentKey {
             src: ip.src,
             dst: ip.dst,
             id: ip.id,
             protocol: ip.protocol,
         };
-        if ip.first_fragment {
-            let service_index = match service_of(&self.snapshot, ip.dst, ip.protocol, ip.ports) {
-                Ok(index) => index,
-                Err(reason) => return Verdict::Drop(reason),
+        if !ip.first_fragment {
+            return match self.fragments.get(&key, now_ms) {
+                Some(first) => self.follow_first_fragment(frame, first),
+                None => Verdict::Drop(DropReason::FragmentUnmatched),
             };
-            let (verdict, chosen) = self.new_connection(frame, service_index, now_ms);
-            if let (Some(real_server), Some(service)) = (
-                chosen,
-                self.snapshot.services.get(usize::from(service_index)),
-            ) {
-                let entry = FragmentEntry {
-                    service: service.id,
-                    real_server,
-                    expires_ms: now_ms + FRAGMENT_TIMEOUT_MS,
-                };
-                self.fragments.insert(key, entry, now_ms);
-            }
-            return verdict;
         }
-        if let Some(entry) = self.fragments.get(&key, now_ms) {
-            return self.follow_first_fragment(frame, entry);
+        let (verdict, chosen) = self.place(frame, &ip, now_ms);
+        let service = ip
+            .ports
+            .and_then(|ports| {
+                self.snapshot
+                    .by_port
+                    .get(&service_key(ip.dst, ip.protocol, ports as u16))
+            })
+            .and_then(|&index| self.snapshot.services.get(usize::from(index)));
+        if let (Some(real_server), Some(service)) = (chosen, service) {
+            let entry = FragmentEntry {
+                service: service.id,
+                real_server,
+                expires_ms: now_ms + FRAGMENT_TIMEOUT_MS,
+            };
+            self.fragments.insert(key, entry, now_ms);
         }
-        match fragment_service(&self.snapshot, ip.dst, ip.protocol) {
-            Ok(service_index) => self.new_connection(frame, service_index, now_ms).0,
-            Err(reason) => Verdict::Drop(reason),
-        }
+        verdict
     }
 
     /// A later fragment, to where its datagram's first fragment went.
@@ -508,7 +519,7 @@ impl Dataplane {
             let backend = persisted.or_else(|| hash_key.lookup(service.persistence, table));
             let known = backend.and_then(|b| {
                 let rs = service.real_servers.get(usize::from(b))?;
-                Some((b, rs.forward_header?, u32::from(rs.ip))).filter(|_| rs.takes_known_clients())
+                Some((b, rs.forward_header?, u32::from(rs.ip)))
             });
             if let Some((backend, header, ip)) = known {
                 forward(frame, counters, sent, service_index, backend, header);
@@ -538,28 +549,24 @@ impl Dataplane {
             return (Verdict::Drop(DropReason::NoRealServer), None);
         };
         let real_server_ip = u32::from(real_server.ip);
-        let (state, timeout) = match flow {
-            Some((_, flags)) => FlowState::after(flags),
-            // A fragment: its datagram persists the client as a datagram flow would.
-            None => (FlowState::Datagram, 0),
-        };
+        let (state, timeout) = FlowState::after(u8::try_from(ip.tcp_flags).ok());
         // The client is persisted once its connection is under way (a datagram at once, a TCP
         // connection at the end of its handshake, by the known-connection path).
-        let persisted_until_ms = if service.persistence == Persistence::SourceIp && state.persists()
-        {
-            let until = now_ms + service.persistence_timeout_ms;
-            persistence.insert(
-                client,
-                PersistEntry {
-                    real_server: real_server_ip,
-                    expires_ms: until,
-                },
-                now_ms,
-            );
-            until
-        } else {
-            0
-        };
+        let persisted_until_ms =
+            if service.persistence == Persistence::SourceIp && state.is_active() {
+                let until = now_ms + service.persistence_timeout_ms;
+                persistence.insert(
+                    client,
+                    PersistEntry {
+                        real_server: real_server_ip,
+                        expires_ms: until,
+                    },
+                    now_ms,
+                );
+                until
+            } else {
+                0
+            };
         if let Some((key, _)) = flow {
             flows.insert(
                 key,
@@ -580,7 +587,11 @@ impl Dataplane {
 
     /// ICMP to a VIP: echo requests are answered, the rest dropped.
     #[inline(never)]
-    fn icmp(&mut self, frame: &mut [u8], ip: &Ipv4) -> Verdict {
+    fn icmp(&mut self, frame: &mut [u8]) -> Verdict {
+        let ip = match Ipv4::parse(frame) {
+            Ok(ip) => ip,
+            Err(reason) => return Verdict::Drop(reason),
+        };
         if !self.snapshot.vips.contains(&ip.dst) {
             return Verdict::Drop(DropReason::NotVip);
         }
@@ -588,15 +599,15 @@ impl Dataplane {
             return Verdict::Drop(DropReason::IcmpNotEcho);
         }
         // RFC 1122 3.2.2.6: no echo reply to a broadcast or multicast address; nor to an
-        // unspecified, loopback or class E source (3.2.1.3), nor to the VIP itself, which
-        // would send the reply back into the balancer.
+        // unspecified, loopback or class E source (3.2.1.3), nor to a VIP, which would send
+        // the reply back into the balancer.
         let source = std::net::Ipv4Addr::from(ip.src);
         if source.is_broadcast()
             || source.is_multicast()
             || source.is_unspecified()
             || source.is_loopback()
             || source.octets()[0] >= 240
-            || ip.src == ip.dst
+            || self.snapshot.vips.contains(&ip.src)
         {
             return Verdict::Drop(DropReason::IcmpBadSource);
         }
@@ -707,8 +718,14 @@ impl Ipv4 {
             u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
         };
         // `l4 <= l4_end <= frame.len()`: the transport part is there (its reads below are
-        // checked against its own length only).
-        let transport = frame.get(l4..l4_end).unwrap_or_default();
+        // checked against its own length only). A later fragment has no transport header:
+        // what sits there is data.
+        let first_fragment = flags_fragment & 0x1fff == 0;
+        let transport = if first_fragment {
+            frame.get(l4..l4_end).unwrap_or_default()
+        } else {
+            &[]
+        };
         let ports = transport
             .first_chunk::<4>()
             .map(|ports| u32::from_be_bytes(*ports));
@@ -723,7 +740,7 @@ impl Ipv4 {
             id: u16::from_be_bytes([header[field::IP_ID], header[field::IP_ID + 1]]),
             // The low 13 bits are the fragment offset, 0x2000 is "more fragments".
             fragmented: flags_fragment & 0x3fff != 0,
-            first_fragment: flags_fragment & 0x1fff == 0,
+            first_fragment,
             l4,
             l4_end,
             ports,
@@ -731,12 +748,9 @@ impl Ipv4 {
         })
     }
 
-    /// The connection a whole (unfragmented) datagram with ports belongs to, and its flags.
+    /// The connection a datagram (or its first fragment) with ports belongs to, and its flags.
     #[inline(always)]
     fn flow(&self) -> Option<(FlowKey, Option<u8>)> {
-        if self.fragmented {
-            return None;
-        }
         let key = FlowKey {
             src: self.src,
             dst: self.dst,
@@ -748,11 +762,11 @@ impl Ipv4 {
     }
 
     /// Whether the packet may open a connection: a UDP datagram (or other protocol without
-    /// TCP's states), a fragment, or a TCP segment with SYN and without ACK. A TCP segment too
-    /// short to hold its flags opens nothing.
+    /// TCP's states), or a TCP segment with SYN and without ACK. A TCP segment too short to
+    /// hold its flags opens nothing.
     #[inline]
     fn opens_connection(&self) -> bool {
-        if self.protocol != IP_PROTO_TCP || self.fragmented {
+        if self.protocol != IP_PROTO_TCP {
             return true;
         }
         match u8::try_from(self.tcp_flags) {
@@ -762,9 +776,8 @@ impl Ipv4 {
     }
 }
 
-/// What the Maglev tables hash for a packet: the client's address (source-IP persistence), the
-/// 5-tuple, or, for fragments and packets without ports, addresses and protocol (so that every
-/// piece of a datagram hashes alike).
+/// What the Maglev tables hash for a packet: the client's address (source-IP persistence), or
+/// the 5-tuple (addresses and protocol alone for a packet without ports).
 #[derive(Debug, Clone, Copy)]
 struct HashKey {
     bytes: [u8; 13],
@@ -777,13 +790,12 @@ impl HashKey {
         bytes[..4].copy_from_slice(&ip.src.to_be_bytes());
         bytes[4..8].copy_from_slice(&ip.dst.to_be_bytes());
         bytes[8] = ip.protocol;
-        let ports = if ip.fragmented { None } else { ip.ports };
-        if let Some(ports) = ports {
+        if let Some(ports) = ip.ports {
             bytes[9..13].copy_from_slice(&ports.to_be_bytes());
         }
         HashKey {
             bytes,
-            five_tuple: ports.is_some(),
+            five_tuple: ip.ports.is_some(),
         }
     }
 
@@ -795,34 +807,6 @@ impl HashKey {
             Persistence::None if self.five_tuple => table.lookup(&self.bytes),
             Persistence::None => table.lookup(&self.bytes[..9]),
         }
-    }
-}
-
-/// The service a first fragment is for: by VIP, protocol and port.
-fn service_of(
-    snapshot: &Snapshot,
-    dst: u32,
-    protocol: u8,
-    ports: Option<u32>,
-) -> Result<u16, DropReason> {
-    let Some(ports) = ports else {
-        return Err(DropReason::Truncated);
-    };
-    match snapshot
-        .by_port
-        .get(&service_key(dst, protocol, ports as u16))
-    {
-        Some(&index) => Ok(index),
-        None => Err(not_served(snapshot, dst)),
-    }
-}
-
-#[inline(never)]
-fn fragment_service(snapshot: &Snapshot, dst: u32, protocol: u8) -> Result<u16, DropReason> {
-    match snapshot.by_protocol.get(&(dst, protocol)) {
-        Some(FragmentRoute::Service(index)) => Ok(*index),
-        Some(FragmentRoute::Ambiguous) => Err(DropReason::FragmentUnmatched),
-        None => Err(not_served(snapshot, dst)),
     }
 }
 
@@ -861,7 +845,7 @@ fn known_backend(
         entry.expires_ms = expires_ms;
     }
     if service.persistence == Persistence::SourceIp
-        && state.persists()
+        && state.is_active()
         && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
     {
         renew_persistence(entry, persistence, service, client, now_ms);

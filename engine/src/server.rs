@@ -17,10 +17,11 @@
 use crate::control::{Control, Role};
 use lbd_proto::{MAX_REQUEST_BYTES, Response, decode_request, encode_line};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Group, Uid};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -112,13 +113,18 @@ impl ControlServer {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
             Err(error) => return Err(io("looking at the path")(error)),
         }
-        let listener = UnixListener::bind(path).map_err(io("binding"))?;
+        // The socket is born with its mode (the umask, for the bind alone: no other thread
+        // creates files while lbd starts) and given to the group without following a link, so
+        // nothing swapped in at the path in between can be changed through it.
         let mode = if group_id.is_some() { 0o660 } else { 0o600 };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(io("setting its mode"))?;
+        let umask = Mode::from_bits_truncate(0o777 & !mode);
+        let before = nix::sys::stat::umask(umask);
+        let bound = UnixListener::bind(path);
+        nix::sys::stat::umask(before);
+        let listener = bound.map_err(io("binding"))?;
         if let Some(gid) = group_id {
-            nix::unistd::chown(path, None, Some(gid))
-                .map_err(|e| io("giving it to the control group")(e.into()))?;
+            std::os::unix::fs::lchown(path, None, Some(gid.as_raw()))
+                .map_err(io("giving it to the control group"))?;
         }
         listener
             .set_nonblocking(true)
@@ -146,7 +152,10 @@ impl Drop for ControlServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // Only the socket: whatever else may have been put at the path since is left alone.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -337,5 +346,39 @@ fn serve_client(stream: UnixStream, control: &Weak<Mutex<Control>>, role: Role) 
         if writer.write_all(encode_line(&response).as_bytes()).is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_user_can_take_the_slots_kept_for_root() {
+        let mut clients = Clients::default();
+        // Three operators take what they may: 8 each, then 24 in all.
+        for uid in [1000, 1001, 1002] {
+            for _ in 0..MAX_CLIENTS_PER_USER {
+                assert_eq!(clients.admit(uid, Role::Operator), Ok(()));
+            }
+            assert!(clients.admit(uid, Role::Operator).is_err());
+        }
+        assert_eq!(clients.total, MAX_CLIENTS - RESERVED_FOR_ROOT);
+        assert_eq!(
+            clients.admit(1003, Role::Operator),
+            Err("too many control clients; try again")
+        );
+        // Root still gets in, up to the total.
+        for _ in 0..RESERVED_FOR_ROOT {
+            assert_eq!(clients.admit(0, Role::Root), Ok(()));
+        }
+        assert!(clients.admit(0, Role::Root).is_err());
+        // A slot freed is a slot again.
+        clients.leave(1000);
+        assert!(clients.admit(1003, Role::Root).is_ok());
+        assert_eq!(
+            clients.per_user.get(&1000),
+            Some(&(MAX_CLIENTS_PER_USER - 1))
+        );
     }
 }

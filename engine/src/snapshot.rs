@@ -162,15 +162,6 @@ impl ServiceIds {
     }
 }
 
-/// How non-first IP fragments of a VIP's protocol find their service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FragmentRoute {
-    /// Exactly one service serves this VIP and protocol.
-    Service(u16),
-    /// Several do; the port (in the first fragment only) would be needed to choose.
-    Ambiguous,
-}
-
 /// What the operator has set a real server to (`lbctl drain/halt/online`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AdminState {
@@ -192,6 +183,9 @@ pub struct ServerState {
     pub healthy: bool,
     /// At its `max_connections` (until it falls below `min_connections`).
     pub full: bool,
+    /// The weight it had before a weight of 0 drained it (0: none): the weight it keeps in the
+    /// table for connections no table holds ([`ServiceEntry::known_table`]).
+    pub weight_before_zero: u16,
 }
 
 impl Default for ServerState {
@@ -200,6 +194,7 @@ impl Default for ServerState {
             admin: AdminState::Online,
             healthy: true,
             full: false,
+            weight_before_zero: 0,
         }
     }
 }
@@ -234,6 +229,9 @@ pub struct RealServerEntry {
     pub healthy: bool,
     /// At its connection limit: no new connections, established ones go on.
     pub full: bool,
+    /// Its weight in the known-clients table: `weight`, or when that is 0 (a drain), the
+    /// weight it had before.
+    pub known_weight: u16,
 }
 
 impl RealServerEntry {
@@ -321,8 +319,6 @@ pub struct Snapshot {
     pub vips: HashSet<u32>,
     /// [`service_key`]`(VIP, protocol, port)` -> index into `services`.
     pub by_port: PortMap,
-    /// (VIP, protocol) -> service for non-first fragments.
-    pub by_protocol: HashMap<(u32, u8), FragmentRoute>,
     /// [`ServiceEntry::id`] -> index into `services`.
     pub by_id: HashMap<u32, u16>,
     /// Config order.
@@ -345,7 +341,6 @@ impl Snapshot {
         ids.sync(config);
         let mut vips = HashSet::new();
         let mut by_port = PortMap::default();
-        let mut by_protocol: HashMap<(u32, u8), FragmentRoute> = HashMap::new();
         let mut by_id = HashMap::new();
         let mut services = Vec::with_capacity(config.services.len());
         for (index, service) in config.services.iter().enumerate() {
@@ -356,10 +351,6 @@ impl Snapshot {
             for port in service.ports.iter() {
                 by_port.insert(service_key(vip, protocol, port), index);
             }
-            by_protocol
-                .entry((vip, protocol))
-                .and_modify(|route| *route = FragmentRoute::Ambiguous)
-                .or_insert(FragmentRoute::Service(index));
 
             let real_servers: Vec<RealServerEntry> = service
                 .real_servers
@@ -377,6 +368,11 @@ impl Snapshot {
                         admin: state.admin,
                         healthy: state.healthy,
                         full: state.full,
+                        known_weight: if rs.weight > 0 {
+                            rs.weight
+                        } else {
+                            state.weight_before_zero
+                        },
                     }
                 })
                 .collect();
@@ -385,17 +381,20 @@ impl Snapshot {
                 .enumerate()
                 .map(|(i, rs)| (u32::from(rs.ip), i as u16))
                 .collect();
-            let backends = |takes: fn(&RealServerEntry) -> bool| -> Vec<Backend> {
+            let backends = |takes: fn(&RealServerEntry) -> bool,
+                            weight: fn(&RealServerEntry) -> u16|
+             -> Vec<Backend> {
                 real_servers
                     .iter()
                     .map(|rs| Backend {
                         ip: rs.ip,
-                        weight: if takes(rs) { rs.weight } else { 0 },
+                        weight: if takes(rs) { weight(rs) } else { 0 },
                     })
                     .collect()
             };
-            let new_clients = backends(RealServerEntry::takes_new_clients);
-            let known_clients = backends(RealServerEntry::takes_known_clients);
+            let new_clients = backends(RealServerEntry::takes_new_clients, |rs| rs.weight);
+            let known_clients =
+                backends(RealServerEntry::takes_known_clients, |rs| rs.known_weight);
             let seed = config.engine.hash_seed;
             let id = ids.get(&service.label).unwrap_or(u32::MAX);
             by_id.insert(id, index);
@@ -419,7 +418,6 @@ impl Snapshot {
             own_mac,
             vips,
             by_port,
-            by_protocol,
             by_id,
             services,
         }

@@ -228,8 +228,26 @@ impl Rings for XskRings {
     }
 }
 
-/// `SO_PEERGROUPS` (Linux 4.13) in asm-generic/socket.h, the value on x86-64 and arm64.
+/// `SO_PEERGROUPS` (Linux 4.13) from asm-generic/socket.h (libc does not export it). Alpha,
+/// MIPS, PA-RISC and SPARC number it differently: lbd does not build there.
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "x86",
+    target_arch = "arm",
+    target_arch = "riscv64"
+))]
 const SO_PEERGROUPS: libc::c_int = 59;
+#[cfg(not(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "x86",
+    target_arch = "arm",
+    target_arch = "riscv64"
+)))]
+compile_error!(
+    "SO_PEERGROUPS has another number on this architecture: add it in engine/src/sys.rs"
+);
 
 /// The supplementary groups of the process at the other end of a connected unix socket, as
 /// the kernel recorded them when it connected (`SO_PEERGROUPS`): a fact of the connection,

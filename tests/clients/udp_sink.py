@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A UDP server for lbd's fragment tests: counts the datagrams it receives on --ports (the
 kernel hands it whole, reassembled datagrams only) for --seconds, then prints one JSON line:
-how many, and how many of each size."""
+how many datagrams of each size arrived on each port."""
 import argparse
 import json
 import select
@@ -14,20 +14,21 @@ def main():
     parser.add_argument("--ports", required=True, help="comma-separated")
     parser.add_argument("--seconds", type=float, required=True)
     args = parser.parse_args()
-    socks = []
+    socks = {}
     for port in args.ports.split(","):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind(("0.0.0.0", int(port)))
-        socks.append(sock)
+        socks[sock] = port
     print("ready", flush=True)
-    sizes = {}
+    received = {port: {} for port in socks.values()}
     deadline = time.monotonic() + args.seconds
     while (left := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select(socks, [], [], left)
+        readable, _, _ = select.select(list(socks), [], [], left)
         for sock in readable:
-            data = sock.recv(65535)
-            sizes[len(data)] = sizes.get(len(data), 0) + 1
-    print(json.dumps({"count": sum(sizes.values()), "sizes": sizes}))
+            size = str(len(sock.recv(65535)))
+            sizes = received[socks[sock]]
+            sizes[size] = sizes.get(size, 0) + 1
+    print(json.dumps(received))
 
 
 if __name__ == "__main__":

@@ -207,7 +207,8 @@ fn five_tuple_mode_spreads_one_client_by_port() {
 }
 
 #[test]
-fn fragments_of_a_source_ip_service_follow_the_client() {
+fn a_later_fragment_whose_first_was_not_seen_is_dropped() {
+    // Even where the VIP and protocol name one service: nothing says which datagram it is of.
     let config = Config::from_toml_str(&CONFIG.replace(
         "ports = \"8088\"\ntable_size",
         "ports = \"8088\"\nprotocol = \"udp\"\ntable_size",
@@ -215,11 +216,18 @@ fn fragments_of_a_source_ip_service_follow_the_client() {
     .expect("valid");
     let mut dp = dataplane_for(&config);
     let mut whole = tcp_frame(CLIENT, VIP, 40000, 1935);
-    dp.process_at0(&mut whole);
+    assert_eq!(dp.process_at0(&mut whole), Verdict::Transmit);
     let mut later = tcp_frame(CLIENT, VIP, 40000, 1935);
     make_fragment(&mut later, false, 100);
-    assert_eq!(dp.process_at0(&mut later), Verdict::Transmit);
-    assert_eq!(later[0..6], whole[0..6]);
+    assert_eq!(
+        dp.process_at0(&mut later),
+        Verdict::Drop(DropReason::FragmentUnmatched)
+    );
+    assert_eq!(
+        dp.persistence().len(),
+        0,
+        "a stray fragment persists nobody"
+    );
 }
 
 /// Sets the IP identification of a frame built above and fixes its header checksum.
@@ -277,35 +285,69 @@ fn later_fragments_follow_their_first_where_two_services_share_the_vip() {
 #[test]
 fn a_later_fragment_follows_its_first_across_a_change_of_servers() {
     let config = config();
-    let mut dp = dataplane_for(&config);
-    // A client of "Media UDP" (rs1 and rs2, per 5-tuple) sends a fragmented datagram...
-    let vip2 = [198, 18, 0, 101];
-    let mut first = udp_frame(CLIENT, vip2, 999, 5005);
-    set_ip_id(&mut first, 42);
-    make_fragment(&mut first, true, 0);
-    assert_eq!(dp.process(&mut first, 0), Verdict::Transmit);
-    let chosen: [u8; 6] = first[0..6].try_into().expect("mac");
-    // ...a third server arrives between its pieces (its table shifts), and the rest follows.
-    // (CONFIG ends with "Media UDP": the server joins it.)
+    // (CONFIG ends with "Media UDP", per 5-tuple: rs3 joins it.)
     let with_rs3 = format!(
         "{CONFIG}\n[[service.real_server]]\nlabel = \"rs3\"\nip = \"198.18.0.13\"\nmac = \"02:00:00:00:00:13\"\n"
     );
-    let changed = Config::from_toml_str(&with_rs3).expect("valid");
-    let snapshot = Snapshot::build(
-        &changed,
+    let changed = Arc::new(Snapshot::build(
+        &Config::from_toml_str(&with_rs3).expect("valid"),
         &mut ServiceIds::default(),
         OWN_MAC,
         2,
         |ip| (ip == Ipv4Addr::new(198, 18, 0, 11)).then_some(RS1_MAC),
         |_, _| AdminState::Online,
-    );
-    dp.set_snapshot(Arc::new(snapshot));
+    ));
+    let vip2 = [198, 18, 0, 101];
+    let first_of = |sport: u16| {
+        let mut first = udp_frame(CLIENT, vip2, sport, 5005);
+        set_ip_id(&mut first, 42);
+        make_fragment(&mut first, true, 0);
+        first
+    };
+    // A datagram whose server the change moves.
+    let server = |dp: &mut Dataplane, mut frame: Vec<u8>| {
+        assert_eq!(dp.process(&mut frame, 0), Verdict::Transmit);
+        <[u8; 6]>::try_from(&frame[0..6]).expect("mac")
+    };
+    let sport = (1000..3000u16)
+        .find(|&p| {
+            let mut after = dataplane_for(&config);
+            after.set_snapshot(Arc::clone(&changed));
+            server(&mut dataplane_for(&config), first_of(p)) != server(&mut after, first_of(p))
+        })
+        .expect("some datagram moves");
+    let mut dp = dataplane_for(&config);
+    let chosen = server(&mut dp, first_of(sport));
+    dp.set_snapshot(changed);
     for offset in [3, 6, 9] {
-        let mut later = udp_frame(CLIENT, vip2, 999, 5005);
+        let mut later = udp_frame(CLIENT, vip2, sport, 5005);
         set_ip_id(&mut later, 42);
         make_fragment(&mut later, offset != 9, offset);
         assert_eq!(dp.process(&mut later, 1), Verdict::Transmit);
         assert_eq!(later[0..6], chosen, "offset {offset}");
+    }
+}
+
+#[test]
+fn a_fragmented_segment_of_a_known_connection_goes_to_its_server() {
+    // "Media UDP" places each 5-tuple on its own; its flows are known once seen.
+    let config = config();
+    let vip2 = [198, 18, 0, 101];
+    for sport in 1000..1040u16 {
+        let mut dp = dataplane_for(&config);
+        let mut whole = udp_frame(CLIENT, vip2, sport, 5005);
+        assert_eq!(dp.process(&mut whole, 0), Verdict::Transmit);
+        // A later, larger datagram of the same flow arrives in two fragments.
+        let mut first = udp_frame(CLIENT, vip2, sport, 5005);
+        set_ip_id(&mut first, 9);
+        make_fragment(&mut first, true, 0);
+        let mut later = udp_frame(CLIENT, vip2, sport, 5005);
+        set_ip_id(&mut later, 9);
+        make_fragment(&mut later, false, 2);
+        assert_eq!(dp.process(&mut first, 5), Verdict::Transmit);
+        assert_eq!(dp.process(&mut later, 5), Verdict::Transmit);
+        assert_eq!(first[0..6], whole[0..6], "port {sport}");
+        assert_eq!(later[0..6], whole[0..6], "port {sport}");
     }
 }
 
@@ -988,6 +1030,39 @@ mac = "02:00:00:00:00:12"
                 );
                 assert_eq!(fresh, Some(RS2_MAC), "{persistence}: new client {client}");
             }
+        }
+    }
+
+    #[test]
+    fn a_server_drained_by_weight_zero_keeps_connections_that_no_table_holds() {
+        use crate::snapshot::ServerState;
+        let text = TWO.replace("PERSISTENCE", "none");
+        let mut before = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
+        let servers = open_all(&mut before, 1_000);
+        // `set-weight rs1 0`: the control side remembers rs1's weight (100) for this table.
+        let zero = text.replace(
+            "ip = \"198.18.0.11\"\n",
+            "ip = \"198.18.0.11\"\nweight = 0\n",
+        );
+        let drained = Snapshot::build(
+            &Config::from_toml_str(&zero).expect("valid"),
+            &mut ServiceIds::default(),
+            OWN_MAC,
+            2,
+            |_| None,
+            |_, rs| ServerState {
+                weight_before_zero: if rs == "rs1" { 100 } else { 0 },
+                ..ServerState::default()
+            },
+        );
+        assert_eq!(drained.services[0].real_servers[0].state_name(), "drain");
+        let mut after = Dataplane::new(Arc::new(drained), TableSizes::default());
+        for client in 1..=100u8 {
+            assert_eq!(
+                server_of(&mut after, ack(client), 2_000),
+                Some(servers[usize::from(client) - 1]),
+                "client {client}"
+            );
         }
     }
 
