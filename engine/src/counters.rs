@@ -28,8 +28,8 @@ pub enum DropReason {
     NotVip,
     /// VIP matches, but no service serves this protocol and port.
     PortNotServed,
-    /// A non-first IP fragment whose first fragment was not seen (or is forgotten), for a VIP
-    /// with several services of its protocol: the port that would choose one is in the first
+    /// A non-first IP fragment whose first fragment was not seen (it came first, was lost or
+    /// dropped, or is forgotten): the ports that say where its datagram goes are in the first
     /// fragment only.
     FragmentUnmatched,
     /// ICMP to a VIP that is not an echo request (or is fragmented).

@@ -17,6 +17,12 @@ def main():
     socks = {}
     for port in args.ports.split(","):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Room for every datagram of a burst even when this process is slow to run (as root,
+        # past net.core.rmem_max).
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), 8 << 20)
+        except OSError:
+            pass
         sock.bind(("0.0.0.0", int(port)))
         socks[sock] = port
     print("ready", flush=True)
