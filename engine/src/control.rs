@@ -125,16 +125,26 @@ impl OperatorStates {
 
     /// Remembers the weight of each server that `new` gives weight 0 and `old` did not.
     fn note_weights(&mut self, old: &Config, new: &Config) {
+        let old_weights: HashMap<(&str, &str), u16> = old
+            .services
+            .iter()
+            .flat_map(|s| {
+                s.real_servers
+                    .iter()
+                    .map(move |rs| ((s.label.as_str(), rs.label.as_str()), rs.weight))
+            })
+            .collect();
         for service in &new.services {
             for rs in &service.real_servers {
                 let key = (service.label.clone(), rs.label.clone());
-                if rs.weight > 0 {
-                    self.weight_before_zero.remove(&key);
-                } else if let Ok((s, r)) = real_server_index(old, &service.label, &rs.label)
-                    && old.services[s].real_servers[r].weight > 0
-                {
-                    self.weight_before_zero
-                        .insert(key, old.services[s].real_servers[r].weight);
+                match old_weights.get(&(service.label.as_str(), rs.label.as_str())) {
+                    _ if rs.weight > 0 => {
+                        self.weight_before_zero.remove(&key);
+                    }
+                    Some(&before) if before > 0 => {
+                        self.weight_before_zero.insert(key, before);
+                    }
+                    _ => {}
                 }
             }
         }
