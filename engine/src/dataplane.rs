@@ -104,8 +104,6 @@ pub struct Dataplane {
     /// The snapshot's own MAC as [`mac_word`] gives it for a frame sent to it.
     own_mac_word: u64,
     counters: Counters,
-    /// What the last [`Verdict::Transmit`] was counted as.
-    sent: Sent,
     flows: FlowTable,
     persistence: PersistenceTable,
     fragments: FragmentTable,
@@ -137,7 +135,6 @@ impl Dataplane {
             own_mac_word: own_mac_word(snapshot.own_mac),
             snapshot,
             counters,
-            sent: Sent::ArpReply,
             flows: FlowTable::new(sizes.flows),
             persistence: PersistenceTable::new(sizes.persistent_clients),
             fragments: FragmentTable::new(FRAGMENT_TABLE_SIZE),
@@ -159,10 +156,59 @@ impl Dataplane {
         &self.fragments
     }
 
-    /// What the last frame passed for transmission was counted as: a driver that cannot send
-    /// it gives this to [`Counters::unsend`].
-    pub fn last_sent(&self) -> Sent {
-        self.sent
+    /// Takes back the count of a frame that [`Dataplane::process`] passed for transmission
+    /// (its bytes as they left `process`) but that could not be sent after all: the driver then
+    /// counts it as dropped, so that every frame ends in exactly one counter. What it was
+    /// counted as is read back from the frame (the reply's EtherType and protocol, a forwarded
+    /// frame's service and destination MAC), so the packet path records nothing for the rare
+    /// frame that finds the TX ring full. Call it before the next snapshot is taken.
+    #[cold]
+    pub fn unsend(&mut self, frame: &[u8], now_ms: u64) {
+        if let Some(sent) = self.what_was_sent(frame, now_ms) {
+            self.counters.unsend(sent, frame.len());
+        }
+    }
+
+    fn what_was_sent(&self, frame: &[u8], now_ms: u64) -> Option<Sent> {
+        let eth = frame.first_chunk::<{ field::ETH_HEADER_LEN }>()?;
+        if [eth[12], eth[13]] == EtherType::ARP.0.to_be_bytes() {
+            return Some(Sent::ArpReply);
+        }
+        let ip = Ipv4::parse(frame).ok()?;
+        if ip.protocol == IP_PROTO_ICMP {
+            return Some(Sent::EchoReply);
+        }
+        let snapshot = &*self.snapshot;
+        let service_index = if ip.first_fragment {
+            *snapshot
+                .by_port
+                .get(&service_key(ip.dst, ip.protocol, ip.ports? as u16))?
+        } else {
+            let key = FragmentKey {
+                src: ip.src,
+                dst: ip.dst,
+                id: ip.id,
+                protocol: ip.protocol,
+            };
+            *snapshot
+                .by_id
+                .get(&self.fragments.get(&key, now_ms)?.service)?
+        };
+        let service = snapshot.services.get(usize::from(service_index))?;
+        let mac = frame.get(field::ETH_DST)?;
+        match service
+            .real_servers
+            .iter()
+            .position(|rs| rs.mac.as_ref().map(|m| &m[..]) == Some(mac))
+        {
+            Some(real_server) => Some(Sent::Forward {
+                service: service_index,
+                real_server: u16::try_from(real_server).ok()?,
+            }),
+            None => Some(Sent::Fallback {
+                service: service_index,
+            }),
+        }
     }
 
     /// This worker's counters.
@@ -279,7 +325,6 @@ impl Dataplane {
         frame.copy_within(field::ETH_SRC, field::ETH_DST.start);
         frame[field::ETH_SRC].copy_from_slice(&own);
         self.counters.arp_replies += 1;
-        self.sent = Sent::ArpReply;
         Verdict::Transmit
     }
 
@@ -319,7 +364,6 @@ impl Dataplane {
         let Dataplane {
             snapshot,
             counters,
-            sent,
             flows,
             persistence,
             ..
@@ -355,7 +399,7 @@ impl Dataplane {
             else {
                 return (Verdict::Drop(DropReason::NoRealServer), None);
             };
-            forward(frame, counters, sent, service_index, backend, header);
+            forward(frame, counters, service_index, backend, header);
             return (Verdict::Transmit, Some(entry.real_server));
         }
         self.new_connection(frame, service_index, now_ms)
@@ -422,14 +466,7 @@ impl Dataplane {
             .get(usize::from(backend))
             .and_then(|rs| rs.forward_header)
         {
-            forward(
-                frame,
-                &mut self.counters,
-                &mut self.sent,
-                service_index,
-                backend,
-                header,
-            );
+            forward(frame, &mut self.counters, service_index, backend, header);
             return Verdict::Transmit;
         }
         match service.fallback {
@@ -450,9 +487,6 @@ impl Dataplane {
         rewrite_macs(frame, mac, self.snapshot.own_mac);
         self.counters
             .forward_fallback(usize::from(service_index), frame.len());
-        self.sent = Sent::Fallback {
-            service: service_index,
-        };
         Verdict::Transmit
     }
 
@@ -494,7 +528,6 @@ impl Dataplane {
         let Dataplane {
             snapshot,
             counters,
-            sent,
             flows,
             persistence,
             ..
@@ -522,7 +555,7 @@ impl Dataplane {
                 Some((b, rs.forward_header?, u32::from(rs.ip)))
             });
             if let Some((backend, header, ip)) = known {
-                forward(frame, counters, sent, service_index, backend, header);
+                forward(frame, counters, service_index, backend, header);
                 return (Verdict::Transmit, Some(ip));
             }
             // No real server holds it: where its connection began, the fallback server.
@@ -581,7 +614,7 @@ impl Dataplane {
                 now_ms,
             );
         }
-        forward(frame, counters, sent, service_index, backend, header);
+        forward(frame, counters, service_index, backend, header);
         (Verdict::Transmit, Some(real_server_ip))
     }
 
@@ -645,7 +678,6 @@ impl Dataplane {
         frame.copy_within(field::ETH_SRC, field::ETH_DST.start);
         frame[field::ETH_SRC].copy_from_slice(&self.snapshot.own_mac);
         self.counters.icmp_echo_replies += 1;
-        self.sent = Sent::EchoReply;
         Verdict::Transmit
     }
 }
@@ -718,14 +750,9 @@ impl Ipv4 {
             u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
         };
         // `l4 <= l4_end <= frame.len()`: the transport part is there (its reads below are
-        // checked against its own length only). A later fragment has no transport header:
-        // what sits there is data.
-        let first_fragment = flags_fragment & 0x1fff == 0;
-        let transport = if first_fragment {
-            frame.get(l4..l4_end).unwrap_or_default()
-        } else {
-            &[]
-        };
+        // checked against its own length only). In a later fragment it is data, not a
+        // transport header: such a fragment is never placed by its "ports".
+        let transport = frame.get(l4..l4_end).unwrap_or_default();
         let ports = transport
             .first_chunk::<4>()
             .map(|ports| u32::from_be_bytes(*ports));
@@ -740,7 +767,7 @@ impl Ipv4 {
             id: u16::from_be_bytes([header[field::IP_ID], header[field::IP_ID + 1]]),
             // The low 13 bits are the fragment offset, 0x2000 is "more fragments".
             fragmented: flags_fragment & 0x3fff != 0,
-            first_fragment,
+            first_fragment: flags_fragment & 0x1fff == 0,
             l4,
             l4_end,
             ports,
@@ -907,12 +934,11 @@ fn own_mac_word(mac: [u8; 6]) -> u64 {
 }
 
 /// Direct Routing to real server `backend` of service `service_index`: its Ethernet header
-/// written, the frame counted and what it was counted as noted.
+/// written, the frame counted.
 #[inline(always)]
 fn forward(
     frame: &mut [u8],
     counters: &mut Counters,
-    sent: &mut Sent,
     service_index: u16,
     backend: u16,
     header: [u8; 12],
@@ -923,10 +949,6 @@ fn forward(
         usize::from(backend),
         frame.len(),
     );
-    *sent = Sent::Forward {
-        service: service_index,
-        real_server: backend,
-    };
 }
 
 /// Direct Routing: the Ethernet addresses of [`RealServerEntry::forward_header`], the IP

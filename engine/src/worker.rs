@@ -49,6 +49,15 @@ pub trait Rings {
     }
 }
 
+/// What a TX batch holds, for the frames the ring has no room for.
+#[derive(Debug, Clone, Copy)]
+enum Unsent {
+    /// Received frames the dataplane passed at `now_ms`: each is a drop, its count taken back.
+    Received(u64),
+    /// Frames the worker wrote (gratuitous ARP): not sent after all.
+    Generated,
+}
+
 /// Wake-and-retry rounds for a batch that found the TX ring full before its rest is recycled.
 const MAX_TX_RETRIES: usize = 4;
 
@@ -142,8 +151,6 @@ pub struct Worker<R: Rings> {
     in_tx: usize,
     rx_batch: Vec<R::Desc>,
     tx_batch: Vec<R::Desc>,
-    /// Per frame of `tx_batch`: what it was counted as, and its length.
-    tx_counted: Vec<(Sent, usize)>,
     idle_polls: u32,
 }
 
@@ -167,7 +174,6 @@ impl<R: Rings> Worker<R> {
             in_tx: 0,
             rx_batch: Vec::new(),
             tx_batch: Vec::with_capacity(batch_size),
-            tx_counted: Vec::with_capacity(batch_size),
             idle_polls: 0,
         };
         // Ring reads overwrite these; they only give the batch its length.
@@ -211,18 +217,15 @@ impl<R: Rings> Worker<R> {
         for i in 0..received {
             let mut desc = self.rx_batch[i];
             let dataplane = &mut self.dataplane;
-            let (verdict, len) = self.rings.with_payload(&mut desc, |frame| {
-                (dataplane.process(frame, now_ms), frame.len())
-            });
+            let verdict = self
+                .rings
+                .with_payload(&mut desc, |frame| dataplane.process(frame, now_ms));
             match verdict {
-                Verdict::Transmit => {
-                    self.tx_batch.push(desc);
-                    self.tx_counted.push((self.dataplane.last_sent(), len));
-                }
+                Verdict::Transmit => self.tx_batch.push(desc),
                 Verdict::Drop(_) => self.free.push(desc),
             }
         }
-        self.flush_tx();
+        self.flush_tx(Unsent::Received(now_ms));
         self.refill();
         received
     }
@@ -333,13 +336,12 @@ impl<R: Rings> Worker<R> {
             let len = write_gratuitous_arp(&mut buf, mac, vip.octets());
             self.rings.write(&mut desc, &buf[..len]);
             self.tx_batch.push(desc);
-            self.tx_counted.push((Sent::GratuitousArp, len));
             self.dataplane.counters_mut().gratuitous_arps += 1;
             if self.tx_batch.len() == self.settings.batch_size {
-                self.flush_tx();
+                self.flush_tx(Unsent::Generated);
             }
         }
-        self.flush_tx();
+        self.flush_tx(Unsent::Generated);
     }
 
     fn reclaim(&mut self) {
@@ -357,7 +359,9 @@ impl<R: Rings> Worker<R> {
         self.in_tx -= done;
     }
 
-    fn flush_tx(&mut self) {
+    /// Queues the TX batch; what the ring has no room for is recycled and counted as `unsent`
+    /// says.
+    fn flush_tx(&mut self, unsent: Unsent) {
         if self.tx_batch.is_empty() {
             return;
         }
@@ -380,16 +384,19 @@ impl<R: Rings> Worker<R> {
         }
         // What did not fit is recycled: its count is taken back and the drop counted instead,
         // so that every received frame ends in exactly one counter.
-        let counters = self.dataplane.counters_mut();
-        for &(what, len) in self.tx_counted.get(sent..).unwrap_or_default() {
-            counters.unsend(what, len);
-            if what != Sent::GratuitousArp {
-                counters.drop(DropReason::TxRingFull);
+        for mut desc in self.tx_batch.drain(sent..) {
+            match unsent {
+                Unsent::Received(now_ms) => {
+                    let dataplane = &mut self.dataplane;
+                    self.rings
+                        .with_payload(&mut desc, |frame| dataplane.unsend(frame, now_ms));
+                    dataplane.counters_mut().drop(DropReason::TxRingFull);
+                }
+                Unsent::Generated => self.dataplane.counters_mut().unsend(Sent::GratuitousArp, 0),
             }
+            self.free.push(desc);
         }
-        self.free.extend(self.tx_batch.drain(sent..));
         self.tx_batch.clear();
-        self.tx_counted.clear();
     }
 
     fn refill(&mut self) {

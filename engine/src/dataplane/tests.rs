@@ -1189,3 +1189,55 @@ fn the_fallback_server_takes_new_clients_only_when_no_real_server_can() {
         Verdict::Drop(DropReason::NoRealServer)
     );
 }
+
+#[test]
+fn a_frame_that_is_not_sent_after_all_is_taken_back_from_its_counter() {
+    let mut dp = dataplane();
+    let vip2 = [198, 18, 0, 101];
+    let mut first = udp_frame(CLIENT, vip2, 999, 5005);
+    set_ip_id(&mut first, 77);
+    make_fragment(&mut first, true, 0);
+    let mut later = udp_frame(CLIENT, vip2, 999, 5005);
+    set_ip_id(&mut later, 77);
+    make_fragment(&mut later, false, 3);
+    let frames = [
+        arp_request(BROADCAST, CLIENT, VIP),
+        icmp_echo(VIP),
+        tcp_frame(CLIENT, VIP, 40000, 1935),
+        tcp_frame(CLIENT, VIP, 40000, 8088),
+        first,
+        later,
+    ];
+    for (i, mut frame) in frames.into_iter().enumerate() {
+        let before = dp.counters().clone();
+        assert_eq!(dp.process(&mut frame, 10), Verdict::Transmit, "frame {i}");
+        dp.unsend(&frame, 10);
+        let mut expected = before;
+        expected.rx_frames += 1;
+        assert_eq!(dp.counters(), &expected, "frame {i}");
+    }
+    // The fallback server's frames too.
+    let text = CONFIG.replace(
+        "ports = \"1935\"\nprotocol = \"tcp\"",
+        "ports = \"1935\"\nprotocol = \"tcp\"\nfallback = \"198.18.0.50\"",
+    );
+    let config = Config::from_toml_str(&text).expect("valid");
+    let halted = Snapshot::build(
+        &config,
+        &mut ServiceIds::default(),
+        OWN_MAC,
+        1,
+        |ip| (ip.octets()[3] == 50).then_some([2, 0, 0, 0, 0, 0x50]),
+        |_, _| AdminState::Halt,
+    );
+    let mut dp = Dataplane::new(Arc::new(halted), TableSizes::default());
+    let mut frame = tcp_frame(CLIENT, VIP, 1, 1935);
+    assert_eq!(dp.process(&mut frame, 0), Verdict::Transmit);
+    assert_eq!(dp.counters().fallback, 1);
+    dp.unsend(&frame, 0);
+    assert_eq!(
+        (dp.counters().fallback, dp.counters().forwarded.packets),
+        (0, 0)
+    );
+    assert_eq!(dp.counters().services[0].total.packets, 0);
+}
