@@ -559,8 +559,8 @@ impl Control {
             // are steered again.
             let mut running_ids = self.ids.clone();
             let restored = Arc::new(self.build(
-                &self.config.clone(),
-                &self.operator.clone(),
+                &self.config,
+                &self.operator,
                 &mut running_ids,
                 generation + 1,
             ));
