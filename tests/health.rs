@@ -71,7 +71,7 @@ fn a_dead_server_leaves_within_fall_checks_and_returns_after_rise() {
     let (interval_ms, fall, rise) = (300u64, 2u64, 2u64);
     let config = format!(
         "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
-         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\npersistence_timeout_s = 1\n\n\
+         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\npersistence_timeout_s = 2\n\n\
          [service.health_check]\nkind = \"tcp\"\ninterval_ms = {interval_ms}\ntimeout_ms = 200\nrise = {rise}\nfall = {fall}\n\n\
          [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{}\"\n\n\
          [[service.real_server]]\nlabel = \"Wowza Srv 2\"\nip = \"{}\"\n",
@@ -284,14 +284,41 @@ fn drain_keeps_open_connections_and_halt_ends_them() {
         .collect();
     assert!(on_rs1.len() >= 3, "{placement:?}");
     let (long_lived, fresh) = (&on_rs1[..2], &on_rs1[2..]);
+    // (They were all just seen: fresh[0]'s persistence runs out during the drain below.)
 
-    // Drain: the open connections to rs1 go on; new clients, even rs1's own, go to rs2.
-    let (ok, summary) = keepalive_while(&lab, long_lived, fresh, 5, || {
+    // Drain (the README's rule): the open connections to rs1 go on, and so do rs1's persisted
+    // clients while their persistence lasts; once it has run out, they go elsewhere.
+    let (ok, summary) = keepalive_while(&lab, long_lived, &[], 3, || {
         lbctl_ok(&lab, &["drain", "Wowza GUI", "Wowza Srv 1"]);
     });
     assert!(ok, "drain broke an open connection: {summary}");
     assert_eq!(summary["servers"], serde_json::json!(["rs1"]), "{summary}");
-    std::thread::sleep(Duration::from_millis(1500)); // the 1 s persistence runs out
+    let server_of = |source: &str| {
+        let output = lab.exec(
+            "NS_CLIENT",
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "3",
+                "--interface",
+                source,
+                &format!("http://{VIP}:8088/"),
+            ],
+        );
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    // A client whose connection just ended is persisted for 2 s more: it comes back to rs1.
+    assert!(
+        server_of(&long_lived[0]).contains("server=rs1"),
+        "a persisted client stays on a drained server"
+    );
+    // One of rs1's that has not been seen for over 2 s is a new client: it goes to rs2.
+    assert!(
+        server_of(&fresh[0]).contains("server=rs2"),
+        "a drained server takes no new client"
+    );
+    std::thread::sleep(Duration::from_millis(2500)); // every persistence runs out
     for (client, server) in servers_by_client(&lab) {
         assert_eq!(
             server, "rs2",

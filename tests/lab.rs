@@ -130,6 +130,41 @@ fn http_through_the_vip_keeps_each_client_on_one_server() {
     assert!(log.contains("XDP program detached"), "{log}");
 }
 
+/// Whether an XDP program is attached to the balancer's interface, as `ip link` shows it.
+fn xdp_attached(lab: &Lab) -> bool {
+    let output = lab.exec("NS_LB", &["ip", "-details", "link", "show", "dev", "eth0"]);
+    assert!(output.status.success(), "ip link show");
+    String::from_utf8_lossy(&output.stdout).contains("prog/xdp")
+}
+
+#[test]
+fn no_xdp_program_outlives_lbd_however_it_ends() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up(1);
+    assert!(!xdp_attached(&lab));
+    for signal in ["TERM", "KILL"] {
+        let lbd = Lbd::start(&lab, &lab.config(1));
+        assert!(xdp_attached(&lab), "lbd runs its XDP program");
+        let (status, log) = lbd.stop_with(signal);
+        assert!(
+            signal == "KILL" || status.success(),
+            "lbd exits 0 on SIGTERM ({status}):\n{log}"
+        );
+        // The program hangs on a BPF link that the kernel drops with the process.
+        assert!(
+            !xdp_attached(&lab),
+            "an XDP program is left after SIG{signal}"
+        );
+    }
+    // And the interface takes a new lbd.
+    let again = Lbd::start(&lab, &lab.config(1));
+    let (_, seen_client) = fetch_through_vip(&lab, &lab.client_ips()[0]);
+    assert_eq!(seen_client, lab.client_ips()[0]);
+    drop(again);
+}
+
 #[test]
 fn rtmp_stream_through_the_vip_reaches_a_server() {
     if !lab_allowed() {

@@ -295,3 +295,46 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod golden {
+    //! The table this version builds, pinned: two balancers (an HA pair, or one restarted on a
+    //! newer build) send a client to the same server only while every version builds the same
+    //! table from the same servers, weights and seed. A change that fails this test changes
+    //! where clients go: it needs a new seed default and a note for operators, not a new pin.
+    use super::*;
+
+    fn reference() -> MaglevTable {
+        let backends: Vec<Backend> = [(11, 100), (12, 100), (13, 50), (14, 200)]
+            .into_iter()
+            .map(|(host, weight)| Backend {
+                ip: Ipv4Addr::new(198, 18, 0, host),
+                weight,
+            })
+            .collect();
+        MaglevTable::build(&backends, 251, lbd_config::DEFAULT_HASH_SEED)
+    }
+
+    #[test]
+    fn the_table_is_the_one_every_version_builds() {
+        let table = reference();
+        assert_eq!(
+            table.slots()[..40],
+            [
+                2, 1, 3, 3, 3, 3, 0, 1, 0, 0, 2, 3, 1, 3, 1, 2, 3, 1, 3, 0, 2, 0, 0, 0, 1, 3, 3, 1,
+                3, 3, 1, 3, 1, 2, 0, 1, 3, 0, 2, 3
+            ]
+        );
+        let all: Vec<u8> = table.slots().iter().flat_map(|s| s.to_le_bytes()).collect();
+        assert_eq!(
+            xxh3_64_with_seed(&all, 0),
+            0xa25b_fc5d_0219_77a1,
+            "all 251 slots"
+        );
+        // And clients of 198.19.0.0/24 land where they always have.
+        let clients: Vec<Option<u16>> =
+            (1..=16u8).map(|c| table.lookup(&[198, 19, 0, c])).collect();
+        let expected = [3, 0, 3, 3, 3, 0, 3, 0, 2, 3, 3, 3, 0, 2, 3, 2].map(Some);
+        assert_eq!(clients, expected);
+    }
+}

@@ -178,8 +178,9 @@ fn clients_spread_over_both_servers() {
 }
 
 #[test]
-fn same_config_same_choice_in_another_process() {
-    // Two independently built snapshots stand for two processes (or an HA pair).
+fn two_dataplanes_built_from_one_config_choose_alike() {
+    // Two snapshots built apart choose alike; across processes and versions, `maglev::golden`
+    // pins the table itself.
     let mut a = dataplane();
     let mut b = dataplane();
     for client in 1..=100u8 {
