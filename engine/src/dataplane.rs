@@ -1115,7 +1115,7 @@ mod path_tests {
         let mut options = with_options(&tcp(40001, |b| b.syn()));
         assert_eq!(dp.process(&mut plain, 0), Verdict::Transmit);
         assert_eq!(dp.process(&mut options, 0), Verdict::Transmit);
-        assert_eq!(dp.flows().len(), 2);
+        assert_eq!(dp.flows().entries(), 2);
         // Known now: the next segment of the options one goes the same way.
         let mut again = with_options(&tcp(40001, |b| b.ack(1)));
         assert_eq!(dp.process(&mut again, 5), Verdict::Transmit);

@@ -50,7 +50,7 @@ pub const FRAGMENT_TIMEOUT_MS: u64 = 5_000;
 const EVICTION_WINDOW: usize = 64;
 
 /// A connection as the balancer sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     /// Client address.
     pub src: u32,
@@ -60,19 +60,6 @@ pub struct FlowKey {
     pub ports: u32,
     /// IP protocol.
     pub protocol: u8,
-}
-
-impl std::hash::Hash for FlowKey {
-    /// One 128-bit word: a single hash round instead of one per field.
-    #[inline]
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u128(
-            u128::from(self.src) << 96
-                | u128::from(self.dst) << 64
-                | u128::from(self.ports) << 32
-                | u128::from(self.protocol),
-        );
-    }
 }
 
 /// Where a connection goes and how it stands.
@@ -143,17 +130,12 @@ impl FlowState {
         }
     }
 
-    /// A packet with `flags` on a known connection in this state: its next state and timeout
-    /// (as [`FlowState::next`]), or `None` when it is a new SYN (no ACK) on a closing or reset
+    /// A packet on a known connection in this state, with `flags` the TCP flags byte (or
+    /// [`NO_FLAGS`] for a packet without them, UDP): its next state and timeout (as
+    /// [`FlowState::next`]), or `None` when it is a new SYN (no ACK) on a closing or reset
     /// tuple, which starts a new connection (port reuse). One lookup in a table built from
-    /// those rules at compile time: it runs for every frame of a known connection.
-    #[inline(always)]
-    pub fn on_packet(self, flags: Option<u8>) -> Option<(FlowState, u64)> {
-        self.on_flags(flags.map_or(NO_FLAGS, u16::from))
-    }
-
-    /// [`FlowState::on_packet`] with the flags as a number: the TCP flags byte, or
-    /// [`NO_FLAGS`] for a packet without them (UDP). Two table loads, no branch on the flags.
+    /// those rules at compile time, two loads and no branch on the flags: it runs for every
+    /// frame of a known connection.
     #[inline(always)]
     pub fn on_flags(self, flags: u16) -> Option<(FlowState, u64)> {
         let class = FLAG_CLASS[usize::from(flags) & (FLAG_CLASS.len() - 1)];
@@ -171,7 +153,7 @@ impl FlowState {
     }
 }
 
-/// What a packet does to a known connection, by state and flag class: [`FlowState::on_packet`].
+/// What a packet does to a known connection, by state and flag class: [`FlowState::on_flags`].
 #[derive(Debug, Clone, Copy)]
 struct Step {
     state: FlowState,
@@ -219,7 +201,7 @@ const fn class_flags(class: usize) -> Option<u8> {
     }
 }
 
-/// [`FlowState::on_packet`] for every state (by discriminant) and flag class.
+/// [`FlowState::on_flags`] for every state (by discriminant) and flag class.
 const STEPS: [[Step; FLAG_CLASSES]; 5] = {
     let states = [
         FlowState::SynSent,
@@ -601,7 +583,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     }
 
     /// Entries, live or not yet swept.
-    pub fn len(&self) -> usize {
+    pub fn entries(&self) -> usize {
         self.len
     }
 
@@ -613,10 +595,6 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         (i.wrapping_sub(self.home(packed)) & self.mask) + 1
     }
 
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 
     /// Live entries.
     pub fn live(&self, now_ms: u64) -> impl Iterator<Item = (K, V)> {
@@ -779,7 +757,6 @@ mod tests {
                 let reused = matches!(state, FlowState::Closing | FlowState::Reset)
                     && flags.is_some_and(|f| f & SYN != 0 && f & ACK == 0);
                 let expected = (!reused).then(|| state.next(flags));
-                assert_eq!(state.on_packet(flags), expected, "{state:?} {flags:?}");
                 let number = flags.map_or(NO_FLAGS, u16::from);
                 assert_eq!(state.on_flags(number), expected, "{state:?} {flags:?}");
             }
@@ -804,7 +781,7 @@ mod tests {
         assert_eq!(table.full_misses, 1);
         // A second later key(1) has expired and is swept to make room.
         assert!(table.insert(key(3), entry(5_000), 1_100));
-        assert_eq!(table.len(), 2);
+        assert_eq!(table.entries(), 2);
         assert_eq!(table.get(&key(1), 1_100), None);
         // Replacing an existing key never needs room.
         assert!(table.insert(key(3), entry(9_000), 1_200));
@@ -861,7 +838,7 @@ mod tests {
             assert!(table.insert(key(port), entry(u64::from(port % 3) * 1_000 + 500), 0));
         }
         table.sweep(600);
-        assert_eq!(table.len(), 333);
+        assert_eq!(table.entries(), 333);
         for port in 0..500u16 {
             let live = port % 3 != 0;
             assert_eq!(table.get(&key(port), 600).is_some(), live, "port {port}");
@@ -945,7 +922,7 @@ mod tests {
                         }
                         Op::Wait(ms) => now += ms,
                     }
-                    prop_assert_eq!(table.len(), model.len());
+                    prop_assert_eq!(table.entries(), model.len());
                     prop_assert_eq!(table.full_misses, model_misses);
                 }
                 let mut live: Vec<_> = table.live(now).map(|(k, v)| (k.ports, v)).collect();
@@ -977,7 +954,7 @@ mod tests {
             assert!(table.insert(key(port), entry(900_000), 10), "port {port}");
         }
         assert_eq!(
-            (table.len(), table.evictions, table.full_misses),
+            (table.entries(), table.evictions, table.full_misses),
             (64, 10, 0)
         );
         for port in 1000..1010u16 {
@@ -1011,7 +988,7 @@ mod tests {
         let mut table = FlowTable::new(100);
         for port in 0..10_000u16 {
             table.insert(key(port), entry(u64::MAX), u64::from(port) * 10);
-            assert!(table.len() <= 100);
+            assert!(table.entries() <= 100);
         }
         assert_eq!(table.full_misses, 9_900);
     }

@@ -97,7 +97,8 @@ impl MaglevTable {
         (backend != NO_BACKEND).then_some(backend)
     }
 
-    /// All slots, for tests and statistics.
+    /// All slots.
+    #[cfg(test)]
     pub fn slots(&self) -> &[u16] {
         &self.slots
     }

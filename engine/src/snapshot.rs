@@ -107,11 +107,13 @@ impl PortMap {
     }
 
     /// Number of keys.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.len
     }
 
     /// True when no key is recorded.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

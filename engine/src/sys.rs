@@ -124,15 +124,12 @@ impl XskRings {
         })
     }
 
-    /// The socket's file descriptor, for the steering program's XSKMAP.
-    pub fn socket_fd(&self) -> RawFd {
-        self.rx.fd().as_raw_fd()
-    }
 }
 
 impl AsRawFd for XskRings {
+    /// The socket's file descriptor, for the steering program's XSKMAP.
     fn as_raw_fd(&self) -> RawFd {
-        self.socket_fd()
+        self.rx.fd().as_raw_fd()
     }
 }
 

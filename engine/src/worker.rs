@@ -92,8 +92,6 @@ pub struct WorkerReport {
     pub socket: Option<SocketStats>,
     /// Active connections per service and real server (snapshot order).
     pub connections: Vec<Vec<u64>>,
-    /// Lost frames check: free + fill + TX equals the UMEM size.
-    pub frames_accounted: bool,
 }
 
 /// Entries that found a full table and were not recorded, per table.
@@ -271,8 +269,8 @@ impl<R: Rings> Worker<R> {
         WorkerReport {
             generation: snapshot.generation,
             counters: dataplane.counters().clone(),
-            flows: dataplane.flows().len(),
-            persistent_clients: dataplane.persistence().len(),
+            flows: dataplane.flows().entries(),
+            persistent_clients: dataplane.persistence().entries(),
             table_full: TableFull {
                 flows: dataplane.flows().full_misses,
                 persistence: dataplane.persistence().full_misses,
@@ -281,7 +279,6 @@ impl<R: Rings> Worker<R> {
             flow_evictions: dataplane.flows().evictions,
             socket: self.rings.kernel_stats(),
             connections,
-            frames_accounted: self.frames_accounted(),
         }
     }
 

@@ -225,7 +225,7 @@ fn a_later_fragment_whose_first_was_not_seen_is_dropped() {
         Verdict::Drop(DropReason::FragmentUnmatched)
     );
     assert_eq!(
-        dp.persistence().len(),
+        dp.persistence().entries(),
         0,
         "a stray fragment persists nobody"
     );
@@ -575,8 +575,8 @@ fn spoofed_mid_connection_segments_are_forwarded_but_recorded_nowhere() {
         fresh.process(&mut syn, 10);
         assert_eq!(frame[0..6], syn[0..6]);
     }
-    assert_eq!(dp.flows().len(), 0, "no connection entry");
-    assert_eq!(dp.persistence().len(), 0, "no persistence entry");
+    assert_eq!(dp.flows().entries(), 0, "no connection entry");
+    assert_eq!(dp.persistence().entries(), 0, "no persistence entry");
     assert_eq!(dp.counters().forwarded.packets, 1000);
 }
 
@@ -585,12 +585,12 @@ fn a_client_is_persisted_once_its_handshake_completes() {
     let mut dp = dataplane();
     let mut syn = tcp_frame(CLIENT, VIP, 40000, 1935);
     assert_eq!(dp.process(&mut syn, 0), Verdict::Transmit);
-    assert_eq!(dp.flows().len(), 1);
-    assert_eq!(dp.persistence().len(), 0, "a SYN alone persists nobody");
+    assert_eq!(dp.flows().entries(), 1);
+    assert_eq!(dp.persistence().entries(), 0, "a SYN alone persists nobody");
     let mut ack = ack_frame(CLIENT, 40000, 1935);
     assert_eq!(dp.process(&mut ack, 5), Verdict::Transmit);
     assert_eq!(ack[0..6], syn[0..6]);
-    assert_eq!(dp.persistence().len(), 1);
+    assert_eq!(dp.persistence().entries(), 1);
 }
 
 #[test]
@@ -1021,7 +1021,7 @@ mac = "02:00:00:00:00:12"
                     "{persistence}: client {client}"
                 );
             }
-            assert_eq!(after.flows().len(), 0);
+            assert_eq!(after.flows().entries(), 0);
             // New connections still avoid the drained server.
             for client in 101..=200u8 {
                 let fresh = server_of(
