@@ -23,24 +23,24 @@ use std::time::Duration;
 struct BusyRings;
 
 impl Rings for BusyRings {
-    type Desc = usize;
+    type Frame = usize;
     fn take_frames(&mut self) -> Vec<usize> {
         (0..64).collect()
     }
-    fn reclaim(&mut self, _out: &mut [usize]) -> usize {
+    fn reclaim(&mut self, _out: &mut Vec<usize>, _max: usize) -> usize {
         0
     }
-    fn fill(&mut self, _frames: &[usize]) -> usize {
+    fn fill(&mut self, _frames: &mut Vec<usize>, _max: usize) -> usize {
         0
     }
-    fn receive(&mut self, _out: &mut [usize]) -> usize {
+    fn receive(&mut self, _out: &mut Vec<usize>, _max: usize) -> usize {
         0
     }
-    fn with_payload<R>(&mut self, _desc: &mut usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    fn with_payload<R>(&mut self, _frame: &mut usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
         f(&mut [])
     }
-    fn write(&mut self, _desc: &mut usize, _bytes: &[u8]) {}
-    fn transmit(&mut self, _frames: &[usize]) -> usize {
+    fn write(&mut self, _frame: &mut usize, _bytes: &[u8]) {}
+    fn transmit(&mut self, _frames: &mut Vec<usize>) -> usize {
         0
     }
     fn kick(&mut self) {}

@@ -595,7 +595,6 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         (i.wrapping_sub(self.home(packed)) & self.mask) + 1
     }
 
-
     /// Live entries.
     pub fn live(&self, now_ms: u64) -> impl Iterator<Item = (K, V)> {
         self.slots

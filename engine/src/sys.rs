@@ -2,11 +2,12 @@
 //!
 //! [`XskRings`] owns one socket bound to one queue, its UMEM and the four rings, and offers
 //! them through the safe [`Rings`] trait that the worker drives. The unsafe contract of the
-//! xsk-rs ring calls is that a frame descriptor belongs to this UMEM and is never in two
-//! places at once (fill ring, RX, TX, completion, or the worker's free list). That holds by
-//! construction: descriptors only come from this socket's own UMEM and rings, the worker moves
-//! each one from exactly one place to exactly one other, and the worker's own accounting
-//! (tested with a fake ring in `worker`) checks that no descriptor is lost or duplicated.
+//! xsk-rs ring and UMEM calls is that a frame descriptor belongs to this UMEM and is in one
+//! place at a time (the fill ring, RX, TX, completion, or its holder's hands), and that its
+//! bytes are touched only by its holder. Safe code cannot break it: a descriptor leaves this
+//! module only inside a [`Frame`], which has no public constructor and is neither `Copy` nor
+//! `Clone`, so it is in one place at a time by Rust's own rules; each frame carries the id of
+//! the socket it belongs to, and a socket refuses (panics on) a frame of another one.
 //!
 //! It also holds the one socket option nix does not wrap: the peer's supplementary groups on
 //! a unix socket (`SO_PEERGROUPS`), which the control socket checks.
@@ -23,6 +24,17 @@ use xsk_rs::config::{
     BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig,
 };
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, Socket, TxQueue, Umem};
+
+/// One UMEM frame of one socket, owned: see the module's contract.
+#[derive(Debug)]
+pub struct Frame {
+    desc: FrameDesc,
+    /// [`XskRings::id`] of the socket whose UMEM holds it.
+    socket: u32,
+}
+
+/// Ids for sockets, so that a frame is never given to a socket it does not belong to.
+static NEXT_SOCKET_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
 
 /// How a socket moves frames between the NIC and the UMEM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +69,7 @@ pub struct XskError {
 
 /// One AF_XDP socket with its UMEM and rings.
 pub struct XskRings {
+    id: u32,
     umem: Umem,
     fill: FillQueue,
     completion: CompQueue,
@@ -64,6 +77,8 @@ pub struct XskRings {
     tx: TxQueue,
     /// Every frame of the UMEM, handed out once by [`XskRings::take_frames`].
     initial_frames: Vec<FrameDesc>,
+    /// Descriptors on their way between the rings and [`Frame`]s (ring calls take slices).
+    scratch: Vec<FrameDesc>,
 }
 
 impl std::fmt::Debug for XskRings {
@@ -115,15 +130,16 @@ impl XskRings {
         let (fill, completion) = rings
             .ok_or_else(|| fail("the UMEM's fill and completion rings were missing".into()))?;
         Ok(XskRings {
+            id: NEXT_SOCKET_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             umem,
             fill,
             completion,
             rx,
             tx,
             initial_frames,
+            scratch: Vec::new(),
         })
     }
-
 }
 
 impl AsRawFd for XskRings {
@@ -133,28 +149,73 @@ impl AsRawFd for XskRings {
     }
 }
 
+impl XskRings {
+    /// Panics on a frame of another socket: a bug in the caller, never input from the wire.
+    #[inline]
+    fn check(&self, frame: &Frame) {
+        assert_eq!(
+            frame.socket, self.id,
+            "a frame of another AF_XDP socket was given to this one"
+        );
+    }
+
+    /// Copies the descriptors of `frames` into the scratch buffer, checking that each
+    /// belongs here.
+    fn stage(&mut self, frames: &[Frame]) {
+        self.scratch.clear();
+        for frame in frames {
+            self.check(frame);
+            self.scratch.push(frame.desc);
+        }
+    }
+
+    /// Wraps the first `count` scratch descriptors as this socket's frames onto `out`.
+    fn unstage(&mut self, count: usize, out: &mut Vec<Frame>) {
+        let socket = self.id;
+        out.extend(
+            self.scratch
+                .iter()
+                .take(count)
+                .map(|&desc| Frame { desc, socket }),
+        );
+    }
+}
+
 impl Rings for XskRings {
-    type Desc = FrameDesc;
+    type Frame = Frame;
 
-    fn take_frames(&mut self) -> Vec<FrameDesc> {
+    fn take_frames(&mut self) -> Vec<Frame> {
+        let socket = self.id;
         std::mem::take(&mut self.initial_frames)
+            .into_iter()
+            .map(|desc| Frame { desc, socket })
+            .collect()
     }
 
-    fn reclaim(&mut self, out: &mut [FrameDesc]) -> usize {
-        // SAFETY: `out` only receives descriptors of this UMEM from its own completion ring;
-        // whatever `out` held before is overwritten, not submitted anywhere.
-        unsafe { self.completion.consume(out) }
+    fn reclaim(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
+        self.scratch.clear();
+        self.scratch.resize(max, FrameDesc::default());
+        // SAFETY: the completion ring holds descriptors of this UMEM that the kernel is done
+        // with; each comes out once, into a new `Frame` that is now their only holder.
+        let count = unsafe { self.completion.consume(&mut self.scratch) };
+        self.unstage(count, out);
+        count
     }
 
-    fn fill(&mut self, frames: &[FrameDesc]) -> usize {
-        let room = self.fill.nb_free(frames.len() as u32) as usize;
-        let count = room.min(frames.len());
+    fn fill(&mut self, frames: &mut Vec<Frame>, max: usize) -> usize {
+        let count = (self.fill.nb_free(max as u32) as usize)
+            .min(max)
+            .min(frames.len());
         if count == 0 {
             return 0;
         }
-        // SAFETY: the worker passes frames it holds on its free list only (from this UMEM,
-        // in no ring); it forgets the `count` it hands over here.
-        let produced = unsafe { self.fill.produce(&frames[..count]) };
+        let start = frames.len() - count;
+        self.stage(&frames[start..]);
+        // SAFETY: each descriptor comes from a `Frame` of this socket (checked), owned by the
+        // caller and thus in no ring; the frames produced are dropped from `frames` below, so
+        // the kernel is their only holder until RX gives them back.
+        let produced = unsafe { self.fill.produce(&self.scratch) };
+        frames.truncate(frames.len() - produced);
         if produced > 0 && self.fill.needs_wakeup() {
             // A wakeup failing is not fatal: the next poll retries it.
             let _ = self.fill.wakeup(self.rx.fd_mut(), 0);
@@ -162,38 +223,46 @@ impl Rings for XskRings {
         produced
     }
 
-    fn receive(&mut self, out: &mut [FrameDesc]) -> usize {
-        // SAFETY: descriptors come from this socket's RX ring, i.e. from this UMEM.
-        unsafe { self.rx.consume(out) }
+    fn receive(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
+        self.scratch.clear();
+        self.scratch.resize(max, FrameDesc::default());
+        // SAFETY: the RX ring holds descriptors of this UMEM that the kernel has filled and
+        // handed back; each comes out once, into a new `Frame` that is their only holder.
+        let count = unsafe { self.rx.consume(&mut self.scratch) };
+        self.unstage(count, out);
+        count
     }
 
     #[inline]
-    fn with_payload<R>(&mut self, desc: &mut FrameDesc, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        // SAFETY: `desc` was just taken off the RX ring (or the free list) by the worker,
-        // which holds it exclusively: the kernel no longer touches this frame, and no other
-        // reference to it exists while `f` runs.
-        let mut data = unsafe { self.umem.data_mut(desc) };
+    fn with_payload<R>(&mut self, frame: &mut Frame, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        self.check(frame);
+        // SAFETY: `frame` is a frame of this UMEM (checked) held by the caller: no ring has it,
+        // so the kernel does not touch its bytes, and the `&mut` borrow of the frame excludes
+        // any other reference to them while `f` runs.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.desc) };
         f(data.contents_mut())
     }
 
-    fn write(&mut self, desc: &mut FrameDesc, bytes: &[u8]) {
-        // SAFETY: as in `with_payload`: the worker holds `desc` exclusively.
-        let mut data = unsafe { self.umem.data_mut(desc) };
+    fn write(&mut self, frame: &mut Frame, bytes: &[u8]) {
+        self.check(frame);
+        // SAFETY: as in `with_payload`.
+        let mut data = unsafe { self.umem.data_mut(&mut frame.desc) };
         let mut cursor = data.cursor();
         cursor.set_pos(0);
         // A frame is at least 2048 bytes and generated frames are 60: the write cannot be short.
         let _ = std::io::Write::write_all(&mut cursor, bytes);
     }
 
-    fn transmit(&mut self, frames: &[FrameDesc]) -> usize {
-        let room = self.tx.nb_free(frames.len() as u32) as usize;
-        let count = room.min(frames.len());
+    fn transmit(&mut self, frames: &mut Vec<Frame>) -> usize {
+        let count = (self.tx.nb_free(frames.len() as u32) as usize).min(frames.len());
         if count == 0 {
             return 0;
         }
-        // SAFETY: the worker passes frames it holds exclusively (just received or from its free
-        // list); it forgets the `count` it hands over here until they come back on completion.
-        let produced = unsafe { self.tx.produce(&frames[..count]) };
+        self.stage(&frames[..count]);
+        // SAFETY: as in `fill`: frames of this socket, owned by the caller, in no ring; those
+        // produced leave `frames` below until the completion ring gives them back.
+        let produced = unsafe { self.tx.produce(&self.scratch) };
+        frames.drain(..produced);
         if produced > 0 && self.tx.needs_wakeup() {
             // ENOBUFS/EAGAIN/EBUSY are swallowed by xsk-rs; other errors retry on the next batch.
             let _ = self.tx.wakeup();

@@ -5,10 +5,13 @@
 //! completion ring returns it. A received frame is processed in place and either goes straight
 //! to TX (forwarded or answered: zero copies in userspace) or back to the free list, from which
 //! the fill ring is topped up. [`Worker::frames_accounted`] checks that the three places always
-//! add up to the UMEM's frame count: no frame is lost, none is in two places.
+//! add up to the UMEM's frame count.
 //!
 //! The rings come through the [`Rings`] trait, so the whole loop runs in tests against a fake
-//! ring in plain memory (as s2n-quic-xdp does), and in the daemon against AF_XDP (`sys`).
+//! ring in plain memory (as s2n-quic-xdp does), and in the daemon against AF_XDP (`sys`). A
+//! frame is an owned token ([`Rings::Frame`], neither `Copy` nor `Clone`) that moves from one
+//! place to the next: no code, this worker's or any other safe code, can lend one frame to
+//! the kernel twice or touch a frame the kernel holds.
 
 use crate::counters::{Counters, DropReason, Sent};
 use crate::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
@@ -22,23 +25,31 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 /// The four AF_XDP rings of one socket and access to its UMEM frames.
+///
+/// Frames move by value: what a ring takes is removed from the caller's vector, what it gives
+/// back is pushed onto one. The caller holds a frame, or the kernel does, never both.
 pub trait Rings {
-    /// A frame descriptor (UMEM address and length).
-    type Desc: Copy;
+    /// An owned frame of this socket's UMEM (its address and length). Not `Copy` or `Clone`:
+    /// holding one is the right to its bytes.
+    type Frame;
     /// Every frame of the UMEM, once, at start.
-    fn take_frames(&mut self) -> Vec<Self::Desc>;
-    /// Takes transmitted frames off the completion ring into `out`; returns how many.
-    fn reclaim(&mut self, out: &mut [Self::Desc]) -> usize;
-    /// Lends frames to the kernel for RX; returns how many of `frames` (a prefix) it took.
-    fn fill(&mut self, frames: &[Self::Desc]) -> usize;
-    /// Takes received frames off the RX ring into `out`; returns how many.
-    fn receive(&mut self, out: &mut [Self::Desc]) -> usize;
+    fn take_frames(&mut self) -> Vec<Self::Frame>;
+    /// Moves at most `max` transmitted frames off the completion ring onto the end of `out`;
+    /// returns how many.
+    fn reclaim(&mut self, out: &mut Vec<Self::Frame>, max: usize) -> usize;
+    /// Lends at most `max` frames from the end of `frames` to the kernel for RX; returns how
+    /// many it took (they are gone from `frames`).
+    fn fill(&mut self, frames: &mut Vec<Self::Frame>, max: usize) -> usize;
+    /// Moves at most `max` received frames off the RX ring onto the end of `out`; returns
+    /// how many.
+    fn receive(&mut self, out: &mut Vec<Self::Frame>, max: usize) -> usize;
     /// Runs `f` on the frame's bytes.
-    fn with_payload<R>(&mut self, desc: &mut Self::Desc, f: impl FnOnce(&mut [u8]) -> R) -> R;
+    fn with_payload<R>(&mut self, frame: &mut Self::Frame, f: impl FnOnce(&mut [u8]) -> R) -> R;
     /// Replaces the frame's contents with `bytes`.
-    fn write(&mut self, desc: &mut Self::Desc, bytes: &[u8]);
-    /// Queues frames for transmission; returns how many of `frames` (a prefix) it took.
-    fn transmit(&mut self, frames: &[Self::Desc]) -> usize;
+    fn write(&mut self, frame: &mut Self::Frame, bytes: &[u8]);
+    /// Queues frames from the front of `frames` for transmission, in order; returns how many
+    /// it took (they are gone from `frames`).
+    fn transmit(&mut self, frames: &mut Vec<Self::Frame>) -> usize;
     /// Asks the kernel to process the TX ring again (frames it has not sent yet).
     fn kick(&mut self);
     /// Sleeps until a frame arrives or `timeout_ms` passes.
@@ -143,12 +154,12 @@ pub struct Worker<R: Rings> {
     rings: R,
     dataplane: Dataplane,
     settings: WorkerSettings,
-    free: Vec<R::Desc>,
+    free: Vec<R::Frame>,
     total_frames: usize,
     in_fill: usize,
     in_tx: usize,
-    rx_batch: Vec<R::Desc>,
-    tx_batch: Vec<R::Desc>,
+    rx_batch: Vec<R::Frame>,
+    tx_batch: Vec<R::Frame>,
     idle_polls: u32,
 }
 
@@ -158,7 +169,6 @@ impl<R: Rings> Worker<R> {
         let free = rings.take_frames();
         let total_frames = free.len();
         let batch_size = settings.batch_size.max(1);
-        let placeholder = free.first().copied();
         let mut worker = Worker {
             rings,
             dataplane,
@@ -170,14 +180,10 @@ impl<R: Rings> Worker<R> {
             total_frames,
             in_fill: 0,
             in_tx: 0,
-            rx_batch: Vec::new(),
+            rx_batch: Vec::with_capacity(batch_size),
             tx_batch: Vec::with_capacity(batch_size),
             idle_polls: 0,
         };
-        // Ring reads overwrite these; they only give the batch its length.
-        if let Some(desc) = placeholder {
-            worker.rx_batch = vec![desc; batch_size];
-        }
         worker.refill();
         worker
     }
@@ -206,21 +212,23 @@ impl<R: Rings> Worker<R> {
     /// received.
     pub fn poll_once(&mut self, now_ms: u64) -> usize {
         self.reclaim();
-        let received = if self.rx_batch.is_empty() {
-            0
-        } else {
-            self.rings.receive(&mut self.rx_batch)
-        };
+        let received = self
+            .rings
+            .receive(&mut self.rx_batch, self.settings.batch_size);
         self.in_fill -= received;
-        for i in 0..received {
-            let mut desc = self.rx_batch[i];
-            let dataplane = &mut self.dataplane;
-            let verdict = self
-                .rings
-                .with_payload(&mut desc, |frame| dataplane.process(frame, now_ms));
+        let Worker {
+            rings,
+            dataplane,
+            rx_batch,
+            tx_batch,
+            free,
+            ..
+        } = self;
+        for mut frame in rx_batch.drain(..) {
+            let verdict = rings.with_payload(&mut frame, |bytes| dataplane.process(bytes, now_ms));
             match verdict {
-                Verdict::Transmit => self.tx_batch.push(desc),
-                Verdict::Drop(_) => self.free.push(desc),
+                Verdict::Transmit => tx_batch.push(frame),
+                Verdict::Drop(_) => free.push(frame),
             }
         }
         self.flush_tx(Unsent::Received(now_ms));
@@ -327,12 +335,12 @@ impl<R: Rings> Worker<R> {
         self.reclaim();
         let mut buf = [0u8; MIN_FRAME_LEN];
         for vip in vips {
-            let Some(mut desc) = self.free.pop() else {
+            let Some(mut frame) = self.free.pop() else {
                 break;
             };
             let len = write_gratuitous_arp(&mut buf, mac, vip.octets());
-            self.rings.write(&mut desc, &buf[..len]);
-            self.tx_batch.push(desc);
+            self.rings.write(&mut frame, &buf[..len]);
+            self.tx_batch.push(frame);
             self.dataplane.counters_mut().gratuitous_arps += 1;
             if self.tx_batch.len() == self.settings.batch_size {
                 self.flush_tx(Unsent::Generated);
@@ -345,14 +353,8 @@ impl<R: Rings> Worker<R> {
         if self.in_tx == 0 {
             return;
         }
-        let start = self.free.len();
         let want = self.in_tx.min(self.settings.batch_size * 4);
-        let Some(&placeholder) = self.rx_batch.first() else {
-            return;
-        };
-        self.free.resize(start + want, placeholder);
-        let done = self.rings.reclaim(&mut self.free[start..]);
-        self.free.truncate(start + done);
+        let done = self.rings.reclaim(&mut self.free, want);
         self.in_tx -= done;
     }
 
@@ -362,17 +364,14 @@ impl<R: Rings> Worker<R> {
         if self.tx_batch.is_empty() {
             return;
         }
-        let mut sent = self.rings.transmit(&self.tx_batch);
-        self.in_tx += sent;
+        self.in_tx += self.rings.transmit(&mut self.tx_batch);
         // A full TX ring: in copy mode the kernel only sends when woken, a bounded number of
         // frames per wakeup, so wake it, take back what it completed, and try again.
         let mut tries = 0;
-        while sent < self.tx_batch.len() && tries < MAX_TX_RETRIES {
+        while !self.tx_batch.is_empty() && tries < MAX_TX_RETRIES {
             self.rings.kick();
             self.reclaim();
-            let more = self.rings.transmit(&self.tx_batch[sent..]);
-            self.in_tx += more;
-            sent += more;
+            self.in_tx += self.rings.transmit(&mut self.tx_batch);
             tries += 1;
         }
         if self.in_tx > 0 {
@@ -381,19 +380,18 @@ impl<R: Rings> Worker<R> {
         }
         // What did not fit is recycled: its count is taken back and the drop counted instead,
         // so that every received frame ends in exactly one counter.
-        for mut desc in self.tx_batch.drain(sent..) {
+        for mut frame in self.tx_batch.drain(..) {
             match unsent {
                 Unsent::Received(now_ms) => {
                     let dataplane = &mut self.dataplane;
                     self.rings
-                        .with_payload(&mut desc, |frame| dataplane.unsend(frame, now_ms));
+                        .with_payload(&mut frame, |bytes| dataplane.unsend(bytes, now_ms));
                     dataplane.counters_mut().drop(DropReason::TxRingFull);
                 }
                 Unsent::Generated => self.dataplane.counters_mut().unsend(Sent::GratuitousArp, 0),
             }
-            self.free.push(desc);
+            self.free.push(frame);
         }
-        self.tx_batch.clear();
     }
 
     fn refill(&mut self) {
@@ -406,10 +404,7 @@ impl<R: Rings> Worker<R> {
         if lendable == 0 {
             return;
         }
-        let start = self.free.len() - lendable;
-        let lent = self.rings.fill(&self.free[start..]);
-        self.in_fill += lent;
-        self.free.drain(start..start + lent);
+        self.in_fill += self.rings.fill(&mut self.free, lendable);
     }
 }
 

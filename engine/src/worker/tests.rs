@@ -91,54 +91,55 @@ impl FakeRings {
     }
 }
 
-impl Rings for FakeRings {
-    type Desc = usize;
+/// A fake UMEM frame: its index, owned like the real thing (not `Copy`, not `Clone`).
+#[derive(Debug, PartialEq, Eq)]
+struct FakeFrame(usize);
 
-    fn take_frames(&mut self) -> Vec<usize> {
+impl Rings for FakeRings {
+    type Frame = FakeFrame;
+
+    fn take_frames(&mut self) -> Vec<FakeFrame> {
         assert!(!self.handed_out, "frames handed out twice");
         self.handed_out = true;
-        (0..self.umem.len()).collect()
+        (0..self.umem.len()).map(FakeFrame).collect()
     }
 
-    fn reclaim(&mut self, out: &mut [usize]) -> usize {
-        let n = out.len().min(self.completion.len());
-        for slot in out.iter_mut().take(n) {
-            *slot = self.completion.pop_front().expect("counted");
-        }
+    fn reclaim(&mut self, out: &mut Vec<FakeFrame>, max: usize) -> usize {
+        let n = max.min(self.completion.len());
+        out.extend(self.completion.drain(..n).map(FakeFrame));
         n
     }
 
-    fn fill(&mut self, frames: &[usize]) -> usize {
-        let n = frames.len().min(self.capacity - self.fill.len());
-        self.fill.extend(&frames[..n]);
+    fn fill(&mut self, frames: &mut Vec<FakeFrame>, max: usize) -> usize {
+        let n = max.min(frames.len()).min(self.capacity - self.fill.len());
+        let start = frames.len() - n;
+        self.fill.extend(frames.drain(start..).map(|f| f.0));
         n
     }
 
-    fn receive(&mut self, out: &mut [usize]) -> usize {
+    fn receive(&mut self, out: &mut Vec<FakeFrame>, max: usize) -> usize {
         self.polls += 1;
         if let Some((limit, stop)) = &self.stop_after
             && self.polls >= *limit
         {
             stop.store(true, Ordering::Relaxed);
         }
-        let n = out.len().min(self.rx.len());
-        for slot in out.iter_mut().take(n) {
-            *slot = self.rx.pop_front().expect("counted");
-        }
+        let n = max.min(self.rx.len());
+        out.extend(self.rx.drain(..n).map(FakeFrame));
         n
     }
 
-    fn with_payload<T>(&mut self, desc: &mut usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
-        f(&mut self.umem[*desc])
+    fn with_payload<T>(&mut self, frame: &mut FakeFrame, f: impl FnOnce(&mut [u8]) -> T) -> T {
+        f(&mut self.umem[frame.0])
     }
 
-    fn write(&mut self, desc: &mut usize, bytes: &[u8]) {
-        self.umem[*desc] = bytes.to_vec();
+    fn write(&mut self, frame: &mut FakeFrame, bytes: &[u8]) {
+        self.umem[frame.0] = bytes.to_vec();
     }
 
-    fn transmit(&mut self, frames: &[usize]) -> usize {
+    fn transmit(&mut self, frames: &mut Vec<FakeFrame>) -> usize {
         let n = frames.len().min(self.capacity - self.tx.len());
-        self.tx.extend(&frames[..n]);
+        self.tx.extend(frames.drain(..n).map(|f| f.0));
         n
     }
 
@@ -250,7 +251,7 @@ fn assert_conserved(worker: &Worker<FakeRings>) {
     for frame in worker
         .free
         .iter()
-        .copied()
+        .map(|f| f.0)
         .chain(worker.rings.kernel_held())
     {
         assert!(seen.insert(frame), "frame {frame} is in two places");
