@@ -181,6 +181,14 @@ impl XskRings {
     }
 }
 
+/// `max` descriptors of `scratch` for a ring to overwrite (it grows, and is not cleared).
+fn scratch_of(scratch: &mut Vec<FrameDesc>, max: usize) -> &mut [FrameDesc] {
+    if scratch.len() < max {
+        scratch.resize(max, FrameDesc::default());
+    }
+    &mut scratch[..max]
+}
+
 impl Rings for XskRings {
     type Frame = Frame;
 
@@ -193,11 +201,10 @@ impl Rings for XskRings {
     }
 
     fn reclaim(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
-        self.scratch.clear();
-        self.scratch.resize(max, FrameDesc::default());
+        let scratch = scratch_of(&mut self.scratch, max);
         // SAFETY: the completion ring holds descriptors of this UMEM that the kernel is done
         // with; each comes out once, into a new `Frame` that is now their only holder.
-        let count = unsafe { self.completion.consume(&mut self.scratch) };
+        let count = unsafe { self.completion.consume(scratch) };
         self.unstage(count, out);
         count
     }
@@ -224,11 +231,10 @@ impl Rings for XskRings {
     }
 
     fn receive(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
-        self.scratch.clear();
-        self.scratch.resize(max, FrameDesc::default());
+        let scratch = scratch_of(&mut self.scratch, max);
         // SAFETY: the RX ring holds descriptors of this UMEM that the kernel has filled and
         // handed back; each comes out once, into a new `Frame` that is their only holder.
-        let count = unsafe { self.rx.consume(&mut self.scratch) };
+        let count = unsafe { self.rx.consume(scratch) };
         self.unstage(count, out);
         count
     }
