@@ -29,7 +29,7 @@ use crate::snapshot::{AdminState, ServerState, ServiceIds, Snapshot};
 use crate::steer::VipSteering;
 use crate::worker::{WorkerCommand, WorkerReport};
 use crossbeam::channel::{Sender, bounded};
-use lbd_config::{Config, HealthKind, RealServer, Service};
+use lbd_config::{Config, ConfigError, HealthKind, RealServer, Service};
 use lbd_proto::{
     Command, RealServerChanges, RealServerStats, RealServerStatus, Reply, Response, ServiceChanges,
     ServiceStats, ServiceStatus, StatsReport, StatusReport, WorkerStats,
@@ -162,6 +162,7 @@ pub struct Control {
     macs: HashMap<Ipv4Addr, [u8; 6]>,
     steering: Box<dyn VipSteering>,
     host: Box<dyn HostFacts>,
+    clock: Box<dyn Clock>,
     workers: Vec<WorkerLink>,
     apply_timeout: Duration,
     health: Tracker,
@@ -181,8 +182,136 @@ impl std::fmt::Debug for Control {
     }
 }
 
-/// The outcome of a request: the reply, or the reason it was refused.
-type Outcome = Result<Reply, String>;
+/// Why a request was refused, or did not take effect as asked. Its text is what `lbctl`
+/// prints; every refusal says that nothing changed, every partial effect says what stands.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The sender may not do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// No service has this label.
+    #[error("no service named {0:?}")]
+    NoService(String),
+    /// The service has no real server with this label.
+    #[error("service {service:?} has no real server named {label:?}")]
+    NoRealServer {
+        /// The service's label.
+        service: String,
+        /// The label asked for.
+        label: String,
+    },
+    /// An edit that changes nothing.
+    #[error("{0}: nothing to change")]
+    NothingToChange(&'static str),
+    /// The changed configuration fails the checks a file gets.
+    #[error("{0}; nothing changed")]
+    Invalid(#[from] ConfigError),
+    /// The change names one of the host's own addresses (or they could not be read).
+    #[error("{0}; nothing changed")]
+    HostAddress(String),
+    /// The file `reload` reads cannot be read or is invalid.
+    #[error("{}: {error}; nothing changed", path.display())]
+    Reload {
+        /// The file lbd started with.
+        path: PathBuf,
+        /// What is wrong with it.
+        error: ConfigError,
+    },
+    /// A reload would change an `[engine]` key.
+    #[error("engine.{0} cannot change while lbd runs (restart lbd to change it); nothing changed")]
+    EngineKey(&'static str),
+    /// `config save` to a relative path.
+    #[error(
+        "config save: {} is not an absolute path (lbctl makes a relative path absolute from \
+         its own directory)",
+        .0.display()
+    )]
+    RelativePath(PathBuf),
+    /// The file could not be written.
+    #[error("cannot save the config to {}: {source}", path.display())]
+    Save {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A steering-map update failed before the workers saw the change.
+    #[error("{0}; nothing changed")]
+    Steering(String),
+    /// A steering-map update failed after the workers took the change: it was undone.
+    #[error(
+        "{error}; the change had reached the workers and is undone (generation {generation}), \
+         nothing changed{also}"
+    )]
+    Undone {
+        /// The update that failed.
+        error: String,
+        /// The generation that restores the running configuration.
+        generation: u64,
+        /// What did not come back as it was, if anything.
+        also: String,
+    },
+    /// The change is in force, but some workers had not taken it in time.
+    #[error(
+        "{message} (generation {generation}), but the worker(s) of queue(s) {queues:?} did not \
+         take it within {timeout_ms} ms: it is in force on the other workers and will be on \
+         those when they next run (until then they drop frames for VIPs it added); lbd may be \
+         overloaded"
+    )]
+    Lagging {
+        /// What was done.
+        message: String,
+        /// Its generation.
+        generation: u64,
+        /// The queues of the workers that had not taken it.
+        queues: Vec<u32>,
+        /// How long they had.
+        timeout_ms: u128,
+    },
+}
+
+/// The outcome of a request: the reply, or why it was refused.
+type Outcome = Result<Reply, ControlError>;
+
+/// The clock: a door like the others, so that time-dependent rules are tested with a fake.
+pub trait Clock: Send {
+    /// Monotonic time, for deadlines.
+    fn now(&self) -> Instant;
+    /// Wall time, for what operators read (when a check ran).
+    fn wall(&self) -> SystemTime;
+}
+
+/// The system's clocks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn wall(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// What the control plane reaches the kernel and the world through: the XDP steering map, the
+/// host's facts (addresses, neighbour table), the clock. Tests hand it fakes.
+pub struct Doors {
+    /// The XDP program's VIP map.
+    pub steering: Box<dyn VipSteering>,
+    /// The host's addresses and neighbour table.
+    pub host: Box<dyn HostFacts>,
+    /// The time.
+    pub clock: Box<dyn Clock>,
+}
+
+impl std::fmt::Debug for Doors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Doors").finish_non_exhaustive()
+    }
+}
 
 impl Control {
     /// Control over the balancer's `config` (read from `config_path`), with the MACs known so
@@ -193,9 +322,13 @@ impl Control {
         config_path: PathBuf,
         own_mac: [u8; 6],
         macs: HashMap<Ipv4Addr, [u8; 6]>,
-        steering: Box<dyn VipSteering>,
-        host: Box<dyn HostFacts>,
+        doors: Doors,
     ) -> Control {
+        let Doors {
+            steering,
+            host,
+            clock,
+        } = doors;
         let mut ids = ServiceIds::default();
         let snapshot = Arc::new(Snapshot::build(
             &config,
@@ -215,6 +348,7 @@ impl Control {
             macs,
             steering,
             host,
+            clock,
             workers: Vec::new(),
             apply_timeout: APPLY_TIMEOUT,
             health: Tracker::default(),
@@ -257,31 +391,31 @@ impl Control {
             Role::Operator => self.operator_may(&command),
             Role::Root => Ok(()),
         }
-        .map_err(|reason| format!("permission denied: {reason}"))
         .and_then(|()| self.dispatch(command));
         match outcome {
             Ok(reply) => Response::ok(reply),
-            Err(message) => Response::error(message),
+            Err(error) => Response::error(error.to_string()),
         }
     }
 
     /// Refuses what would let a control-group member run a command or write a file as root,
     /// or take over another host's address.
-    fn operator_may(&self, command: &Command) -> Result<(), String> {
+    fn operator_may(&self, command: &Command) -> Result<(), ControlError> {
         const EXTERNAL: &str = "external health checks run commands as root: only root may set \
              them (the control group may use tcp, http and none)";
+        let denied = |reason: String| Err(ControlError::PermissionDenied(reason));
         match command {
-            Command::AddVip { service } if has_external_check(service) => Err(EXTERNAL.to_owned()),
+            Command::AddVip { service } if has_external_check(service) => denied(EXTERNAL.into()),
             Command::AddVip { service } => self.operator_may_take(service.vip),
             Command::EditVip {
                 changes: ServiceChanges { vip: Some(vip), .. },
                 ..
             } => self.operator_may_take(*vip),
             Command::AddRip { real_server, .. } if rs_has_external_check(real_server) => {
-                Err(EXTERNAL.to_owned())
+                denied(EXTERNAL.into())
             }
             Command::ConfigSave { path: Some(path) } if Path::new(path) != self.config_path => {
-                Err(format!(
+                denied(format!(
                     "only root may save the configuration elsewhere than {}, the file lbd \
                      started with",
                     self.config_path.display()
@@ -293,20 +427,21 @@ impl Control {
 
     /// A VIP an operator may add: not the address of another host on the segment (one in
     /// the neighbour table with another MAC), which lbd would then answer ARP for in its place.
-    fn operator_may_take(&self, vip: Ipv4Addr) -> Result<(), String> {
+    fn operator_may_take(&self, vip: Ipv4Addr) -> Result<(), ControlError> {
         if self.config.services.iter().any(|s| s.vip == vip) {
             return Ok(());
         }
-        let neighbours = self
-            .host
-            .neighbours()
-            .map_err(|e| format!("cannot read the neighbour table to check {vip}: {e}"))?;
+        let neighbours = self.host.neighbours().map_err(|e| {
+            ControlError::PermissionDenied(format!(
+                "cannot read the neighbour table to check {vip}: {e}"
+            ))
+        })?;
         match neighbours.get(&vip) {
-            Some(&mac) if mac != self.own_mac => Err(format!(
+            Some(&mac) if mac != self.own_mac => Err(ControlError::PermissionDenied(format!(
                 "{vip} is another host's address on this segment (it answered ARP from {}): only \
                  root may make it a VIP",
                 host::format_mac(mac)
-            )),
+            ))),
             _ => Ok(()),
         }
     }
@@ -400,7 +535,7 @@ impl Control {
 
     fn edit_vip(&mut self, label: &str, changes: ServiceChanges) -> Outcome {
         if changes == ServiceChanges::default() {
-            return Err("edit-vip: nothing to change".to_owned());
+            return Err(ControlError::NothingToChange("edit-vip"));
         }
         let mut config = self.config.clone();
         let index = service_index(&config, label)?;
@@ -439,7 +574,7 @@ impl Control {
 
     fn edit_rip(&mut self, service: &str, label: &str, changes: RealServerChanges) -> Outcome {
         if changes == RealServerChanges::default() {
-            return Err("edit-rip: nothing to change".to_owned());
+            return Err(ControlError::NothingToChange("edit-rip"));
         }
         let mut config = self.config.clone();
         let (s, r) = real_server_index(&config, service, label)?;
@@ -484,12 +619,12 @@ impl Control {
     }
 
     fn reload(&mut self) -> Outcome {
-        let config = Config::load(&self.config_path)
-            .map_err(|e| format!("{}: {e}; nothing changed", self.config_path.display()))?;
+        let config = Config::load(&self.config_path).map_err(|error| ControlError::Reload {
+            path: self.config_path.clone(),
+            error,
+        })?;
         if let Some(field) = engine_difference(&self.config, &config) {
-            return Err(format!(
-                "engine.{field} cannot change while lbd runs (restart lbd to change it); nothing changed"
-            ));
+            return Err(ControlError::EngineKey(field));
         }
         // Operator states stay for the servers that are still there.
         let mut operator = self.operator.clone();
@@ -510,14 +645,11 @@ impl Control {
     fn save(&self, path: Option<PathBuf>) -> Outcome {
         let path = path.unwrap_or_else(|| self.config_path.clone());
         if !path.is_absolute() {
-            return Err(format!(
-                "config save: {} is not an absolute path (lbctl makes a relative path absolute \
-                 from its own directory)",
-                path.display()
-            ));
+            return Err(ControlError::RelativePath(path));
         }
-        write_atomically(&path, self.config.to_toml_string().as_bytes())
-            .map_err(|e| format!("cannot save the config to {}: {e}", path.display()))?;
+        if let Err(source) = write_atomically(&path, self.config.to_toml_string().as_bytes()) {
+            return Err(ControlError::Save { path, source });
+        }
         Ok(Reply::Done {
             message: format!("config saved to {}", path.display()),
         })
@@ -532,13 +664,13 @@ impl Control {
         mut ids: ServiceIds,
         message: String,
     ) -> Outcome {
-        config
-            .validate()
-            .map_err(|e| format!("{e}; nothing changed"))?;
+        config.validate()?;
         let local = self.host.local_addresses().map_err(|e| {
-            format!("cannot read this host's addresses to check the change: {e}; nothing changed")
+            ControlError::HostAddress(format!(
+                "cannot read this host's addresses to check the change: {e}"
+            ))
         })?;
-        check_host_addresses(&config, &local).map_err(|e| format!("{e}; nothing changed"))?;
+        check_host_addresses(&config, &local).map_err(ControlError::HostAddress)?;
         self.ask_for_missing_macs(&config);
         let old_vips = vip_set(&self.config);
         let new_vips = vip_set(&config);
@@ -549,9 +681,7 @@ impl Control {
         let snapshot = Arc::new(self.build(&config, &operator, &mut ids, generation));
 
         // Leaving VIPs stop being steered before the workers forget them...
-        if let Err(error) = update_vips(&mut *self.steering, &leaving, &[]) {
-            return Err(format!("{error}; nothing changed"));
-        }
+        update_vips(&mut *self.steering, &leaving, &[]).map_err(ControlError::Steering)?;
         let lagging = self.publish(Arc::clone(&snapshot));
         // ...and new ones are steered once the workers know them.
         if let Err(error) = update_vips(&mut *self.steering, &[], &arriving) {
@@ -566,20 +696,20 @@ impl Control {
             ));
             let restore_lagging = self.publish(Arc::clone(&restored));
             self.snapshot = restored;
-            let mut message = format!(
-                "{error}; the change had reached the workers and is undone (generation {}), \
-                 nothing changed",
-                self.snapshot.generation
-            );
+            let mut also = String::new();
             if let Err(again) = update_vips(&mut *self.steering, &[], &leaving) {
-                message += &format!(", but {again}: those VIPs get no traffic until lbd restarts");
+                also += &format!(", but {again}: those VIPs get no traffic until lbd restarts");
             }
             if !restore_lagging.is_empty() {
-                message += &format!(
+                also += &format!(
                     "; the worker(s) of queue(s) {restore_lagging:?} have not taken the undo yet"
                 );
             }
-            return Err(message);
+            return Err(ControlError::Undone {
+                error,
+                generation: self.snapshot.generation,
+                also,
+            });
         }
         if !arriving.is_empty()
             && let Some(first) = self.workers.first()
@@ -601,14 +731,12 @@ impl Control {
                 ?lagging,
                 "{message}: not every worker took it in time"
             );
-            return Err(format!(
-                "{message} (generation {}), but the worker(s) of queue(s) {lagging:?} did not \
-                 take it within {} ms: it is in force on the other workers and will be on those \
-                 when they next run (until then they drop frames for VIPs it added); lbd may be \
-                 overloaded",
-                self.snapshot.generation,
-                self.apply_timeout.as_millis()
-            ));
+            return Err(ControlError::Lagging {
+                message,
+                generation: self.snapshot.generation,
+                queues: lagging,
+                timeout_ms: self.apply_timeout.as_millis(),
+            });
         }
         tracing::info!(generation = self.snapshot.generation, "{message}");
         Ok(Reply::Done { message })
@@ -686,7 +814,7 @@ impl Control {
         let detail = result.detail.clone();
         let Some(up) = self
             .health
-            .record(target.key(), &target.check, result, SystemTime::now())
+            .record(target.key(), &target.check, result, self.clock.wall())
         else {
             return;
         };
@@ -712,15 +840,16 @@ impl Control {
             }
         }
         if !missing.is_empty() {
-            self.asked_for_macs = Some(Instant::now());
+            self.asked_for_macs = Some(self.clock.now());
         }
     }
 
     /// Whether a recent change asked for MACs not learned yet: the caller then refreshes
     /// the neighbours often, so that a new server takes traffic within a fraction of a second.
     pub fn awaiting_macs(&self) -> bool {
+        let now = self.clock.now();
         self.asked_for_macs
-            .is_some_and(|asked| asked.elapsed() < FAST_RESOLUTION)
+            .is_some_and(|asked| now.saturating_duration_since(asked) < FAST_RESOLUTION)
             && addresses_to_resolve(&self.config)
                 .iter()
                 .any(|ip| !self.macs.contains_key(ip))
@@ -796,19 +925,21 @@ impl Control {
             let rs = &service.real_servers[r];
             let key = (service.label.clone(), rs.label.clone());
             let max = u64::from(rs.max_connections);
-            let low = if rs.min_connections > 0 {
-                u64::from(rs.min_connections)
+            // Below the lower threshold: `min_connections`, or else 3/4 of the maximum (as
+            // IPVS compares it: conns * 4 < max * 3, no rounding).
+            let below_lower = if rs.min_connections > 0 {
+                conns < u64::from(rs.min_connections)
             } else {
-                max * 3 / 4
+                conns * 4 < max * 3
             };
             let was_full = self.full.contains(&key);
-            if (was_full && conns >= low) || (!was_full && conns >= max) {
+            if (was_full && !below_lower) || (!was_full && conns >= max) {
                 if !was_full {
                     tracing::info!(service = %key.0, real_server = %key.1, conns, max, "connection limit reached");
                 }
                 full.insert(key);
             } else if was_full {
-                tracing::info!(service = %key.0, real_server = %key.1, conns, low, "below the lower threshold again");
+                tracing::info!(service = %key.0, real_server = %key.1, conns, "below the lower threshold again");
             }
         }
         if full != self.full {
@@ -1134,25 +1265,28 @@ fn describe_check(at: SystemTime, result: &CheckResult) -> String {
     format!("{verdict} ({}) at {h:02}:{m:02}:{s:02} UTC", result.detail)
 }
 
-fn service_index(config: &Config, label: &str) -> Result<usize, String> {
+fn service_index(config: &Config, label: &str) -> Result<usize, ControlError> {
     config
         .services
         .iter()
         .position(|s| s.label == label)
-        .ok_or_else(|| format!("no service named {label:?}"))
+        .ok_or_else(|| ControlError::NoService(label.to_owned()))
 }
 
 fn real_server_index(
     config: &Config,
     service: &str,
     label: &str,
-) -> Result<(usize, usize), String> {
+) -> Result<(usize, usize), ControlError> {
     let s = service_index(config, service)?;
     let r = config.services[s]
         .real_servers
         .iter()
         .position(|rs| rs.label == label)
-        .ok_or_else(|| format!("service {service:?} has no real server named {label:?}"))?;
+        .ok_or_else(|| ControlError::NoRealServer {
+            service: service.to_owned(),
+            label: label.to_owned(),
+        })?;
     Ok((s, r))
 }
 
@@ -1328,12 +1462,34 @@ mod tests {
 
     /// A control over CONFIG with one fake worker; `working: false` makes a worker that never
     /// takes a snapshot.
+    /// A clock that moves when the test says so.
+    struct FakeClock(Arc<Mutex<Instant>>);
+
+    impl Clock for FakeClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().expect("clock")
+        }
+
+        fn wall(&self) -> SystemTime {
+            SystemTime::UNIX_EPOCH
+        }
+    }
+
     struct Rig {
         control: Control,
         map: Arc<Mutex<Map>>,
         neighbours: Arc<Mutex<HashMap<Ipv4Addr, [u8; 6]>>>,
         asked: Arc<Mutex<Vec<Ipv4Addr>>>,
+        /// The connections the fake worker reports, per service and real server.
+        connections: Arc<Mutex<Vec<Vec<u64>>>>,
+        clock: Arc<Mutex<Instant>>,
         dir: PathBuf,
+    }
+
+    impl Rig {
+        fn advance(&self, by: Duration) {
+            *self.clock.lock().expect("clock") += by;
+        }
     }
 
     impl Drop for Rig {
@@ -1357,25 +1513,45 @@ mod tests {
         let map = Arc::new(Mutex::new(Map::default()));
         let host = FakeHost::default();
         let (neighbours, asked) = (Arc::clone(&host.neighbours), Arc::clone(&host.asked));
+        let clock = Arc::new(Mutex::new(Instant::now()));
         let mut control = Control::new(
             config,
             path,
             [2, 0, 0, 0, 0, 2],
             HashMap::from([(Ipv4Addr::new(198, 18, 0, 11), [2, 0, 0, 0, 0, 0x11])]),
-            Box::new(FakeSteering {
-                map: Arc::clone(&map),
-                worker_generation: Arc::clone(&applied),
-            }),
-            Box::new(host),
+            Doors {
+                steering: Box::new(FakeSteering {
+                    map: Arc::clone(&map),
+                    worker_generation: Arc::clone(&applied),
+                }),
+                host: Box::new(host),
+                clock: Box::new(FakeClock(Arc::clone(&clock))),
+            },
         );
         control.apply_timeout = Duration::from_millis(200);
         let (commands, receiver) = unbounded();
+        let connections = Arc::new(Mutex::new(Vec::new()));
         if working {
-            let generation = Arc::clone(&applied);
+            let (generation, connections) = (Arc::clone(&applied), Arc::clone(&connections));
             std::thread::spawn(move || {
                 while let Ok(command) = receiver.recv() {
-                    if let WorkerCommand::Snapshot(snapshot) = command {
-                        generation.store(snapshot.generation, Ordering::Release);
+                    match command {
+                        WorkerCommand::Snapshot(snapshot) => {
+                            generation.store(snapshot.generation, Ordering::Release);
+                        }
+                        WorkerCommand::Report(reply) => {
+                            let _ = reply.send(WorkerReport {
+                                generation: generation.load(Ordering::Acquire),
+                                counters: crate::counters::Counters::default(),
+                                flows: 0,
+                                persistent_clients: 0,
+                                table_full: crate::worker::TableFull::default(),
+                                flow_evictions: 0,
+                                socket: None,
+                                connections: connections.lock().expect("conns").clone(),
+                            });
+                        }
+                        WorkerCommand::Announce(..) => {}
                     }
                 }
             });
@@ -1391,6 +1567,8 @@ mod tests {
             map,
             neighbours,
             asked,
+            connections,
+            clock,
             dir,
         }
     }
@@ -1726,6 +1904,192 @@ mod tests {
             Role::Root,
         ));
         assert!(relative.contains("is not an absolute path"), "{relative}");
+    }
+
+    #[test]
+    fn a_server_at_its_limit_stays_full_until_below_the_lower_threshold() {
+        let mut rig = rig(true);
+        done(rig.control.handle(
+            Command::EditRip {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into(),
+                changes: RealServerChanges {
+                    max_connections: Some(10),
+                    min_connections: Some(5),
+                    ..RealServerChanges::default()
+                },
+            },
+            Role::Root,
+        ));
+        let mut state_at = |conns: u64| {
+            *rig.connections.lock().expect("conns") = vec![vec![conns]];
+            rig.control.enforce_limits();
+            rig.control.snapshot().services[0].real_servers[0]
+                .state_name()
+                .to_owned()
+        };
+        // (IPVS -x/-y.) Up to the maximum, full at it; between the thresholds it stays full,
+        // and takes clients again only below the lower one, until it reaches the maximum again.
+        let steps = [
+            (9, "up"),
+            (10, "full"),
+            (7, "full"),
+            (5, "full"),
+            (4, "up"),
+            (9, "up"),
+        ];
+        for (conns, state) in steps {
+            assert_eq!(state_at(conns), state, "{conns} connections");
+        }
+        assert_eq!(state_at(12), "full");
+        // Without a lower threshold, 3/4 of the maximum is it.
+        done(rig.control.handle(
+            Command::EditRip {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into(),
+                changes: RealServerChanges {
+                    min_connections: Some(0),
+                    ..RealServerChanges::default()
+                },
+            },
+            Role::Root,
+        ));
+        let mut state_at = |conns: u64| {
+            *rig.connections.lock().expect("conns") = vec![vec![conns]];
+            rig.control.enforce_limits();
+            rig.control.snapshot().services[0].real_servers[0]
+                .state_name()
+                .to_owned()
+        };
+        assert_eq!(state_at(8), "full", "8 is not below 7.5");
+        assert_eq!(state_at(7), "up");
+    }
+
+    #[test]
+    fn macs_are_learned_kept_when_the_kernel_forgets_them_and_asked_for_again() {
+        let mut rig = rig(true);
+        let rs2 = Ipv4Addr::new(198, 18, 0, 12);
+        let mut second = rig.control.config().services[0].real_servers[0].clone();
+        second.label = "Wowza Srv 2".into();
+        second.ip = rs2;
+        done(rig.control.handle(
+            Command::AddRip {
+                service: "Wowza GUI".into(),
+                real_server: second,
+            },
+            Role::Root,
+        ));
+        let state = |rig: &Rig| {
+            let rs = &rig.control.snapshot().services[0].real_servers[1];
+            (rs.state_name().to_owned(), rs.mac)
+        };
+        assert_eq!(state(&rig), ("unresolved".to_owned(), None));
+        // Learned: the change's own refresh finds it in the neighbour table.
+        let mac = [2, 0, 0, 0, 0, 0x12];
+        rig.neighbours.lock().expect("neighbours").insert(rs2, mac);
+        rig.control.refresh_neighbours(false);
+        assert_eq!(state(&rig), ("up".to_owned(), Some(mac)));
+        // The kernel's entry ages out (lbd's own frames bypass the stack): the MAC is kept,
+        // and the kernel is asked to resolve it again.
+        rig.neighbours.lock().expect("neighbours").clear();
+        rig.asked.lock().expect("asked").clear();
+        rig.control.refresh_neighbours(true);
+        assert_eq!(state(&rig), ("up".to_owned(), Some(mac)));
+        assert!(rig.asked.lock().expect("asked").contains(&rs2));
+        // A new MAC for the address is taken at once.
+        let moved = [2, 0, 0, 0, 0, 0x99];
+        rig.neighbours
+            .lock()
+            .expect("neighbours")
+            .insert(rs2, moved);
+        rig.control.refresh_neighbours(false);
+        assert_eq!(state(&rig), ("up".to_owned(), Some(moved)));
+    }
+
+    #[test]
+    fn the_neighbour_table_is_read_often_only_for_a_while_after_a_change_asked() {
+        let mut rig = rig(true);
+        assert!(!rig.control.awaiting_macs(), "nothing asked for");
+        let mut ghost = rig.control.config().services[0].real_servers[0].clone();
+        ghost.label = "Ghost".into();
+        ghost.ip = Ipv4Addr::new(198, 18, 0, 99);
+        done(rig.control.handle(
+            Command::AddRip {
+                service: "Wowza GUI".into(),
+                real_server: ghost,
+            },
+            Role::Root,
+        ));
+        assert!(rig.control.awaiting_macs());
+        rig.advance(FAST_RESOLUTION - Duration::from_millis(1));
+        assert!(rig.control.awaiting_macs());
+        rig.advance(Duration::from_millis(1));
+        assert!(
+            !rig.control.awaiting_macs(),
+            "after 5 s, the once-a-second refresh"
+        );
+    }
+
+    #[test]
+    fn every_refusal_leaves_everything_as_it_was() {
+        let mut rig = rig(true);
+        let snapshot = |rig: &Rig| {
+            let s = rig.control.snapshot();
+            (s.generation, format!("{:?}", s.services))
+        };
+        let before = (rig.control.config().clone(), snapshot(&rig));
+        let rs = rig.control.config().services[0].real_servers[0].clone();
+        let refused = [
+            Command::Drain {
+                service: "No Such".into(),
+                label: "Wowza Srv 1".into(),
+            },
+            Command::Halt {
+                service: "Wowza GUI".into(),
+                label: "No Such".into(),
+            },
+            Command::AddRip {
+                service: "Wowza GUI".into(),
+                real_server: rs.clone(),
+            },
+            Command::AddVip {
+                service: Service {
+                    vip: Ipv4Addr::new(198, 18, 0, 101),
+                    ..rig.control.config().services[0].clone()
+                },
+            },
+            Command::EditVip {
+                label: "Wowza GUI".into(),
+                changes: ServiceChanges::default(),
+            },
+            Command::EditVip {
+                label: "Wowza GUI".into(),
+                changes: ServiceChanges {
+                    table_size: Some(1000),
+                    ..ServiceChanges::default()
+                },
+            },
+            Command::DelRip {
+                service: "Wowza GUI".into(),
+                label: "No Such".into(),
+            },
+            Command::ConfigSave {
+                path: Some("relative.toml".into()),
+            },
+        ];
+        for command in refused {
+            let message = error_of(rig.control.handle(command.clone(), Role::Root));
+            assert!(!message.is_empty(), "{command:?}");
+            assert_eq!(
+                (rig.control.config().clone(), snapshot(&rig)),
+                before,
+                "{command:?} changed something: {message}"
+            );
+        }
+        assert!(
+            rig.map.lock().expect("map").events.len() == 1,
+            "only the start's VIP"
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //! stop (SIGINT/SIGTERM) the workers finish their batch and exit, the sockets close, and
 //! dropping the steering program's link detaches it, leaving the interface as it was.
 
-use crate::control::{Control, WorkerLink, addresses_to_resolve, check_host_addresses};
+use crate::control::{
+    Control, Doors, SystemClock, WorkerLink, addresses_to_resolve, check_host_addresses,
+};
 use crate::counters::{Counters, DropReason};
 use crate::dataplane::{Dataplane, TableSizes};
 use crate::server::{ControlServer, ServerError};
@@ -129,61 +131,10 @@ pub enum DaemonError {
 /// Runs the balancer with `config` (read from `config_path`, which `reload` re-reads) until
 /// SIGINT or SIGTERM.
 pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // The first signal asks for a clean stop; a second one, while stopping, exits at once.
-        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
-            .map_err(DaemonError::Signals)?;
-        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
-    }
-
+    let stop = stop_on_signals()?;
     let engine = &config.engine;
     let interface = engine.interface.as_str();
-    if !host::interface_exists(interface) {
-        return Err(DaemonError::NoInterface(interface.to_owned()));
-    }
-    let own_mac = host::interface_mac(interface).map_err(|source| DaemonError::Host {
-        what: format!("the MAC address of {interface}"),
-        source,
-    })?;
-    let available = host::rx_queue_count(interface).map_err(|source| DaemonError::Host {
-        what: format!("the queues of {interface}"),
-        source,
-    })?;
-    if let Some(&queue) = engine.queues.iter().find(|&&q| q >= available) {
-        return Err(DaemonError::NoQueue {
-            interface: interface.to_owned(),
-            queue,
-            available,
-        });
-    }
-
-    let mtu = host::interface_mtu(interface).map_err(|source| DaemonError::Host {
-        what: format!("the MTU of {interface}"),
-        source,
-    })?;
-    if mtu > max_mtu(engine.frame_size) {
-        return Err(DaemonError::Mtu {
-            interface: interface.to_owned(),
-            mtu,
-            frame_size: engine.frame_size,
-        });
-    }
-    let local = host::local_addresses().map_err(|source| DaemonError::Host {
-        what: "this host's addresses".to_owned(),
-        source,
-    })?;
-    check_host_addresses(&config, &local).map_err(DaemonError::HostAddress)?;
-
-    if (engine.queues.len() as u32) < available {
-        tracing::warn!(
-            interface,
-            rx_queues = available,
-            served = ?engine.queues,
-            "not every RX queue is served: VIP frames that RSS puts on another queue go to the \
-             host stack; serve all queues or steer VIP traffic to these with ethtool"
-        );
-    }
+    let host = check_host(&config)?;
 
     let mut steering = Steering::attach(interface, engine.xdp_mode != XdpMode::ZeroCopy)?;
     let mut sockets = Vec::with_capacity(engine.queues.len());
@@ -203,70 +154,23 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let mut control = Control::new(
         config.clone(),
         config_path.to_owned(),
-        own_mac,
+        host.own_mac,
         macs,
-        Box::new(steering),
-        Box::new(host::SystemHost {
-            interface: interface.to_owned(),
-        }),
+        Doors {
+            steering: Box::new(steering),
+            host: Box::new(host::SystemHost {
+                interface: interface.to_owned(),
+            }),
+            clock: Box::new(SystemClock),
+        },
     );
     let snapshot = Arc::clone(control.snapshot());
     log_services(&config, &snapshot);
 
-    let vips = distinct_vips(&config);
-
-    let settings = WorkerSettings {
-        batch_size: engine.batch_size as usize,
-        busy_poll: engine.polling == Polling::Busy,
-        ..WorkerSettings::default()
-    };
-    let sizes = TableSizes {
-        flows: engine.flow_table_size as usize,
-        persistent_clients: engine.persistence_table_size as usize,
-    };
-    let mut threads = Vec::with_capacity(sockets.len());
-    let mut links = Vec::with_capacity(sockets.len());
-    for (index, rings) in sockets.into_iter().enumerate() {
-        let core = engine.cores.get(index).copied();
-        let (link, thread) = spawn_worker(
-            index,
-            engine.queues[index],
-            rings,
-            Dataplane::new(Arc::clone(&snapshot), sizes),
-            settings,
-            core,
-            Arc::clone(&stop),
-        );
-        links.push(link);
-        threads.push((index, thread));
-    }
-
+    let (links, threads) = start_workers(&config, sockets, &snapshot, &stop);
     // VIPs are steered only once every worker runs (its fill ring holds frames): before that
     // the kernel would have nowhere to put them. One that does not start stops lbd.
-    let deadline = Instant::now() + WORKER_START;
-    while links.iter().any(|l| l.applied.load(Ordering::Acquire) == 0)
-        && Instant::now() < deadline
-        && !stop.load(Ordering::Relaxed)
-        && !threads.iter().any(|(_, thread)| thread.is_finished())
-    {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    if let Some((worker, link)) = links
-        .iter()
-        .enumerate()
-        .find(|(_, l)| l.applied.load(Ordering::Acquire) == 0)
-    {
-        let error = DaemonError::Worker {
-            worker,
-            queue: link.queue,
-            what: if threads[worker].1.is_finished() {
-                "stopped while starting".to_owned()
-            } else if stop.load(Ordering::Relaxed) {
-                "was still starting when lbd was told to stop".to_owned()
-            } else {
-                format!("did not start within {} s", WORKER_START.as_secs())
-            },
-        };
+    if let Err(error) = wait_for_workers(&links, &threads, &stop) {
         stop.store(true, Ordering::Relaxed);
         join_workers(threads);
         return Err(error);
@@ -279,12 +183,11 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     }
 
     let control = Arc::new(Mutex::new(control));
-    let server = ControlServer::start(
+    let server = match ControlServer::start(
         &engine.control_socket,
         engine.control_group.as_deref(),
         Arc::clone(&control),
-    );
-    let server = match server {
+    ) {
         Ok(server) => server,
         Err(error) => {
             stop.store(true, Ordering::Relaxed);
@@ -292,44 +195,200 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
             return Err(error.into());
         }
     };
-    let checker = {
-        let (control, stop) = (Arc::clone(&control), Arc::clone(&stop));
-        std::thread::Builder::new()
-            .name("lbd-health".to_owned())
-            .spawn(move || {
-                health::run(
-                    &stop,
-                    || {
-                        control
-                            .lock()
-                            .map(|c| c.health_targets())
-                            .unwrap_or_default()
-                    },
-                    |target, result| {
-                        if let Ok(mut control) = control.lock() {
-                            control.record_health(target, result);
-                        }
-                    },
-                );
-            })
-            .expect("spawning the health checker")
-    };
+    let checker = start_health_checks(&control, &stop);
     tracing::info!(
         interface,
-        mac = %host::format_mac(own_mac),
+        mac = %host::format_mac(host.own_mac),
         workers = threads.len(),
         "lbd running"
     );
 
-    // Gratuitous ARP rounds, neighbour upkeep, connection limits and watching the workers and
-    // the MTU, until a signal.
+    let failure = serve(&config, &control, &threads, &stop, &host);
+
+    tracing::info!("stopping");
+    stop.store(true, Ordering::Relaxed);
+    drop(server);
+    let _ = checker.join();
+    join_workers(threads);
+    // The last reference to the control state holds the steering program: dropping it detaches.
+    drop(control);
+    tracing::info!(interface, "XDP program detached; stopped");
+    failure.map_or(Ok(()), Err)
+}
+
+/// A flag that SIGINT or SIGTERM raises; a second signal, while stopping, exits at once.
+fn stop_on_signals() -> Result<Arc<AtomicBool>, DaemonError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
+            .map_err(DaemonError::Signals)?;
+        signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
+    }
+    Ok(stop)
+}
+
+/// What lbd learns of the host at start.
+#[derive(Debug)]
+struct HostAtStart {
+    own_mac: [u8; 6],
+    mtu: u32,
+}
+
+/// The interface and its queues exist, its frames fit a UMEM frame, and no VIP or real server
+/// is an address of the host: what would otherwise fail later, or lose traffic unseen.
+fn check_host(config: &Config) -> Result<HostAtStart, DaemonError> {
+    let engine = &config.engine;
+    let interface = engine.interface.as_str();
+    if !host::interface_exists(interface) {
+        return Err(DaemonError::NoInterface(interface.to_owned()));
+    }
+    let read = |what: String| move |source| DaemonError::Host { what, source };
+    let own_mac =
+        host::interface_mac(interface).map_err(read(format!("the MAC address of {interface}")))?;
+    let available =
+        host::rx_queue_count(interface).map_err(read(format!("the queues of {interface}")))?;
+    if let Some(&queue) = engine.queues.iter().find(|&&q| q >= available) {
+        return Err(DaemonError::NoQueue {
+            interface: interface.to_owned(),
+            queue,
+            available,
+        });
+    }
+    let mtu = host::interface_mtu(interface).map_err(read(format!("the MTU of {interface}")))?;
+    if mtu > max_mtu(engine.frame_size) {
+        return Err(DaemonError::Mtu {
+            interface: interface.to_owned(),
+            mtu,
+            frame_size: engine.frame_size,
+        });
+    }
+    let local = host::local_addresses().map_err(read("this host's addresses".to_owned()))?;
+    check_host_addresses(config, &local).map_err(DaemonError::HostAddress)?;
+    if (engine.queues.len() as u32) < available {
+        tracing::warn!(
+            interface,
+            rx_queues = available,
+            served = ?engine.queues,
+            "not every RX queue is served: VIP frames that RSS puts on another queue go to the \
+             host stack; serve all queues or steer VIP traffic to these with ethtool"
+        );
+    }
+    Ok(HostAtStart { own_mac, mtu })
+}
+
+/// A worker thread per socket, each with its own dataplane over `snapshot`.
+fn start_workers(
+    config: &Config,
+    sockets: Vec<XskRings>,
+    snapshot: &Arc<Snapshot>,
+    stop: &Arc<AtomicBool>,
+) -> (Vec<WorkerLink>, Vec<(usize, JoinHandle<WorkerExit>)>) {
+    let engine = &config.engine;
+    let settings = WorkerSettings {
+        batch_size: engine.batch_size as usize,
+        busy_poll: engine.polling == Polling::Busy,
+        ..WorkerSettings::default()
+    };
+    let sizes = TableSizes {
+        flows: engine.flow_table_size as usize,
+        persistent_clients: engine.persistence_table_size as usize,
+    };
+    let mut threads = Vec::with_capacity(sockets.len());
+    let mut links = Vec::with_capacity(sockets.len());
+    for (index, rings) in sockets.into_iter().enumerate() {
+        let (link, thread) = spawn_worker(
+            index,
+            engine.queues[index],
+            rings,
+            Dataplane::new(Arc::clone(snapshot), sizes),
+            settings,
+            engine.cores.get(index).copied(),
+            Arc::clone(stop),
+        );
+        links.push(link);
+        threads.push((index, thread));
+    }
+    (links, threads)
+}
+
+/// Waits until every worker has taken its first snapshot (its rings are set up), at most
+/// [`WORKER_START`]; says which one did not, and why, if one did not.
+fn wait_for_workers(
+    links: &[WorkerLink],
+    threads: &[(usize, JoinHandle<WorkerExit>)],
+    stop: &AtomicBool,
+) -> Result<(), DaemonError> {
+    let deadline = Instant::now() + WORKER_START;
+    while links.iter().any(|l| l.applied.load(Ordering::Acquire) == 0)
+        && Instant::now() < deadline
+        && !stop.load(Ordering::Relaxed)
+        && !threads.iter().any(|(_, thread)| thread.is_finished())
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let Some((worker, link)) = links
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l.applied.load(Ordering::Acquire) == 0)
+    else {
+        return Ok(());
+    };
+    let what = if threads[worker].1.is_finished() {
+        "stopped while starting".to_owned()
+    } else if stop.load(Ordering::Relaxed) {
+        "was still starting when lbd was told to stop".to_owned()
+    } else {
+        format!("did not start within {} s", WORKER_START.as_secs())
+    };
+    Err(DaemonError::Worker {
+        worker,
+        queue: link.queue,
+        what,
+    })
+}
+
+/// The health checker's thread: checks through the host's network stack, results to `control`.
+fn start_health_checks(control: &Arc<Mutex<Control>>, stop: &Arc<AtomicBool>) -> JoinHandle<()> {
+    let (control, stop) = (Arc::clone(control), Arc::clone(stop));
+    std::thread::Builder::new()
+        .name("lbd-health".to_owned())
+        .spawn(move || {
+            health::run(
+                &stop,
+                Arc::new(health::NetworkChecker),
+                || {
+                    control
+                        .lock()
+                        .map(|c| c.health_targets())
+                        .unwrap_or_default()
+                },
+                |target, result| {
+                    if let Ok(mut control) = control.lock() {
+                        control.record_health(target, result);
+                    }
+                },
+            );
+        })
+        .expect("spawning the health checker")
+}
+
+/// The daemon's own loop until a signal: gratuitous ARP rounds, neighbour upkeep, connection
+/// limits, and watching the workers and the MTU. Returns the failure that stopped it, if any.
+fn serve(
+    config: &Config,
+    control: &Mutex<Control>,
+    threads: &[(usize, JoinHandle<WorkerExit>)],
+    stop: &AtomicBool,
+    host: &HostAtStart,
+) -> Option<DaemonError> {
+    let engine = &config.engine;
+    let vips = distinct_vips(config);
     let mut announcements_left = engine.gratuitous_arp_count;
     let mut next_announce = Instant::now();
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
     let mut next_fast_resolve = Instant::now();
     let mut next_limits = Instant::now();
-    let mut reported_mtu = mtu;
-    let mut failure = None;
+    let mut reported_mtu = host.mtu;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if announcements_left > 0 && now >= next_announce && !vips.is_empty() {
@@ -339,7 +398,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
                 // Only one worker announces: every queue shares the interface.
                 let _ = first
                     .commands
-                    .send(WorkerCommand::Announce(own_mac, vips.clone()));
+                    .send(WorkerCommand::Announce(host.own_mac, vips.clone()));
             }
             announcements_left -= 1;
             next_announce = now + ANNOUNCE_INTERVAL;
@@ -349,7 +408,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
             if let Ok(mut control) = control.lock() {
                 control.refresh_neighbours(true);
             }
-            reported_mtu = watch_mtu(interface, engine.frame_size, reported_mtu);
+            reported_mtu = watch_mtu(&engine.interface, engine.frame_size, reported_mtu);
         } else if now >= next_fast_resolve {
             next_fast_resolve = now + FAST_RESOLVE_INTERVAL;
             if let Ok(mut control) = control.lock()
@@ -368,29 +427,16 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         if !stop.load(Ordering::Relaxed)
             && let Some(&(worker, _)) = threads.iter().find(|(_, thread)| thread.is_finished())
         {
-            failure = Some(DaemonError::Worker {
+            tracing::error!(worker, "worker stopped unexpectedly; stopping lbd");
+            return Some(DaemonError::Worker {
                 worker,
                 queue: engine.queues[worker],
                 what: "stopped unexpectedly".to_owned(),
             });
-            tracing::error!(worker, "worker stopped unexpectedly; stopping lbd");
-            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-
-    tracing::info!("stopping");
-    stop.store(true, Ordering::Relaxed);
-    drop(server);
-    let _ = checker.join();
-    join_workers(threads);
-    // The last reference to the control state holds the steering program: dropping it detaches.
-    drop(control);
-    tracing::info!(interface, "XDP program detached; stopped");
-    match failure {
-        Some(error) => Err(error),
-        None => Ok(()),
-    }
+    None
 }
 
 /// Logs an error when the interface's MTU has risen past what a UMEM frame holds since it was

@@ -9,7 +9,7 @@
 
 use crossbeam::channel::{Receiver, Sender, unbounded};
 use lbd_config::{HealthCheck, HealthKind};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
@@ -235,6 +235,59 @@ fn external_check(target: &Target, timeout: Duration) -> Result<String, String> 
     }
 }
 
+/// Runs checks: the door to the network that the scheduler goes through (a fake in tests).
+pub trait Checker: Send + Sync {
+    /// Runs one check now.
+    fn check(&self, target: &Target) -> CheckResult;
+}
+
+/// Checks over the host's own network stack ([`run_check`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NetworkChecker;
+
+impl Checker for NetworkChecker {
+    fn check(&self, target: &Target) -> CheckResult {
+        run_check(target)
+    }
+}
+
+/// When each target is due: a state machine that takes the time and the current targets and
+/// says which checks to start, so that its rules are unit-tested without a clock or a thread.
+/// A target is checked at once when it appears, then every `interval_ms` from the start of its
+/// last check, never twice at a time; a target that goes away is forgotten.
+#[derive(Debug, Default)]
+pub struct Schedule {
+    next_due: HashMap<(String, String), Instant>,
+    in_flight: HashSet<(String, String)>,
+}
+
+impl Schedule {
+    /// The checks to start at `now` among `targets` (each is then in flight).
+    pub fn due(&mut self, now: Instant, targets: Vec<Target>) -> Vec<Target> {
+        let keys: HashSet<(String, String)> = targets.iter().map(Target::key).collect();
+        self.next_due.retain(|key, _| keys.contains(key));
+        targets
+            .into_iter()
+            .filter(|target| {
+                let key = target.key();
+                let due = *self.next_due.entry(key.clone()).or_insert(now);
+                if due > now || self.in_flight.contains(&key) {
+                    return false;
+                }
+                let interval = Duration::from_millis(u64::from(target.check.interval_ms));
+                self.next_due.insert(key.clone(), now + interval);
+                self.in_flight.insert(key);
+                true
+            })
+            .collect()
+    }
+
+    /// The check of `target` has ended.
+    pub fn done(&mut self, target: &Target) {
+        self.in_flight.remove(&target.key());
+    }
+}
+
 /// A finished check, from the pool to the scheduler.
 #[derive(Debug)]
 struct Done {
@@ -242,11 +295,12 @@ struct Done {
     result: CheckResult,
 }
 
-/// Runs the checks of `targets()` until `stop`, each at its interval, calling
-/// `on_result(target, result)` for every result. `targets` is asked again every tick (20 ms),
-/// so added, removed and edited servers are picked up.
+/// Runs the checks of `targets()` through `checker` until `stop`, each at its interval (see
+/// [`Schedule`]), calling `on_result(target, result)` for every result. `targets` is asked
+/// again every tick (20 ms), so added, removed and edited servers are picked up.
 pub fn run(
     stop: &AtomicBool,
+    checker: Arc<dyn Checker>,
     targets: impl Fn() -> Vec<Target>,
     mut on_result: impl FnMut(&Target, CheckResult),
 ) {
@@ -257,32 +311,20 @@ pub fn run(
         .filter_map(|i| {
             let (queue, results, stop) =
                 (job_queue.clone(), results.clone(), Arc::clone(&pool_stop));
+            let checker = Arc::clone(&checker);
             std::thread::Builder::new()
                 .name(format!("lbd-check-{i}"))
-                .spawn(move || check_worker(&queue, &results, &stop))
+                .spawn(move || check_worker(&*checker, &queue, &results, &stop))
                 .ok()
         })
         .collect();
-    let mut next_due: HashMap<(String, String), Instant> = HashMap::new();
-    let mut in_flight: HashMap<(String, String), Target> = HashMap::new();
+    let mut schedule = Schedule::default();
     while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        let current = targets();
-        next_due.retain(|key, _| current.iter().any(|t| &t.key() == key));
-        for target in current {
-            let key = target.key();
-            let due = *next_due.entry(key.clone()).or_insert(now);
-            if due <= now && !in_flight.contains_key(&key) {
-                next_due.insert(
-                    key.clone(),
-                    now + Duration::from_millis(u64::from(target.check.interval_ms)),
-                );
-                in_flight.insert(key, target.clone());
-                let _ = jobs.send(target);
-            }
+        for target in schedule.due(Instant::now(), targets()) {
+            let _ = jobs.send(target);
         }
         while let Ok(Done { target, result }) = done.try_recv() {
-            in_flight.remove(&target.key());
+            schedule.done(&target);
             on_result(&target, result);
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -294,11 +336,16 @@ pub fn run(
     }
 }
 
-fn check_worker(queue: &Receiver<Target>, results: &Sender<Done>, stop: &AtomicBool) {
+fn check_worker(
+    checker: &dyn Checker,
+    queue: &Receiver<Target>,
+    results: &Sender<Done>,
+    stop: &AtomicBool,
+) {
     while !stop.load(Ordering::Relaxed) {
         match queue.recv_timeout(Duration::from_millis(100)) {
             Ok(target) => {
-                let result = run_check(&target);
+                let result = checker.check(&target);
                 if results.send(Done { target, result }).is_err() {
                     return;
                 }
@@ -456,5 +503,49 @@ mod tests {
             .collect();
         assert!(left.is_empty(), "left running: {left:?}");
         assert!(run_check(&target(1, check(HealthKind::None))).ok);
+    }
+
+    #[test]
+    fn each_target_is_checked_at_once_then_every_interval_never_twice_at_a_time() {
+        let every = |interval_ms, label: &str| Target {
+            label: label.into(),
+            ..target(
+                1,
+                HealthCheck {
+                    interval_ms,
+                    ..check(HealthKind::Tcp)
+                },
+            )
+        };
+        let ms = |n| Duration::from_millis(n);
+        let start = Instant::now();
+        let mut schedule = Schedule::default();
+        let labels = |due: Vec<Target>| due.into_iter().map(|t| t.label).collect::<Vec<_>>();
+        let both = || vec![every(100, "a"), every(300, "b")];
+        assert_eq!(
+            labels(schedule.due(start, both())),
+            ["a", "b"],
+            "new: at once"
+        );
+        // a's check is still running at its next due time: not started twice.
+        assert!(schedule.due(start + ms(150), both()).is_empty());
+        schedule.done(&every(100, "a"));
+        assert_eq!(labels(schedule.due(start + ms(150), both())), ["a"]);
+        schedule.done(&every(100, "a"));
+        schedule.done(&every(300, "b"));
+        assert!(
+            schedule.due(start + ms(200), both()).is_empty(),
+            "a next at 250"
+        );
+        assert_eq!(labels(schedule.due(start + ms(300), both())), ["a", "b"]);
+        // A target that goes away is forgotten; back, it is new again.
+        schedule.done(&every(100, "a"));
+        schedule.done(&every(300, "b"));
+        assert!(
+            schedule
+                .due(start + ms(310), vec![every(100, "a")])
+                .is_empty()
+        );
+        assert_eq!(labels(schedule.due(start + ms(320), both())), ["b"]);
     }
 }
