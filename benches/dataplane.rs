@@ -9,8 +9,8 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
 use lbd_config::Config;
-use lbd_engine::dataplane::{Dataplane, TableSizes, Verdict};
-use lbd_engine::snapshot::{AdminState, ServiceIds, Snapshot};
+use lbd_engine::packet::dataplane::{Dataplane, TableSizes, Verdict};
+use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -10,17 +10,18 @@
 //! stop (SIGINT/SIGTERM) the workers finish their batch and exit, the sockets close, and
 //! dropping the steering program's link detaches it, leaving the interface as it was.
 
+use crate::control::health;
+use crate::control::server::{ControlServer, ServerError};
 use crate::control::{
     Control, Doors, SystemClock, WorkerLink, addresses_to_resolve, check_host_addresses,
 };
-use crate::counters::{Counters, DropReason};
-use crate::dataplane::{Dataplane, TableSizes};
-use crate::server::{ControlServer, ServerError};
-use crate::snapshot::Snapshot;
-use crate::steer::{AttachMode, SteerError, Steering};
-use crate::sys::{CopyMode, XskError, XskRings, XskSettings};
-use crate::worker::{Rings, Worker, WorkerCommand, WorkerSettings};
-use crate::{health, host};
+use crate::io::host;
+use crate::io::steer::{AttachMode, SteerError, Steering};
+use crate::io::sys::{CopyMode, XskError, XskRings, XskSettings};
+use crate::io::worker::{Rings, Worker, WorkerCommand, WorkerSettings};
+use crate::packet::counters::{Counters, DropReason};
+use crate::packet::dataplane::{Dataplane, TableSizes};
+use crate::packet::snapshot::Snapshot;
 use crossbeam::channel::unbounded;
 use lbd_config::{Config, Polling, XdpMode};
 use std::net::Ipv4Addr;

@@ -1,27 +1,20 @@
-//! lbd's engine: a Layer-4 Direct Routing load balancer in userspace on AF_XDP sockets.
+//! lbd's engine: a Layer-4 load balancer in Direct Routing mode, in userspace on AF_XDP
+//! sockets. Three rooms, and the daemon that wires them:
 //!
-//! - [`dataplane`]: classify, choose a real server, rewrite in place; no I/O.
-//! - [`flows`]: per-worker connection and persistence tables.
-//! - [`health`]: health checks and their rise/fall state machine.
-//! - [`maglev`]: the consistent-hash tables the dataplane looks real servers up in.
-//! - [`snapshot`]: the immutable configuration view the packet path reads.
-//! - [`worker`]: the poll loop that drives one queue's rings through the dataplane.
-//! - [`steer`]: the XDP program that sends VIP traffic to the sockets and the rest to the host.
-//! - [`sys`]: AF_XDP sockets and UMEM; the only module with `unsafe` code.
-//! - [`host`]: facts read from the host: interface MAC and queues, the neighbour table.
-//! - [`control`]: the running config and live changes; [`server`]: the control socket.
+//! - [`packet`]: the packet path's core, with no I/O: classify a frame, choose a real server,
+//!   rewrite in place; the tables it keeps and the configuration view it reads.
+//! - [`io`]: the kernel's doors: AF_XDP sockets (the only `unsafe` code), the XDP steering
+//!   program, the worker loop that drives a socket's rings through the packet core, and the
+//!   host's facts (interface, addresses, neighbour table).
+//! - [`control`]: the running configuration and its live changes, the control socket, the
+//!   health checks.
 //! - [`daemon`]: start-up, the workers' threads, signals and shutdown.
+//!
+//! The HA pair, Layer 7 through HAProxy and the HTTP views will sit beside `control` as
+//! `ha`, `l7` and `http`: each reads what the control plane holds and changes the packet path
+//! only by publishing snapshots and steering-map updates through it.
 
 pub mod control;
-pub mod counters;
 pub mod daemon;
-pub mod dataplane;
-pub mod flows;
-pub mod health;
-pub mod host;
-pub mod maglev;
-pub mod server;
-pub mod snapshot;
-pub mod steer;
-pub mod sys;
-pub mod worker;
+pub mod io;
+pub mod packet;

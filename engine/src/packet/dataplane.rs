@@ -31,13 +31,13 @@
 //! counters) is inlined into [`Dataplane::process`]; new connections, fragments, ICMP and a
 //! new snapshot's relocations are out-of-line functions.
 
-use crate::counters::{Counters, DropReason, Sent};
-use crate::flows::{
+use crate::packet::counters::{Counters, DropReason, Sent};
+use crate::packet::flows::{
     FRAGMENT_TIMEOUT_MS, FlowEntry, FlowKey, FlowState, FlowTable, FragmentEntry, FragmentKey,
     FragmentTable, NO_FLAGS, PersistEntry, PersistenceTable, tcp_flags,
 };
-use crate::maglev::MaglevTable;
-use crate::snapshot::{RealServerEntry, ServiceEntry, Snapshot, service_key};
+use crate::packet::maglev::MaglevTable;
+use crate::packet::snapshot::{RealServerEntry, ServiceEntry, Snapshot, service_key};
 use etherparse::{ArpPacketSlice, EtherType};
 use lbd_config::Persistence;
 use std::sync::Arc;
@@ -1043,7 +1043,7 @@ mod tests;
 mod path_tests {
     //! The hand-written header checks and the known-connection path against their edge cases.
     use super::*;
-    use crate::snapshot::{AdminState, ServiceIds};
+    use crate::packet::snapshot::{AdminState, ServiceIds};
     use etherparse::PacketBuilder;
     use lbd_config::Config;
 

@@ -21,13 +21,19 @@
 //! weights, services and real servers with tcp, http or no checks, reload and save of the file
 //! lbd started with) but nothing that would run a command or write a file of its choosing as
 //! root: external checks and saving elsewhere are root's.
+//!
+//! Beside it: [`server`], the control socket, and [`health`], the checks whose results come
+//! back here.
 
-use crate::counters::DropReason;
-use crate::health::{CheckResult, Target, Tracker};
-use crate::host::{self, HostFacts};
-use crate::snapshot::{AdminState, ServerState, ServiceIds, Snapshot};
-use crate::steer::VipSteering;
-use crate::worker::{WorkerCommand, WorkerReport};
+pub mod health;
+pub mod server;
+
+use crate::control::health::{CheckResult, Target, Tracker};
+use crate::io::host::{self, HostFacts};
+use crate::io::steer::VipSteering;
+use crate::io::worker::{WorkerCommand, WorkerReport};
+use crate::packet::counters::DropReason;
+use crate::packet::snapshot::{AdminState, ServerState, ServiceIds, Snapshot};
 use crossbeam::channel::{Sender, bounded};
 use lbd_config::{Config, ConfigError, HealthKind, RealServer, Service};
 use lbd_proto::{
@@ -378,7 +384,7 @@ impl Control {
     }
 
     /// Starts steering every configured VIP (at start, once every worker runs).
-    pub fn steer_all_vips(&mut self) -> Result<(), crate::steer::SteerError> {
+    pub fn steer_all_vips(&mut self) -> Result<(), crate::io::steer::SteerError> {
         for vip in vip_set(&self.config) {
             self.steering.add_vip(vip)?;
         }
@@ -1036,7 +1042,7 @@ impl Control {
     /// Counters per worker and in total.
     pub fn stats(&self) -> StatsReport {
         let mut report = StatsReport::default();
-        let mut total = crate::counters::Counters::default();
+        let mut total = crate::packet::counters::Counters::default();
         for (queue, worker) in self.reports() {
             let Some(worker) = worker else {
                 continue;
@@ -1075,7 +1081,7 @@ impl Control {
         report
     }
 
-    fn worker_stats(&self, counters: &crate::counters::Counters) -> WorkerStats {
+    fn worker_stats(&self, counters: &crate::packet::counters::Counters) -> WorkerStats {
         let services = self
             .snapshot
             .services
@@ -1392,7 +1398,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::steer::SteerError;
+    use crate::io::steer::SteerError;
     use crossbeam::channel::unbounded;
     use lbd_config::HealthCheck;
     use std::sync::Mutex;
@@ -1542,10 +1548,10 @@ mod tests {
                         WorkerCommand::Report(reply) => {
                             let _ = reply.send(WorkerReport {
                                 generation: generation.load(Ordering::Acquire),
-                                counters: crate::counters::Counters::default(),
+                                counters: crate::packet::counters::Counters::default(),
                                 flows: 0,
                                 persistent_clients: 0,
-                                table_full: crate::worker::TableFull::default(),
+                                table_full: crate::io::worker::TableFull::default(),
                                 flow_evictions: 0,
                                 socket: None,
                                 connections: connections.lock().expect("conns").clone(),

@@ -16,7 +16,7 @@
     reason = "xsk-rs ring and UMEM calls, and getsockopt(SO_PEERGROUPS)"
 )]
 
-use crate::worker::{Rings, SocketStats};
+use crate::io::worker::{Rings, SocketStats};
 use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -318,7 +318,7 @@ const SO_PEERGROUPS: libc::c_int = 59;
     target_arch = "riscv64"
 )))]
 compile_error!(
-    "SO_PEERGROUPS has another number on this architecture: add it in engine/src/sys.rs"
+    "SO_PEERGROUPS has another number on this architecture: add it in engine/src/io/sys.rs"
 );
 
 /// The supplementary groups of the process at the other end of a connected unix socket, as

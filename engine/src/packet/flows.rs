@@ -642,7 +642,7 @@ impl TableKey for FragmentKey {
 /// Where a fragmented datagram's first piece went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FragmentEntry {
-    /// The service's stable id ([`crate::snapshot::ServiceEntry::id`]).
+    /// The service's stable id ([`crate::packet::snapshot::ServiceEntry::id`]).
     pub service: u32,
     /// The real server's (or the fallback server's) address.
     pub real_server: u32,
@@ -668,7 +668,7 @@ pub type FragmentTable = ExpiringTable<FragmentKey, FragmentEntry>;
 pub type FlowTable = ExpiringTable<FlowKey, FlowEntry>;
 
 /// Persistence key: client address and the service's stable id
-/// ([`crate::snapshot::ServiceEntry::id`]), which survives edits of its ports, VIP and label.
+/// ([`crate::packet::snapshot::ServiceEntry::id`]), which survives edits of its ports, VIP and label.
 pub type PersistKey = (u32, u64);
 
 /// The persistence table.

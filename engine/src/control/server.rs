@@ -273,7 +273,7 @@ fn authorize(stream: &UnixStream, group: Option<Gid>) -> Result<(u32, Role), Str
         return Ok((uid.as_raw(), Role::Root));
     }
     if let Some(gid) = group {
-        let groups = crate::sys::peer_groups(stream)
+        let groups = crate::io::sys::peer_groups(stream)
             .map_err(|e| format!("reading the peer's groups: {e}"))?;
         if credentials.gid() == gid.as_raw() || groups.contains(&gid.as_raw()) {
             return Ok((uid.as_raw(), Role::Operator));

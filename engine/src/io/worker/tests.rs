@@ -2,8 +2,8 @@
 //! and dropped, and not one UMEM frame lost or duplicated whatever the kernel side does.
 
 use super::*;
-use crate::dataplane::TableSizes;
-use crate::snapshot::{AdminState, ServiceIds, Snapshot};
+use crate::packet::dataplane::TableSizes;
+use crate::packet::snapshot::{AdminState, ServiceIds, Snapshot};
 use etherparse::PacketBuilder;
 use lbd_config::Config;
 use proptest::prelude::*;

@@ -169,7 +169,7 @@ where
 mod tests {
     #[test]
     fn the_program_has_the_map_sizes_the_config_checks_assume() {
-        let source = include_str!("../bpf/steer.c");
+        let source = include_str!("../../bpf/steer.c");
         let define = |name: &str, value: String| format!("#define {name} {value}\n");
         assert!(source.contains(&define("MAX_VIPS", lbd_config::MAX_VIPS.to_string())));
         assert!(source.contains(&define("MAX_QUEUES", lbd_config::MAX_QUEUES.to_string())));

@@ -13,9 +13,9 @@
 //! place to the next: no code, this worker's or any other safe code, can lend one frame to
 //! the kernel twice or touch a frame the kernel holds.
 
-use crate::counters::{Counters, DropReason, Sent};
-use crate::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
-use crate::snapshot::{Snapshot, service_key};
+use crate::packet::counters::{Counters, DropReason, Sent};
+use crate::packet::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
+use crate::packet::snapshot::{Snapshot, service_key};
 use crossbeam::channel::{Receiver, Sender};
 /// What the kernel counts for an AF_XDP socket (`XDP_STATISTICS`), as `lbctl stats` shows it.
 pub use lbd_proto::SocketStats;

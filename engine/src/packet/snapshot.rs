@@ -11,7 +11,7 @@
 //! by its address within its service. The tables and counters that outlive a snapshot
 //! (persistence, fragments, per-server traffic) are keyed by those.
 
-use crate::maglev::{Backend, MAX_BACKENDS, MaglevTable};
+use crate::packet::maglev::{Backend, MAX_BACKENDS, MaglevTable};
 use hashbrown::{HashMap, HashSet};
 use lbd_config::{Config, MacAddr, Persistence};
 use std::net::Ipv4Addr;

@@ -1,7 +1,7 @@
 //! Frame-in, frame-out tests of every dataplane rule, on byte arrays built with etherparse.
 
 use super::*;
-use crate::snapshot::{AdminState, ServiceIds};
+use crate::packet::snapshot::{AdminState, ServiceIds};
 use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket};
 use lbd_config::Config;
 use std::net::Ipv4Addr;
@@ -278,7 +278,10 @@ fn later_fragments_follow_their_first_where_two_services_share_the_vip() {
     let (mut first, mut later) = fragment_pair([198, 18, 1, 1], 8088, 8);
     assert_eq!(dp.process(&mut first, 1_000), Verdict::Transmit);
     assert_eq!(
-        dp.process(&mut later, 1_000 + crate::flows::FRAGMENT_TIMEOUT_MS),
+        dp.process(
+            &mut later,
+            1_000 + crate::packet::flows::FRAGMENT_TIMEOUT_MS
+        ),
         Verdict::Drop(DropReason::FragmentUnmatched)
     );
 }
@@ -756,7 +759,7 @@ impl Dataplane {
 mod live_changes {
     //! Established connections and persistent clients across snapshot changes.
     use super::*;
-    use crate::snapshot::{AdminState, ServiceIds};
+    use crate::packet::snapshot::{AdminState, ServiceIds};
 
     const TWO: &str = r#"
 [engine]
@@ -939,7 +942,7 @@ mac = "02:00:00:00:00:12"
 
     #[test]
     fn a_server_that_fails_its_checks_loses_even_established_connections() {
-        use crate::snapshot::ServerState;
+        use crate::packet::snapshot::ServerState;
         let text = TWO.replace("PERSISTENCE", "source-ip");
         let config = Config::from_toml_str(&text).expect("valid");
         let mut dp = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
@@ -969,7 +972,7 @@ mac = "02:00:00:00:00:12"
 
     #[test]
     fn a_full_server_keeps_its_connections_but_takes_no_new_one() {
-        use crate::snapshot::ServerState;
+        use crate::packet::snapshot::ServerState;
         let text = TWO.replace("PERSISTENCE", "source-ip");
         let config = Config::from_toml_str(&text).expect("valid");
         let mut dp = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
@@ -1036,7 +1039,7 @@ mac = "02:00:00:00:00:12"
 
     #[test]
     fn a_server_drained_by_weight_zero_keeps_connections_that_no_table_holds() {
-        use crate::snapshot::ServerState;
+        use crate::packet::snapshot::ServerState;
         let text = TWO.replace("PERSISTENCE", "none");
         let mut before = Dataplane::new(snapshot(&text, 1, &[]), TableSizes::default());
         let servers = open_all(&mut before, 1_000);

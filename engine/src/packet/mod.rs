@@ -1,0 +1,15 @@
+//! The packet path's core: no I/O, no clock, no syscalls. A worker hands it frames, the time
+//! and its buffers (as quinn-proto's `Endpoint` takes them), so every rule is a unit test on
+//! byte arrays.
+//!
+//! - [`dataplane`]: classify, choose a real server, rewrite in place.
+//! - [`flows`]: the per-worker connection, persistence and fragment tables.
+//! - [`maglev`]: the consistent-hash tables real servers are looked up in.
+//! - [`snapshot`]: the immutable configuration view the packet path reads.
+//! - [`counters`]: per-worker counters, every frame in exactly one.
+
+pub mod counters;
+pub mod dataplane;
+pub mod flows;
+pub mod maglev;
+pub mod snapshot;
