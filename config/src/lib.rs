@@ -231,6 +231,18 @@ impl Protocol {
     }
 }
 
+impl FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Protocol, String> {
+        match text {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("{text:?} is not a protocol (tcp or udp)")),
+        }
+    }
+}
+
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -249,6 +261,18 @@ pub enum Persistence {
     SourceIp,
     /// Hash the 5-tuple: each connection on its own.
     None,
+}
+
+impl FromStr for Persistence {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Persistence, String> {
+        match text {
+            "source-ip" => Ok(Persistence::SourceIp),
+            "none" => Ok(Persistence::None),
+            _ => Err(format!("{text:?} is not a persistence (source-ip or none)")),
+        }
+    }
 }
 
 /// `[[service.real_server]]`.

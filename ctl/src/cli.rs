@@ -2,7 +2,7 @@
 //! Values are parsed with the config crate's own parsers, so `lbctl` rejects what the config
 //! file would reject, with the same words, before anything reaches the daemon.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use lbd_config::{MacAddr, Persistence, PortSet, Protocol, RealServer, Service};
 use lbd_proto::{Command, RealServerChanges, ServiceChanges};
 use std::net::Ipv4Addr;
@@ -28,57 +28,18 @@ pub struct Cli {
     pub command: Verb,
 }
 
-/// `tcp` or `udp`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ProtocolArg {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl From<ProtocolArg> for Protocol {
-    fn from(p: ProtocolArg) -> Protocol {
-        match p {
-            ProtocolArg::Tcp => Protocol::Tcp,
-            ProtocolArg::Udp => Protocol::Udp,
-        }
-    }
-}
-
-/// `source-ip` or `none`.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum PersistenceArg {
-    /// All of a client's connections go to one server.
-    SourceIp,
-    /// Each connection on its own (5-tuple hash).
-    None,
-}
-
-impl From<PersistenceArg> for Persistence {
-    fn from(p: PersistenceArg) -> Persistence {
-        match p {
-            PersistenceArg::SourceIp => Persistence::SourceIp,
-            PersistenceArg::None => Persistence::None,
-        }
-    }
-}
-
 fn parse_ports(text: &str) -> Result<PortSet, String> {
     text.parse()
 }
 
-fn parse_mac(text: &str) -> Result<MacAddr, String> {
-    text.parse()
-}
-
-/// The commands.
+/// The commands: the protocol's own (`Command`, parsed straight into), and those whose
+/// command line builds what they send.
 #[derive(Debug, Subcommand)]
 pub enum Verb {
-    /// Services and real servers with state and connection counts.
-    Status,
-    /// Packets, bytes and drops per service, real server and worker.
-    Stats,
+    /// status, stats, edit-vip, del-vip, edit-rip, del-rip, set-weight, drain, halt, online,
+    /// reload.
+    #[command(flatten)]
+    Protocol(Command),
     /// Add a virtual service.
     AddVip {
         /// The service's label.
@@ -90,30 +51,17 @@ pub enum Verb {
         #[arg(long, value_parser = parse_ports)]
         ports: PortSet,
         /// tcp or udp.
-        #[arg(long, value_enum, default_value = "tcp")]
-        protocol: ProtocolArg,
+        #[arg(long, default_value = "tcp")]
+        protocol: Protocol,
         /// source-ip (a client stays on one server) or none (per connection).
-        #[arg(long, value_enum, default_value = "source-ip")]
-        persistence: PersistenceArg,
+        #[arg(long, default_value = "source-ip")]
+        persistence: Persistence,
         /// Seconds a client stays on its server after its last packet.
         #[arg(long, default_value_t = 300)]
         persistence_timeout: u32,
         /// Maglev table size (a prime).
         #[arg(long, default_value_t = 65537)]
         table_size: u32,
-    },
-    /// Change settings of a virtual service.
-    EditVip {
-        /// The service's label.
-        label: String,
-        /// What to change.
-        #[command(flatten)]
-        changes: VipChanges,
-    },
-    /// Remove a virtual service.
-    DelVip {
-        /// The service's label.
-        label: String,
     },
     /// Add a real server to a service.
     AddRip {
@@ -134,55 +82,8 @@ pub enum Verb {
         #[arg(long, default_value_t = 0)]
         max_conns: u32,
         /// Pinned MAC (otherwise learned from the neighbour table).
-        #[arg(long, value_parser = parse_mac)]
+        #[arg(long)]
         mac: Option<MacAddr>,
-    },
-    /// Change settings of a real server.
-    EditRip {
-        /// The service's label.
-        service: String,
-        /// The real server's label.
-        label: String,
-        /// What to change.
-        #[command(flatten)]
-        changes: RipChanges,
-    },
-    /// Remove a real server from a service.
-    DelRip {
-        /// The service's label.
-        service: String,
-        /// The real server's label.
-        label: String,
-    },
-    /// Set a real server's weight (0 drains).
-    SetWeight {
-        /// The service's label.
-        service: String,
-        /// The real server's label.
-        label: String,
-        /// The new weight, 0..65535.
-        weight: u16,
-    },
-    /// No new clients; established connections and persisted clients continue.
-    Drain {
-        /// The service's label.
-        service: String,
-        /// The real server's label.
-        label: String,
-    },
-    /// Take a real server offline now: no traffic at all.
-    Halt {
-        /// The service's label.
-        service: String,
-        /// The real server's label.
-        label: String,
-    },
-    /// Bring a real server back from drain or halt.
-    Online {
-        /// The service's label.
-        service: String,
-        /// The real server's label.
-        label: String,
     },
     /// Show or save the running configuration.
     Config {
@@ -190,8 +91,6 @@ pub enum Verb {
         #[command(subcommand)]
         action: ConfigAction,
     },
-    /// Re-read the configuration file and apply the difference live.
-    Reload,
 }
 
 /// `config` subcommands.
@@ -207,55 +106,6 @@ pub enum ConfigAction {
     },
 }
 
-/// `edit-vip` options.
-#[derive(Debug, Args)]
-pub struct VipChanges {
-    /// New label.
-    #[arg(long = "label")]
-    new_label: Option<String>,
-    /// New virtual IP.
-    #[arg(long)]
-    vip: Option<Ipv4Addr>,
-    /// New ports.
-    #[arg(long, value_parser = parse_ports)]
-    ports: Option<PortSet>,
-    /// New protocol.
-    #[arg(long, value_enum)]
-    protocol: Option<ProtocolArg>,
-    /// New persistence.
-    #[arg(long, value_enum)]
-    persistence: Option<PersistenceArg>,
-    /// New persistence timeout in seconds.
-    #[arg(long)]
-    persistence_timeout: Option<u32>,
-    /// New Maglev table size.
-    #[arg(long)]
-    table_size: Option<u32>,
-}
-
-/// `edit-rip` options.
-#[derive(Debug, Args)]
-pub struct RipChanges {
-    /// New label.
-    #[arg(long = "label")]
-    new_label: Option<String>,
-    /// New IP address.
-    #[arg(long)]
-    ip: Option<Ipv4Addr>,
-    /// New weight.
-    #[arg(long)]
-    weight: Option<u16>,
-    /// New lower connection threshold.
-    #[arg(long)]
-    min_conns: Option<u32>,
-    /// New upper connection threshold.
-    #[arg(long)]
-    max_conns: Option<u32>,
-    /// New pinned MAC.
-    #[arg(long, value_parser = parse_mac)]
-    mac: Option<MacAddr>,
-}
-
 /// `path` made absolute from the current directory (lexically: `..` stays).
 fn absolute(path: String) -> Result<String, String> {
     let absolute = std::path::absolute(&path).map_err(|e| format!("config save {path}: {e}"))?;
@@ -269,8 +119,6 @@ impl Verb {
     /// The protocol command, or a usage error (an edit with nothing to change).
     pub fn into_command(self) -> Result<Command, String> {
         Ok(match self {
-            Verb::Status => Command::Status,
-            Verb::Stats => Command::Stats,
             Verb::AddVip {
                 label,
                 vip,
@@ -284,8 +132,8 @@ impl Verb {
                     label,
                     vip,
                     ports,
-                    protocol: protocol.into(),
-                    persistence: persistence.into(),
+                    protocol,
+                    persistence,
                     persistence_timeout_s: persistence_timeout,
                     table_size,
                     health_check: Default::default(),
@@ -293,24 +141,6 @@ impl Verb {
                     real_servers: Vec::new(),
                 },
             },
-            Verb::EditVip { label, changes } => {
-                let changes = ServiceChanges {
-                    label: changes.new_label,
-                    vip: changes.vip,
-                    ports: changes.ports,
-                    protocol: changes.protocol.map(Into::into),
-                    persistence: changes.persistence.map(Into::into),
-                    persistence_timeout_s: changes.persistence_timeout,
-                    table_size: changes.table_size,
-                };
-                if changes == ServiceChanges::default() {
-                    return Err(
-                        "edit-vip needs at least one change (see lbctl edit-vip --help)".into(),
-                    );
-                }
-                Command::EditVip { label, changes }
-            }
-            Verb::DelVip { label } => Command::DelVip { label },
             Verb::AddRip {
                 service,
                 label,
@@ -331,43 +161,6 @@ impl Verb {
                     health_check: None,
                 },
             },
-            Verb::EditRip {
-                service,
-                label,
-                changes,
-            } => {
-                let changes = RealServerChanges {
-                    label: changes.new_label,
-                    ip: changes.ip,
-                    weight: changes.weight,
-                    min_connections: changes.min_conns,
-                    max_connections: changes.max_conns,
-                    mac: changes.mac,
-                };
-                if changes == RealServerChanges::default() {
-                    return Err(
-                        "edit-rip needs at least one change (see lbctl edit-rip --help)".into(),
-                    );
-                }
-                Command::EditRip {
-                    service,
-                    label,
-                    changes,
-                }
-            }
-            Verb::DelRip { service, label } => Command::DelRip { service, label },
-            Verb::SetWeight {
-                service,
-                label,
-                weight,
-            } => Command::SetWeight {
-                service,
-                label,
-                weight,
-            },
-            Verb::Drain { service, label } => Command::Drain { service, label },
-            Verb::Halt { service, label } => Command::Halt { service, label },
-            Verb::Online { service, label } => Command::Online { service, label },
             Verb::Config {
                 action: ConfigAction::Show,
             } => Command::ConfigShow,
@@ -377,7 +170,19 @@ impl Verb {
                 // lbd runs elsewhere: a relative path means one from here, not from lbd's cwd.
                 path: path.map(absolute).transpose()?,
             },
-            Verb::Reload => Command::Reload,
+            Verb::Protocol(Command::EditVip(edit)) if edit.changes == ServiceChanges::default() => {
+                return Err(
+                    "edit-vip needs at least one change (see lbctl edit-vip --help)".into(),
+                );
+            }
+            Verb::Protocol(Command::EditRip(edit))
+                if edit.changes == RealServerChanges::default() =>
+            {
+                return Err(
+                    "edit-rip needs at least one change (see lbctl edit-rip --help)".into(),
+                );
+            }
+            Verb::Protocol(command) => command,
         })
     }
 }
@@ -385,6 +190,7 @@ impl Verb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lbd_proto::{RealServerEdit, RealServerName, ServiceEdit, ServiceName, WeightChange};
 
     fn command(args: &[&str]) -> Result<Command, String> {
         let mut all = vec!["lbctl"];
@@ -436,56 +242,59 @@ mod tests {
         assert_eq!((service.as_str(), real_server.weight), ("GUI", 100));
         assert_eq!(real_server.mac, Some(MacAddr([2, 0, 0, 0, 0, 0x11])));
         assert!(matches!(
-            command(&["edit-vip", "GUI", "--ports", "80"]),
-            Ok(Command::EditVip { changes, .. }) if changes.ports.is_some()
+            command(&["edit-vip", "GUI", "--ports", "80", "--label", "Web"]),
+            Ok(Command::EditVip(ServiceEdit { label, changes }))
+                if label == "GUI" && changes.ports.is_some() && changes.label.as_deref() == Some("Web")
         ));
         assert!(matches!(
-            command(&["edit-rip", "GUI", "a", "--weight", "5", "--label", "b"]),
-            Ok(Command::EditRip { changes, .. }) if changes.weight == Some(5) && changes.label.as_deref() == Some("b")
+            command(&["edit-rip", "GUI", "a", "--weight", "5", "--label", "b", "--max-conns", "9"]),
+            Ok(Command::EditRip(RealServerEdit { changes, .. }))
+                if changes.weight == Some(5) && changes.label.as_deref() == Some("b")
+                    && changes.max_connections == Some(9)
         ));
         assert_eq!(
             command(&["set-weight", "GUI", "a", "0"]),
-            Ok(Command::SetWeight {
+            Ok(Command::SetWeight(WeightChange {
                 service: "GUI".into(),
                 label: "a".into(),
                 weight: 0
-            })
+            }))
         );
         for (verb, expected) in [
             (
                 "drain",
-                Command::Drain {
+                Command::Drain(RealServerName {
                     service: "S".into(),
                     label: "L".into(),
-                },
+                }),
             ),
             (
                 "halt",
-                Command::Halt {
+                Command::Halt(RealServerName {
                     service: "S".into(),
                     label: "L".into(),
-                },
+                }),
             ),
             (
                 "online",
-                Command::Online {
+                Command::Online(RealServerName {
                     service: "S".into(),
                     label: "L".into(),
-                },
+                }),
             ),
             (
                 "del-rip",
-                Command::DelRip {
+                Command::DelRip(RealServerName {
                     service: "S".into(),
                     label: "L".into(),
-                },
+                }),
             ),
         ] {
             assert_eq!(command(&[verb, "S", "L"]), Ok(expected));
         }
         assert_eq!(
             command(&["del-vip", "S"]),
-            Ok(Command::DelVip { label: "S".into() })
+            Ok(Command::DelVip(ServiceName { label: "S".into() }))
         );
         assert_eq!(command(&["config", "show"]), Ok(Command::ConfigShow));
         assert_eq!(

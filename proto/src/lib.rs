@@ -34,8 +34,12 @@ pub struct Request {
     pub command: Command,
 }
 
-/// Everything `lbctl` can ask. Services and real servers are named by their labels.
+/// Everything `lbctl` can ask. Services and real servers are named by their labels. With the
+/// `cli` feature this is also `lbctl`'s own command line (one definition for the wire and the
+/// command line), but for the commands whose command line differs: `add-vip` and `add-rip`
+/// (which build config tables from options) and `config show|save`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Subcommand))]
 #[serde(tag = "name", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Command {
     /// Services and real servers with their state and connection counts.
@@ -43,23 +47,17 @@ pub enum Command {
     /// Packet, byte and drop counters, per worker and in total.
     Stats,
     /// Adds a virtual service (it may come with real servers).
+    #[cfg_attr(feature = "cli", command(skip))]
     AddVip {
         /// The new service, as a `[[service]]` table of the config file.
         service: Service,
     },
     /// Changes some settings of a service.
-    EditVip {
-        /// The service.
-        label: String,
-        /// What to change.
-        changes: ServiceChanges,
-    },
+    EditVip(ServiceEdit),
     /// Removes a service.
-    DelVip {
-        /// The service.
-        label: String,
-    },
+    DelVip(ServiceName),
     /// Adds a real server to a service.
+    #[cfg_attr(feature = "cli", command(skip))]
     AddRip {
         /// The service.
         service: String,
@@ -67,54 +65,22 @@ pub enum Command {
         real_server: RealServer,
     },
     /// Changes some settings of a real server.
-    EditRip {
-        /// The service.
-        service: String,
-        /// The real server.
-        label: String,
-        /// What to change.
-        changes: RealServerChanges,
-    },
+    EditRip(RealServerEdit),
     /// Removes a real server.
-    DelRip {
-        /// The service.
-        service: String,
-        /// The real server.
-        label: String,
-    },
+    DelRip(RealServerName),
     /// Sets a real server's weight.
-    SetWeight {
-        /// The service.
-        service: String,
-        /// The real server.
-        label: String,
-        /// New weight; 0 drains.
-        weight: u16,
-    },
+    SetWeight(WeightChange),
     /// No new clients for the server; its established flows and persisted clients stay.
-    Drain {
-        /// The service.
-        service: String,
-        /// The real server.
-        label: String,
-    },
+    Drain(RealServerName),
     /// The server is offline now: no traffic at all, established flows included.
-    Halt {
-        /// The service.
-        service: String,
-        /// The real server.
-        label: String,
-    },
+    Halt(RealServerName),
     /// Back from drain or halt.
-    Online {
-        /// The service.
-        service: String,
-        /// The real server.
-        label: String,
-    },
+    Online(RealServerName),
     /// The running config as TOML.
+    #[cfg_attr(feature = "cli", command(skip))]
     ConfigShow,
     /// Writes the running config to `path` (default: the file lbd was started with), atomically.
+    #[cfg_attr(feature = "cli", command(skip))]
     ConfigSave {
         /// Where to write.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,54 +90,141 @@ pub enum Command {
     Reload,
 }
 
+// The arguments of the commands, as the wire carries them (each variant's fields sit beside
+// its "name") and as lbctl's command line parses them (with the `cli` feature): one
+// definition for both.
+
+/// A service, named by its label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
+pub struct ServiceName {
+    /// The service's label.
+    pub label: String,
+}
+
+/// A real server, named by its service's label and its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
+pub struct RealServerName {
+    /// The service's label.
+    pub service: String,
+    /// The real server's label.
+    pub label: String,
+}
+
+/// A real server and its new weight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
+pub struct WeightChange {
+    /// The service's label.
+    pub service: String,
+    /// The real server's label.
+    pub label: String,
+    /// The new weight, 0..65535; 0 drains.
+    pub weight: u16,
+}
+
+/// A service and what to change in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEdit {
+    /// The service's label.
+    pub label: String,
+    /// What to change.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub changes: ServiceChanges,
+}
+
+/// A real server and what to change in it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[serde(deny_unknown_fields)]
+pub struct RealServerEdit {
+    /// The service's label.
+    pub service: String,
+    /// The real server's label.
+    pub label: String,
+    /// What to change.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    pub changes: RealServerChanges,
+}
+
 /// Service settings to change; absent fields stay as they are.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(deny_unknown_fields)]
 pub struct ServiceChanges {
     /// New label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "label", id = "new_label", value_name = "NEW_LABEL")
+    )]
     pub label: Option<String>,
     /// New VIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub vip: Option<Ipv4Addr>,
-    /// New ports.
+    /// New ports: 1935, "1935,8088" or "9000-9010".
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub ports: Option<PortSet>,
-    /// New protocol.
+    /// New protocol: tcp or udp.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub protocol: Option<Protocol>,
-    /// New persistence.
+    /// New persistence: source-ip or none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub persistence: Option<Persistence>,
-    /// New persistence timeout.
+    /// New persistence timeout, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "persistence-timeout", value_name = "SECONDS")
+    )]
     pub persistence_timeout_s: Option<u32>,
     /// New Maglev table size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub table_size: Option<u32>,
 }
 
 /// Real-server settings to change; absent fields stay as they are.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(deny_unknown_fields)]
 pub struct RealServerChanges {
     /// New label.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "label", id = "new_label", value_name = "NEW_LABEL")
+    )]
     pub label: Option<String>,
     /// New address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub ip: Option<Ipv4Addr>,
     /// New weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub weight: Option<u16>,
     /// New lower connection threshold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long = "min-conns"))]
     pub min_connections: Option<u32>,
     /// New upper connection threshold.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long = "max-conns"))]
     pub max_connections: Option<u32>,
     /// New pinned MAC.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
     pub mac: Option<MacAddr>,
 }
 
@@ -472,47 +525,47 @@ mod tests {
             Command::Status,
             Command::Stats,
             Command::AddVip { service },
-            Command::EditVip {
+            Command::EditVip(ServiceEdit {
                 label: s(),
                 changes: ServiceChanges {
                     ports: Some("80,443".parse().expect("ports")),
                     ..ServiceChanges::default()
                 },
-            },
-            Command::DelVip { label: s() },
+            }),
+            Command::DelVip(ServiceName { label: s() }),
             Command::AddRip {
                 service: s(),
                 real_server,
             },
-            Command::EditRip {
+            Command::EditRip(RealServerEdit {
                 service: s(),
                 label: l(),
                 changes: RealServerChanges {
                     weight: Some(7),
                     ..RealServerChanges::default()
                 },
-            },
-            Command::DelRip {
+            }),
+            Command::DelRip(RealServerName {
                 service: s(),
                 label: l(),
-            },
-            Command::SetWeight {
+            }),
+            Command::SetWeight(WeightChange {
                 service: s(),
                 label: l(),
                 weight: 0,
-            },
-            Command::Drain {
+            }),
+            Command::Drain(RealServerName {
                 service: s(),
                 label: l(),
-            },
-            Command::Halt {
+            }),
+            Command::Halt(RealServerName {
                 service: s(),
                 label: l(),
-            },
-            Command::Online {
+            }),
+            Command::Online(RealServerName {
                 service: s(),
                 label: l(),
-            },
+            }),
             Command::ConfigShow,
             Command::ConfigSave { path: None },
             Command::ConfigSave {
@@ -532,10 +585,10 @@ mod tests {
         .expect("valid");
         assert_eq!(
             request.command,
-            Command::Drain {
+            Command::Drain(RealServerName {
                 service: "Wowza GUI".into(),
                 label: "Wowza Srv 1".into()
-            }
+            })
         );
         let ok = decode_response(
             r#"{"version":1,"ok":{"kind":"done","message":"Wowza GUI/Wowza Srv 1 drained"}}"#,

@@ -37,8 +37,9 @@ use crate::packet::snapshot::{AdminState, ServerState, ServiceIds, Snapshot};
 use crossbeam::channel::{Sender, bounded};
 use lbd_config::{Config, ConfigError, HealthKind, RealServer, Service};
 use lbd_proto::{
-    Command, RealServerChanges, RealServerStats, RealServerStatus, Reply, Response, ServiceChanges,
-    ServiceStats, ServiceStatus, StatsReport, StatusReport, WorkerStats,
+    Command, RealServerChanges, RealServerEdit, RealServerName, RealServerStats, RealServerStatus,
+    Reply, Response, ServiceChanges, ServiceEdit, ServiceName, ServiceStats, ServiceStatus,
+    StatsReport, StatusReport, WeightChange, WorkerStats,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
@@ -413,10 +414,10 @@ impl Control {
         match command {
             Command::AddVip { service } if has_external_check(service) => denied(EXTERNAL.into()),
             Command::AddVip { service } => self.operator_may_take(service.vip),
-            Command::EditVip {
+            Command::EditVip(ServiceEdit {
                 changes: ServiceChanges { vip: Some(vip), .. },
                 ..
-            } => self.operator_may_take(*vip),
+            }) => self.operator_may_take(*vip),
             Command::AddRip { real_server, .. } if rs_has_external_check(real_server) => {
                 denied(EXTERNAL.into())
             }
@@ -462,8 +463,8 @@ impl Control {
             Command::ConfigSave { path } => self.save(path.map(PathBuf::from)),
             Command::Reload => self.reload(),
             Command::AddVip { service } => self.add_vip(service),
-            Command::EditVip { label, changes } => self.edit_vip(&label, changes),
-            Command::DelVip { label } => {
+            Command::EditVip(ServiceEdit { label, changes }) => self.edit_vip(&label, changes),
+            Command::DelVip(ServiceName { label }) => {
                 let mut config = self.config.clone();
                 let index = service_index(&config, &label)?;
                 config.services.remove(index);
@@ -488,12 +489,12 @@ impl Control {
                     format!("real server {label:?} added to {service:?}"),
                 )
             }
-            Command::EditRip {
+            Command::EditRip(RealServerEdit {
                 service,
                 label,
                 changes,
-            } => self.edit_rip(&service, &label, changes),
-            Command::DelRip { service, label } => {
+            }) => self.edit_rip(&service, &label, changes),
+            Command::DelRip(RealServerName { service, label }) => {
                 let mut config = self.config.clone();
                 let (s, r) = real_server_index(&config, &service, &label)?;
                 config.services[s].real_servers.remove(r);
@@ -507,11 +508,11 @@ impl Control {
                     format!("real server {label:?} removed from {service:?}"),
                 )
             }
-            Command::SetWeight {
+            Command::SetWeight(WeightChange {
                 service,
                 label,
                 weight,
-            } => self.edit_rip(
+            }) => self.edit_rip(
                 &service,
                 &label,
                 RealServerChanges {
@@ -519,13 +520,13 @@ impl Control {
                     ..RealServerChanges::default()
                 },
             ),
-            Command::Drain { service, label } => {
+            Command::Drain(RealServerName { service, label }) => {
                 self.set_admin(&service, &label, AdminState::Drain, "drained")
             }
-            Command::Halt { service, label } => {
+            Command::Halt(RealServerName { service, label }) => {
                 self.set_admin(&service, &label, AdminState::Halt, "halted")
             }
-            Command::Online { service, label } => {
+            Command::Online(RealServerName { service, label }) => {
                 self.set_admin(&service, &label, AdminState::Online, "online")
             }
         }
@@ -1654,9 +1655,9 @@ mod tests {
             Role::Root,
         ));
         done(rig.control.handle(
-            Command::DelVip {
+            Command::DelVip(ServiceName {
                 label: "Streaming".into(),
-            },
+            }),
             Role::Root,
         ));
         let events = rig.map.lock().expect("map").events.clone();
@@ -1705,10 +1706,10 @@ mod tests {
     fn a_change_a_worker_does_not_take_is_an_error_that_says_where_it_stands() {
         let mut rig = rig(false);
         let refused = error_of(rig.control.handle(
-            Command::Drain {
+            Command::Drain(RealServerName {
                 service: "Wowza GUI".into(),
                 label: "Wowza Srv 1".into(),
-            },
+            }),
             Role::Root,
         ));
         assert!(
@@ -1764,10 +1765,12 @@ mod tests {
     #[test]
     fn a_server_drained_by_weight_zero_keeps_its_weight_for_unknown_connections() {
         let mut rig = rig(true);
-        let set_weight = |weight| Command::SetWeight {
-            service: "Wowza GUI".into(),
-            label: "Wowza Srv 1".into(),
-            weight,
+        let set_weight = |weight| {
+            Command::SetWeight(WeightChange {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into(),
+                weight,
+            })
         };
         done(rig.control.handle(set_weight(40), Role::Root));
         done(rig.control.handle(set_weight(0), Role::Root));
@@ -1778,14 +1781,14 @@ mod tests {
         );
         // Renamed, it keeps it; back to a weight, it has that one.
         done(rig.control.handle(
-            Command::EditRip {
+            Command::EditRip(RealServerEdit {
                 service: "Wowza GUI".into(),
                 label: "Wowza Srv 1".into(),
                 changes: RealServerChanges {
                     label: Some("Renamed".into()),
                     ..RealServerChanges::default()
                 },
-            },
+            }),
             Role::Root,
         ));
         assert_eq!(
@@ -1793,11 +1796,11 @@ mod tests {
             40
         );
         done(rig.control.handle(
-            Command::SetWeight {
+            Command::SetWeight(WeightChange {
                 service: "Wowza GUI".into(),
                 label: "Renamed".into(),
                 weight: 70,
-            },
+            }),
             Role::Root,
         ));
         assert_eq!(
@@ -1877,10 +1880,10 @@ mod tests {
                 .handle(Command::AddVip { service: plain }, Role::Operator),
         );
         done(rig.control.handle(
-            Command::Drain {
+            Command::Drain(RealServerName {
                 service: "Wowza GUI".into(),
                 label: "Wowza Srv 1".into(),
-            },
+            }),
             Role::Operator,
         ));
         let started = rig.control.config_path.to_string_lossy().into_owned();
@@ -1916,7 +1919,7 @@ mod tests {
     fn a_server_at_its_limit_stays_full_until_below_the_lower_threshold() {
         let mut rig = rig(true);
         done(rig.control.handle(
-            Command::EditRip {
+            Command::EditRip(RealServerEdit {
                 service: "Wowza GUI".into(),
                 label: "Wowza Srv 1".into(),
                 changes: RealServerChanges {
@@ -1924,7 +1927,7 @@ mod tests {
                     min_connections: Some(5),
                     ..RealServerChanges::default()
                 },
-            },
+            }),
             Role::Root,
         ));
         let mut state_at = |conns: u64| {
@@ -1950,14 +1953,14 @@ mod tests {
         assert_eq!(state_at(12), "full");
         // Without a lower threshold, 3/4 of the maximum is it.
         done(rig.control.handle(
-            Command::EditRip {
+            Command::EditRip(RealServerEdit {
                 service: "Wowza GUI".into(),
                 label: "Wowza Srv 1".into(),
                 changes: RealServerChanges {
                     min_connections: Some(0),
                     ..RealServerChanges::default()
                 },
-            },
+            }),
             Role::Root,
         ));
         let mut state_at = |conns: u64| {
@@ -2046,14 +2049,14 @@ mod tests {
         let before = (rig.control.config().clone(), snapshot(&rig));
         let rs = rig.control.config().services[0].real_servers[0].clone();
         let refused = [
-            Command::Drain {
+            Command::Drain(RealServerName {
                 service: "No Such".into(),
                 label: "Wowza Srv 1".into(),
-            },
-            Command::Halt {
+            }),
+            Command::Halt(RealServerName {
                 service: "Wowza GUI".into(),
                 label: "No Such".into(),
-            },
+            }),
             Command::AddRip {
                 service: "Wowza GUI".into(),
                 real_server: rs.clone(),
@@ -2064,21 +2067,21 @@ mod tests {
                     ..rig.control.config().services[0].clone()
                 },
             },
-            Command::EditVip {
+            Command::EditVip(ServiceEdit {
                 label: "Wowza GUI".into(),
                 changes: ServiceChanges::default(),
-            },
-            Command::EditVip {
+            }),
+            Command::EditVip(ServiceEdit {
                 label: "Wowza GUI".into(),
                 changes: ServiceChanges {
                     table_size: Some(1000),
                     ..ServiceChanges::default()
                 },
-            },
-            Command::DelRip {
+            }),
+            Command::DelRip(RealServerName {
                 service: "Wowza GUI".into(),
                 label: "No Such".into(),
-            },
+            }),
             Command::ConfigSave {
                 path: Some("relative.toml".into()),
             },
