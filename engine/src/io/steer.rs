@@ -4,7 +4,11 @@
 //! for VIPs) to the AF_XDP socket of their queue and passes everything else to the host. It is
 //! attached through a BPF link, so it is detached when the [`Steering`] value is dropped and
 //! also when the process dies: a crashed balancer never leaves the interface steering into a
-//! socket that no longer exists.
+//! socket that no longer exists (the lab test `no_xdp_program_outlives_lbd_however_it_ends`
+//! looks with `ip link` after SIGTERM and SIGKILL). On a kernel without BPF links for XDP
+//! (before 5.9) aya attaches through netlink instead; dropping [`Steering`] still detaches it
+//! (aya's program drop detaches every link it holds, the netlink one included), on every exit
+//! path lbd takes, but a SIGKILL there leaves the program until the next lbd replaces it.
 //!
 //! aya does the loading, map updates and attaching with safe calls; nothing here is `unsafe`.
 
