@@ -648,6 +648,14 @@ fn protocols_know_their_numbers_and_names() {
     assert_eq!(Protocol::Udp.ip_protocol_number(), 17);
     assert_eq!(Protocol::Tcp.to_string(), "tcp");
     assert_eq!(Protocol::Udp.to_string(), "udp");
+    // The words the file uses are the words the command line takes.
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        assert_eq!(protocol.to_string().parse(), Ok(protocol));
+    }
+    assert_eq!("source-ip".parse(), Ok(Persistence::SourceIp));
+    assert_eq!("none".parse(), Ok(Persistence::None));
+    assert!("sctp".parse::<Protocol>().is_err());
+    assert!("source".parse::<Persistence>().is_err());
 }
 
 #[test]
