@@ -58,9 +58,211 @@ impl ConfigError {
 pub struct Config {
     /// `[engine]`: the interface and how it is served.
     pub engine: Engine,
+    /// `[ha]`: this node's part in an active/passive pair; none: a standalone balancer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<Ha>,
     /// `[[service]]`: the virtual services. None is fine: a balancer can start empty.
     #[serde(rename = "service", default)]
     pub services: Vec<Service>,
+}
+
+/// `[ha]`: an active/passive pair of balancers on one segment. Both nodes run the same
+/// services; this table (like `[engine]`) is each node's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ha {
+    /// Which node is preferred: the primary is active when both are well and neither released.
+    pub role: HaRole,
+    /// `heartbeat`: lbd's own heartbeat decides who is active. `external`: another program
+    /// does (keepalived's notify scripts calling `lbctl ha takeover` / `release`).
+    #[serde(default)]
+    pub mode: HaMode,
+    /// This node's address on the VIPs' segment: heartbeats leave from it.
+    #[serde(with = "ipv4")]
+    pub local_address: Ipv4Addr,
+    /// The other node: one address, or a list (heartbeats go to every one, on every path).
+    pub peer_address: Addresses,
+    /// UDP port of the heartbeat.
+    #[serde(default = "default_heartbeat_port")]
+    pub heartbeat_port: u16,
+    /// TCP port of state and configuration sync.
+    #[serde(default = "default_sync_port")]
+    pub sync_port: u16,
+    /// Milliseconds between heartbeats.
+    #[serde(default = "default_ha_interval")]
+    pub interval_ms: u32,
+    /// No heartbeat for this long: the peer is dead.
+    #[serde(default = "default_dead_interval")]
+    pub dead_interval_ms: u32,
+    /// Whether a primary that comes back takes over from an active secondary on its own
+    /// (otherwise it waits for `lbctl ha takeover`).
+    #[serde(default)]
+    pub preempt: bool,
+    /// The shared secret every HA message is authenticated with (at least 16 bytes, readable
+    /// by its owner only).
+    pub key_file: PathBuf,
+    /// Gratuitous ARP rounds for every VIP when this node becomes active (the first at once).
+    #[serde(default = "default_takeover_arp_count")]
+    pub gratuitous_arp_count: u32,
+    /// Milliseconds between those rounds.
+    #[serde(default = "default_takeover_arp_interval")]
+    pub gratuitous_arp_interval_ms: u32,
+}
+
+fn default_heartbeat_port() -> u16 {
+    6694
+}
+fn default_sync_port() -> u16 {
+    8848
+}
+fn default_ha_interval() -> u32 {
+    100
+}
+fn default_dead_interval() -> u32 {
+    500
+}
+fn default_takeover_arp_count() -> u32 {
+    3
+}
+fn default_takeover_arp_interval() -> u32 {
+    100
+}
+
+/// `ha.role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HaRole {
+    /// Preferred.
+    Primary,
+    /// Takes over when the primary cannot serve.
+    Secondary,
+}
+
+impl fmt::Display for HaRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HaRole::Primary => "primary",
+            HaRole::Secondary => "secondary",
+        })
+    }
+}
+
+/// `ha.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HaMode {
+    /// lbd's own heartbeat between the nodes.
+    #[default]
+    Heartbeat,
+    /// Another program decides; lbd stays passive until told to take over.
+    External,
+}
+
+/// One IPv4 address or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Addresses(pub Vec<Ipv4Addr>);
+
+impl Serialize for Addresses {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0[..] {
+            [one] => serializer.collect_str(one),
+            many => serializer.collect_seq(many.iter().map(ToString::to_string)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Addresses {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Addresses, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let texts = match OneOrMany::deserialize(deserializer)? {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        };
+        texts
+            .iter()
+            .map(|text| {
+                text.parse()
+                    .map_err(|_| serde::de::Error::custom(format!("invalid IPv4 address {text:?}")))
+            })
+            .collect::<Result<_, _>>()
+            .map(Addresses)
+    }
+}
+
+impl Ha {
+    fn check(&self) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("ha.{name}");
+        check_unicast(self.local_address)
+            .map_err(|reason| ConfigError::new(field("local_address"), reason))?;
+        if self.peer_address.0.is_empty() {
+            return Err(ConfigError::new(
+                field("peer_address"),
+                "at least one address is needed",
+            ));
+        }
+        for peer in &self.peer_address.0 {
+            check_unicast(*peer)
+                .map_err(|reason| ConfigError::new(field("peer_address"), reason))?;
+            if *peer == self.local_address {
+                return Err(ConfigError::new(
+                    field("peer_address"),
+                    format!("{peer} is this node's own local_address"),
+                ));
+            }
+        }
+        for (name, port) in [
+            ("heartbeat_port", self.heartbeat_port),
+            ("sync_port", self.sync_port),
+        ] {
+            if port == 0 {
+                return Err(ConfigError::new(field(name), "port 0 is not a port"));
+            }
+        }
+        if self.heartbeat_port == self.sync_port {
+            return Err(ConfigError::new(
+                field("sync_port"),
+                "must differ from heartbeat_port",
+            ));
+        }
+        if !(10..=10_000).contains(&self.interval_ms) {
+            return Err(ConfigError::new(
+                field("interval_ms"),
+                format!("{} must be in 10..=10000", self.interval_ms),
+            ));
+        }
+        if self.dead_interval_ms < 3 * self.interval_ms || self.dead_interval_ms > 60_000 {
+            return Err(ConfigError::new(
+                field("dead_interval_ms"),
+                format!(
+                    "{} must be at least 3 x interval_ms ({}) and at most 60000: one lost \
+                     heartbeat must not look like a dead peer",
+                    self.dead_interval_ms,
+                    3 * self.interval_ms
+                ),
+            ));
+        }
+        if self.key_file.as_os_str().is_empty() {
+            return Err(ConfigError::new(field("key_file"), "a key file is needed"));
+        }
+        if self.gratuitous_arp_count > 10 {
+            return Err(ConfigError::new(
+                field("gratuitous_arp_count"),
+                format!("{} must be in 0..=10", self.gratuitous_arp_count),
+            ));
+        }
+        if !(10..=5_000).contains(&self.gratuitous_arp_interval_ms) {
+            return Err(ConfigError::new(
+                field("gratuitous_arp_interval_ms"),
+                format!("{} must be in 10..=5000", self.gratuitous_arp_interval_ms),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[engine]`.
@@ -717,6 +919,28 @@ impl Config {
     /// config is checked when read.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.engine.check()?;
+        if let Some(ha) = &self.ha {
+            ha.check()?;
+            // A VIP or real server at a node's own address would take that node's traffic.
+            for (i, service) in self.services.iter().enumerate() {
+                let node = std::iter::once(&ha.local_address).chain(&ha.peer_address.0);
+                for address in node {
+                    let path = format!("service[{i}] {:?}", service.label);
+                    if service.vip == *address {
+                        return Err(ConfigError::new(
+                            format!("{path}.vip"),
+                            format!("{address} is an address of a node of the HA pair"),
+                        ));
+                    }
+                    if let Some(j) = service.real_servers.iter().position(|rs| rs.ip == *address) {
+                        return Err(ConfigError::new(
+                            format!("{path}.real_server[{j}].ip"),
+                            format!("{address} is an address of a node of the HA pair"),
+                        ));
+                    }
+                }
+            }
+        }
         if self.services.len() > MAX_SERVICES {
             return Err(ConfigError::new(
                 format!("service[{MAX_SERVICES}]"),

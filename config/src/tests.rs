@@ -90,6 +90,7 @@ fn the_documented_example_parses_exactly() {
                 flow_table_size: 262_144,
                 persistence_table_size: 65_536,
             },
+            ha: None,
             services: vec![Service {
                 label: "Wowza Streaming".into(),
                 vip: Ipv4Addr::new(198, 18, 0, 100),
@@ -792,4 +793,81 @@ fn every_limit_of_the_packet_path_is_checked_with_the_config() {
         "queue 256 is above 255",
     );
     assert!(Config::from_toml_str(&MINIMAL.replace("queues = [0]", "queues = [255]")).is_ok());
+}
+
+const HA: &str = r#"
+[ha]
+role = "primary"
+local_address = "198.18.0.2"
+peer_address = "198.18.0.3"
+key_file = "/etc/lbd/ha.key"
+"#;
+
+#[test]
+fn an_ha_pair_parses_with_defaults_and_a_list_of_peers() {
+    let config = Config::from_toml_str(&format!("{MINIMAL}{HA}")).expect("valid");
+    let ha = config.ha.expect("[ha]");
+    assert_eq!(ha.role, HaRole::Primary);
+    assert_eq!(ha.mode, HaMode::Heartbeat);
+    assert_eq!(ha.peer_address.0, [Ipv4Addr::new(198, 18, 0, 3)]);
+    assert_eq!((ha.heartbeat_port, ha.sync_port), (6694, 8848));
+    assert_eq!((ha.interval_ms, ha.dead_interval_ms), (100, 500));
+    assert!(!ha.preempt);
+    let two = HA.replace(
+        "peer_address = \"198.18.0.3\"",
+        "peer_address = [\"198.18.0.3\", \"198.19.0.3\"]\nmode = \"external\"\nrole = \"secondary\"",
+    )
+    .replace("role = \"primary\"\n", "");
+    let config = Config::from_toml_str(&format!("{MINIMAL}{two}")).expect("valid");
+    let ha = config.ha.clone().expect("[ha]");
+    assert_eq!(ha.peer_address.0.len(), 2);
+    assert_eq!((ha.role, ha.mode), (HaRole::Secondary, HaMode::External));
+    // Written back, read back the same.
+    assert_eq!(
+        Config::from_toml_str(&config.to_toml_string()).expect("round trip"),
+        config
+    );
+    assert!(Config::from_toml_str(MINIMAL).expect("valid").ha.is_none());
+}
+
+#[test]
+fn ha_errors_name_the_field() {
+    let with = |from: &str, to: &str| format!("{MINIMAL}{}", HA.replace(from, to));
+    assert_rejected(
+        &with("198.18.0.3", "198.18.0.2"),
+        "ha.peer_address",
+        "this node's own local_address",
+    );
+    assert_rejected(
+        &with("198.18.0.3", "198.18.0"),
+        "ha.peer_address",
+        "198.18.0",
+    );
+    assert_rejected(
+        &with("key_file", "interval_ms = 200\nkey_file"),
+        "ha.dead_interval_ms",
+        "at least 3 x interval_ms (600)",
+    );
+    assert_rejected(
+        &with("role = \"primary\"", "role = \"leader\""),
+        "ha.role",
+        "leader",
+    );
+    assert_rejected(
+        &with("key_file", "sync_port = 6694\nkey_file"),
+        "ha.sync_port",
+        "must differ from heartbeat_port",
+    );
+    assert_rejected(
+        &with("key_file", "colour = 1\nkey_file"),
+        "ha",
+        "unknown field `colour`",
+    );
+    // A real server at the peer's address would take its traffic.
+    let rs_at_peer = format!("{}{HA}", MINIMAL.replace("198.18.0.12", "198.18.0.3"));
+    assert_rejected(
+        &rs_at_peer,
+        "service[0] \"web\".real_server[1].ip",
+        "an address of a node of the HA pair",
+    );
 }

@@ -16,5 +16,6 @@
 
 pub mod control;
 pub mod daemon;
+pub mod ha;
 pub mod io;
 pub mod packet;

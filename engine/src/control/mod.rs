@@ -1305,6 +1305,7 @@ fn vip_set(config: &Config) -> BTreeSet<Ipv4Addr> {
 fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
     let (a, b) = (&running.engine, &new.engine);
     [
+        ("ha", running.ha != new.ha),
         ("interface", a.interface != b.interface),
         ("queues", a.queues != b.queues),
         ("cores", a.cores != b.cores),
