@@ -91,6 +91,23 @@ pub enum Verb {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// The HA pair: status, takeover, release.
+    Ha {
+        /// status, takeover or release.
+        #[command(subcommand)]
+        action: HaAction,
+    },
+}
+
+/// `ha` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum HaAction {
+    /// This node's and its peer's roles and states, the last heartbeat, the counters.
+    Status,
+    /// Make this node the active one.
+    Takeover,
+    /// Hand the traffic to the peer (this node stays passive while the peer can serve).
+    Release,
 }
 
 /// `config` subcommands.
@@ -169,6 +186,11 @@ impl Verb {
             } => Command::ConfigSave {
                 // lbd runs elsewhere: a relative path means one from here, not from lbd's cwd.
                 path: path.map(absolute).transpose()?,
+            },
+            Verb::Ha { action } => match action {
+                HaAction::Status => Command::HaStatus,
+                HaAction::Takeover => Command::HaTakeover,
+                HaAction::Release => Command::HaRelease,
             },
             Verb::Protocol(Command::EditVip(edit)) if edit.changes == ServiceChanges::default() => {
                 return Err(
@@ -315,6 +337,9 @@ mod tests {
             })
         );
         assert_eq!(command(&["reload"]), Ok(Command::Reload));
+        assert_eq!(command(&["ha", "status"]), Ok(Command::HaStatus));
+        assert_eq!(command(&["ha", "takeover"]), Ok(Command::HaTakeover));
+        assert_eq!(command(&["ha", "release"]), Ok(Command::HaRelease));
     }
 
     #[test]

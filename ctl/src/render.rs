@@ -1,6 +1,6 @@
 //! Human output of `lbctl`: aligned tables for `status` and `stats`, plain text otherwise.
 
-use lbd_proto::{Reply, StatsReport, StatusReport, WorkerStats};
+use lbd_proto::{HaReport, Reply, StatsReport, StatusReport, WorkerStats};
 use std::fmt::Write;
 
 /// Rows of cells printed as left-aligned columns separated by two spaces.
@@ -70,7 +70,12 @@ pub fn status(report: &StatusReport) -> String {
             rows.push(vec!["  (fallback)".to_owned(), fallback.clone()]);
         }
     }
-    let mut out = format!("generation {}\n", report.generation);
+    let mut out = String::new();
+    if let Some(ha) = &report.ha {
+        out.push_str(&banner(ha));
+        out.push('\n');
+    }
+    let _ = writeln!(out, "generation {}", report.generation);
     if report.services.is_empty() {
         out.push_str("no services\n");
     } else {
@@ -162,11 +167,68 @@ pub fn stats(report: &StatsReport) -> String {
     out
 }
 
+/// The pair in one line, as an appliance's banner shows it:
+/// `primary, active; peer 198.18.0.3 secondary, passive, in sync`.
+pub fn banner(ha: &HaReport) -> String {
+    let me = format!(
+        "{}, {}{}",
+        ha.role,
+        ha.state,
+        if ha.released { " (released)" } else { "" }
+    );
+    match &ha.peer {
+        None => format!("{me}; peer not heard yet"),
+        Some(peer) if peer.state == "dead" => format!(
+            "{me}; peer {} {}, not heard for {} ms",
+            peer.address, peer.role, peer.heard_ms_ago
+        ),
+        Some(peer) => {
+            let sync = if peer.generation == ha.generation {
+                "in sync".to_owned()
+            } else {
+                format!(
+                    "generation {} here, {} there",
+                    ha.generation, peer.generation
+                )
+            };
+            format!(
+                "{me}; peer {} {}, {}, {sync}",
+                peer.address, peer.role, peer.state
+            )
+        }
+    }
+}
+
+/// `lbctl ha status`.
+pub fn ha(report: &HaReport) -> String {
+    let mut out = banner(report);
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "this node: {} ({} mode), {}, epoch {}, generation {}",
+        report.local_address, report.mode, report.state, report.epoch, report.generation
+    );
+    if let Some(peer) = &report.peer {
+        let _ = writeln!(
+            out,
+            "peer: {} {}, {}, last heartbeat {} ms ago, generation {}",
+            peer.address, peer.role, peer.state, peer.heard_ms_ago, peer.generation
+        );
+    }
+    let _ = writeln!(
+        out,
+        "heartbeats: sent {} received {} rejected {} replayed {}",
+        report.heartbeats_sent, report.heartbeats_received, report.rejected, report.replayed
+    );
+    out
+}
+
 /// Any reply, for people.
 pub fn human(reply: &Reply) -> String {
     match reply {
         Reply::Status(report) => status(report),
         Reply::Stats(report) => stats(report),
+        Reply::Ha(report) => ha(report),
         Reply::Config { toml } => toml.clone(),
         Reply::Done { message } => format!("{message}\n"),
     }
@@ -182,6 +244,7 @@ mod tests {
     fn status_is_an_aligned_overview() {
         let report = StatusReport {
             generation: 7,
+            ha: None,
             services: vec![ServiceStatus {
                 label: "Wowza Streaming".into(),
                 vip: Ipv4Addr::new(198, 18, 0, 100),
@@ -290,6 +353,44 @@ mod tests {
             text.contains("tables full (not recorded): flows=3"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_pair_is_the_first_line_of_status() {
+        let mut ha = HaReport {
+            role: "primary".into(),
+            mode: "heartbeat".into(),
+            state: "active".into(),
+            local_address: Ipv4Addr::new(198, 18, 0, 2),
+            epoch: 0,
+            released: false,
+            generation: 4,
+            peer: Some(lbd_proto::HaPeerReport {
+                address: Ipv4Addr::new(198, 18, 0, 3),
+                role: "secondary".into(),
+                state: "passive".into(),
+                heard_ms_ago: 40,
+                generation: 4,
+            }),
+            heartbeats_sent: 10,
+            heartbeats_received: 9,
+            rejected: 0,
+            replayed: 0,
+        };
+        let report = StatusReport {
+            ha: Some(Box::new(ha.clone())),
+            ..StatusReport::default()
+        };
+        assert!(status(&report).starts_with(
+            "primary, active; peer 198.18.0.3 secondary, passive, in sync\ngeneration 0\n"
+        ));
+        ha.peer.as_mut().expect("peer").state = "dead".into();
+        assert_eq!(
+            banner(&ha),
+            "primary, active; peer 198.18.0.3 secondary, not heard for 40 ms"
+        );
+        ha.peer = None;
+        assert_eq!(banner(&ha), "primary, active; peer not heard yet");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //     checks, neighbour resolution for the real servers) keeps working on the same interface.
 // The engine fills `lbd_vips` with the configured VIPs and `lbd_xsks` with one socket per
 // served queue. If a queue has no socket, bpf_redirect_map falls back to XDP_PASS.
+// A VIP's flags say whether this node answers ARP for it (VIP_ANSWERS_ARP): in an HA pair only
+// the active node does; a passive one still takes every IPv4 frame to a VIP.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -17,12 +19,13 @@
 
 #define MAX_VIPS 4096
 #define MAX_QUEUES 256
+#define VIP_ANSWERS_ARP 1
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_VIPS);
 	__type(key, __u32);   // VIP, network byte order
-	__type(value, __u32); // unused flags
+	__type(value, __u32); // VIP_ANSWERS_ARP or 0
 } lbd_vips SEC(".maps");
 
 struct {
@@ -69,12 +72,14 @@ int lbd_steer(struct xdp_md *ctx)
 	} else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		struct arp_eth_ipv4 *arp = (void *)(eth + 1);
 		__u32 target;
+		__u32 *flags;
 		if ((void *)(arp + 1) > data_end)
 			return XDP_PASS;
 		if (arp->oper != bpf_htons(1))
 			return XDP_PASS;
 		__builtin_memcpy(&target, arp->tpa, sizeof(target));
-		if (!is_vip(target))
+		flags = bpf_map_lookup_elem(&lbd_vips, &target);
+		if (!flags || !(*flags & VIP_ANSWERS_ARP))
 			return XDP_PASS;
 	} else {
 		return XDP_PASS;

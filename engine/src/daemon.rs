@@ -15,16 +15,16 @@ use crate::control::server::{ControlServer, ServerError};
 use crate::control::{
     Control, Doors, SystemClock, WorkerLink, addresses_to_resolve, check_host_addresses,
 };
+use crate::ha::node::Node;
 use crate::io::host;
 use crate::io::steer::{AttachMode, SteerError, Steering};
 use crate::io::sys::{CopyMode, XskError, XskRings, XskSettings};
-use crate::io::worker::{Rings, Worker, WorkerCommand, WorkerSettings};
+use crate::io::worker::{Rings, Worker, WorkerSettings};
 use crate::packet::counters::{Counters, DropReason};
 use crate::packet::dataplane::{Dataplane, TableSizes};
 use crate::packet::snapshot::Snapshot;
 use crossbeam::channel::unbounded;
 use lbd_config::{Config, Polling, XdpMode};
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -115,6 +115,9 @@ pub enum DaemonError {
     /// The configuration names one of the host's own addresses.
     #[error("{0}")]
     HostAddress(String),
+    /// The HA node could not start.
+    #[error(transparent)]
+    Ha(#[from] crate::ha::node::HaError),
     /// A worker did not start, or stopped while lbd ran.
     #[error(
         "worker {worker} (queue {queue}) {what}; lbd stops rather than leave the queue unserved"
@@ -168,22 +171,43 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let snapshot = Arc::clone(control.snapshot());
     log_services(&config, &snapshot);
 
-    let (links, threads) = start_workers(&config, sockets, &snapshot, &stop);
+    // The workers stop last, after a planned handover, not at the signal itself.
+    let workers_stop = Arc::new(AtomicBool::new(false));
+    let (links, threads) = start_workers(&config, sockets, &snapshot, &workers_stop);
+    let stop_workers = |threads| {
+        workers_stop.store(true, Ordering::Relaxed);
+        join_workers(threads);
+    };
     // VIPs are steered only once every worker runs (its fill ring holds frames): before that
     // the kernel would have nowhere to put them. One that does not start stops lbd.
     if let Err(error) = wait_for_workers(&links, &threads, &stop) {
-        stop.store(true, Ordering::Relaxed);
-        join_workers(threads);
+        stop_workers(threads);
         return Err(error);
     }
     control.attach_workers(links);
     if let Err(error) = control.steer_all_vips() {
-        stop.store(true, Ordering::Relaxed);
-        join_workers(threads);
+        stop_workers(threads);
         return Err(error.into());
     }
 
     let control = Arc::new(Mutex::new(control));
+    let ha = match config
+        .ha
+        .as_ref()
+        .map(|ha| Node::start(ha, interface, Arc::clone(&control)))
+    {
+        None => None,
+        Some(Ok(node)) => {
+            if let Ok(mut control) = control.lock() {
+                control.attach_ha(node.link());
+            }
+            Some(node)
+        }
+        Some(Err(error)) => {
+            stop_workers(threads);
+            return Err(error.into());
+        }
+    };
     let server = match ControlServer::start(
         &engine.control_socket,
         engine.control_group.as_deref(),
@@ -191,8 +215,8 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     ) {
         Ok(server) => server,
         Err(error) => {
-            stop.store(true, Ordering::Relaxed);
-            join_workers(threads);
+            drop(ha);
+            stop_workers(threads);
             return Err(error.into());
         }
     };
@@ -208,9 +232,15 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
 
     tracing::info!("stopping");
     stop.store(true, Ordering::Relaxed);
+    if let (Some(node), Some(ha)) = (&ha, &config.ha) {
+        // The active node of a pair hands over first and forwards until the peer has taken
+        // the traffic.
+        node.hand_over(Duration::from_millis(u64::from(ha.dead_interval_ms)));
+    }
+    drop(ha);
     drop(server);
     let _ = checker.join();
-    join_workers(threads);
+    stop_workers(threads);
     // The last reference to the control state holds the steering program: dropping it detaches.
     drop(control);
     tracing::info!(interface, "XDP program detached; stopped");
@@ -265,6 +295,15 @@ fn check_host(config: &Config) -> Result<HostAtStart, DaemonError> {
     }
     let local = host::local_addresses().map_err(read("this host's addresses".to_owned()))?;
     check_host_addresses(config, &local).map_err(DaemonError::HostAddress)?;
+    if let Some(ha) = &config.ha {
+        crate::ha::node::read_key(&ha.key_file)?;
+        if !local.iter().any(|(_, ip)| *ip == ha.local_address) {
+            return Err(DaemonError::HostAddress(format!(
+                "ha.local_address: {} is not an address of this host",
+                ha.local_address
+            )));
+        }
+    }
     if (engine.queues.len() as u32) < available {
         tracing::warn!(
             interface,
@@ -383,7 +422,6 @@ fn serve(
     host: &HostAtStart,
 ) -> Option<DaemonError> {
     let engine = &config.engine;
-    let vips = distinct_vips(config);
     let mut announcements_left = engine.gratuitous_arp_count;
     let mut next_announce = Instant::now();
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
@@ -392,14 +430,14 @@ fn serve(
     let mut reported_mtu = host.mtu;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
-        if announcements_left > 0 && now >= next_announce && !vips.is_empty() {
+        // A standalone balancer announces its VIPs at start (an HA node when it becomes
+        // active).
+        if announcements_left > 0 && now >= next_announce {
             if let Ok(control) = control.lock()
-                && let Some(first) = control.workers().first()
+                && control.answers_arp()
+                && config.ha.is_none()
             {
-                // Only one worker announces: every queue shares the interface.
-                let _ = first
-                    .commands
-                    .send(WorkerCommand::Announce(host.own_mac, vips.clone()));
+                control.announce_vips();
             }
             announcements_left -= 1;
             next_announce = now + ANNOUNCE_INTERVAL;
@@ -577,13 +615,6 @@ fn spawn_worker(
         },
         thread,
     )
-}
-
-fn distinct_vips(config: &Config) -> Vec<Ipv4Addr> {
-    let mut vips: Vec<Ipv4Addr> = config.services.iter().map(|s| s.vip).collect();
-    vips.sort();
-    vips.dedup();
-    vips
 }
 
 fn log_services(config: &Config, snapshot: &Snapshot) {

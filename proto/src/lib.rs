@@ -88,6 +88,16 @@ pub enum Command {
     },
     /// Re-reads the config file and applies the difference live.
     Reload,
+    /// This node's and its peer's part in the HA pair.
+    #[cfg_attr(feature = "cli", command(skip))]
+    HaStatus,
+    /// Makes this node the active one of its pair.
+    #[cfg_attr(feature = "cli", command(skip))]
+    HaTakeover,
+    /// Hands the traffic to the peer: this node becomes passive and stays so while the peer
+    /// can serve.
+    #[cfg_attr(feature = "cli", command(skip))]
+    HaRelease,
 }
 
 // The arguments of the commands, as the wire carries them (each variant's fields sit beside
@@ -274,6 +284,8 @@ pub enum Reply {
     Status(StatusReport),
     /// For `stats`.
     Stats(Box<StatsReport>),
+    /// For `ha status`.
+    Ha(Box<HaReport>),
     /// For `config show`: the running config as TOML.
     Config {
         /// The TOML text.
@@ -286,11 +298,59 @@ pub enum Reply {
     },
 }
 
+/// `ha status`: this node's part in the pair, and what it knows of its peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HaReport {
+    /// `primary` or `secondary`.
+    pub role: String,
+    /// `heartbeat` or `external`.
+    pub mode: String,
+    /// `active`, `passive` or `fault`.
+    pub state: String,
+    /// This node's address on the segment.
+    pub local_address: Ipv4Addr,
+    /// Takeovers seen.
+    pub epoch: u64,
+    /// It handed over and stays passive while the peer can serve.
+    pub released: bool,
+    /// This node's configuration generation.
+    pub generation: u64,
+    /// The peer, once heard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<HaPeerReport>,
+    /// Heartbeats sent.
+    pub heartbeats_sent: u64,
+    /// Authentic heartbeats received.
+    pub heartbeats_received: u64,
+    /// Datagrams refused: not a heartbeat, or failing authentication.
+    pub rejected: u64,
+    /// Authentic heartbeats refused as replayed or reordered.
+    pub replayed: u64,
+}
+
+/// The peer, as its last heartbeat described it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HaPeerReport {
+    /// Its address.
+    pub address: Ipv4Addr,
+    /// `primary` or `secondary`.
+    pub role: String,
+    /// `active`, `passive` or `fault`; `dead` when not heard within the dead interval.
+    pub state: String,
+    /// Milliseconds since its last heartbeat.
+    pub heard_ms_ago: u64,
+    /// Its configuration generation.
+    pub generation: u64,
+}
+
 /// `status`: the system overview.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     /// Configuration generation in force (1 at start, +1 per applied change).
     pub generation: u64,
+    /// The HA pair, when this node is part of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha: Option<Box<HaReport>>,
     /// Services in config order.
     pub services: Vec<ServiceStatus>,
 }

@@ -2,7 +2,8 @@
 """Long-lived HTTP/1.1 connections through a VIP, for lbd's live-change test.
 
 Opens one keep-alive connection from each given source address and sends a GET on every one
-of them every 100 ms for --seconds seconds; meanwhile opens a new connection every 200 ms from
+of them every --every seconds (100 ms) for --seconds seconds, noting the longest wait for an
+answer; meanwhile opens a new connection every 200 ms from
 the next address (new clients must keep being served). Prints one JSON line and exits 0 when:
 every request on a long-lived connection was answered within --timeout seconds, no connection
 was reset or closed, each connection stayed on one server (the body names it), and every new
@@ -55,6 +56,7 @@ def main():
     parser.add_argument("--fresh", required=True, help="space-separated sources for new clients")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--timeout", type=float, default=2.0)
+    parser.add_argument("--every", type=float, default=0.1, help="seconds between rounds")
     args = parser.parse_args()
 
     failures = []
@@ -66,6 +68,10 @@ def main():
         except OSError as error:
             failures.append(f"{source}: first request: {error}")
     requests = 0
+    # The longest a long-lived connection went without an answer: from the end of one
+    # answered request to the end of the next.
+    max_gap = 0.0
+    last_answer = {source: time.monotonic() for source in conns}
     fresh_ok = fresh_failed = fresh_retried = 0
     fresh_sources = args.fresh.split()
     deadline = time.monotonic() + args.seconds
@@ -76,6 +82,9 @@ def main():
             try:
                 now_server = server_of(request(sock, args.vip))
                 requests += 1
+                answered = time.monotonic()
+                max_gap = max(max_gap, answered - last_answer[source])
+                last_answer[source] = answered
                 if now_server != server:
                     failures.append(f"{source}: moved from {server} to {now_server}")
             except OSError as error:
@@ -97,7 +106,7 @@ def main():
                     else:
                         fresh_retried += 1
         tick += 1
-        time.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+        time.sleep(max(0.0, args.every - (time.monotonic() - started)))
     for sock, _ in conns.values():
         sock.close()
     print(json.dumps({
@@ -107,6 +116,7 @@ def main():
         "fresh_failed": fresh_failed,
         "fresh_retried": fresh_retried,
         "servers": sorted({s for _, s in conns.values() if s}),
+        "max_gap_ms": round(max_gap * 1000),
         "failures": failures[:20],
     }))
     return 0 if not failures else 1

@@ -104,6 +104,15 @@ pub struct Lab {
 
 impl Lab {
     pub fn up(servers: usize) -> Lab {
+        Lab::up_with(servers, 1)
+    }
+
+    /// A lab with two balancers (NS_LB at .2, NS_LB2 at .3), for an HA pair.
+    pub fn up_pair(servers: usize) -> Lab {
+        Lab::up_with(servers, 2)
+    }
+
+    fn up_with(servers: usize, balancers: usize) -> Lab {
         let name = unique_name();
         let lab = repo_root().join("scripts/lab");
         let output = run(Command::new(&lab).args([
@@ -113,6 +122,8 @@ impl Lab {
             &servers.to_string(),
             "--clients",
             "24",
+            "--balancers",
+            &balancers.to_string(),
         ]));
         // Constructed before the check so that a half-built lab is torn down too.
         let mut lab_guard = Lab {
@@ -196,13 +207,18 @@ pub struct Lbd {
 
 impl Lbd {
     pub fn start(lab: &Lab, config: &str) -> Lbd {
+        Lbd::start_in(lab, "NS_LB", "lbd.toml", config)
+    }
+
+    /// lbd in the namespace `namespace_key` names, with `config` written to STATE_DIR/`file`.
+    pub fn start_in(lab: &Lab, namespace_key: &str, file: &str, config: &str) -> Lbd {
         let dir = PathBuf::from(lab.fact("STATE_DIR"));
-        let config_path = dir.join("lbd.toml");
+        let config_path = dir.join(file);
         fs::write(&config_path, config).expect("write lbd config");
         let log = dir.join(format!("lbd-{}.log", unique_name()));
         let log_file = fs::File::create(&log).expect("create lbd log");
         let child = Command::new("ip")
-            .args(["netns", "exec", lab.fact("NS_LB"), LBD, "--config"])
+            .args(["netns", "exec", lab.fact(namespace_key), LBD, "--config"])
             .arg(&config_path)
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -385,11 +401,24 @@ pub fn keepalive_while(
     seconds: u32,
     during: impl FnOnce(),
 ) -> (bool, serde_json::Value) {
+    keepalive_every(lab, sources, fresh, seconds, 0.1, during)
+}
+
+/// [`keepalive_while`] with a request on every connection every `every` seconds.
+pub fn keepalive_every(
+    lab: &Lab,
+    sources: &[String],
+    fresh: &[String],
+    seconds: u32,
+    every: f64,
+    during: impl FnOnce(),
+) -> (bool, serde_json::Value) {
     let script = repo_root().join("tests/clients/keepalive.py");
     let client = std::process::Command::new("ip")
         .args(["netns", "exec", lab.fact("NS_CLIENT"), "python3"])
         .arg(&script)
         .args(["--vip", VIP, "--seconds", &seconds.to_string()])
+        .args(["--every", &every.to_string()])
         .args(["--sources", &sources.join(" "), "--fresh", &fresh.join(" ")])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

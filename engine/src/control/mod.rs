@@ -177,6 +177,29 @@ pub struct Control {
     full: BTreeSet<(String, String)>,
     /// When a change last asked the kernel for MACs lbd did not have.
     asked_for_macs: Option<Instant>,
+    /// Whether this node answers ARP for the VIPs: always alone, only when active in a pair.
+    answers_arp: bool,
+    /// The HA pair's node, when there is one.
+    ha: Option<HaLink>,
+}
+
+/// What the control plane asks of the HA node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HaRequest {
+    /// Become active.
+    Takeover,
+    /// Hand over to the peer.
+    Release,
+}
+
+/// The control plane's handle on the HA node: where to send requests, where it publishes
+/// its state.
+#[derive(Debug, Clone)]
+pub struct HaLink {
+    /// Requests to the node.
+    pub requests: Sender<HaRequest>,
+    /// The node's state as `ha status` shows it, kept current by the node.
+    pub report: Arc<std::sync::Mutex<lbd_proto::HaReport>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -259,6 +282,9 @@ pub enum ControlError {
         /// What did not come back as it was, if anything.
         also: String,
     },
+    /// An `ha` command on a node that is not part of a pair.
+    #[error("this node is not part of an HA pair ([ha] is not set in its configuration)")]
+    NotInPair,
     /// The change is in force, but some workers had not taken it in time.
     #[error(
         "{message} (generation {generation}), but the worker(s) of queue(s) {queues:?} did not \
@@ -345,7 +371,10 @@ impl Control {
             |ip| macs.get(&ip).copied(),
             |_, _| AdminState::Online,
         ));
+        let answers_arp = config.ha.is_none();
         Control {
+            answers_arp,
+            ha: None,
             config,
             config_path,
             own_mac,
@@ -387,9 +416,51 @@ impl Control {
     /// Starts steering every configured VIP (at start, once every worker runs).
     pub fn steer_all_vips(&mut self) -> Result<(), crate::io::steer::SteerError> {
         for vip in vip_set(&self.config) {
-            self.steering.add_vip(vip)?;
+            self.steering.add_vip(vip, self.answers_arp)?;
         }
         Ok(())
+    }
+
+    /// Connects the HA node (its requests and its report).
+    pub fn attach_ha(&mut self, link: HaLink) {
+        self.ha = Some(link);
+    }
+
+    /// Makes this node answer ARP for the VIPs (the active node of a pair) or not; on
+    /// becoming active, announces them at once with a gratuitous ARP round. Frames to the
+    /// VIPs are forwarded either way.
+    pub fn set_active(&mut self, active: bool) -> Result<(), crate::io::steer::SteerError> {
+        self.answers_arp = active;
+        for vip in vip_set(&self.config) {
+            self.steering.add_vip(vip, active)?;
+        }
+        if active {
+            self.announce_vips();
+        }
+        Ok(())
+    }
+
+    /// Whether this node answers ARP for the VIPs.
+    pub fn answers_arp(&self) -> bool {
+        self.answers_arp
+    }
+
+    /// One gratuitous ARP round for every VIP, sent by the first worker (every queue shares
+    /// the interface).
+    pub fn announce_vips(&self) {
+        let vips: Vec<Ipv4Addr> = vip_set(&self.config).into_iter().collect();
+        if !vips.is_empty()
+            && let Some(first) = self.workers.first()
+        {
+            let _ = first
+                .commands
+                .send(WorkerCommand::Announce(self.own_mac, vips));
+        }
+    }
+
+    /// The configuration generation in force.
+    pub fn generation(&self) -> u64 {
+        self.snapshot.generation
     }
 
     /// Handles one request from a client with `role`.
@@ -462,6 +533,9 @@ impl Control {
             }),
             Command::ConfigSave { path } => self.save(path.map(PathBuf::from)),
             Command::Reload => self.reload(),
+            Command::HaStatus => Ok(Reply::Ha(Box::new(self.ha_report()?))),
+            Command::HaTakeover => self.ha_request(HaRequest::Takeover),
+            Command::HaRelease => self.ha_request(HaRequest::Release),
             Command::AddVip { service } => self.add_vip(service),
             Command::EditVip(ServiceEdit { label, changes }) => self.edit_vip(&label, changes),
             Command::DelVip(ServiceName { label }) => {
@@ -530,6 +604,30 @@ impl Control {
                 self.set_admin(&service, &label, AdminState::Online, "online")
             }
         }
+    }
+
+    fn ha_link(&self) -> Result<&HaLink, ControlError> {
+        self.ha.as_ref().ok_or(ControlError::NotInPair)
+    }
+
+    fn ha_report(&self) -> Result<lbd_proto::HaReport, ControlError> {
+        let link = self.ha_link()?;
+        let report = link.report.lock().map_err(|_| ControlError::NotInPair)?;
+        Ok(report.clone())
+    }
+
+    fn ha_request(&self, request: HaRequest) -> Outcome {
+        self.ha_link()?
+            .requests
+            .send(request)
+            .map_err(|_| ControlError::NotInPair)?;
+        let what = match request {
+            HaRequest::Takeover => "takeover requested: this node becomes active",
+            HaRequest::Release => "release requested: the peer takes over",
+        };
+        Ok(Reply::Done {
+            message: what.to_owned(),
+        })
     }
 
     fn add_vip(&mut self, service: Service) -> Outcome {
@@ -688,10 +786,12 @@ impl Control {
         let snapshot = Arc::new(self.build(&config, &operator, &mut ids, generation));
 
         // Leaving VIPs stop being steered before the workers forget them...
-        update_vips(&mut *self.steering, &leaving, &[]).map_err(ControlError::Steering)?;
+        let answer_arp = self.answers_arp;
+        update_vips(&mut *self.steering, &leaving, &[], answer_arp)
+            .map_err(ControlError::Steering)?;
         let lagging = self.publish(Arc::clone(&snapshot));
         // ...and new ones are steered once the workers know them.
-        if let Err(error) = update_vips(&mut *self.steering, &[], &arriving) {
+        if let Err(error) = update_vips(&mut *self.steering, &[], &arriving, answer_arp) {
             // Undone: the workers go back to the running configuration, the leaving VIPs
             // are steered again.
             let mut running_ids = self.ids.clone();
@@ -704,7 +804,7 @@ impl Control {
             let restore_lagging = self.publish(Arc::clone(&restored));
             self.snapshot = restored;
             let mut also = String::new();
-            if let Err(again) = update_vips(&mut *self.steering, &[], &leaving) {
+            if let Err(again) = update_vips(&mut *self.steering, &[], &leaving, answer_arp) {
                 also += &format!(", but {again}: those VIPs get no traffic until lbd restarts");
             }
             if !restore_lagging.is_empty() {
@@ -719,6 +819,7 @@ impl Control {
             });
         }
         if !arriving.is_empty()
+            && answer_arp
             && let Some(first) = self.workers.first()
         {
             let _ = first
@@ -1036,6 +1137,7 @@ impl Control {
             .collect();
         StatusReport {
             generation: snapshot.generation,
+            ha: self.ha_report().ok().map(Box::new),
             services,
         }
     }
@@ -1169,11 +1271,12 @@ fn update_vips(
     steering: &mut dyn VipSteering,
     leaving: &[Ipv4Addr],
     arriving: &[Ipv4Addr],
+    answer_arp: bool,
 ) -> Result<(), String> {
     for (done, &vip) in leaving.iter().enumerate() {
         if let Err(error) = steering.remove_vip(vip) {
             for &back in &leaving[..done] {
-                let _ = steering.add_vip(back);
+                let _ = steering.add_vip(back, answer_arp);
             }
             return Err(format!(
                 "removing VIP {vip} from the steering map failed: {error}"
@@ -1181,12 +1284,12 @@ fn update_vips(
         }
     }
     for (done, &vip) in arriving.iter().enumerate() {
-        if let Err(error) = steering.add_vip(vip) {
+        if let Err(error) = steering.add_vip(vip, answer_arp) {
             for &back in &arriving[..done] {
                 let _ = steering.remove_vip(back);
             }
             for &back in leaving {
-                let _ = steering.add_vip(back);
+                let _ = steering.add_vip(back, answer_arp);
             }
             return Err(format!(
                 "adding VIP {vip} to the steering map failed: {error}"
@@ -1424,7 +1527,7 @@ mod tests {
     }
 
     impl VipSteering for FakeSteering {
-        fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+        fn add_vip(&mut self, vip: Ipv4Addr, _answer_arp: bool) -> Result<(), SteerError> {
             let mut map = self.map.lock().expect("map");
             if map.refuse == Some(vip) {
                 return Err(SteerError::Load("no room in the map".into()));

@@ -140,6 +140,11 @@ impl Machine {
     }
 
     /// The configuration generation the heartbeats carry.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Sets the configuration generation the heartbeats carry.
     pub fn set_generation(&mut self, generation: u64) {
         self.generation = generation;
     }

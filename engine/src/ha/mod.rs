@@ -10,4 +10,5 @@
 //! would.
 
 pub mod machine;
+pub mod node;
 pub mod wire;

@@ -59,6 +59,13 @@ pub fn interface_mtu(interface: &str) -> io::Result<u32> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("mtu {text:?}: {e}")))
 }
 
+/// Whether the interface is up and connected (its operstate; `unknown`, which some virtual
+/// devices report, counts as up).
+pub fn link_up(interface: &str) -> bool {
+    fs::read_to_string(sysfs_interface(interface).join("operstate"))
+        .is_ok_and(|state| matches!(state.trim(), "up" | "unknown"))
+}
+
 /// Every IPv4 address of this host (of its network namespace), with its interface.
 pub fn local_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
     let addresses = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;

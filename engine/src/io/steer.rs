@@ -20,6 +20,10 @@ use std::os::fd::AsRawFd;
 
 static STEER_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.o"));
 
+/// A VIP's flag in the program's map: ARP requests for it go to the workers (`VIP_ANSWERS_ARP`
+/// in bpf/steer.c).
+const VIP_ANSWERS_ARP: u32 = 1;
+
 /// Why the steering program could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SteerError {
@@ -50,8 +54,9 @@ pub enum SteerError {
 /// order of map updates and publication, and what a failed update leaves, are unit-tested
 /// without a kernel.
 pub trait VipSteering: Send {
-    /// Starts steering frames for `vip` to the sockets.
-    fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError>;
+    /// Steers frames for `vip` to the sockets, ARP requests for it too when `answer_arp` (the
+    /// node is not the passive one of a pair); for a VIP already steered, sets that.
+    fn add_vip(&mut self, vip: Ipv4Addr, answer_arp: bool) -> Result<(), SteerError>;
     /// Stops steering frames for `vip`.
     fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError>;
 }
@@ -139,11 +144,12 @@ impl Steering {
 }
 
 impl VipSteering for Steering {
-    fn add_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+    fn add_vip(&mut self, vip: Ipv4Addr, answer_arp: bool) -> Result<(), SteerError> {
         // The program compares with the header field as it sits in memory (network order).
         let key = u32::from_ne_bytes(vip.octets());
+        let flags = if answer_arp { VIP_ANSWERS_ARP } else { 0 };
         self.vips
-            .insert(key, 0, 0)
+            .insert(key, flags, 0)
             .map_err(|source| SteerError::Map {
                 map: "lbd_vips",
                 source,
@@ -177,5 +183,9 @@ mod tests {
         let define = |name: &str, value: String| format!("#define {name} {value}\n");
         assert!(source.contains(&define("MAX_VIPS", lbd_config::MAX_VIPS.to_string())));
         assert!(source.contains(&define("MAX_QUEUES", lbd_config::MAX_QUEUES.to_string())));
+        assert!(source.contains(&define(
+            "VIP_ANSWERS_ARP",
+            super::VIP_ANSWERS_ARP.to_string()
+        )));
     }
 }
