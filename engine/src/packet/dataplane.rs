@@ -21,6 +21,9 @@
 //!   fragment table then sends the later pieces (source, destination, protocol, IP ID) to the
 //!   same server. A later piece whose first was not seen is dropped: nothing says where its
 //!   datagram went.
+//! - In a group of balancers (an HA pair), established connections and persistent clients are
+//!   offered to the peers and theirs installed here ([`crate::packet::sync`]), so a node that
+//!   takes over sends every known client where the other did.
 //!
 //! The Ethernet and IPv4 headers, read for every frame, are checked by hand at fixed offsets
 //! (every read bounds-checked: a malformed frame is a counted drop, never a panic); ARP goes
@@ -38,6 +41,7 @@ use crate::packet::flows::{
 };
 use crate::packet::maglev::MaglevTable;
 use crate::packet::snapshot::{RealServerEntry, ServiceEntry, Snapshot, service_key};
+use crate::packet::sync::{Installed, Outbox, OutboxCounters, SyncEntry, WalkPosition, remaining};
 use etherparse::{ArpPacketSlice, EtherType};
 use lbd_config::Persistence;
 use std::sync::Arc;
@@ -107,7 +111,14 @@ pub struct Dataplane {
     flows: FlowTable,
     persistence: PersistenceTable,
     fragments: FragmentTable,
+    /// Where entries go for the peers, in a group.
+    outbox: Option<Outbox>,
 }
+
+/// What a known connection's packet changed that the peers should hear of.
+const CHANGED_FLOW: u8 = 1;
+/// ...and its client's persistence entry was written.
+const CHANGED_PERSISTENCE: u8 = 2;
 
 /// Table sizes for [`Dataplane::new`].
 #[derive(Debug, Clone, Copy)]
@@ -138,7 +149,155 @@ impl Dataplane {
             flows: FlowTable::new(sizes.flows),
             persistence: PersistenceTable::new(sizes.persistent_clients),
             fragments: FragmentTable::new(FRAGMENT_TABLE_SIZE),
+            outbox: None,
         }
+    }
+
+    /// Offers this worker's entries to the group through `outbox` from now on.
+    pub fn share_through(&mut self, outbox: Outbox) {
+        self.outbox = Some(outbox);
+    }
+
+    /// What the outbox has done, when there is one.
+    pub fn outbox_counters(&self) -> Option<OutboxCounters> {
+        self.outbox.as_ref().map(|outbox| outbox.counters)
+    }
+
+    /// One step of the walk that offers every entry again (when one is due): call it once per
+    /// loop. It looks at a few hundred slots and stops early when the queue is full.
+    pub fn share(&mut self, now_ms: u64) {
+        let Some(outbox) = &mut self.outbox else {
+            return;
+        };
+        let Some((mut position, budget)) = outbox.due(now_ms) else {
+            return;
+        };
+        let snapshot = &*self.snapshot;
+        let mut next = Some(position);
+        for _ in 0..budget {
+            let offer = match position {
+                WalkPosition::Flows(i) if i >= self.flows.slot_count() => {
+                    position = WalkPosition::Persistence(0);
+                    next = Some(position);
+                    continue;
+                }
+                WalkPosition::Flows(i) => {
+                    position = WalkPosition::Flows(i + 1);
+                    self.flows
+                        .live_at(i, now_ms)
+                        .and_then(|(key, entry)| flow_offer(key, &entry, now_ms))
+                }
+                WalkPosition::Persistence(i) if i >= self.persistence.slot_count() => {
+                    next = None;
+                    break;
+                }
+                WalkPosition::Persistence(i) => {
+                    position = WalkPosition::Persistence(i + 1);
+                    self.persistence
+                        .live_at(i, now_ms)
+                        .filter(|(_, entry)| !entry.foreign)
+                        .and_then(|((client, id), entry)| {
+                            let index = *snapshot.by_id.get(&u32::try_from(id).ok()?)?;
+                            Some(SyncEntry::Persist {
+                                client,
+                                service: snapshot.services.get(usize::from(index))?.wire_key,
+                                real_server: entry.real_server,
+                                remaining_ms: remaining(entry.expires_ms, now_ms),
+                            })
+                        })
+                }
+            };
+            if let Some(offer) = offer
+                && !outbox.offer_from_walk(offer)
+            {
+                // Full: this slot again at the next loop.
+                break;
+            }
+            next = Some(position);
+        }
+        outbox.walked(next, now_ms);
+    }
+
+    /// Installs entries a peer shared: a connection or client this node does not carry
+    /// itself, or carries with an earlier expiry, takes the peer's server. Entries of services
+    /// this node does not have are kept out.
+    pub fn install(&mut self, entries: &[SyncEntry], now_ms: u64) -> Installed {
+        let mut done = Installed::default();
+        for entry in entries {
+            let installed = match *entry {
+                SyncEntry::Flow {
+                    key,
+                    real_server,
+                    state,
+                    remaining_ms,
+                } => {
+                    let expires_ms = now_ms + u64::from(remaining_ms);
+                    let served = self
+                        .snapshot
+                        .by_port
+                        .get(&service_key(key.dst, key.protocol, key.ports as u16))
+                        .is_some();
+                    served
+                        && remaining_ms > 0
+                        && self
+                            .flows
+                            .get(&key, now_ms)
+                            .is_none_or(|own| own.foreign || own.expires_ms < expires_ms)
+                        && self.flows.insert(
+                            key,
+                            FlowEntry {
+                                real_server,
+                                // No snapshot has generation 0: the first packet finds the
+                                // server's index by its address.
+                                generation: 0,
+                                index: 0,
+                                state,
+                                expires_ms,
+                                // Renewed by the first packet carried here.
+                                persisted_until_ms: 0,
+                                foreign: true,
+                            },
+                            now_ms,
+                        )
+                }
+                SyncEntry::Persist {
+                    client,
+                    service,
+                    real_server,
+                    remaining_ms,
+                } => {
+                    let expires_ms = now_ms + u64::from(remaining_ms);
+                    let id = self
+                        .snapshot
+                        .by_port
+                        .get(&service)
+                        .and_then(|&index| self.snapshot.services.get(usize::from(index)))
+                        .map(|service| (client, u64::from(service.id)));
+                    id.is_some_and(|key| {
+                        remaining_ms > 0
+                            && self
+                                .persistence
+                                .get(&key, now_ms)
+                                .is_none_or(|own| own.foreign || own.expires_ms < expires_ms)
+                            && self.persistence.insert(
+                                key,
+                                PersistEntry {
+                                    real_server,
+                                    expires_ms,
+                                    foreign: true,
+                                },
+                                now_ms,
+                            )
+                    })
+                }
+            };
+            if installed {
+                done.installed += 1;
+            } else {
+                done.kept_out += 1;
+            }
+        }
+        done
     }
 
     /// The connection table.
@@ -366,6 +525,7 @@ impl Dataplane {
             counters,
             flows,
             persistence,
+            outbox,
             ..
         } = self;
         let snapshot = &**snapshot;
@@ -382,7 +542,7 @@ impl Dataplane {
         // A connection already known keeps its server while that server takes known clients.
         if let Some(service) = snapshot.services.get(usize::from(service_index))
             && let Some(entry) = entry
-            && let Some(backend) = known_backend(
+            && let Some((backend, changed)) = known_backend(
                 entry,
                 persistence,
                 snapshot,
@@ -392,6 +552,11 @@ impl Dataplane {
                 now_ms,
             )
         {
+            if changed != 0
+                && let Some(outbox) = outbox
+            {
+                offer_change(outbox, key, entry, service, changed, now_ms);
+            }
             let Some(header) = service
                 .real_servers
                 .get(usize::from(backend))
@@ -593,6 +758,7 @@ impl Dataplane {
                     PersistEntry {
                         real_server: real_server_ip,
                         expires_ms: until,
+                        foreign: false,
                     },
                     now_ms,
                 );
@@ -601,18 +767,29 @@ impl Dataplane {
                 0
             };
         if let Some((key, _)) = flow {
-            flows.insert(
-                key,
-                FlowEntry {
-                    real_server: real_server_ip,
-                    generation: snapshot.generation,
-                    index: backend,
-                    state,
-                    expires_ms: now_ms + timeout,
-                    persisted_until_ms,
-                },
-                now_ms,
-            );
+            let entry = FlowEntry {
+                real_server: real_server_ip,
+                generation: snapshot.generation,
+                index: backend,
+                state,
+                expires_ms: now_ms + timeout,
+                persisted_until_ms,
+                foreign: false,
+            };
+            flows.insert(key, entry, now_ms);
+            // A datagram flow matters to the peers at once; a TCP connection once its
+            // handshake completes.
+            if state.is_active()
+                && let Some(outbox) = &mut self.outbox
+            {
+                let changed = CHANGED_FLOW
+                    | if persisted_until_ms > 0 {
+                        CHANGED_PERSISTENCE
+                    } else {
+                        0
+                    };
+                offer_change(outbox, key, &entry, service, changed, now_ms);
+            }
         }
         forward(frame, counters, service_index, backend, header);
         (Verdict::Transmit, Some(real_server_ip))
@@ -850,9 +1027,10 @@ fn known_backend(
     client: u32,
     flags: u16,
     now_ms: u64,
-) -> Option<u16> {
+) -> Option<(u16, u8)> {
     // A new SYN on a closing tuple is a new connection (port reuse): choose again.
     let (state, timeout) = entry.state.on_flags(flags)?;
+    let mut changed = 0;
     // The index is cached with the generation it was found in; a new snapshot means one
     // lookup by address to find the server again (or learn that it is gone).
     let backend = if entry.generation == snapshot.generation {
@@ -866,6 +1044,12 @@ fn known_backend(
     // dropped from the cache for free instead of being written back.
     if entry.state != state {
         entry.state = state;
+        changed |= CHANGED_FLOW;
+    }
+    // A peer's connection carried here from now on: this node offers it from now on.
+    if entry.foreign {
+        entry.foreign = false;
+        changed |= CHANGED_FLOW;
     }
     let expires_ms = now_ms + timeout;
     if entry.expires_ms != expires_ms {
@@ -876,8 +1060,46 @@ fn known_backend(
         && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
     {
         renew_persistence(entry, persistence, service, client, now_ms);
+        changed |= CHANGED_PERSISTENCE;
     }
-    Some(backend)
+    Some((backend, changed))
+}
+
+/// What a peer learns of a connection: nothing while it is half open (a SYN flood stays
+/// here) or when it is the peer's own.
+fn flow_offer(key: FlowKey, entry: &FlowEntry, now_ms: u64) -> Option<SyncEntry> {
+    (!entry.foreign && entry.state != FlowState::SynSent).then(|| SyncEntry::Flow {
+        key,
+        real_server: entry.real_server,
+        state: entry.state,
+        remaining_ms: remaining(entry.expires_ms, now_ms),
+    })
+}
+
+/// Offers what a packet changed ([`CHANGED_FLOW`], [`CHANGED_PERSISTENCE`]) to the peers.
+#[cold]
+#[inline(never)]
+fn offer_change(
+    outbox: &mut Outbox,
+    key: FlowKey,
+    entry: &FlowEntry,
+    service: &ServiceEntry,
+    changed: u8,
+    now_ms: u64,
+) {
+    if changed & CHANGED_FLOW != 0
+        && let Some(offer) = flow_offer(key, entry, now_ms)
+    {
+        outbox.offer(offer);
+    }
+    if changed & CHANGED_PERSISTENCE != 0 {
+        outbox.offer(SyncEntry::Persist {
+            client: key.src,
+            service: service.wire_key,
+            real_server: entry.real_server,
+            remaining_ms: remaining(entry.persisted_until_ms, now_ms),
+        });
+    }
 }
 
 /// A known connection under a new snapshot: its server's index there, when the server still
@@ -912,6 +1134,7 @@ fn renew_persistence(
         PersistEntry {
             real_server: entry.real_server,
             expires_ms: entry.persisted_until_ms,
+            foreign: false,
         },
         now_ms,
     );

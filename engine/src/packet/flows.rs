@@ -79,10 +79,14 @@ pub struct FlowEntry {
     /// (IPVS keeps a persistence template alive while its connections live) once it is half
     /// spent, so a long stream costs one persistence write per half timeout, not per packet.
     pub persisted_until_ms: u64,
+    /// Learned from a peer balancer ([`crate::packet::sync`]) and not carried here since: not
+    /// offered back to the group.
+    pub foreign: bool,
 }
 
 /// Connection states, IPVS-style, from the client-to-server direction alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum FlowState {
     /// SYN seen, no ACK yet.
     SynSent,
@@ -94,6 +98,24 @@ pub enum FlowState {
     Reset,
     /// UDP (no states).
     Datagram,
+}
+
+impl TryFrom<u8> for FlowState {
+    type Error = u8;
+
+    /// The state a peer sent (`state as u8`).
+    fn try_from(value: u8) -> Result<Self, u8> {
+        [
+            FlowState::SynSent,
+            FlowState::Established,
+            FlowState::Closing,
+            FlowState::Reset,
+            FlowState::Datagram,
+        ]
+        .into_iter()
+        .find(|state| *state as u8 == value)
+        .ok_or(value)
+    }
 }
 
 impl FlowState {
@@ -383,6 +405,8 @@ pub struct PersistEntry {
     pub real_server: u32,
     /// When the client is forgotten unless it sends again.
     pub expires_ms: u64,
+    /// Learned from a peer balancer and not renewed here since (as [`FlowEntry::foreign`]).
+    pub foreign: bool,
 }
 
 impl Expires for PersistEntry {
@@ -595,6 +619,19 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         (i.wrapping_sub(self.home(packed)) & self.mask) + 1
     }
 
+    /// Slots, for a walk over the table by index ([`ExpiringTable::live_at`]).
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The live entry in slot `index`, if any. Entries move when the table grows or an entry
+    /// is removed, so a walk by index may see one twice or miss one: good enough for a
+    /// periodic refresh, not for an exact census.
+    pub fn live_at(&self, index: usize, now_ms: u64) -> Option<(K, V)> {
+        let (packed, value) = self.slots.get(index)?.as_ref()?;
+        (value.expires_ms() > now_ms).then(|| (K::unpack(*packed), *value))
+    }
+
     /// Live entries.
     pub fn live(&self, now_ms: u64) -> impl Iterator<Item = (K, V)> {
         self.slots
@@ -695,6 +732,7 @@ mod tests {
             state: FlowState::Established,
             expires_ms,
             persisted_until_ms: 0,
+            foreign: false,
         }
     }
 

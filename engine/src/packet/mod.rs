@@ -7,9 +7,11 @@
 //! - [`maglev`]: the consistent-hash tables real servers are looked up in.
 //! - [`snapshot`]: the immutable configuration view the packet path reads.
 //! - [`counters`]: per-worker counters, every frame in exactly one.
+//! - [`sync`]: the entries a group of balancers shares, and how they are walked and installed.
 
 pub mod counters;
 pub mod dataplane;
 pub mod flows;
 pub mod maglev;
 pub mod snapshot;
+pub mod sync;

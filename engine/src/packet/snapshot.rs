@@ -282,6 +282,9 @@ pub struct ServiceEntry {
     /// Stable identity across snapshots ([`ServiceIds`]): the persistence and fragment tables'
     /// key and what per-service counters follow.
     pub id: u32,
+    /// [`service_key`] of its VIP, protocol and first port: how the nodes of a group name it
+    /// to each other (their ids are their own).
+    pub wire_key: u64,
     /// How long a client stays on its server after its last packet.
     pub persistence_timeout_ms: u64,
     /// Slot -> index into `real_servers`, over the servers that take new clients.
@@ -406,6 +409,7 @@ impl Snapshot {
                 protocol,
                 persistence: service.persistence,
                 id,
+                wire_key: service_key(vip, protocol, service.ports.iter().next().unwrap_or(0)),
                 persistence_timeout_ms: u64::from(service.persistence_timeout_s) * 1000,
                 table: MaglevTable::build(&new_clients, service.table_size, seed),
                 known_table: (known_clients != new_clients)

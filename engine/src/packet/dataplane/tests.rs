@@ -1128,6 +1128,222 @@ mac = "02:00:00:00:00:12"
             choice(&three, sport)
         );
     }
+
+    mod shared_with_peers {
+        //! The nodes of a group sharing entries ([`crate::packet::sync`]): what a node offers,
+        //! when, and what a peer's entries do here.
+        use super::*;
+        use crate::packet::sync::{Outbox, SyncEntry};
+        use crossbeam::queue::ArrayQueue;
+        use std::sync::atomic::{AtomicU64, Ordering};
+
+        fn node(text: &str) -> (Dataplane, Arc<ArrayQueue<SyncEntry>>, Arc<AtomicU64>) {
+            let mut dp = Dataplane::new(snapshot(text, 1, &[]), TableSizes::default());
+            let queue = Arc::new(ArrayQueue::new(1024));
+            let dumps = Arc::new(AtomicU64::new(0));
+            dp.share_through(Outbox::new(queue.clone(), dumps.clone()));
+            (dp, queue, dumps)
+        }
+
+        fn drain(queue: &ArrayQueue<SyncEntry>) -> Vec<SyncEntry> {
+            std::iter::from_fn(|| queue.pop()).collect()
+        }
+
+        /// Runs the walk a dump request starts to its end.
+        fn dump(dp: &mut Dataplane, dumps: &AtomicU64, now_ms: u64) {
+            dumps.fetch_add(1, Ordering::Relaxed);
+            let walks = dp.outbox_counters().expect("sharing").walks;
+            for _ in 0..10_000 {
+                dp.share(now_ms);
+                if dp.outbox_counters().expect("sharing").walks > walks {
+                    return;
+                }
+            }
+            panic!("the walk never ended");
+        }
+
+        fn fin(client: u8) -> Vec<u8> {
+            let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+                .ipv4([198, 18, 1, client], VIP, 64)
+                .tcp(40000, 8088, 2, 64240)
+                .ack(1)
+                .fin();
+            let mut frame = Vec::new();
+            builder.write(&mut frame, b"").expect("write");
+            frame
+        }
+
+        fn source_ip() -> String {
+            TWO.replace("PERSISTENCE", "source-ip")
+        }
+
+        #[test]
+        fn a_connection_is_offered_once_established_and_at_each_change_of_state() {
+            let (mut dp, queue, _) = node(&source_ip());
+            server_of(&mut dp, tcp_frame([198, 18, 1, 1], VIP, 40000, 8088), 1_000);
+            assert!(
+                drain(&queue).is_empty(),
+                "a half-open connection stays here"
+            );
+            let mac = server_of(&mut dp, ack(1), 1_010).expect("forwarded");
+            let server = u32::from_be_bytes([198, 18, 0, mac[5] - 0x11 + 11]);
+            let key = FlowKey {
+                src: u32::from_be_bytes([198, 18, 1, 1]),
+                dst: u32::from_be_bytes(VIP),
+                ports: 40000 << 16 | 8088,
+                protocol: IP_PROTO_TCP,
+            };
+            assert_eq!(
+                drain(&queue),
+                [
+                    SyncEntry::Flow {
+                        key,
+                        real_server: server,
+                        state: FlowState::Established,
+                        remaining_ms: 900_000,
+                    },
+                    SyncEntry::Persist {
+                        client: key.src,
+                        service: service_key(key.dst, IP_PROTO_TCP, 8088),
+                        real_server: server,
+                        remaining_ms: 300_000,
+                    },
+                ]
+            );
+            // Data on it changes nothing a peer needs to hear of...
+            server_of(&mut dp, ack(1), 2_000);
+            assert!(drain(&queue).is_empty());
+            // ...its end does.
+            server_of(&mut dp, fin(1), 3_000);
+            assert!(matches!(
+                drain(&queue)[..],
+                [SyncEntry::Flow {
+                    state: FlowState::Closing,
+                    remaining_ms: 120_000,
+                    ..
+                }]
+            ));
+        }
+
+        #[test]
+        fn a_peers_connections_keep_their_servers_where_maglev_now_chooses_others() {
+            let text = source_ip();
+            let (mut active, queue, _) = node(&text);
+            let before = open_all(&mut active, 1_000);
+            let shared = drain(&queue);
+            assert_eq!(shared.len(), 200, "a connection and a client each");
+            // The other node already has a third server: Maglev moves some clients there.
+            let grown = with_third_server(&text);
+            let mut alone = Dataplane::new(snapshot(&grown, 1, &[]), TableSizes::default());
+            let moved = (1..=100u8)
+                .filter(|&c| server_of(&mut alone, ack(c), 50) != Some(before[usize::from(c) - 1]))
+                .count();
+            assert!(moved > 10, "only {moved} clients would move: a weak test");
+            let (mut passive, _, _) = node(&grown);
+            let installed = passive.install(&shared, 50);
+            assert_eq!((installed.installed, installed.kept_out), (200, 0));
+            for client in 1..=100u8 {
+                assert_eq!(
+                    server_of(&mut passive, ack(client), 60),
+                    Some(before[usize::from(client) - 1]),
+                    "client {client}"
+                );
+                // A new connection of the client: its persisted server too.
+                let mut syn = tcp_frame([198, 18, 1, client], VIP, 50000, 8088);
+                assert_eq!(passive.process(&mut syn, 60), Verdict::Transmit);
+                assert_eq!(syn[0..6], before[usize::from(client) - 1]);
+            }
+        }
+
+        #[test]
+        fn a_peers_entries_are_not_offered_back_until_carried_here() {
+            let text = source_ip();
+            let (mut active, queue, _) = node(&text);
+            open_all(&mut active, 1_000);
+            let shared = drain(&queue);
+            let (mut passive, passive_queue, dumps) = node(&text);
+            passive.install(&shared, 0);
+            dump(&mut passive, &dumps, 10);
+            assert!(drain(&passive_queue).is_empty(), "nothing echoes back");
+            // Carried here from now on (a takeover): offered as this node's.
+            server_of(&mut passive, ack(7), 20);
+            assert!(matches!(
+                drain(&passive_queue)[..],
+                [SyncEntry::Flow { .. }, SyncEntry::Persist { .. }]
+            ));
+            dump(&mut passive, &dumps, 30);
+            assert_eq!(drain(&passive_queue).len(), 2, "one connection, one client");
+        }
+
+        #[test]
+        fn a_walk_offers_every_live_entry_this_node_carries() {
+            let (mut dp, queue, dumps) = node(&source_ip());
+            open_all(&mut dp, 1_000);
+            // And half-open connections, which stay here.
+            for client in 101..=150u8 {
+                server_of(
+                    &mut dp,
+                    tcp_frame([198, 18, 1, client], VIP, 1, 8088),
+                    1_000,
+                );
+            }
+            drain(&queue);
+            dp.share(2_000);
+            assert!(drain(&queue).is_empty(), "no walk before one is due");
+            dump(&mut dp, &dumps, 2_000);
+            let walked = drain(&queue);
+            let flows = walked
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        SyncEntry::Flow {
+                            remaining_ms: 899_000,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            let clients = walked
+                .iter()
+                .filter(|e| {
+                    matches!(
+                        e,
+                        SyncEntry::Persist {
+                            remaining_ms: 299_000,
+                            ..
+                        }
+                    )
+                })
+                .count();
+            assert_eq!((flows, clients, walked.len()), (100, 100, 200));
+            // The refresh comes by itself.
+            dp.share(2_000 + crate::packet::sync::REFRESH_MS);
+            for _ in 0..1_000 {
+                dp.share(2_001 + crate::packet::sync::REFRESH_MS);
+            }
+            assert_eq!(drain(&queue).len(), 200);
+        }
+
+        #[test]
+        fn a_newer_local_entry_and_unknown_services_keep_a_peers_entry_out() {
+            let text = source_ip();
+            let (mut active, queue, _) = node(&text);
+            open_all(&mut active, 1_000);
+            let shared = drain(&queue);
+            let (mut other, _, _) = node(&text);
+            open_all(&mut other, 500_000);
+            // Its own entries were renewed later than the peer's copies say.
+            assert_eq!(other.install(&shared, 1_000).installed, 0);
+            let elsewhere = TWO
+                .replace("PERSISTENCE", "source-ip")
+                .replace("8088", "9000");
+            let (mut unrelated, _, _) = node(&elsewhere);
+            let installed = unrelated.install(&shared, 1_000);
+            assert_eq!((installed.installed, installed.kept_out), (0, 200));
+            assert_eq!(unrelated.flows().entries(), 0);
+        }
+    }
 }
 
 #[test]
