@@ -3,6 +3,7 @@
 //! - [`wire`]: the heartbeat datagram, authenticated with the pair's key, ordered against
 //!   replay.
 //! - [`machine`]: the rules of who is active, as a state machine with no I/O.
+//! - [`session`]: the sync stream's handshake and authenticated frames.
 //!
 //! Being active changes one thing on the packet path: whether the XDP program hands ARP
 //! requests for the VIPs to the workers (which answer them) or to the host (which does not).
@@ -11,4 +12,5 @@
 
 pub mod machine;
 pub mod node;
+pub mod session;
 pub mod wire;
