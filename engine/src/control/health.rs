@@ -119,6 +119,17 @@ impl Tracker {
         self.health.get(key).cloned().unwrap_or_default()
     }
 
+    /// Sets a server up or down, as another node's checks found it: the next results count
+    /// from there.
+    pub fn set(&mut self, key: (String, String), up: bool) {
+        let health = self.health.entry(key).or_default();
+        if health.up != up {
+            health.up = up;
+            health.successes = 0;
+            health.failures = 0;
+        }
+    }
+
     /// Forgets servers that are no longer checked.
     pub fn retain(&mut self, keep: impl Fn(&(String, String)) -> bool) {
         self.health.retain(|key, _| keep(key));

@@ -22,10 +22,11 @@
 //! lbd started with) but nothing that would run a command or write a file of its choosing as
 //! root: external checks and saving elsewhere are root's.
 //!
-//! Beside it: [`server`], the control socket, and [`health`], the checks whose results come
-//! back here.
+//! Beside it: [`server`], the control socket, [`health`], the checks whose results come
+//! back here, and [`replica`], the configuration an HA pair's active node shares.
 
 pub mod health;
+pub mod replica;
 pub mod server;
 
 use crate::control::health::{CheckResult, Target, Tracker};
@@ -181,6 +182,10 @@ pub struct Control {
     answers_arp: bool,
     /// The HA pair's node, when there is one.
     ha: Option<HaLink>,
+    /// Configuration changes made on the pair ([`Control::config_generation`]).
+    config_generation: u64,
+    /// The active node whose configuration this passive node follows ([`replica`]).
+    following: Option<Ipv4Addr>,
 }
 
 /// What the control plane asks of the HA node.
@@ -282,6 +287,15 @@ pub enum ControlError {
         /// What did not come back as it was, if anything.
         also: String,
     },
+    /// A change asked of a passive node, which follows the active one's configuration.
+    #[error(
+        "this node is passive and follows the configuration of the active node, {0}: make the \
+         change there (it reaches this node within a second); nothing changed"
+    )]
+    Passive(Ipv4Addr),
+    /// The active node's replica cannot be adopted.
+    #[error("the active node's configuration cannot be adopted: {0}")]
+    Replica(String),
     /// An `ha` command on a node that is not part of a pair.
     #[error("this node is not part of an HA pair ([ha] is not set in its configuration)")]
     NotInPair,
@@ -375,6 +389,8 @@ impl Control {
         Control {
             answers_arp,
             ha: None,
+            config_generation: 0,
+            following: None,
             config,
             config_path,
             own_mac,
@@ -431,6 +447,10 @@ impl Control {
     /// VIPs are forwarded either way.
     pub fn set_active(&mut self, active: bool) -> Result<(), crate::io::steer::SteerError> {
         self.answers_arp = active;
+        if active {
+            // The services are this node's now; its checks carry on from the states it had.
+            self.following = None;
+        }
         for vip in vip_set(&self.config) {
             self.steering.add_vip(vip, active)?;
         }
@@ -469,6 +489,12 @@ impl Control {
             Role::Operator => self.operator_may(&command),
             Role::Root => Ok(()),
         }
+        .and_then(|()| match self.following {
+            Some(active) if replica::changes_configuration(&command) => {
+                Err(ControlError::Passive(active))
+            }
+            _ => Ok(()),
+        })
         .and_then(|()| self.dispatch(command));
         match outcome {
             Ok(reply) => Response::ok(reply),
@@ -846,6 +872,7 @@ impl Control {
                 timeout_ms: self.apply_timeout.as_millis(),
             });
         }
+        self.config_generation += 1;
         tracing::info!(generation = self.snapshot.generation, "{message}");
         Ok(Reply::Done { message })
     }
@@ -915,6 +942,10 @@ impl Control {
 
     /// Records a check's result; a server going down or up is logged and published.
     pub fn record_health(&mut self, target: &Target, result: CheckResult) {
+        // A passive node uses the active one's results; its own take over with it.
+        if self.following.is_some() {
+            return;
+        }
         // A result for a server that has since been removed or changed is stale.
         if !self.health_targets().contains(target) {
             return;
@@ -1002,6 +1033,10 @@ impl Control {
     /// `min_connections` (or, unset, 3/4 of the maximum), as IPVS's -x/-y do. Counts come
     /// from the workers' flow tables, so the limit holds within one refresh of the caller.
     pub fn enforce_limits(&mut self) {
+        // A passive node uses the active one's limits.
+        if self.following.is_some() {
+            return;
+        }
         let limited: Vec<(usize, usize)> = self
             .config
             .services
@@ -2203,6 +2238,115 @@ mod tests {
             rig.map.lock().expect("map").events.len() == 1,
             "only the start's VIP"
         );
+    }
+
+    #[test]
+    fn a_passive_node_adopts_the_active_ones_configuration_and_refuses_its_own_changes() {
+        let mut active = rig(true);
+        let mut passive = rig(true);
+        passive.control.set_active(false).expect("passive");
+        let active_address = Ipv4Addr::new(198, 18, 0, 3);
+        // Changes on the active node: a second server, drained; the first found down.
+        let mut second = active.control.config().services[0].real_servers[0].clone();
+        second.label = "Wowza Srv 2".into();
+        second.ip = Ipv4Addr::new(198, 18, 0, 12);
+        second.mac = Some(lbd_config::MacAddr([2, 0, 0, 0, 0, 0x12]));
+        done(active.control.handle(
+            Command::AddRip {
+                service: "Wowza GUI".into(),
+                real_server: second,
+            },
+            Role::Root,
+        ));
+        done(active.control.handle(
+            Command::Drain(RealServerName {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 2".into(),
+            }),
+            Role::Root,
+        ));
+        let mut replica = active.control.replica();
+        replica.servers[0].healthy = false;
+        assert_eq!(replica.config_generation, 2);
+        let adopted = passive.control.adopt(active_address, replica.clone());
+        assert!(adopted.expect("adopted"));
+        assert_eq!(
+            passive.control.config().services,
+            active.control.config().services
+        );
+        assert_eq!(passive.control.config_generation(), 2);
+        let states: Vec<&str> = passive.control.snapshot().services[0]
+            .real_servers
+            .iter()
+            .map(|rs| rs.state_name())
+            .collect();
+        assert_eq!(states, ["down", "drain"]);
+        // The same again changes nothing.
+        assert!(
+            !passive
+                .control
+                .adopt(active_address, replica)
+                .expect("same")
+        );
+        // The passive node's own changes are refused with the active's name; reading is fine.
+        let refused = error_of(passive.control.handle(
+            Command::Online(RealServerName {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 2".into(),
+            }),
+            Role::Root,
+        ));
+        assert!(
+            refused.contains("follows the configuration of the active node, 198.18.0.3"),
+            "{refused}"
+        );
+        done(passive.control.handle(Command::Status, Role::Root));
+        // Its own checks do not overrule the active's while it follows...
+        let target = passive.control.health_targets()[0].clone();
+        for _ in 0..5 {
+            passive.control.record_health(
+                &target,
+                CheckResult {
+                    ok: true,
+                    detail: "fine".into(),
+                },
+            );
+        }
+        assert_eq!(
+            passive.control.snapshot().services[0].real_servers[0].state_name(),
+            "down"
+        );
+        // ...and carry on from its states once the node is active.
+        passive.control.set_active(true).expect("active");
+        for _ in 0..target.check.rise {
+            passive.control.record_health(
+                &target,
+                CheckResult {
+                    ok: true,
+                    detail: "fine".into(),
+                },
+            );
+        }
+        assert_eq!(
+            passive.control.snapshot().services[0].real_servers[0].state_name(),
+            "up"
+        );
+        done(passive.control.handle(
+            Command::Online(RealServerName {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 2".into(),
+            }),
+            Role::Root,
+        ));
+        // An active node adopts nothing.
+        let stale = active.control.replica();
+        assert!(
+            !passive
+                .control
+                .adopt(active_address, stale)
+                .expect("ignored")
+        );
+        assert_eq!(passive.control.following(), None);
     }
 
     #[test]

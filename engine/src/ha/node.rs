@@ -224,7 +224,7 @@ impl Runner {
                 self.act(event, now);
             }
             if let Ok(control) = self.control.lock() {
-                self.machine.set_generation(control.generation());
+                self.machine.set_generation(control.config_generation());
             }
             if self.machine.next_wakeup(now) <= now {
                 self.act(Event::Tick, now);
