@@ -1,7 +1,7 @@
 //! The HA pair in the namespace lab: two lbd nodes (NS_LB at .2, the primary; NS_LB2 at .3, the
 //! secondary) on one segment, real nginx servers behind them, and a keep-alive client asking
-//! every 20 ms through the VIP while the active node is killed, stopped, cut off, partitioned
-//! or handed over from.
+//! every 20 ms through the VIP (and an RTMP stream) while the active node is killed, stopped,
+//! cut off, partitioned or handed over from; the state and configuration sync between them.
 
 mod common;
 
@@ -30,24 +30,39 @@ fn key(lab: &Lab) -> PathBuf {
     path
 }
 
-/// The pair's configuration for `node`: one service on 8088 with both real servers.
+/// The pair's configuration for `node`: "Wowza GUI" on 8088 with both real servers and
+/// "Wowza Streaming" (RTMP) on 1935 with both.
 fn config(lab: &Lab, node: u8, preempt: bool) -> String {
+    config_with(lab, node, preempt, 2)
+}
+
+/// The same with only the first `gui_servers` real servers on 8088.
+fn config_with(lab: &Lab, node: u8, preempt: bool, gui_servers: usize) -> String {
     let (role, me, peer) = if node == 1 {
         ("primary", lab.fact("LB_IP"), lab.fact("LB2_IP"))
     } else {
         ("secondary", lab.fact("LB2_IP"), lab.fact("LB_IP"))
     };
+    let servers = |count: usize| -> String {
+        (1..=count)
+            .map(|i| {
+                format!(
+                    "\n[[service.real_server]]\nlabel = \"Wowza Srv {i}\"\nip = \"{}\"\n",
+                    lab.fact(&format!("RS{i}_IP"))
+                )
+            })
+            .collect()
+    };
     format!(
         "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
          [ha]\nrole = \"{role}\"\nlocal_address = \"{me}\"\npeer_address = \"{peer}\"\n\
          key_file = \"{}\"\npreempt = {preempt}\n\n\
-         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\n\n\
-         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"{}\"\n\n\
-         [[service.real_server]]\nlabel = \"Wowza Srv 2\"\nip = \"{}\"\n",
+         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\n{}\n\
+         [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nports = 1935\n{}",
         socket(lab, node).display(),
         key(lab).display(),
-        lab.fact("RS1_IP"),
-        lab.fact("RS2_IP"),
+        servers(gui_servers),
+        servers(2),
     )
 }
 
@@ -58,6 +73,41 @@ fn start(lab: &Lab, node: u8, preempt: bool) -> Lbd {
         &format!("lbd{node}.toml"),
         &config(lab, node, preempt),
     )
+}
+
+/// Starts both nodes and waits until the primary is active, the secondary passive and their
+/// sync streams up with one configuration.
+fn start_pair(lab: &Lab, gui_servers: usize) -> (Lbd, Lbd) {
+    let node = |n: u8| {
+        Lbd::start_in(
+            lab,
+            namespace(n),
+            &format!("lbd{n}.toml"),
+            &config_with(lab, n, false, gui_servers),
+        )
+    };
+    let pair = (node(1), node(2));
+    wait_for(lab, 1, "active", Duration::from_secs(3));
+    wait_for(lab, 2, "passive", Duration::from_secs(3));
+    wait_in_sync(lab, 2, Duration::from_secs(3));
+    pair
+}
+
+/// Waits (at most `limit`) until node `node`'s banner says the pair is in sync.
+fn wait_in_sync(lab: &Lab, node: u8, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, text) = lbctl(lab, node, &["status"]);
+        let banner = text.lines().next().unwrap_or_default().to_owned();
+        if banner.ends_with(", in sync") {
+            return banner;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not in sync after {limit:?}: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn lbctl(lab: &Lab, node: u8, args: &[&str]) -> (bool, String) {
@@ -106,28 +156,101 @@ fn longest_gap_while(lab: &Lab, seconds: u32, during: impl FnOnce()) -> u64 {
     summary["max_gap_ms"].as_u64().expect("max_gap_ms")
 }
 
+/// An RTMP stream published through the VIP for `seconds` (ffmpeg, 25 frames a second, in
+/// real time), running until [`RtmpStream::finish`].
+struct RtmpStream {
+    publisher: std::process::Child,
+    seconds: u32,
+}
+
+impl RtmpStream {
+    fn start(lab: &Lab, seconds: u32) -> RtmpStream {
+        let url = format!("rtmp://{VIP}:1935/live/failover");
+        let publisher = Command::new("ip")
+            .args(["netns", "exec", lab.fact("NS_CLIENT")])
+            .args(["timeout", "60", "ffmpeg", "-nostdin", "-hide_banner"])
+            .args(["-loglevel", "error", "-re", "-f", "lavfi"])
+            .args([
+                "-i",
+                "testsrc=size=320x240:rate=25",
+                "-t",
+                &seconds.to_string(),
+            ])
+            .args(["-c:v", "flv", "-f", "flv", &url])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start ffmpeg");
+        RtmpStream { publisher, seconds }
+    }
+
+    /// Waits for the publisher, checks it never broke, and returns the recording's largest
+    /// step between frames and its frame count, from the one server that recorded it.
+    fn finish(self, lab: &Lab) -> (f64, usize) {
+        let output = self.publisher.wait_with_output().expect("ffmpeg ends");
+        assert!(
+            output.status.success(),
+            "the RTMP stream broke: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let recordings: Vec<PathBuf> = (1..=2)
+            .flat_map(|i| {
+                let dir = PathBuf::from(lab.fact(&format!("RS{i}_RECORD_DIR")));
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Result::ok)
+                    .map(|entry| entry.path())
+                    .filter(|path| path.to_string_lossy().contains("failover"))
+            })
+            .collect();
+        assert_eq!(recordings.len(), 1, "one server records it: {recordings:?}");
+        let probe = run(Command::new("ffprobe")
+            .args(["-v", "error", "-select_streams", "v"])
+            .args(["-show_entries", "packet=pts_time", "-of", "csv=p=0"])
+            .arg(&recordings[0]));
+        assert!(probe.status.success(), "ffprobe: {probe:?}");
+        let times: Vec<f64> = String::from_utf8_lossy(&probe.stdout)
+            .lines()
+            .filter_map(|line| line.trim().trim_end_matches(',').parse().ok())
+            .collect();
+        let largest_step = times
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
+            .fold(0.0, f64::max);
+        let expected = 25 * self.seconds as usize;
+        assert!(
+            times.len() + 5 >= expected,
+            "{} of {expected} frames recorded",
+            times.len()
+        );
+        (largest_step, times.len())
+    }
+}
+
 #[test]
 fn killing_the_active_node_moves_the_traffic_in_under_a_second_and_breaks_nothing() {
     if !lab_allowed() {
         return;
     }
     let lab = Lab::up_pair(2);
-    let primary = start(&lab, 1, false);
-    let _secondary = start(&lab, 2, false);
-    wait_for(&lab, 1, "active", Duration::from_secs(3));
-    wait_for(&lab, 2, "passive", Duration::from_secs(3));
-    let (_, banner) = lbctl(&lab, 2, &["status"]);
-    assert!(
-        banner.starts_with("secondary, passive; peer 198.18.0.2 primary, active, in sync"),
-        "{banner}"
+    let (primary, _secondary) = start_pair(&lab, 2);
+    let banner = wait_in_sync(&lab, 2, Duration::from_secs(1));
+    assert_eq!(
+        banner,
+        "secondary, passive; peer 198.18.0.2 primary, active, in sync"
     );
+    let stream = RtmpStream::start(&lab, 6);
     let mut primary = Some(primary);
+    // The keep-alive client's connections also check that every client keeps its server.
     let gap = longest_gap_while(&lab, 5, || {
         let (_, log) = primary.take().expect("running").stop_with("KILL");
         assert!(!log.is_empty());
     });
     assert!(gap < 1000, "the longest wait was {gap} ms");
     wait_for(&lab, 2, "active", Duration::from_secs(1));
+    let (step, frames) = stream.finish(&lab);
+    assert!(step < 1.0, "the recording skips {step} s ({frames} frames)");
 }
 
 #[test]
@@ -136,10 +259,7 @@ fn a_planned_handover_moves_the_traffic_in_under_200_ms() {
         return;
     }
     let lab = Lab::up_pair(2);
-    let primary = start(&lab, 1, false);
-    let _secondary = start(&lab, 2, false);
-    wait_for(&lab, 1, "active", Duration::from_secs(3));
-    wait_for(&lab, 2, "passive", Duration::from_secs(3));
+    let (primary, _secondary) = start_pair(&lab, 2);
     let mut primary = Some(primary);
     let gap = longest_gap_while(&lab, 4, || {
         let (status, log) = primary.take().expect("running").stop_with("TERM");
@@ -156,9 +276,7 @@ fn when_the_active_nodes_link_goes_down_the_other_takes_over() {
         return;
     }
     let lab = Lab::up_pair(2);
-    let _primary = start(&lab, 1, false);
-    let _secondary = start(&lab, 2, false);
-    wait_for(&lab, 1, "active", Duration::from_secs(3));
+    let _pair = start_pair(&lab, 2);
     let gap = longest_gap_while(&lab, 5, || {
         let down = lab.exec("NS_LB", &["ip", "link", "set", "eth0", "down"]);
         assert!(down.status.success());
@@ -174,9 +292,7 @@ fn a_returning_primary_waits_for_takeover_and_then_takes_over_cleanly() {
         return;
     }
     let lab = Lab::up_pair(2);
-    let primary = start(&lab, 1, false);
-    let _secondary = start(&lab, 2, false);
-    wait_for(&lab, 1, "active", Duration::from_secs(3));
+    let (primary, _secondary) = start_pair(&lab, 2);
     drop(primary.stop_with("KILL"));
     wait_for(&lab, 2, "active", Duration::from_secs(2));
     // Back, without preempt: no second switch.
@@ -285,4 +401,177 @@ fn a_node_without_a_usable_key_does_not_start() {
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let error = common::start_error(&lab, "lbd1.toml", &config(&lab, 1, false));
     assert!(error.contains("at least 16 are needed"), "{error}");
+}
+
+/// Where a balancer with `config` (node 1's, its real servers' MACs from the lab) sends a new
+/// connection from `client` to the VIP's `port`: Maglev's choice, computed with lbd's own
+/// dataplane.
+fn maglev_choice(lab: &Lab, config: &str, client: &str, port: u16) -> [u8; 6] {
+    use lbd_engine::packet::dataplane::{Dataplane, TableSizes};
+    use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
+    let config = lbd_config::Config::from_toml_str(config).expect("valid");
+    let mac_of = |ip: std::net::Ipv4Addr| {
+        (1..=2).find_map(|i| {
+            (lab.fact(&format!("RS{i}_IP")) == ip.to_string())
+                .then(|| parse_mac(lab.fact(&format!("RS{i}_MAC"))))
+        })
+    };
+    let own = [2, 0, 0, 0, 0, 2];
+    let snapshot = Snapshot::build(
+        &config,
+        &mut ServiceIds::default(),
+        own,
+        1,
+        mac_of,
+        |_, _| AdminState::Online,
+    );
+    let mut dataplane = Dataplane::new(std::sync::Arc::new(snapshot), TableSizes::default());
+    let client: std::net::Ipv4Addr = client.parse().expect("client address");
+    let vip: std::net::Ipv4Addr = VIP.parse().expect("VIP");
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], own)
+        .ipv4(client.octets(), vip.octets(), 64)
+        .tcp(40000, port, 1, 64240)
+        .syn()
+        .write(&mut frame, &[])
+        .expect("frame");
+    dataplane.process(&mut frame, 0);
+    frame[0..6].try_into().expect("MAC")
+}
+
+fn parse_mac(text: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = text
+        .split(':')
+        .map(|part| u8::from_str_radix(part, 16).expect("hex"))
+        .collect();
+    bytes.try_into().expect("six bytes")
+}
+
+#[test]
+fn connections_keep_their_server_across_a_failover_after_the_server_set_changed() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up_pair(2);
+    // "Wowza GUI" starts with server 1 alone: every connection goes there.
+    let (primary, _secondary) = start_pair(&lab, 1);
+    let clients: Vec<String> = lab.client_ips();
+    // With server 2 added, Maglev sends some of these clients there: only the state the
+    // active node shared keeps their connections where they are after the failover.
+    let grown = config(&lab, 1, false);
+    let rs2 = parse_mac(lab.fact("RS2_MAC"));
+    let would_move = clients
+        .iter()
+        .filter(|client| maglev_choice(&lab, &grown, client, 8088) == rs2)
+        .count();
+    assert!(
+        would_move >= 3,
+        "only {would_move} clients would move: a weak test"
+    );
+    let mut primary = Some(primary);
+    let (ok, summary) = keepalive_every(&lab, &clients, &[], 8, 0.02, || {
+        let (added, text) = lbctl(
+            &lab,
+            1,
+            &[
+                "add-rip",
+                "Wowza GUI",
+                "Wowza Srv 2",
+                "--ip",
+                lab.fact("RS2_IP"),
+            ],
+        );
+        assert!(added, "{text}");
+        // The passive node has it within a second...
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while status_of(&lab, 2).services[0].real_servers.len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the new server did not reach node 2"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        // ...and then the active node dies.
+        drop(primary.take().expect("running").stop_with("KILL"));
+    });
+    assert!(ok, "connections broke or moved: {summary}");
+    assert_eq!(summary["connections"], clients.len(), "{summary}");
+    wait_for(&lab, 2, "active", Duration::from_secs(1));
+    let sync = ha_status(&lab, 2).sync;
+    assert!(
+        sync.entries_installed >= 2 * clients.len() as u64,
+        "{sync:?}"
+    );
+}
+
+fn status_of(lab: &Lab, node: u8) -> lbd_proto::StatusReport {
+    let (ok, text) = lbctl(lab, node, &["--json", "status"]);
+    assert!(ok, "{text}");
+    match serde_json::from_str::<Reply>(&text) {
+        Ok(Reply::Status(report)) => report,
+        other => panic!("status gave {other:?}"),
+    }
+}
+
+#[test]
+fn a_change_on_the_active_node_reaches_the_passive_one_which_refuses_its_own() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up_pair(2);
+    let _pair = start_pair(&lab, 2);
+    let state_on = |node: u8| {
+        status_of(&lab, node).services[0].real_servers[1]
+            .state
+            .clone()
+    };
+    let (ok, text) = lbctl(&lab, 1, &["drain", "Wowza GUI", "Wowza Srv 2"]);
+    assert!(ok, "{text}");
+    let changed = Instant::now();
+    while state_on(2) != "drain" {
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "node 2 still shows {} a second later",
+            state_on(2)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, text) = lbctl(
+        &lab,
+        1,
+        &["set-weight", "Wowza Streaming", "Wowza Srv 1", "7"],
+    );
+    assert!(ok, "{text}");
+    let banner = wait_in_sync(&lab, 2, Duration::from_secs(1));
+    assert_eq!(
+        banner,
+        "secondary, passive; peer 198.18.0.2 primary, active, in sync"
+    );
+    assert_eq!(status_of(&lab, 2).services[1].real_servers[0].weight, 7);
+    assert_eq!(ha_status(&lab, 2).generation, 2);
+    // A change on the passive node is refused, naming the active one; nothing changes.
+    let (ok, text) = lbctl(&lab, 2, &["online", "Wowza GUI", "Wowza Srv 2"]);
+    assert!(!ok);
+    assert!(
+        text.contains("passive and follows the configuration of the active node, 198.18.0.2"),
+        "{text}"
+    );
+    assert_eq!(state_on(2), "drain");
+    // Once it is active (the primary hands over), it takes changes and keeps what it had.
+    let (ok, text) = lbctl(&lab, 1, &["ha", "release"]);
+    assert!(ok, "{text}");
+    wait_for(&lab, 2, "active", Duration::from_secs(1));
+    let (ok, text) = lbctl(&lab, 2, &["online", "Wowza GUI", "Wowza Srv 2"]);
+    assert!(ok, "{text}");
+    // And the old primary, now passive, follows it.
+    let changed = Instant::now();
+    while state_on(1) != "up" {
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "node 1 shows {}",
+            state_on(1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

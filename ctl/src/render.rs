@@ -183,13 +183,14 @@ pub fn banner(ha: &HaReport) -> String {
             peer.address, peer.role, peer.heard_ms_ago
         ),
         Some(peer) => {
-            let sync = if peer.generation == ha.generation {
-                "in sync".to_owned()
-            } else {
-                format!(
+            let streams = ha.sync.links.iter().find(|link| link.peer == peer.address);
+            let sync = match streams {
+                Some(link) if !link.sending || !link.receiving => "sync not connected".to_owned(),
+                _ if peer.generation != ha.generation => format!(
                     "generation {} here, {} there",
                     ha.generation, peer.generation
-                )
+                ),
+                _ => "in sync".to_owned(),
             };
             format!(
                 "{me}; peer {} {}, {}, {sync}",
@@ -219,6 +220,32 @@ pub fn ha(report: &HaReport) -> String {
         out,
         "heartbeats: sent {} received {} rejected {} replayed {}",
         report.heartbeats_sent, report.heartbeats_received, report.rejected, report.replayed
+    );
+    let sync = &report.sync;
+    for link in &sync.links {
+        let up = |on: bool| if on { "up" } else { "down" };
+        let _ = writeln!(
+            out,
+            "sync with {}: sending {}, receiving {}",
+            link.peer,
+            up(link.sending),
+            up(link.receiving)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "entries: sent {} received {} installed {} kept out {} overflow {} unsent {}",
+        sync.entries_sent,
+        sync.entries_received,
+        sync.entries_installed,
+        sync.entries_kept_out,
+        sync.overflow,
+        sync.unsent
+    );
+    let _ = writeln!(
+        out,
+        "configuration: sent {} adopted {}; sync connections refused {}",
+        sync.configs_sent, sync.configs_adopted, sync.rejected
     );
     out
 }
@@ -376,6 +403,14 @@ mod tests {
             heartbeats_received: 9,
             rejected: 0,
             replayed: 0,
+            sync: lbd_proto::HaSyncReport {
+                links: vec![lbd_proto::HaSyncLink {
+                    peer: Ipv4Addr::new(198, 18, 0, 3),
+                    sending: true,
+                    receiving: true,
+                }],
+                ..lbd_proto::HaSyncReport::default()
+            },
         };
         let report = StatusReport {
             ha: Some(Box::new(ha.clone())),
@@ -384,6 +419,11 @@ mod tests {
         assert!(status(&report).starts_with(
             "primary, active; peer 198.18.0.3 secondary, passive, in sync\ngeneration 0\n"
         ));
+        ha.sync.links[0].receiving = false;
+        assert_eq!(
+            banner(&ha),
+            "primary, active; peer 198.18.0.3 secondary, passive, sync not connected"
+        );
         ha.peer.as_mut().expect("peer").state = "dead".into();
         assert_eq!(
             banner(&ha),

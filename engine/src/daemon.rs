@@ -16,6 +16,7 @@ use crate::control::{
     Control, Doors, SystemClock, WorkerLink, addresses_to_resolve, check_host_addresses,
 };
 use crate::ha::node::Node;
+use crate::ha::sync::SyncParts;
 use crate::io::host;
 use crate::io::steer::{AttachMode, SteerError, Steering};
 use crate::io::sys::{CopyMode, XskError, XskRings, XskSettings};
@@ -173,7 +174,10 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
 
     // The workers stop last, after a planned handover, not at the signal itself.
     let workers_stop = Arc::new(AtomicBool::new(false));
-    let (links, threads) = start_workers(&config, sockets, &snapshot, &workers_stop);
+    // In a pair, the workers share their entries with the peer through these queues.
+    let sync_parts = SyncParts::new(sockets.len());
+    let sharing = config.ha.as_ref().map(|_| &sync_parts);
+    let (links, threads) = start_workers(&config, sockets, &snapshot, &workers_stop, sharing);
     let stop_workers = |threads| {
         workers_stop.store(true, Ordering::Relaxed);
         join_workers(threads);
@@ -194,7 +198,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let ha = match config
         .ha
         .as_ref()
-        .map(|ha| Node::start(ha, interface, Arc::clone(&control)))
+        .map(|ha| Node::start(ha, interface, Arc::clone(&control), sync_parts))
     {
         None => None,
         Some(Ok(node)) => {
@@ -322,6 +326,7 @@ fn start_workers(
     sockets: Vec<XskRings>,
     snapshot: &Arc<Snapshot>,
     stop: &Arc<AtomicBool>,
+    sharing: Option<&SyncParts>,
 ) -> (Vec<WorkerLink>, Vec<(usize, JoinHandle<WorkerExit>)>) {
     let engine = &config.engine;
     let settings = WorkerSettings {
@@ -336,11 +341,15 @@ fn start_workers(
     let mut threads = Vec::with_capacity(sockets.len());
     let mut links = Vec::with_capacity(sockets.len());
     for (index, rings) in sockets.into_iter().enumerate() {
+        let mut dataplane = Dataplane::new(Arc::clone(snapshot), sizes);
+        if let Some(outbox) = sharing.and_then(|parts| parts.outbox(index)) {
+            dataplane.share_through(outbox);
+        }
         let (link, thread) = spawn_worker(
             index,
             engine.queues[index],
             rings,
-            Dataplane::new(Arc::clone(snapshot), sizes),
+            dataplane,
             settings,
             engine.cores.get(index).copied(),
             Arc::clone(stop),

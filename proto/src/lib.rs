@@ -326,6 +326,46 @@ pub struct HaReport {
     pub rejected: u64,
     /// Authentic heartbeats refused as replayed or reordered.
     pub replayed: u64,
+    /// State and configuration sync.
+    #[serde(default)]
+    pub sync: HaSyncReport,
+}
+
+/// The sync streams: connections and persistent clients, and the active node's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HaSyncReport {
+    /// Each peer's streams.
+    pub links: Vec<HaSyncLink>,
+    /// Entries sent to the peers.
+    pub entries_sent: u64,
+    /// Entries received from them.
+    pub entries_received: u64,
+    /// Received entries the workers installed.
+    pub entries_installed: u64,
+    /// Received entries kept out (a newer local entry, an unknown service, a full table).
+    pub entries_kept_out: u64,
+    /// Entries the workers could not queue for the peers (the next refresh sends them).
+    pub overflow: u64,
+    /// Entries dropped because no peer was connected.
+    pub unsent: u64,
+    /// Configurations sent to the peers.
+    pub configs_sent: u64,
+    /// Configurations received and adopted.
+    pub configs_adopted: u64,
+    /// Connections refused or ended: an address that is no peer, failed authentication, a
+    /// malformed or replayed frame.
+    pub rejected: u64,
+}
+
+/// One peer's sync streams.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HaSyncLink {
+    /// The peer's address.
+    pub peer: Ipv4Addr,
+    /// This node's stream to it is up.
+    pub sending: bool,
+    /// Its stream to this node is up.
+    pub receiving: bool,
 }
 
 /// The peer, as its last heartbeat described it.

@@ -28,6 +28,8 @@ const LAB_PROGRAMS: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("curl", "curl"),
     ("ffmpeg", "ffmpeg"),
+    ("ffprobe", "ffmpeg"),
+    ("nft", "nftables"),
     ("arping", "arping"),
     ("ping", "iputils-ping"),
     ("python3", "python3"),

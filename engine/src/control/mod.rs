@@ -559,7 +559,7 @@ impl Control {
             }),
             Command::ConfigSave { path } => self.save(path.map(PathBuf::from)),
             Command::Reload => self.reload(),
-            Command::HaStatus => Ok(Reply::Ha(Box::new(self.ha_report()?))),
+            Command::HaStatus => Ok(Reply::Ha(Box::new(self.ha_report(&self.reports())?))),
             Command::HaTakeover => self.ha_request(HaRequest::Takeover),
             Command::HaRelease => self.ha_request(HaRequest::Release),
             Command::AddVip { service } => self.add_vip(service),
@@ -636,10 +636,26 @@ impl Control {
         self.ha.as_ref().ok_or(ControlError::NotInPair)
     }
 
-    fn ha_report(&self) -> Result<lbd_proto::HaReport, ControlError> {
+    /// The node's report, with the workers' part in the state sync from `reports`.
+    fn ha_report(
+        &self,
+        reports: &[(u32, Option<WorkerReport>)],
+    ) -> Result<lbd_proto::HaReport, ControlError> {
         let link = self.ha_link()?;
-        let report = link.report.lock().map_err(|_| ControlError::NotInPair)?;
-        Ok(report.clone())
+        let mut report = link
+            .report
+            .lock()
+            .map_err(|_| ControlError::NotInPair)?
+            .clone();
+        for (_, worker) in reports {
+            if let Some(worker) = worker {
+                let shared = &worker.shared;
+                report.sync.entries_installed += shared.installed.installed;
+                report.sync.entries_kept_out += shared.installed.kept_out;
+                report.sync.overflow += shared.outbox.overflow;
+            }
+        }
+        Ok(report)
     }
 
     fn ha_request(&self, request: HaRequest) -> Outcome {
@@ -1172,7 +1188,7 @@ impl Control {
             .collect();
         StatusReport {
             generation: snapshot.generation,
-            ha: self.ha_report().ok().map(Box::new),
+            ha: self.ha_report(&reports).ok().map(Box::new),
             services,
         }
     }
@@ -1695,9 +1711,10 @@ mod tests {
                                 flow_evictions: 0,
                                 socket: None,
                                 connections: connections.lock().expect("conns").clone(),
+                                shared: crate::io::worker::SharedCounters::default(),
                             });
                         }
-                        WorkerCommand::Announce(..) => {}
+                        WorkerCommand::Announce(..) | WorkerCommand::Install(_) => {}
                     }
                 }
             });

@@ -4,6 +4,7 @@
 //!   replay.
 //! - [`machine`]: the rules of who is active, as a state machine with no I/O.
 //! - [`session`]: the sync stream's handshake and authenticated frames.
+//! - [`sync`]: the sync streams as they run: entries both ways, the active's configuration.
 //!
 //! Being active changes one thing on the packet path: whether the XDP program hands ARP
 //! requests for the VIPs to the workers (which answer them) or to the host (which does not).
@@ -13,4 +14,5 @@
 pub mod machine;
 pub mod node;
 pub mod session;
+pub mod sync;
 pub mod wire;

@@ -1,14 +1,15 @@
 //! The HA node as it runs: the heartbeat socket, the watch on the link, the state machine, and
 //! what a change of state does (the VIPs' ARP ownership, gratuitous ARP rounds). One thread;
-//! the packet path never waits on it.
+//! the packet path never waits on it. It starts the sync streams ([`crate::ha::sync`]) too.
 
 use crate::control::{Control, HaLink, HaRequest};
 use crate::ha::machine::{Actions, Event, Machine, Settings};
+use crate::ha::sync::{Sync, SyncParts};
 use crate::ha::wire::{HEARTBEAT_LEN, HaState, Heartbeat, ReplayGuard, WireError};
 use crate::io::host;
 use crossbeam::channel::{Receiver, unbounded};
 use lbd_config::{Ha, HaMode};
-use lbd_proto::{HaPeerReport, HaReport};
+use lbd_proto::{HaPeerReport, HaReport, HaSyncReport};
 use std::net::{SocketAddrV4, UdpSocket};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,15 @@ pub enum HaError {
     /// The heartbeat socket could not be bound.
     #[error("ha: heartbeat socket on {address}: {source}")]
     Socket {
+        /// Where.
+        address: SocketAddrV4,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sync listener could not be bound.
+    #[error("ha: sync listener on {address} (ha.sync_port): {source}")]
+    Sync {
         /// Where.
         address: SocketAddrV4,
         /// Why.
@@ -79,13 +89,28 @@ pub struct Node {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     link: HaLink,
+    /// Stopped after the node's thread (it reads their report).
+    _sync: Sync,
 }
 
 impl Node {
     /// Starts the node for `ha` on `interface` (its link is watched); changes of state go to
-    /// `control`. The node starts passive.
-    pub fn start(ha: &Ha, interface: &str, control: Arc<Mutex<Control>>) -> Result<Node, HaError> {
+    /// `control`, whose workers share their entries through `parts`. The node starts
+    /// passive.
+    pub fn start(
+        ha: &Ha,
+        interface: &str,
+        control: Arc<Mutex<Control>>,
+        parts: SyncParts,
+    ) -> Result<Node, HaError> {
         let key = read_key(&ha.key_file)?;
+        let sync_address = SocketAddrV4::new(ha.local_address, ha.sync_port);
+        let sync = Sync::start(ha, key.clone(), Arc::clone(&control), parts).map_err(|source| {
+            HaError::Sync {
+                address: sync_address,
+                source,
+            }
+        })?;
         let address = SocketAddrV4::new(ha.local_address, ha.heartbeat_port);
         let socket = match ha.mode {
             HaMode::Heartbeat => Some(
@@ -124,6 +149,7 @@ impl Node {
             ha: ha.clone(),
             announcements: None,
             counts: Counts::default(),
+            sync: sync.report(),
         };
         let thread = {
             let stop = Arc::clone(&stop);
@@ -136,6 +162,7 @@ impl Node {
             stop,
             thread: Some(thread),
             link: HaLink { requests, report },
+            _sync: sync,
         })
     }
 
@@ -200,6 +227,7 @@ struct Runner {
     /// Gratuitous ARP rounds still to send after becoming active, and when the next is due.
     announcements: Option<(u32, Instant)>,
     counts: Counts,
+    sync: Arc<Mutex<HaSyncReport>>,
 }
 
 impl Runner {
@@ -309,6 +337,9 @@ impl Runner {
         report.heartbeats_received = self.counts.received;
         report.rejected = self.counts.rejected;
         report.replayed = self.counts.replayed;
+        if let Ok(sync) = self.sync.lock() {
+            report.sync = sync.clone();
+        }
         if let Ok(mut shared) = self.report.lock() {
             *shared = report;
         }
@@ -345,5 +376,6 @@ fn report_of(machine: &Machine, ha: &Ha, now: Instant) -> HaReport {
         heartbeats_received: 0,
         rejected: 0,
         replayed: 0,
+        sync: HaSyncReport::default(),
     }
 }

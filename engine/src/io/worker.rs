@@ -16,6 +16,7 @@
 use crate::packet::counters::{Counters, DropReason, Sent};
 use crate::packet::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
 use crate::packet::snapshot::{Snapshot, service_key};
+use crate::packet::sync::{Installed, OutboxCounters, SyncEntry};
 use crossbeam::channel::{Receiver, Sender};
 /// What the kernel counts for an AF_XDP socket (`XDP_STATISTICS`), as `lbctl stats` shows it.
 pub use lbd_proto::SocketStats;
@@ -81,6 +82,8 @@ pub enum WorkerCommand {
     Announce([u8; 6], Vec<Ipv4Addr>),
     /// Send a copy of the counters and table figures back.
     Report(Sender<WorkerReport>),
+    /// Install entries a peer shared (the same batch goes to every worker).
+    Install(Arc<[SyncEntry]>),
 }
 
 /// A worker's counters and table figures, as of one moment.
@@ -103,6 +106,17 @@ pub struct WorkerReport {
     pub socket: Option<SocketStats>,
     /// Active connections per service and real server (snapshot order).
     pub connections: Vec<Vec<u64>>,
+    /// What it shared with the group's peers, and installed of theirs.
+    pub shared: SharedCounters,
+}
+
+/// A worker's part in the group's state sync.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedCounters {
+    /// Its outbox's.
+    pub outbox: OutboxCounters,
+    /// The peers' entries it installed or kept out.
+    pub installed: Installed,
 }
 
 /// Entries that found a full table and were not recorded, per table.
@@ -161,6 +175,7 @@ pub struct Worker<R: Rings> {
     rx_batch: Vec<R::Frame>,
     tx_batch: Vec<R::Frame>,
     idle_polls: u32,
+    installed: Installed,
 }
 
 impl<R: Rings> Worker<R> {
@@ -183,6 +198,7 @@ impl<R: Rings> Worker<R> {
             rx_batch: Vec::with_capacity(batch_size),
             tx_batch: Vec::with_capacity(batch_size),
             idle_polls: 0,
+            installed: Installed::default(),
         };
         worker.refill();
         worker
@@ -245,6 +261,9 @@ impl<R: Rings> Worker<R> {
                 // The asker may have given up waiting; nothing to do then.
                 let _ = reply.send(self.report(now_ms));
             }
+            WorkerCommand::Install(entries) => {
+                self.installed += self.dataplane.install(&entries, now_ms);
+            }
         }
     }
 
@@ -287,6 +306,10 @@ impl<R: Rings> Worker<R> {
             flow_evictions: dataplane.flows().evictions,
             socket: self.rings.kernel_stats(),
             connections,
+            shared: SharedCounters {
+                outbox: dataplane.outbox_counters().unwrap_or_default(),
+                installed: self.installed,
+            },
         }
     }
 
@@ -309,6 +332,8 @@ impl<R: Rings> Worker<R> {
                 self.apply(command, now_ms);
                 applied.store(self.dataplane.snapshot().generation, Ordering::Release);
             }
+            // In a group: a step of the walk that offers the tables to the peers, when due.
+            self.dataplane.share(now_ms);
             if self.poll_once(now_ms) > 0 {
                 self.idle_polls = 0;
                 last_traffic_ms = Some(now_ms);
