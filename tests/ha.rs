@@ -575,3 +575,117 @@ fn a_change_on_the_active_node_reaches_the_passive_one_which_refuses_its_own() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// keepalived running docs/keepalived.conf in node `node`'s namespace, made that node's (its
+/// addresses, priority, lbctl and socket); stopped when dropped.
+struct Keepalived {
+    child: std::process::Child,
+    dir: PathBuf,
+    node: u8,
+}
+
+impl Keepalived {
+    fn start(lab: &Lab, node: u8) -> Keepalived {
+        let documented = std::fs::read_to_string(common::repo_root().join("docs/keepalived.conf"))
+            .expect("docs/keepalived.conf");
+        let mut text = documented.clone();
+        let mut replace = |from: &str, to: &str| {
+            assert!(text.contains(from), "docs/keepalived.conf has no {from:?}");
+            text = text.replace(from, to);
+        };
+        replace("/usr/local/bin/lbctl", &lbctl_path().display().to_string());
+        replace(
+            "/run/lbd/lbd.sock",
+            &socket(lab, node).display().to_string(),
+        );
+        if node == 2 {
+            // As the file's header says for the secondary.
+            replace("unicast_src_ip 198.18.0.2", "unicast_src_ip 198.18.0.3");
+            replace("        198.18.0.3\n", "        198.18.0.2\n");
+            replace("priority 150", "priority 100");
+            replace("router_id lbd-primary", "router_id lbd-secondary");
+        }
+        let dir = PathBuf::from(lab.fact("STATE_DIR"));
+        let conf = dir.join(format!("keepalived{node}.conf"));
+        std::fs::write(&conf, text).expect("write keepalived.conf");
+        let pid = |name: &str| dir.join(format!("keepalived{node}.{name}.pid"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", lab.fact(namespace(node))])
+            .args(["keepalived", "--dont-fork", "--log-console", "--log-detail"])
+            .arg("--use-file")
+            .arg(&conf)
+            .arg("--pid")
+            .arg(pid("main"))
+            .arg("--vrrp_pid")
+            .arg(pid("vrrp"))
+            .arg("--checkers_pid")
+            .arg(pid("checkers"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start keepalived");
+        Keepalived { child, dir, node }
+    }
+}
+
+impl Drop for Keepalived {
+    fn drop(&mut self) {
+        // Its VRRP child first: it outlives a parent killed alone.
+        for name in ["vrrp", "checkers", "main"] {
+            let path = self.dir.join(format!("keepalived{}.{name}.pid", self.node));
+            if let Ok(pid) = std::fs::read_to_string(&path) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", pid.trim()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills every process in node `node`'s namespace at once: the node dies.
+fn kill_node(lab: &Lab, node: u8) {
+    let output = run(Command::new("ip").args(["netns", "pids", lab.fact(namespace(node))]));
+    let pids: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert!(!pids.is_empty(), "nothing runs in node {node}'s namespace");
+    let killed = run(Command::new("kill").arg("-KILL").args(&pids));
+    assert!(killed.status.success(), "{killed:?}");
+}
+
+#[test]
+fn keepalived_decides_for_an_external_mode_pair_with_the_documented_configuration() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up_pair(2);
+    let node = |n: u8| {
+        Lbd::start_in(
+            &lab,
+            namespace(n),
+            &format!("lbd{n}.toml"),
+            &config(&lab, n, false).replace("[ha]\n", "[ha]\nmode = \"external\"\n"),
+        )
+    };
+    let (_primary, _secondary) = (node(1), node(2));
+    // No heartbeat of its own: both wait for keepalived.
+    std::thread::sleep(Duration::from_millis(500));
+    for n in [1, 2] {
+        let report = ha_status(&lab, n);
+        assert_eq!(
+            (report.state.as_str(), report.heartbeats_sent),
+            ("passive", 0),
+            "{report:?}"
+        );
+    }
+    let _keepalived = (Keepalived::start(&lab, 1), Keepalived::start(&lab, 2));
+    wait_for(&lab, 1, "active", Duration::from_secs(5));
+    wait_for(&lab, 2, "passive", Duration::from_secs(1));
+    let gap = longest_gap_while(&lab, 5, || kill_node(&lab, 1));
+    assert!(gap < 1000, "the longest wait was {gap} ms");
+    wait_for(&lab, 2, "active", Duration::from_secs(1));
+}

@@ -177,6 +177,19 @@ pub fn banner(ha: &HaReport) -> String {
         if ha.released { " (released)" } else { "" }
     );
     match &ha.peer {
+        // No heartbeat in external mode: another program (keepalived) knows the peer.
+        None if ha.mode == "external" => {
+            let links: Vec<String> = ha
+                .sync
+                .links
+                .iter()
+                .map(|link| {
+                    let up = link.sending && link.receiving;
+                    format!("sync with {} {}", link.peer, if up { "up" } else { "down" })
+                })
+                .collect();
+            format!("{me} (external mode); {}", links.join(", "))
+        }
         None => format!("{me}; peer not heard yet"),
         Some(peer) if peer.state == "dead" => format!(
             "{me}; peer {} {}, not heard for {} ms",
@@ -244,7 +257,7 @@ pub fn ha(report: &HaReport) -> String {
     );
     let _ = writeln!(
         out,
-        "configuration: sent {} adopted {}; sync connections refused {}",
+        "configuration: sent {}, changes adopted {}; sync connections refused {}",
         sync.configs_sent, sync.configs_adopted, sync.rejected
     );
     out
@@ -431,6 +444,11 @@ mod tests {
         );
         ha.peer = None;
         assert_eq!(banner(&ha), "primary, active; peer not heard yet");
+        ha.mode = "external".into();
+        assert_eq!(
+            banner(&ha),
+            "primary, active (external mode); sync with 198.18.0.3 down"
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ const LAB_PROGRAMS: &[(&str, &str)] = &[
     ("ffmpeg", "ffmpeg"),
     ("ffprobe", "ffmpeg"),
     ("nft", "nftables"),
+    ("keepalived", "keepalived"),
     ("arping", "arping"),
     ("ping", "iputils-ping"),
     ("python3", "python3"),
