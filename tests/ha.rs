@@ -385,6 +385,67 @@ for _ in range(5):
 }
 
 #[test]
+fn forged_sync_streams_are_refused_and_counted() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up_pair(2);
+    let _pair = start_pair(&lab, 2);
+    let before = ha_status(&lab, 2).sync;
+    // A stream from an address that is no peer; then one from the primary's own address (its
+    // namespace) that answers the challenge with entries under a made-up MAC.
+    let script = r#"
+import os, socket, struct, sys
+def stream():
+    s = socket.create_connection((sys.argv[1], 8848), timeout=2)
+    s.sendall(b"LBDS" + bytes([1, 0, 0, 0]) + socket.inet_aton(sys.argv[2]) + os.urandom(16))
+    return s
+try:
+    s = stream()
+    print("challenge", len(s.recv(56)))
+    body = bytes([1]) + bytes(24)
+    s.sendall(struct.pack("!I", len(body)) + body + os.urandom(32))
+    print("after", s.recv(1))
+except OSError as error:
+    print("refused", error)
+"#;
+    let lb2 = lab.fact("LB2_IP");
+    let from_client = lab.exec(
+        "NS_CLIENT",
+        &["python3", "-c", script, lb2, lab.fact("CLIENT_IP")],
+    );
+    let from_peer = lab.exec("NS_LB", &["python3", "-c", script, lb2, lab.fact("LB_IP")]);
+    let said = |output: &std::process::Output| String::from_utf8_lossy(&output.stdout).into_owned();
+    // The stranger is cut off at once; the forger gets its challenge and then the door.
+    assert!(
+        !said(&from_client).contains("challenge 56"),
+        "{}",
+        said(&from_client)
+    );
+    assert!(
+        said(&from_peer).contains("challenge 56"),
+        "{}",
+        said(&from_peer)
+    );
+    assert!(
+        said(&from_peer).contains("after b''") || said(&from_peer).contains("refused"),
+        "{}",
+        said(&from_peer)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let report = ha_status(&lab, 2);
+    assert!(
+        report.sync.rejected >= before.rejected + 2,
+        "{:?}",
+        report.sync
+    );
+    assert_eq!(report.state, "passive");
+    assert_eq!(report.sync.entries_received, before.entries_received);
+    // The real primary's stream carries on.
+    wait_in_sync(&lab, 2, Duration::from_secs(1));
+}
+
+#[test]
 fn a_node_without_a_usable_key_does_not_start() {
     if !lab_allowed() {
         return;
