@@ -458,8 +458,17 @@ fn a_node_without_a_usable_key_does_not_start() {
         error.contains("lets other users read or change it") && error.contains("HA cannot start"),
         "{error}"
     );
-    std::fs::write(&key, "short").expect("write");
+    // Group-readable is too much: the key speaks for the active node.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let error = common::start_error(&lab, "lbd1.toml", &config(&lab, 1, false));
+    assert!(error.contains("mode 640 lets other users"), "{error}");
+    // Another user's file, whatever its mode: its owner could rewrite it.
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::os::unix::fs::chown(&key, Some(65534), None).expect("chown");
+    let error = common::start_error(&lab, "lbd1.toml", &config(&lab, 1, false));
+    assert!(error.contains("owned by uid 65534"), "{error}");
+    std::os::unix::fs::chown(&key, Some(0), None).expect("chown");
+    std::fs::write(&key, "short").expect("write");
     let error = common::start_error(&lab, "lbd1.toml", &config(&lab, 1, false));
     assert!(error.contains("at least 16 are needed"), "{error}");
 }
@@ -559,11 +568,38 @@ fn connections_keep_their_server_across_a_failover_after_the_server_set_changed(
     assert!(ok, "connections broke or moved: {summary}");
     assert_eq!(summary["connections"], clients.len(), "{summary}");
     wait_for(&lab, 2, "active", Duration::from_secs(1));
+    // Persisted clients keep their server for their new connections too.
+    for client in &clients {
+        assert_eq!(server_for(&lab, client), "rs1", "client {client}");
+    }
     let sync = ha_status(&lab, 2).sync;
     assert!(
         sync.entries_installed >= 2 * clients.len() as u64,
         "{sync:?}"
     );
+}
+
+/// The real server (`rs1`, `rs2`) a new HTTP connection from `source` through the VIP reaches.
+fn server_for(lab: &Lab, source: &str) -> String {
+    let url = format!("http://{VIP}:8088/");
+    let output = lab.exec(
+        "NS_CLIENT",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--interface",
+            source,
+            &url,
+        ],
+    );
+    assert!(output.status.success(), "curl from {source}: {output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("server="))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn status_of(lab: &Lab, node: u8) -> lbd_proto::StatusReport {

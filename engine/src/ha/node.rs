@@ -55,8 +55,10 @@ pub enum HaError {
     },
 }
 
-/// Reads the pair's key: a regular file of at least [`MIN_KEY_BYTES`] bytes that other users
-/// cannot read (whoever reads it can speak for either node).
+/// Reads the pair's key: a regular file of at least [`MIN_KEY_BYTES`] bytes, owned by the user
+/// lbd runs as and readable by nobody else. Whoever holds it speaks for the active node, whose
+/// configuration the passive one applies (external health checks, which run as root,
+/// included): it must give nobody more than root already has.
 pub fn read_key(path: &Path) -> Result<Vec<u8>, HaError> {
     let fail = |reason: String| HaError::Key {
         path: path.to_owned(),
@@ -66,9 +68,16 @@ pub fn read_key(path: &Path) -> Result<Vec<u8>, HaError> {
     if !metadata.is_file() {
         return Err(fail("not a regular file".to_owned()));
     }
-    if metadata.mode() & 0o007 != 0 {
+    let owner = nix::unistd::geteuid().as_raw();
+    if metadata.uid() != owner {
         return Err(fail(format!(
-            "mode {:o} lets other users read or change it (chmod 600, or 640 for a group)",
+            "owned by uid {}, not by lbd's user (uid {owner}): its owner could change it",
+            metadata.uid()
+        )));
+    }
+    if metadata.mode() & 0o077 != 0 {
+        return Err(fail(format!(
+            "mode {:o} lets other users read or change it (chmod 600)",
             metadata.mode() & 0o777
         )));
     }

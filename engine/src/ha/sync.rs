@@ -427,6 +427,8 @@ fn read_stream(
     tcp.write_all(&challenge(&context.key, &hello, nonce))?;
     let mut stream = Stream::new(&context.key, &hello, nonce);
     let mut authenticated = false;
+    // A refused configuration comes again every second: logged once until it changes.
+    let mut refusal: Option<String> = None;
     let mut heard = Instant::now();
     loop {
         if context.stop.load(Ordering::Relaxed) {
@@ -475,7 +477,7 @@ fn read_stream(
         }
         match kind {
             Kind::Entries => install(context, &payload, installs)?,
-            Kind::Replica => adopt(context, peer, &payload)?,
+            Kind::Replica => adopt(context, peer, &payload, &mut refusal)?,
             Kind::Keepalive => {}
         }
     }
@@ -513,8 +515,13 @@ fn install(
     Ok(())
 }
 
-/// Hands the active node's configuration to control.
-fn adopt(context: &Context, peer: Ipv4Addr, payload: &[u8]) -> Result<(), SessionError> {
+/// Hands the active node's configuration to control; `refusal` is the last refusal logged.
+fn adopt(
+    context: &Context,
+    peer: Ipv4Addr,
+    payload: &[u8],
+    refusal: &mut Option<String>,
+) -> Result<(), SessionError> {
     let replica: Replica = serde_json::from_slice(payload).map_err(|error| {
         tracing::warn!(%peer, %error, "the peer's configuration cannot be read");
         SessionError::Malformed
@@ -523,9 +530,19 @@ fn adopt(context: &Context, peer: Ipv4Addr, payload: &[u8]) -> Result<(), Sessio
         return Ok(());
     };
     match control.adopt(peer, replica) {
-        Ok(true) => context.count(|r| r.configs_adopted += 1),
-        Ok(false) => {}
-        Err(error) => tracing::error!(%peer, %error, "the active node's configuration refused"),
+        Ok(adopted) => {
+            if adopted {
+                context.count(|r| r.configs_adopted += 1);
+            }
+            *refusal = None;
+        }
+        Err(error) => {
+            let error = error.to_string();
+            if refusal.as_deref() != Some(error.as_str()) {
+                tracing::error!(%peer, %error, "the active node's configuration refused");
+                *refusal = Some(error);
+            }
+        }
     }
     Ok(())
 }
