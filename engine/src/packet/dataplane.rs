@@ -111,8 +111,9 @@ pub struct Dataplane {
     flows: FlowTable,
     persistence: PersistenceTable,
     fragments: FragmentTable,
-    /// Where entries go for the peers, in a group.
-    outbox: Option<Outbox>,
+    /// Where entries go for the peers, in a group (boxed: the packet path's fields stay
+    /// together).
+    outbox: Option<Box<Outbox>>,
 }
 
 /// What a known connection's packet changed that the peers should hear of.
@@ -155,7 +156,7 @@ impl Dataplane {
 
     /// Offers this worker's entries to the group through `outbox` from now on.
     pub fn share_through(&mut self, outbox: Outbox) {
-        self.outbox = Some(outbox);
+        self.outbox = Some(Box::new(outbox));
     }
 
     /// What the outbox has done, when there is one.
@@ -248,7 +249,8 @@ impl Dataplane {
                             FlowEntry {
                                 real_server,
                                 // No snapshot has generation 0: the first packet finds the
-                                // server's index by its address.
+                                // server's index by its address, and claims the entry
+                                // (`known_backend`).
                                 generation: 0,
                                 index: 0,
                                 state,
@@ -542,21 +544,17 @@ impl Dataplane {
         // A connection already known keeps its server while that server takes known clients.
         if let Some(service) = snapshot.services.get(usize::from(service_index))
             && let Some(entry) = entry
-            && let Some((backend, changed)) = known_backend(
+            && let Some(backend) = known_backend(
                 entry,
                 persistence,
                 snapshot,
                 service,
-                key.src,
+                &key,
                 ip.tcp_flags,
                 now_ms,
+                outbox,
             )
         {
-            if changed != 0
-                && let Some(outbox) = outbox
-            {
-                offer_change(outbox, key, entry, service, changed, now_ms);
-            }
             let Some(header) = service
                 .real_servers
                 .get(usize::from(backend))
@@ -1017,52 +1015,73 @@ impl HashKey {
 /// The server of a connection the flow table knows (`entry`, live), renewing the entry (state,
 /// expiry and, once half spent, the client's persistence entry); `None` when the connection
 /// must be placed anew: a new SYN on a closing tuple (port reuse), or a server that no longer
-/// takes known clients.
+/// takes known clients. What changes that the group's peers need to hear of goes to `outbox`
+/// (out of line: a connection's state changes a few times in its life).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn known_backend(
     entry: &mut FlowEntry,
     persistence: &mut PersistenceTable,
     snapshot: &Snapshot,
     service: &ServiceEntry,
-    client: u32,
+    key: &FlowKey,
     flags: u16,
     now_ms: u64,
-) -> Option<(u16, u8)> {
+    outbox: &mut Option<Box<Outbox>>,
+) -> Option<u16> {
     // A new SYN on a closing tuple is a new connection (port reuse): choose again.
     let (state, timeout) = entry.state.on_flags(flags)?;
-    let mut changed = 0;
     // The index is cached with the generation it was found in; a new snapshot means one
     // lookup by address to find the server again (or learn that it is gone).
     let backend = if entry.generation == snapshot.generation {
         entry.index
     } else {
-        relocate(entry, snapshot, service)?
+        let index = relocate(entry, snapshot, service)?;
+        // A peer's entry is installed with generation 0, so it always comes this way the first
+        // time this node carries it: from now on it is this node's, and offered as such.
+        if entry.foreign {
+            change_state(entry, state, now_ms + timeout, key, service, now_ms, outbox);
+        }
+        index
     };
     // Updated in place: one table lookup per packet of a known connection. Fields are written
     // only when they change: the clock has millisecond steps, so at high packet rates most
     // frames of a connection find its entry already up to date, and an entry left clean is
     // dropped from the cache for free instead of being written back.
-    if entry.state != state {
-        entry.state = state;
-        changed |= CHANGED_FLOW;
-    }
-    // A peer's connection carried here from now on: this node offers it from now on.
-    if entry.foreign {
-        entry.foreign = false;
-        changed |= CHANGED_FLOW;
-    }
     let expires_ms = now_ms + timeout;
-    if entry.expires_ms != expires_ms {
+    if entry.state != state {
+        change_state(entry, state, expires_ms, key, service, now_ms, outbox);
+    } else if entry.expires_ms != expires_ms {
         entry.expires_ms = expires_ms;
     }
     if service.persistence == Persistence::SourceIp
         && state.is_active()
         && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
     {
-        renew_persistence(entry, persistence, service, client, now_ms);
-        changed |= CHANGED_PERSISTENCE;
+        renew_persistence(entry, persistence, service, key.src, now_ms, outbox);
     }
-    Some((backend, changed))
+    Some(backend)
+}
+
+/// A known connection's new state, or a peer's connection carried here from now on (this node
+/// offers it from now on): recorded, and offered to the peers.
+#[cold]
+#[inline(never)]
+fn change_state(
+    entry: &mut FlowEntry,
+    state: FlowState,
+    expires_ms: u64,
+    key: &FlowKey,
+    service: &ServiceEntry,
+    now_ms: u64,
+    outbox: &mut Option<Box<Outbox>>,
+) {
+    entry.state = state;
+    entry.foreign = false;
+    entry.expires_ms = expires_ms;
+    if let Some(outbox) = outbox {
+        offer_change(outbox, *key, entry, service, CHANGED_FLOW, now_ms);
+    }
 }
 
 /// What a peer learns of a connection: nothing while it is half open (a SYN flood stays
@@ -1127,6 +1146,7 @@ fn renew_persistence(
     service: &ServiceEntry,
     client: u32,
     now_ms: u64,
+    outbox: &mut Option<Box<Outbox>>,
 ) {
     entry.persisted_until_ms = now_ms + service.persistence_timeout_ms;
     persistence.insert(
@@ -1138,6 +1158,14 @@ fn renew_persistence(
         },
         now_ms,
     );
+    if let Some(outbox) = outbox {
+        outbox.offer(SyncEntry::Persist {
+            client,
+            service: service.wire_key,
+            real_server: entry.real_server,
+            remaining_ms: remaining(entry.persisted_until_ms, now_ms),
+        });
+    }
 }
 
 /// The destination MAC of an Ethernet header as one word: its first eight bytes (destination
