@@ -384,6 +384,13 @@ pub struct Service {
     /// TCP or UDP.
     #[serde(default)]
     pub protocol: Protocol,
+    /// How it is balanced: `dr` (lbd forwards frames, Layer 4) or `snat` (HAProxy proxies
+    /// connections, Layer 7).
+    #[serde(default, skip_serializing_if = "ServiceMode::is_dr")]
+    pub mode: ServiceMode,
+    /// SNAT only: `http` (HAProxy speaks HTTP: X-Forwarded-For) or `tcp` (bytes as they come).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer7_protocol: Option<Layer7Protocol>,
     /// What keeps a client on its server.
     #[serde(default)]
     pub persistence: Persistence,
@@ -454,6 +461,79 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// `service.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// Direct Routing: lbd forwards the client's frames to a real server, which answers the
+    /// client itself.
+    #[default]
+    Dr,
+    /// Source NAT through HAProxy: a full proxy, for real servers that cannot hold the VIP,
+    /// sit on another subnet, or listen on another port.
+    Snat,
+}
+
+impl ServiceMode {
+    /// The default, left out of a saved file.
+    pub fn is_dr(&self) -> bool {
+        *self == ServiceMode::Dr
+    }
+}
+
+impl FromStr for ServiceMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ServiceMode, String> {
+        match text {
+            "dr" => Ok(ServiceMode::Dr),
+            "snat" => Ok(ServiceMode::Snat),
+            _ => Err(format!("{text:?} is not a mode (dr or snat)")),
+        }
+    }
+}
+
+impl fmt::Display for ServiceMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServiceMode::Dr => "dr",
+            ServiceMode::Snat => "snat",
+        })
+    }
+}
+
+/// `service.layer7_protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layer7Protocol {
+    /// Bytes as they come (RTMP, anything over TCP).
+    #[default]
+    Tcp,
+    /// HTTP: requests parsed, X-Forwarded-For added.
+    Http,
+}
+
+impl FromStr for Layer7Protocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Layer7Protocol, String> {
+        match text {
+            "tcp" => Ok(Layer7Protocol::Tcp),
+            "http" => Ok(Layer7Protocol::Http),
+            _ => Err(format!("{text:?} is not a layer 7 protocol (http or tcp)")),
+        }
+    }
+}
+
+impl fmt::Display for Layer7Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Layer7Protocol::Tcp => "tcp",
+            Layer7Protocol::Http => "http",
+        })
+    }
+}
+
 /// `service.persistence`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -483,9 +563,13 @@ impl FromStr for Persistence {
 pub struct RealServer {
     /// The operator's name for it; unique within the service.
     pub label: String,
-    /// Its own address on the balancer's segment (DR: it also holds the VIP on loopback).
+    /// Its own address (DR: on the balancer's segment, and it holds the VIP on loopback).
     #[serde(with = "ipv4")]
     pub ip: Ipv4Addr,
+    /// SNAT only: the port it listens on (port translation); default: the port the client
+    /// connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// Relative share of new clients; 0 = drain.
     #[serde(default = "default_weight")]
     pub weight: u16,
@@ -971,6 +1055,18 @@ impl Config {
                         format!("duplicate label, also used by service[{j}]"),
                     ));
                 }
+                // A DR VIP is lbd's (it answers ARP, the XDP program takes its frames); a SNAT
+                // VIP is the host's (HAProxy listens on it).
+                if earlier.vip == service.vip && earlier.mode != service.mode {
+                    return Err(ConfigError::new(
+                        format!("{path}.mode"),
+                        format!(
+                            "{} is the VIP of service[{j}] {:?} in mode {}: a VIP serves one \
+                             mode, dr or snat",
+                            service.vip, earlier.label, earlier.mode
+                        ),
+                    ));
+                }
                 if earlier.vip == service.vip
                     && earlier.protocol == service.protocol
                     && let Some(port) = earlier.ports.first_common(&service.ports)
@@ -1100,6 +1196,68 @@ impl Engine {
 }
 
 impl Service {
+    /// What a service's mode allows: DR forwards frames unchanged (no port translation, any
+    /// check lbd runs); SNAT goes through HAProxy (TCP only, its own tcp and http checks).
+    fn check_mode(&self, path: &str) -> Result<(), ConfigError> {
+        match self.mode {
+            ServiceMode::Dr => {
+                if self.layer7_protocol.is_some() {
+                    return Err(ConfigError::new(
+                        format!("{path}.layer7_protocol"),
+                        "only a mode = \"snat\" service has a layer 7 protocol",
+                    ));
+                }
+                if let Some(i) = self.real_servers.iter().position(|rs| rs.port.is_some()) {
+                    return Err(ConfigError::new(
+                        format!("{path}.real_server[{i}].port"),
+                        "port translation needs mode = \"snat\": in DR mode the frame reaches \
+                         the real server unchanged, on the service's port",
+                    ));
+                }
+            }
+            ServiceMode::Snat => {
+                if self.protocol != Protocol::Tcp {
+                    return Err(ConfigError::new(
+                        format!("{path}.protocol"),
+                        "a mode = \"snat\" service is TCP (HAProxy proxies TCP connections)",
+                    ));
+                }
+                let checks = std::iter::once((format!("{path}.health_check"), &self.health_check))
+                    .chain(self.real_servers.iter().enumerate().filter_map(|(i, rs)| {
+                        let check = rs.health_check.as_ref()?;
+                        Some((format!("{path}.real_server[{i}].health_check"), check))
+                    }));
+                for (field, check) in checks {
+                    if check.kind == HealthKind::External {
+                        return Err(ConfigError::new(
+                            format!("{field}.kind"),
+                            "HAProxy checks a mode = \"snat\" service: tcp, http or none",
+                        ));
+                    }
+                    // HAProxy's kind of check is the backend's: a server may change only how
+                    // often and where it is checked, or not be checked.
+                    if ![self.health_check.kind, HealthKind::None].contains(&check.kind) {
+                        return Err(ConfigError::new(
+                            format!("{field}.kind"),
+                            format!(
+                                "{:?}: in a mode = \"snat\" service a real server's check is \
+                                 of the service's kind ({:?}) or none",
+                                check.kind, self.health_check.kind
+                            ),
+                        ));
+                    }
+                }
+                if let Some(i) = self.real_servers.iter().position(|rs| rs.port == Some(0)) {
+                    return Err(ConfigError::new(
+                        format!("{path}.real_server[{i}].port"),
+                        "port 0 is not a port",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn check(&self, path: &str) -> Result<(), ConfigError> {
         if self.label.trim().is_empty() {
             return Err(ConfigError::new(
@@ -1141,6 +1299,7 @@ impl Service {
             ));
         }
         self.health_check.check(&format!("{path}.health_check"))?;
+        self.check_mode(path)?;
         if let Some(fallback) = self.fallback {
             check_unicast(fallback)
                 .map_err(|reason| ConfigError::new(format!("{path}.fallback"), reason))?;

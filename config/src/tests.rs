@@ -96,6 +96,8 @@ fn the_documented_example_parses_exactly() {
                 vip: Ipv4Addr::new(198, 18, 0, 100),
                 ports: "1935".parse().expect("port"),
                 protocol: Protocol::Tcp,
+                mode: ServiceMode::Dr,
+                layer7_protocol: None,
                 persistence: Persistence::SourceIp,
                 persistence_timeout_s: 300,
                 table_size: 65537,
@@ -104,6 +106,7 @@ fn the_documented_example_parses_exactly() {
                 real_servers: vec![RealServer {
                     label: "Wowza Srv 1".into(),
                     ip: Ipv4Addr::new(198, 18, 0, 11),
+                    port: None,
                     weight: 100,
                     min_connections: 0,
                     max_connections: 0,
@@ -870,4 +873,91 @@ fn ha_errors_name_the_field() {
         "service[0] \"web\".real_server[1].ip",
         "an address of a node of the HA pair",
     );
+}
+
+const SNAT: &str = r#"
+[engine]
+interface = "eth0"
+queues = [0]
+
+[[service]]
+label = "Wowza GUI"
+vip = "198.18.0.101"
+ports = 8088
+mode = "snat"
+layer7_protocol = "http"
+
+[[service.real_server]]
+label = "Wowza Srv 1"
+ip = "10.1.0.11"
+port = 8080
+"#;
+
+#[test]
+fn a_snat_service_round_trips_with_its_keys() {
+    let config = Config::from_toml_str(SNAT).expect("valid");
+    let service = &config.services[0];
+    assert_eq!(service.mode, ServiceMode::Snat);
+    assert_eq!(service.layer7_protocol, Some(Layer7Protocol::Http));
+    assert_eq!(service.real_servers[0].port, Some(8080));
+    let saved = config.to_toml_string();
+    assert_eq!(Config::from_toml_str(&saved).expect("saved"), config);
+    // A DR file saves as it was written: no mode, no layer 7 keys.
+    let dr = Config::from_toml_str(MINIMAL)
+        .expect("valid")
+        .to_toml_string();
+    assert!(
+        !dr.contains("\nmode =") && !dr.contains("layer7") && !dr.contains("\nport ="),
+        "{dr}"
+    );
+}
+
+#[test]
+fn each_mode_refuses_what_belongs_to_the_other_and_names_the_field() {
+    let refused = |text: &str| {
+        Config::from_toml_str(text)
+            .expect_err("refused")
+            .to_string()
+    };
+    let error =
+        refused(&MINIMAL.replace("ip = \"198.18.0.11\"", "ip = \"198.18.0.11\"\nport = 8080"));
+    assert!(
+        error.starts_with(
+            "service[0] \"web\".real_server[0].port: port translation needs mode = \"snat\""
+        ),
+        "{error}"
+    );
+    let error =
+        refused(&MINIMAL.replace("ports = 8088", "ports = 8088\nlayer7_protocol = \"tcp\""));
+    assert!(
+        error.starts_with("service[0] \"web\".layer7_protocol"),
+        "{error}"
+    );
+    let error = refused(&SNAT.replace("ports = 8088", "ports = 8088\nprotocol = \"udp\""));
+    assert!(
+        error.starts_with("service[0] \"Wowza GUI\".protocol"),
+        "{error}"
+    );
+    let error = refused(&format!(
+        "{SNAT}\n[service.health_check]\nkind = \"external\"\ncommand = \"true\"\n"
+    ));
+    assert!(
+        error.starts_with("service[0] \"Wowza GUI\".health_check.kind"),
+        "{error}"
+    );
+    // A DR service and a SNAT service on one VIP: the error names both.
+    let mixed = format!(
+        "{SNAT}\n[[service]]\nlabel = \"Wowza Streaming\"\nvip = \"198.18.0.101\"\nports = 1935\n"
+    );
+    let error = refused(&mixed);
+    assert!(
+        error.starts_with("service[1] \"Wowza Streaming\".mode: 198.18.0.101 is the VIP of service[0] \"Wowza GUI\" in mode snat"),
+        "{error}"
+    );
+    // On their own VIPs they live side by side.
+    Config::from_toml_str(&mixed.replace(
+        "vip = \"198.18.0.101\"\nports = 1935",
+        "vip = \"198.18.0.100\"\nports = 1935",
+    ))
+    .expect("a DR VIP and a SNAT VIP");
 }

@@ -3,7 +3,9 @@
 //! file would reject, with the same words, before anything reaches the daemon.
 
 use clap::{Parser, Subcommand};
-use lbd_config::{MacAddr, Persistence, PortSet, Protocol, RealServer, Service};
+use lbd_config::{
+    Layer7Protocol, MacAddr, Persistence, PortSet, Protocol, RealServer, Service, ServiceMode,
+};
 use lbd_proto::{Command, RealServerChanges, ServiceChanges};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -53,6 +55,12 @@ pub enum Verb {
         /// tcp or udp.
         #[arg(long, default_value = "tcp")]
         protocol: Protocol,
+        /// dr (Layer 4 Direct Routing, lbd forwards frames) or snat (Layer 7, HAProxy proxies).
+        #[arg(long, default_value = "dr")]
+        mode: ServiceMode,
+        /// For --mode snat: http (X-Forwarded-For added) or tcp.
+        #[arg(long)]
+        layer7_protocol: Option<Layer7Protocol>,
         /// source-ip (a client stays on one server) or none (per connection).
         #[arg(long, default_value = "source-ip")]
         persistence: Persistence,
@@ -72,6 +80,9 @@ pub enum Verb {
         /// Its own IP address.
         #[arg(long)]
         ip: Ipv4Addr,
+        /// For a snat service: the port it listens on (default: the client's port).
+        #[arg(long)]
+        port: Option<u16>,
         /// Relative share of new clients (0 drains).
         #[arg(long, default_value_t = 100)]
         weight: u16,
@@ -141,6 +152,8 @@ impl Verb {
                 vip,
                 ports,
                 protocol,
+                mode,
+                layer7_protocol,
                 persistence,
                 persistence_timeout,
                 table_size,
@@ -150,6 +163,8 @@ impl Verb {
                     vip,
                     ports,
                     protocol,
+                    mode,
+                    layer7_protocol,
                     persistence,
                     persistence_timeout_s: persistence_timeout,
                     table_size,
@@ -162,6 +177,7 @@ impl Verb {
                 service,
                 label,
                 ip,
+                port,
                 weight,
                 min_conns,
                 max_conns,
@@ -171,6 +187,7 @@ impl Verb {
                 real_server: RealServer {
                     label,
                     ip,
+                    port,
                     weight,
                     min_connections: min_conns,
                     max_connections: max_conns,

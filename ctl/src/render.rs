@@ -53,9 +53,13 @@ pub fn status(report: &StatusReport) -> String {
             service.conns.to_string(),
         ]);
         for rs in &service.real_servers {
+            let address = match rs.port {
+                Some(port) => format!("{}:{port}", rs.ip),
+                None => rs.ip.to_string(),
+            };
             rows.push(vec![
                 format!("  {}", rs.label),
-                rs.ip.to_string(),
+                address,
                 rs.weight.to_string(),
                 String::new(),
                 String::new(),
@@ -164,6 +168,32 @@ pub fn stats(report: &StatsReport) -> String {
     }
     out.push('\n');
     out.push_str(&table(&rows));
+    if !report.layer7.is_empty() {
+        let mut rows = vec![vec![
+            "SNAT SERVICE / REAL SERVER".to_owned(),
+            "SESSIONS NOW".to_owned(),
+            "SESSIONS".to_owned(),
+            "BYTES IN".to_owned(),
+            "BYTES OUT".to_owned(),
+        ]];
+        for service in &report.layer7 {
+            let row = |label: String, s: &lbd_proto::Layer7Stats| {
+                vec![
+                    label,
+                    s.current_sessions.to_string(),
+                    s.total_sessions.to_string(),
+                    s.bytes_in.to_string(),
+                    s.bytes_out.to_string(),
+                ]
+            };
+            rows.push(row(service.label.clone(), service));
+            for rs in &service.real_servers {
+                rows.push(row(format!("  {}", rs.label), rs));
+            }
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
     out
 }
 
@@ -298,6 +328,7 @@ mod tests {
                     RealServerStatus {
                         label: "Wowza Srv 1".into(),
                         ip: Ipv4Addr::new(198, 18, 0, 11),
+                        port: None,
                         weight: 100,
                         conns: 12,
                         state: "up".into(),
@@ -307,6 +338,7 @@ mod tests {
                     RealServerStatus {
                         label: "Wowza Srv 2".into(),
                         ip: Ipv4Addr::new(198, 18, 0, 12),
+                        port: Some(8080),
                         weight: 0,
                         conns: 0,
                         state: "unresolved".into(),
@@ -362,7 +394,21 @@ mod tests {
         let text = stats(&StatsReport {
             workers: vec![worker],
             total,
+            layer7: vec![lbd_proto::Layer7Stats {
+                label: "Wowza GUI".into(),
+                current_sessions: 2,
+                total_sessions: 40,
+                bytes_in: 5120,
+                bytes_out: 9000,
+                real_servers: vec![lbd_proto::Layer7Stats {
+                    label: "Wowza Srv 1".into(),
+                    total_sessions: 40,
+                    ..lbd_proto::Layer7Stats::default()
+                }],
+            }],
         });
+        assert!(text.contains("SNAT SERVICE / REAL SERVER"), "{text}");
+        assert!(text.contains("  Wowza Srv 1"), "{text}");
         assert!(text.contains("worker (queue 0): rx 10 forwarded 8 (800 bytes) fallback 0"));
         assert!(text.contains("drops: not_vip=2"));
         assert!(
@@ -384,7 +430,9 @@ mod tests {
         let text = stats(&StatsReport {
             workers: vec![quiet],
             total: table_full,
+            layer7: Vec::new(),
         });
+        assert!(!text.contains("SNAT SERVICE"), "{text}");
         assert!(
             text.contains("drops: none\n  socket (kernel): dropped 76 "),
             "{text}"

@@ -119,6 +119,10 @@ pub enum DaemonError {
     /// The HA node could not start.
     #[error(transparent)]
     Ha(#[from] crate::ha::node::HaError),
+    /// The SNAT services cannot be served (HAProxy missing or refusing, a VIP off the
+    /// segment, a port lbd may not bind).
+    #[error("{0}")]
+    Layer7(String),
     /// A worker did not start, or stopped while lbd ran.
     #[error(
         "worker {worker} (queue {queue}) {what}; lbd stops rather than leave the queue unserved"
@@ -167,6 +171,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
                 interface: interface.to_owned(),
             }),
             clock: Box::new(SystemClock),
+            layer7: Box::new(crate::l7::Haproxy::new(&config)),
         },
     );
     let snapshot = Arc::clone(control.snapshot());
@@ -192,6 +197,14 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     if let Err(error) = control.steer_all_vips() {
         stop_workers(threads);
         return Err(error.into());
+    }
+    // HAProxy for the SNAT services; their VIPs go on the interface when this node serves.
+    if let Err(error) = control
+        .check_snat_host(&config)
+        .and_then(|()| control.start_layer7())
+    {
+        stop_workers(threads);
+        return Err(DaemonError::Layer7(error.to_string()));
     }
 
     let control = Arc::new(Mutex::new(control));
@@ -245,6 +258,9 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     drop(server);
     let _ = checker.join();
     stop_workers(threads);
+    if let Ok(mut control) = control.lock() {
+        control.stop_layer7();
+    }
     // The last reference to the control state holds the steering program: dropping it detaches.
     drop(control);
     tracing::info!(interface, "XDP program detached; stopped");

@@ -8,14 +8,16 @@
 //!   host's facts (interface, addresses, neighbour table).
 //! - [`control`]: the running configuration and its live changes, the control socket, the
 //!   health checks.
+//! - [`ha`]: the active/passive pair: heartbeat, state and configuration sync.
+//! - [`l7`]: the `mode = "snat"` services, through HAProxy.
 //! - [`daemon`]: start-up, the workers' threads, signals and shutdown.
 //!
-//! The HA pair, Layer 7 through HAProxy and the HTTP views will sit beside `control` as
-//! `ha`, `l7` and `http`: each reads what the control plane holds and changes the packet path
-//! only by publishing snapshots and steering-map updates through it.
+//! `ha` and `l7` (and the HTTP views to come) sit beside `control`: each reads what the
+//! control plane holds and changes the packet path only through it.
 
 pub mod control;
 pub mod daemon;
 pub mod ha;
 pub mod io;
+pub mod l7;
 pub mod packet;

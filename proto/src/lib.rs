@@ -13,7 +13,9 @@
 //! never panics on any input (a property test feeds it arbitrary bytes); a bad request becomes
 //! an error message for the client, never a crash of the daemon.
 
-use lbd_config::{MacAddr, Persistence, PortSet, Protocol, RealServer, Service};
+use lbd_config::{
+    Layer7Protocol, MacAddr, Persistence, PortSet, Protocol, RealServer, Service, ServiceMode,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -202,6 +204,14 @@ pub struct ServiceChanges {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub table_size: Option<u32>,
+    /// New mode: dr or snat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub mode: Option<ServiceMode>,
+    /// New layer 7 protocol (snat): http or tcp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub layer7_protocol: Option<Layer7Protocol>,
 }
 
 /// Real-server settings to change; absent fields stay as they are.
@@ -236,6 +246,10 @@ pub struct RealServerChanges {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
     pub mac: Option<MacAddr>,
+    /// New port (snat: port translation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub port: Option<u16>,
 }
 
 /// One response line: the result, or an error message.
@@ -426,9 +440,12 @@ pub struct RealServerStatus {
     pub label: String,
     /// Address.
     pub ip: Ipv4Addr,
+    /// The port it listens on, when a SNAT service translates the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// Configured weight.
     pub weight: u16,
-    /// Tracked connections to it.
+    /// Tracked connections to it (a SNAT service's: HAProxy's sessions to it now).
     pub conns: u64,
     /// `up`, `down`, `drain`, `full`, `halt` or `unresolved`.
     pub state: String,
@@ -447,6 +464,9 @@ pub struct StatsReport {
     pub workers: Vec<WorkerStats>,
     /// The sum over workers.
     pub total: WorkerStats,
+    /// The SNAT services, as HAProxy counts them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layer7: Vec<Layer7Stats>,
 }
 
 /// One worker's counters (or their sum).
@@ -538,6 +558,24 @@ pub struct ServiceStats {
     pub real_servers: Vec<RealServerStats>,
 }
 
+/// A SNAT service's (or one of its real servers') sessions and bytes, from HAProxy.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Layer7Stats {
+    /// Label.
+    pub label: String,
+    /// Sessions open now.
+    pub current_sessions: u64,
+    /// Sessions since HAProxy started.
+    pub total_sessions: u64,
+    /// Bytes from the clients.
+    pub bytes_in: u64,
+    /// Bytes to the clients.
+    pub bytes_out: u64,
+    /// Per real server, config order (empty for a real server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub real_servers: Vec<Layer7Stats>,
+}
+
 /// Traffic of one real server.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RealServerStats {
@@ -613,6 +651,7 @@ mod tests {
         let real_server = RealServer {
             label: "a".into(),
             ip: Ipv4Addr::new(198, 18, 0, 11),
+            port: Some(8080),
             weight: 5,
             min_connections: 0,
             max_connections: 0,

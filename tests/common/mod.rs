@@ -31,6 +31,7 @@ const LAB_PROGRAMS: &[(&str, &str)] = &[
     ("ffprobe", "ffmpeg"),
     ("nft", "nftables"),
     ("keepalived", "keepalived"),
+    ("haproxy", "haproxy"),
     ("arping", "arping"),
     ("ping", "iputils-ping"),
     ("python3", "python3"),
@@ -116,18 +117,25 @@ impl Lab {
     }
 
     fn up_with(servers: usize, balancers: usize) -> Lab {
+        Lab::up_with_options(servers, balancers, &[])
+    }
+
+    /// A lab with `scripts/lab up`'s further `options` (`--vip`, `--http-port`).
+    pub fn up_with_options(servers: usize, balancers: usize, options: &[&str]) -> Lab {
         let name = unique_name();
         let lab = repo_root().join("scripts/lab");
-        let output = run(Command::new(&lab).args([
-            "up",
-            &name,
-            "--servers",
-            &servers.to_string(),
-            "--clients",
-            "24",
-            "--balancers",
-            &balancers.to_string(),
-        ]));
+        let output = run(Command::new(&lab)
+            .args([
+                "up",
+                &name,
+                "--servers",
+                &servers.to_string(),
+                "--clients",
+                "24",
+                "--balancers",
+                &balancers.to_string(),
+            ])
+            .args(options));
         // Constructed before the check so that a half-built lab is torn down too.
         let mut lab_guard = Lab {
             name: name.clone(),

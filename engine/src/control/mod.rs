@@ -23,9 +23,11 @@
 //! root: external checks and saving elsewhere are root's.
 //!
 //! Beside it: [`server`], the control socket, [`health`], the checks whose results come
-//! back here, and [`replica`], the configuration an HA pair's active node shares.
+//! back here, [`replica`], the configuration an HA pair's active node shares, and [`layer7`],
+//! HAProxy kept in step for the `mode = "snat"` services.
 
 pub mod health;
+pub mod layer7;
 pub mod replica;
 pub mod server;
 
@@ -186,6 +188,14 @@ pub struct Control {
     config_generation: u64,
     /// The active node whose configuration this passive node follows ([`replica`]).
     following: Option<Ipv4Addr>,
+    /// HAProxy, for the SNAT services.
+    layer7: Box<dyn crate::l7::Layer7>,
+    /// Where HAProxy's files are and whom it shares stick tables with.
+    layer7_setup: crate::l7::haproxy::Setup,
+    /// Whether HAProxy runs (there are SNAT services).
+    layer7_running: bool,
+    /// The SNAT VIPs on the interface now.
+    held: BTreeSet<Ipv4Addr>,
 }
 
 /// What the control plane asks of the HA node.
@@ -296,6 +306,9 @@ pub enum ControlError {
     /// The active node's replica cannot be adopted.
     #[error("the active node's configuration cannot be adopted: {0}")]
     Replica(String),
+    /// HAProxy refused a change to the SNAT services (its own words), or is not there.
+    #[error("{0}; nothing changed")]
+    Layer7(String),
     /// An `ha` command on a node that is not part of a pair.
     #[error("this node is not part of an HA pair ([ha] is not set in its configuration)")]
     NotInPair,
@@ -352,6 +365,8 @@ pub struct Doors {
     pub host: Box<dyn HostFacts>,
     /// The time.
     pub clock: Box<dyn Clock>,
+    /// The Layer 7 engine (HAProxy) for the SNAT services.
+    pub layer7: Box<dyn crate::l7::Layer7>,
 }
 
 impl std::fmt::Debug for Doors {
@@ -375,6 +390,7 @@ impl Control {
             steering,
             host,
             clock,
+            layer7,
         } = doors;
         let mut ids = ServiceIds::default();
         let snapshot = Arc::new(Snapshot::build(
@@ -391,6 +407,10 @@ impl Control {
             ha: None,
             config_generation: 0,
             following: None,
+            layer7,
+            layer7_setup: crate::l7::setup_for(&config),
+            layer7_running: false,
+            held: BTreeSet::new(),
             config,
             config_path,
             own_mac,
@@ -451,6 +471,7 @@ impl Control {
             // The services are this node's now; its checks carry on from the states it had.
             self.following = None;
         }
+        self.hold_snat_vips();
         for vip in vip_set(&self.config) {
             self.steering.add_vip(vip, active)?;
         }
@@ -716,6 +737,12 @@ impl Control {
         if let Some(size) = changes.table_size {
             service.table_size = size;
         }
+        if let Some(mode) = changes.mode {
+            service.mode = mode;
+        }
+        if let Some(protocol) = changes.layer7_protocol {
+            service.layer7_protocol = Some(protocol);
+        }
         self.apply(config, operator, ids, format!("service {label:?} changed"))
     }
 
@@ -748,6 +775,9 @@ impl Control {
         }
         if let Some(mac) = changes.mac {
             rs.mac = Some(mac);
+        }
+        if let Some(port) = changes.port {
+            rs.port = Some(port);
         }
         let message = match changes.weight {
             Some(weight) => format!("{service}/{label} weight {weight}"),
@@ -818,6 +848,9 @@ impl Control {
             ))
         })?;
         check_host_addresses(&config, &local).map_err(ControlError::HostAddress)?;
+        self.check_snat_host(&config)?;
+        // HAProxy first: a change it refuses changes nothing.
+        self.update_layer7(&config, &operator)?;
         self.ask_for_missing_macs(&config);
         let old_vips = vip_set(&self.config);
         let new_vips = vip_set(&config);
@@ -845,6 +878,10 @@ impl Control {
             ));
             let restore_lagging = self.publish(Arc::clone(&restored));
             self.snapshot = restored;
+            let (running, states) = (self.config.clone(), self.operator.clone());
+            if let Err(error) = self.update_layer7(&running, &states) {
+                tracing::error!(%error, "HAProxy could not be brought back to the running configuration");
+            }
             let mut also = String::new();
             if let Err(again) = update_vips(&mut *self.steering, &[], &leaving, answer_arp) {
                 also += &format!(", but {again}: those VIPs get no traffic until lbd restarts");
@@ -889,6 +926,7 @@ impl Control {
             });
         }
         self.config_generation += 1;
+        self.hold_snat_vips();
         tracing::info!(generation = self.snapshot.generation, "{message}");
         Ok(Reply::Done { message })
     }
@@ -933,10 +971,12 @@ impl Control {
     }
 
     /// What the health checker checks: every real server with its (own or service's) check.
+    /// (HAProxy checks the SNAT services' servers itself.)
     pub fn health_targets(&self) -> Vec<Target> {
         self.config
             .services
             .iter()
+            .filter(|service| layer7::is_dr(service))
             .flat_map(|service| {
                 service.real_servers.iter().map(move |rs| {
                     let check = rs
@@ -1063,6 +1103,8 @@ impl Control {
                     .real_servers
                     .iter()
                     .enumerate()
+                    // HAProxy holds a SNAT server to its maxconn itself.
+                    .filter(|_| layer7::is_dr(service))
                     .filter(|(_, rs)| rs.max_connections > 0)
                     .map(move |(r, _)| (s, r))
             })
@@ -1131,12 +1173,16 @@ impl Control {
     pub fn status(&self) -> StatusReport {
         let reports = self.reports();
         let snapshot = &self.snapshot;
+        let layer7 = self.layer7_stats();
         let services = snapshot
             .services
             .iter()
             .zip(&self.config.services)
             .enumerate()
             .map(|(s, (entry, configured))| {
+                if !layer7::is_dr(configured) {
+                    return self.snat_status(s, configured, &layer7);
+                }
                 let conns_of = |r: usize| -> u64 {
                     reports
                         .iter()
@@ -1152,6 +1198,7 @@ impl Control {
                     .map(|(r, rs)| RealServerStatus {
                         label: rs.label.clone(),
                         ip: rs.ip,
+                        port: None,
                         weight: rs.weight,
                         conns: conns_of(r),
                         state: rs.state_name().to_owned(),
@@ -1232,6 +1279,7 @@ impl Control {
             }
         }
         report.total = sum;
+        report.layer7 = self.layer7_counters();
         report
     }
 
@@ -1367,7 +1415,13 @@ fn rs_has_external_check(real_server: &RealServer) -> bool {
 /// the balancer would take the host's own traffic for it (its health-check replies among
 /// them) or forward frames to itself.
 pub fn check_host_addresses(config: &Config, local: &[(String, Ipv4Addr)]) -> Result<(), String> {
-    let owner = |ip: Ipv4Addr| local.iter().find(|(_, a)| *a == ip).map(|(name, _)| name);
+    // The addresses lbd put on the interface itself (SNAT VIPs) are not the host's own.
+    let owner = |ip: Ipv4Addr| {
+        local
+            .iter()
+            .find(|(name, a)| *a == ip && !name.ends_with(host::LABEL_SUFFIX))
+            .map(|(name, _)| name)
+    };
     for (i, service) in config.services.iter().enumerate() {
         let path = format!("service[{i}] {:?}", service.label);
         if let Some(interface) = owner(service.vip) {
@@ -1451,8 +1505,14 @@ fn real_server_index(
     Ok((s, r))
 }
 
+/// The VIPs lbd steers and answers ARP for itself: those of its DR services.
 fn vip_set(config: &Config) -> BTreeSet<Ipv4Addr> {
-    config.services.iter().map(|s| s.vip).collect()
+    config
+        .services
+        .iter()
+        .filter(|s| layer7::is_dr(s))
+        .map(|s| s.vip)
+        .collect()
 }
 
 /// The first engine key that differs, other than those a reload may change.
@@ -1602,6 +1662,43 @@ mod tests {
     struct FakeHost {
         neighbours: Arc<Mutex<HashMap<Ipv4Addr, [u8; 6]>>>,
         asked: Arc<Mutex<Vec<Ipv4Addr>>>,
+        /// The SNAT VIPs put on the interface.
+        held: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+    }
+
+    /// What the fake HAProxy was asked: configurations applied (`None`: stopped) and runtime
+    /// lines; `refuse` makes it refuse the next request with those words.
+    #[derive(Debug, Default)]
+    struct Haproxy {
+        applied: Vec<Option<String>>,
+        lines: Vec<String>,
+        refuse: Option<String>,
+    }
+
+    struct FakeLayer7(Arc<Mutex<Haproxy>>);
+
+    impl crate::l7::Layer7 for FakeLayer7 {
+        fn apply(&mut self, config: Option<&str>) -> Result<(), String> {
+            let mut haproxy = self.0.lock().expect("haproxy");
+            if let Some(words) = haproxy.refuse.take() {
+                return Err(words);
+            }
+            haproxy.applied.push(config.map(str::to_owned));
+            Ok(())
+        }
+
+        fn change(&mut self, lines: &[String], _config: &str) -> Result<(), String> {
+            let mut haproxy = self.0.lock().expect("haproxy");
+            if let Some(words) = haproxy.refuse.take() {
+                return Err(words);
+            }
+            haproxy.lines.extend_from_slice(lines);
+            Ok(())
+        }
+
+        fn stats(&self) -> Vec<crate::l7::runtime::Stat> {
+            Vec::new()
+        }
     }
 
     impl HostFacts for FakeHost {
@@ -1618,6 +1715,23 @@ mod tests {
 
         fn trigger_resolution(&self, ip: Ipv4Addr) -> std::io::Result<()> {
             self.asked.lock().expect("asked").push(ip);
+            Ok(())
+        }
+
+        fn local_networks(&self) -> std::io::Result<Vec<(String, Ipv4Addr, u8)>> {
+            Ok(vec![
+                ("lo".into(), Ipv4Addr::LOCALHOST, 8),
+                ("eth0".into(), HOST_ADDRESS, 16),
+            ])
+        }
+
+        fn hold_vip(&self, ip: Ipv4Addr) -> std::io::Result<()> {
+            self.held.lock().expect("held").insert(ip);
+            Ok(())
+        }
+
+        fn release_vip(&self, ip: Ipv4Addr) -> std::io::Result<()> {
+            self.held.lock().expect("held").remove(&ip);
             Ok(())
         }
     }
@@ -1646,6 +1760,8 @@ mod tests {
         connections: Arc<Mutex<Vec<Vec<u64>>>>,
         clock: Arc<Mutex<Instant>>,
         dir: PathBuf,
+        haproxy: Arc<Mutex<Haproxy>>,
+        held: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
     }
 
     impl Rig {
@@ -1675,6 +1791,8 @@ mod tests {
         let map = Arc::new(Mutex::new(Map::default()));
         let host = FakeHost::default();
         let (neighbours, asked) = (Arc::clone(&host.neighbours), Arc::clone(&host.asked));
+        let held = Arc::clone(&host.held);
+        let haproxy = Arc::new(Mutex::new(Haproxy::default()));
         let clock = Arc::new(Mutex::new(Instant::now()));
         let mut control = Control::new(
             config,
@@ -1688,6 +1806,7 @@ mod tests {
                 }),
                 host: Box::new(host),
                 clock: Box::new(FakeClock(Arc::clone(&clock))),
+                layer7: Box::new(FakeLayer7(Arc::clone(&haproxy))),
             },
         );
         control.apply_timeout = Duration::from_millis(200);
@@ -1733,6 +1852,8 @@ mod tests {
             connections,
             clock,
             dir,
+            haproxy,
+            held,
         }
     }
 
@@ -2364,6 +2485,178 @@ mod tests {
                 .expect("ignored")
         );
         assert_eq!(passive.control.following(), None);
+    }
+
+    /// A SNAT service for `rig`'s config: Wowza GUI's HTTP on VIP .101, to port 8080.
+    fn snat_service() -> Service {
+        let text = format!(
+            "{CONFIG}\n[[service]]\nlabel = \"Wowza L7\"\nvip = \"198.18.0.101\"\nports = 8088\n\
+             mode = \"snat\"\nlayer7_protocol = \"http\"\n\n[[service.real_server]]\n\
+             label = \"Wowza Srv 1\"\nip = \"198.18.0.11\"\nport = 8080\n"
+        );
+        Config::from_toml_str(&text)
+            .expect("valid")
+            .services
+            .remove(1)
+    }
+
+    #[test]
+    fn snat_services_go_to_haproxy_and_their_vips_onto_the_interface() {
+        let mut rig = rig(true);
+        done(rig.control.handle(
+            Command::AddVip {
+                service: snat_service(),
+            },
+            Role::Root,
+        ));
+        {
+            let haproxy = rig.haproxy.lock().expect("haproxy");
+            let config = haproxy
+                .applied
+                .last()
+                .cloned()
+                .flatten()
+                .expect("HAProxy started");
+            assert!(
+                config.contains("bind 198.18.0.101:8088 transparent")
+                    && config.contains("server r0-Wowza_Srv_1 198.18.0.11:8080 weight 100"),
+                "{config}"
+            );
+        }
+        // The VIP is the host's (HAProxy's), not steered to lbd's workers.
+        assert!(
+            rig.held
+                .lock()
+                .expect("held")
+                .contains(&Ipv4Addr::new(198, 18, 0, 101))
+        );
+        assert!(
+            !rig.map
+                .lock()
+                .expect("map")
+                .vips
+                .contains(&Ipv4Addr::new(198, 18, 0, 101))
+        );
+        assert!(
+            rig.control
+                .health_targets()
+                .iter()
+                .all(|t| t.service != "Wowza L7")
+        );
+        let status = rig.control.status();
+        assert_eq!(
+            (
+                status.services[1].method.as_str(),
+                status.services[1].mode.as_str()
+            ),
+            ("Layer 7", "SNAT")
+        );
+        assert_eq!(status.services[1].real_servers[0].port, Some(8080));
+        // States and weights go through the runtime API: no reload.
+        let name = |label: &str| RealServerName {
+            service: "Wowza L7".into(),
+            label: label.into(),
+        };
+        done(
+            rig.control
+                .handle(Command::Drain(name("Wowza Srv 1")), Role::Root),
+        );
+        done(
+            rig.control
+                .handle(Command::Halt(name("Wowza Srv 1")), Role::Root),
+        );
+        done(
+            rig.control
+                .handle(Command::Online(name("Wowza Srv 1")), Role::Root),
+        );
+        {
+            let haproxy = rig.haproxy.lock().expect("haproxy");
+            assert_eq!(haproxy.applied.len(), 1, "{haproxy:?}");
+            let server = "s1-Wowza_L7/r0-Wowza_Srv_1";
+            assert_eq!(
+                haproxy.lines,
+                [
+                    format!("set server {server} state drain"),
+                    format!("set server {server} state maint"),
+                    format!("shutdown sessions server {server}"),
+                    format!("set server {server} state ready"),
+                    format!("set server {server} weight 100"),
+                ]
+            );
+        }
+        // A new server means a reload; one HAProxy refuses changes nothing.
+        let mut second = snat_service().real_servers.remove(0);
+        second.label = "Wowza Srv 2".into();
+        second.ip = Ipv4Addr::new(198, 18, 0, 12);
+        rig.haproxy.lock().expect("haproxy").refuse =
+            Some("HAProxy refused the configuration: [ALERT] something".into());
+        let before = rig.control.config().clone();
+        let refused = error_of(rig.control.handle(
+            Command::AddRip {
+                service: "Wowza L7".into(),
+                real_server: second.clone(),
+            },
+            Role::Root,
+        ));
+        assert!(
+            refused.contains("[ALERT] something") && refused.ends_with("nothing changed"),
+            "{refused}"
+        );
+        assert_eq!(rig.control.config(), &before);
+        done(rig.control.handle(
+            Command::AddRip {
+                service: "Wowza L7".into(),
+                real_server: second,
+            },
+            Role::Root,
+        ));
+        assert_eq!(rig.haproxy.lock().expect("haproxy").applied.len(), 2);
+        // Gone: HAProxy stops, the VIP leaves the interface.
+        done(rig.control.handle(
+            Command::DelVip(ServiceName {
+                label: "Wowza L7".into(),
+            }),
+            Role::Root,
+        ));
+        assert_eq!(
+            rig.haproxy.lock().expect("haproxy").applied.last(),
+            Some(&None)
+        );
+        assert!(rig.held.lock().expect("held").is_empty());
+        // A SNAT VIP must be on the segment, where clients can reach it.
+        let mut far = snat_service();
+        far.vip = Ipv4Addr::new(203, 0, 113, 9);
+        let refused = error_of(
+            rig.control
+                .handle(Command::AddVip { service: far }, Role::Root),
+        );
+        assert!(
+            refused.contains("is on none of eth0's networks (198.18.0.2/16)"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_passive_node_runs_haproxy_but_holds_no_snat_vip() {
+        let mut rig = rig(true);
+        rig.control.set_active(false).expect("passive");
+        done(rig.control.handle(
+            Command::AddVip {
+                service: snat_service(),
+            },
+            Role::Root,
+        ));
+        assert_eq!(rig.haproxy.lock().expect("haproxy").applied.len(), 1);
+        assert!(rig.held.lock().expect("held").is_empty());
+        rig.control.set_active(true).expect("active");
+        assert!(
+            rig.held
+                .lock()
+                .expect("held")
+                .contains(&Ipv4Addr::new(198, 18, 0, 101))
+        );
+        rig.control.stop_layer7();
+        assert!(rig.held.lock().expect("held").is_empty());
     }
 
     #[test]

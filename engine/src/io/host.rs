@@ -77,14 +77,136 @@ pub fn local_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
         .collect())
 }
 
+/// The label lbd gives the addresses it puts on its interface (`eth0:lbd`): the SNAT VIPs. An
+/// address with it is lbd's, not the host's own.
+pub const LABEL_SUFFIX: &str = ":lbd";
+
+/// Every IPv4 network of this host: interface (or address label), address, prefix length.
+pub fn local_networks() -> io::Result<Vec<(String, Ipv4Addr, u8)>> {
+    let addresses = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+    Ok(addresses
+        .filter_map(|interface| {
+            let ip = interface.address?.as_sockaddr_in()?.ip();
+            let mask = interface.netmask?.as_sockaddr_in()?.ip();
+            let prefix = u8::try_from(u32::from(mask).leading_ones()).unwrap_or(32);
+            Some((interface.interface_name, ip, prefix))
+        })
+        .collect())
+}
+
+/// Puts `ip`/32 on `interface`, labelled `<interface>:lbd`; nothing when it is there already.
+pub fn hold_address(interface: &str, ip: Ipv4Addr) -> io::Result<()> {
+    match change_address(interface, ip, true) {
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    }
+}
+
+/// Takes `ip`/32 off `interface`; nothing when it is not there.
+pub fn release_address(interface: &str, ip: Ipv4Addr) -> io::Result<()> {
+    match change_address(interface, ip, false) {
+        Err(error) if error.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
+        other => other,
+    }
+}
+
+/// One RTM_NEWADDR or RTM_DELADDR, and the kernel's answer.
+fn change_address(interface: &str, ip: Ipv4Addr, add: bool) -> io::Result<()> {
+    use netlink_packet_core::{
+        NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+        NetlinkPayload,
+    };
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+    use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+    let index: u32 = fs::read_to_string(sysfs_interface(interface).join("ifindex"))?
+        .trim()
+        .parse()
+        .map_err(io::Error::other)?;
+    let label = format!("{interface}{LABEL_SUFFIX}");
+    if label.len() > 15 {
+        return Err(io::Error::other(format!(
+            "interface name {interface:?} leaves no room for lbd's address label {label:?} \
+             (15 bytes at most)"
+        )));
+    }
+    let mut message = AddressMessage::default();
+    message.header.family = AddressFamily::Inet;
+    message.header.prefix_len = 32;
+    message.header.index = index;
+    message
+        .attributes
+        .push(AddressAttribute::Local(std::net::IpAddr::V4(ip)));
+    message
+        .attributes
+        .push(AddressAttribute::Address(std::net::IpAddr::V4(ip)));
+    message.attributes.push(AddressAttribute::Label(label));
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let inner = if add {
+        header.flags |= NLM_F_CREATE | NLM_F_EXCL;
+        RouteNetlinkMessage::NewAddress(message)
+    } else {
+        RouteNetlinkMessage::DelAddress(message)
+    };
+    let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(inner));
+    packet.finalize();
+    let mut request = vec![0; packet.header.length as usize];
+    packet.serialize(&mut request);
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket.send(&request, 0)?;
+    let mut reply = vec![0; 4096];
+    let received = socket.recv(&mut &mut reply[..], 0)?;
+    let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..received])
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    match answer.payload {
+        NetlinkPayload::Error(error) if error.code.is_none() => Ok(()),
+        NetlinkPayload::Error(error) => Err(error.to_io()),
+        other => Err(io::Error::other(format!(
+            "unexpected netlink answer: {other:?}"
+        ))),
+    }
+}
+
+/// Whether this process may listen on ports below 1024: it has CAP_NET_BIND_SERVICE, or the
+/// kernel lets anyone (`net.ipv4.ip_unprivileged_port_start`).
+pub fn may_bind_low_ports() -> bool {
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    let capability = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps >> CAP_NET_BIND_SERVICE & 1 == 1);
+    let unprivileged = fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .is_some_and(|start| start == 0);
+    capability || unprivileged
+}
+
 /// What the control side needs from the host, in one place that tests can replace.
 pub trait HostFacts: Send {
-    /// Every IPv4 address of this host, with its interface.
+    /// Every IPv4 address of this host, with its interface (or address label).
     fn local_addresses(&self) -> io::Result<Vec<(String, Ipv4Addr)>>;
+    /// Every IPv4 network of this host: interface (or label), address, prefix length.
+    fn local_networks(&self) -> io::Result<Vec<(String, Ipv4Addr, u8)>>;
     /// The complete IPv4 neighbour entries on the balancer's interface.
     fn neighbours(&self) -> io::Result<HashMap<Ipv4Addr, [u8; 6]>>;
     /// Makes the kernel resolve `ip`'s MAC.
     fn trigger_resolution(&self, ip: Ipv4Addr) -> io::Result<()>;
+    /// Puts a SNAT VIP on the balancer's interface (the host stack, and HAProxy, take it).
+    fn hold_vip(&self, ip: Ipv4Addr) -> io::Result<()>;
+    /// Takes a SNAT VIP off it.
+    fn release_vip(&self, ip: Ipv4Addr) -> io::Result<()>;
 }
 
 /// The host lbd runs on, for its interface.
@@ -105,6 +227,18 @@ impl HostFacts for SystemHost {
 
     fn trigger_resolution(&self, ip: Ipv4Addr) -> io::Result<()> {
         trigger_resolution(ip)
+    }
+
+    fn local_networks(&self) -> io::Result<Vec<(String, Ipv4Addr, u8)>> {
+        local_networks()
+    }
+
+    fn hold_vip(&self, ip: Ipv4Addr) -> io::Result<()> {
+        hold_address(&self.interface, ip)
+    }
+
+    fn release_vip(&self, ip: Ipv4Addr) -> io::Result<()> {
+        release_address(&self.interface, ip)
     }
 }
 

@@ -10,10 +10,11 @@
 //! the socket it belongs to, and a socket refuses (panics on) a frame of another one.
 //!
 //! It also holds the one socket option nix does not wrap: the peer's supplementary groups on
-//! a unix socket (`SO_PEERGROUPS`), which the control socket checks.
+//! a unix socket (`SO_PEERGROUPS`), which the control socket checks; and the hook that ties a
+//! child process (HAProxy) to the thread that started it.
 #![expect(
     unsafe_code,
-    reason = "xsk-rs ring and UMEM calls, and getsockopt(SO_PEERGROUPS)"
+    reason = "xsk-rs ring and UMEM calls, getsockopt(SO_PEERGROUPS), a child's pre-exec hook"
 )]
 
 use crate::io::worker::{Rings, SocketStats};
@@ -354,5 +355,23 @@ pub fn peer_groups(socket: &impl AsFd) -> io::Result<Vec<u32>> {
             continue;
         }
         return Err(error);
+    }
+}
+
+/// Makes the child that `command` starts receive SIGTERM when the thread that starts it ends
+/// (`PR_SET_PDEATHSIG`): lbd killed, even by SIGKILL, leaves no HAProxy running behind it.
+/// Start it from a thread that lives as long as the child should.
+pub fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: prctl is a plain system call, and the hook touches no memory of the
+    // parent's (no allocation, no lock).
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }

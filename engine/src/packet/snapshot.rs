@@ -352,9 +352,13 @@ impl Snapshot {
             let index = index as u16;
             let vip = u32::from(service.vip);
             let protocol = service.protocol.ip_protocol_number();
-            vips.insert(vip);
-            for port in service.ports.iter() {
-                by_port.insert(service_key(vip, protocol, port), index);
+            // A SNAT service is HAProxy's: its frames go to the host stack, never here. It
+            // keeps its place so that indices match the configuration's.
+            if service.mode == lbd_config::ServiceMode::Dr {
+                vips.insert(vip);
+                for port in service.ports.iter() {
+                    by_port.insert(service_key(vip, protocol, port), index);
+                }
             }
 
             let real_servers: Vec<RealServerEntry> = service
