@@ -715,6 +715,16 @@ impl HealthCheck {
                 format!("{host:?} is not a host name (no spaces or control characters)"),
             ));
         }
+        // It goes into HAProxy's configuration for a SNAT service: a line break there would
+        // let it write directives of its own.
+        if let Some(body) = &self.expect_body
+            && body.chars().any(char::is_control)
+        {
+            return Err(ConfigError::new(
+                field("expect_body"),
+                format!("{body:?} contains a control character"),
+            ));
+        }
         if self.port == Some(0) {
             return Err(ConfigError::new(field("port"), "port 0 is not a port"));
         }

@@ -961,3 +961,18 @@ fn each_mode_refuses_what_belongs_to_the_other_and_names_the_field() {
     ))
     .expect("a DR VIP and a SNAT VIP");
 }
+
+#[test]
+fn an_expected_body_has_no_line_breaks() {
+    // It is written into HAProxy's configuration for a SNAT service.
+    let text = format!(
+        "{SNAT}\n[service.health_check]\nkind = \"http\"\nexpect_body = \"ok\\n    external-check command /bin/sh\"\n"
+    );
+    let error = Config::from_toml_str(&text)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        error.starts_with("service[0] \"Wowza GUI\".health_check.expect_body"),
+        "{error}"
+    );
+}

@@ -233,13 +233,20 @@ fn render_check(out: &mut String, check: &HealthCheck) {
     let _ = writeln!(out, "    timeout check {}ms", check.timeout_ms);
     if check.kind == HealthKind::Http {
         let _ = writeln!(out, "    option httpchk");
+        // Quoted: a `#` or a quote in them must stay text (lbd's checks forbid spaces and
+        // control characters in both, and in the body).
         let _ = match &check.host {
             Some(host) => writeln!(
                 out,
-                "    http-check send meth GET uri {} ver HTTP/1.1 hdr Host {host}",
-                check.path
+                "    http-check send meth GET uri {} ver HTTP/1.1 hdr Host {}",
+                quoted(&check.path),
+                quoted(host)
             ),
-            None => writeln!(out, "    http-check send meth GET uri {}", check.path),
+            None => writeln!(
+                out,
+                "    http-check send meth GET uri {}",
+                quoted(&check.path)
+            ),
         };
         let _ = writeln!(out, "    http-check expect status {}", check.expect_status);
         if let Some(body) = &check.expect_body {
@@ -355,7 +362,7 @@ ip = "198.18.0.21"
             "peers lbd\n    peer lbd-198.18.0.2 198.18.0.2:7778\n    peer lbd-198.18.0.3 198.18.0.3:7778",
             "frontend s0-Wowza_GUI\n    mode http\n    bind 198.18.0.101:8088 transparent\n    option forwardfor\n    default_backend s0-Wowza_GUI",
             "stick-table type ip size 1m expire 600s peers lbd\n    stick on src",
-            "option httpchk\n    http-check send meth GET uri /health\n    http-check expect status 200\n    http-check expect string \"ok\"",
+            "option httpchk\n    http-check send meth GET uri \"/health\"\n    http-check expect status 200\n    http-check expect string \"ok\"",
             "server r0-Wowza_Srv_1 10.1.0.11:8080 weight 100 maxconn 500 check port 8080 inter 1000 fall 2 rise 2",
             "server r1-Wowza_Srv_2 10.1.0.12:8080 weight 100 check port 8080 inter 1000 fall 2 rise 2",
             "frontend s1-Wowza_Streaming\n    mode tcp\n    bind 198.18.0.101:1935 transparent\n    bind 198.18.0.101:8000-8010 transparent",
