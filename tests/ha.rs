@@ -510,11 +510,7 @@ fn maglev_choice(lab: &Lab, config: &str, client: &str, port: u16) -> [u8; 6] {
 }
 
 fn parse_mac(text: &str) -> [u8; 6] {
-    let bytes: Vec<u8> = text
-        .split(':')
-        .map(|part| u8::from_str_radix(part, 16).expect("hex"))
-        .collect();
-    bytes.try_into().expect("six bytes")
+    lbd_engine::io::host::parse_mac(text).expect("a MAC")
 }
 
 #[test]
@@ -581,25 +577,7 @@ fn connections_keep_their_server_across_a_failover_after_the_server_set_changed(
 
 /// The real server (`rs1`, `rs2`) a new HTTP connection from `source` through the VIP reaches.
 fn server_for(lab: &Lab, source: &str) -> String {
-    let url = format!("http://{VIP}:8088/");
-    let output = lab.exec(
-        "NS_CLIENT",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "--interface",
-            source,
-            &url,
-        ],
-    );
-    assert!(output.status.success(), "curl from {source}: {output:?}");
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .find_map(|word| word.strip_prefix("server="))
-        .unwrap_or_default()
-        .to_owned()
+    common::http_get(lab, source, &format!("http://{VIP}:8088/"))["server"].clone()
 }
 
 fn status_of(lab: &Lab, node: u8) -> lbd_proto::StatusReport {

@@ -63,31 +63,9 @@ fn start(lab: &Lab, count: usize) -> Lbd {
     Lbd::start(lab, &config(lab, &engine(lab), count))
 }
 
-/// An HTTP GET through `vip`:`port` from `source`: the body's words (`server=`, `client=`,
-/// `xff=`) as pairs.
+/// An HTTP GET through `vip`:`port` from `source`: the body's words.
 fn get(lab: &Lab, source: &str, vip: &str, port: u16) -> std::collections::HashMap<String, String> {
-    let url = format!("http://{vip}:{port}/");
-    let output = lab.exec(
-        "NS_CLIENT",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "5",
-            "--interface",
-            source,
-            &url,
-        ],
-    );
-    assert!(
-        output.status.success(),
-        "curl from {source} to {url}: {output:?}"
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .split_whitespace()
-        .filter_map(|word| word.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
+    common::http_get(lab, source, &format!("http://{vip}:{port}/"))
 }
 
 /// Publishes a test stream through `url` for `seconds`, in the background.

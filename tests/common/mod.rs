@@ -447,3 +447,21 @@ pub fn keepalive_every(
     });
     (output.status.success(), summary)
 }
+
+/// An HTTP GET of `url` from the client namespace, from `source`: the lab server's answer
+/// (`server=rsI client=<address seen> xff=<X-Forwarded-For>`) as its words' pairs.
+pub fn http_get(lab: &Lab, source: &str, url: &str) -> HashMap<String, String> {
+    let output = lab.exec(
+        "NS_CLIENT",
+        &["curl", "-sS", "--max-time", "5", "--interface", source, url],
+    );
+    assert!(
+        output.status.success(),
+        "curl from {source} to {url}: {output:?}"
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .filter_map(|word| word.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}

@@ -47,11 +47,6 @@ impl Haproxy {
             supervisor: None,
         }
     }
-
-    /// Where its files are and whom it shares with.
-    pub fn setup(&self) -> &Setup {
-        &self.setup
-    }
 }
 
 /// The [`Setup`] for `config`'s node.
