@@ -480,7 +480,7 @@ fn maglev_choice(lab: &Lab, config: &str, client: &str, port: u16) -> [u8; 6] {
     use lbd_engine::packet::dataplane::{Dataplane, TableSizes};
     use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
     let config = lbd_config::Config::from_toml_str(config).expect("valid");
-    let mac_of = |ip: std::net::Ipv4Addr| {
+    let mac_of = |ip: std::net::IpAddr| {
         (1..=2).find_map(|i| {
             (lab.fact(&format!("RS{i}_IP")) == ip.to_string())
                 .then(|| parse_mac(lab.fact(&format!("RS{i}_MAC"))))

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -197,7 +197,7 @@ impl<'de> Deserialize<'de> for Addresses {
 impl Ha {
     fn check(&self) -> Result<(), ConfigError> {
         let field = |name: &str| format!("ha.{name}");
-        check_unicast(self.local_address)
+        check_unicast(IpAddr::V4(self.local_address))
             .map_err(|reason| ConfigError::new(field("local_address"), reason))?;
         if self.peer_address.0.is_empty() {
             return Err(ConfigError::new(
@@ -206,7 +206,7 @@ impl Ha {
             ));
         }
         for peer in &self.peer_address.0 {
-            check_unicast(*peer)
+            check_unicast(IpAddr::V4(*peer))
                 .map_err(|reason| ConfigError::new(field("peer_address"), reason))?;
             if *peer == self.local_address {
                 return Err(ConfigError::new(
@@ -376,9 +376,12 @@ pub enum Polling {
 pub struct Service {
     /// The operator's name for it; unique.
     pub label: String,
-    /// The virtual IP clients connect to.
-    #[serde(with = "ipv4")]
-    pub vip: Ipv4Addr,
+    /// The virtual IP clients connect to: IPv4 or IPv6.
+    #[serde(with = "ip")]
+    pub vip: IpAddr,
+    /// A second, IPv6 VIP for an IPv4 `vip`: the service reached on both families.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<Ipv6Addr>,
     /// The ports served: `1935`, `"1935,8088"`, `"9000-9010"`.
     pub ports: PortSet,
     /// TCP or UDP.
@@ -397,6 +400,13 @@ pub struct Service {
     /// How long a client's source IP stays on its server after its last packet (IPVS `-p`).
     #[serde(default = "default_persistence_timeout")]
     pub persistence_timeout_s: u32,
+    /// IPv6 clients are kept together by this many leading bits of their address (64: a
+    /// viewer whose privacy address changes stays on its server). 1..=128.
+    #[serde(
+        default = "default_persistence_prefix_v6",
+        skip_serializing_if = "is_default_persistence_prefix_v6"
+    )]
+    pub persistence_prefix_v6: u8,
     /// Maglev lookup table size: a prime, larger than the number of real servers.
     #[serde(default = "default_table_size")]
     pub table_size: u32,
@@ -406,7 +416,7 @@ pub struct Service {
     /// Where new clients go when no real server can take them (all down, halted or drained);
     /// without it such frames are dropped and counted. Set up like a real server (DR).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fallback: Option<Ipv4Addr>,
+    pub fallback: Option<IpAddr>,
     /// `[[service.real_server]]`.
     #[serde(rename = "real_server", default)]
     pub real_servers: Vec<RealServer>,
@@ -414,6 +424,43 @@ pub struct Service {
 
 fn default_persistence_timeout() -> u32 {
     300
+}
+fn default_persistence_prefix_v6() -> u8 {
+    128
+}
+fn is_default_persistence_prefix_v6(prefix: &u8) -> bool {
+    *prefix == 128
+}
+
+impl Service {
+    /// Its VIPs: `vip`, then `vip6` when there is one.
+    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        std::iter::once(self.vip).chain(self.vip6.map(IpAddr::V6))
+    }
+
+    /// Whether `address` is one of its VIPs.
+    pub fn has_vip(&self, address: IpAddr) -> bool {
+        self.vips().any(|vip| vip == address)
+    }
+
+    /// The mask of the leading `persistence_prefix_v6` bits of an IPv6 address.
+    pub fn client_mask_v6(&self) -> u128 {
+        match self.persistence_prefix_v6 {
+            0 => 0,
+            prefix => u128::MAX << (128 - u32::from(prefix.min(128))),
+        }
+    }
+}
+
+/// How the packet path names a real server within its service: its IPv4 address, or a
+/// 32-bit fold of its IPv6 address (FNV-1a). A service refuses two servers with one key.
+pub fn real_server_key(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(v4) => u32::from(v4),
+        IpAddr::V6(v6) => v6.octets().iter().fold(0x811c_9dc5u32, |hash, &byte| {
+            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+        }),
+    }
 }
 fn default_table_size() -> u32 {
     65537
@@ -563,9 +610,10 @@ impl FromStr for Persistence {
 pub struct RealServer {
     /// The operator's name for it; unique within the service.
     pub label: String,
-    /// Its own address (DR: on the balancer's segment, and it holds the VIP on loopback).
-    #[serde(with = "ipv4")]
-    pub ip: Ipv4Addr,
+    /// Its own address, IPv4 or IPv6 (DR: on the balancer's segment, and it holds the VIP on
+    /// loopback). Either family serves VIPs of both: frames reach it by its MAC.
+    #[serde(with = "ip")]
+    pub ip: IpAddr,
     /// SNAT only: the port it listens on (port translation); default: the port the client
     /// connected to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -967,6 +1015,24 @@ impl serde::de::Visitor<'_> for PortSetVisitor {
     }
 }
 
+/// `IpAddr`'s own serde error is "invalid IP address syntax"; this one quotes the text.
+mod ip {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::IpAddr;
+
+    pub fn serialize<S: Serializer>(ip: &IpAddr, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(ip)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<IpAddr, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        // Named by the family it was meant to be: IPv6 addresses are the ones with colons.
+        let family = if text.contains(':') { "IPv6" } else { "IPv4" };
+        text.parse()
+            .map_err(|_| serde::de::Error::custom(format!("invalid {family} address {text:?}")))
+    }
+}
+
 /// `Ipv4Addr`'s own serde error is "invalid IPv4 address syntax"; this one quotes the text.
 mod ipv4 {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -1018,15 +1084,16 @@ impl Config {
             // A VIP or real server at a node's own address would take that node's traffic.
             for (i, service) in self.services.iter().enumerate() {
                 let node = std::iter::once(&ha.local_address).chain(&ha.peer_address.0);
-                for address in node {
+                for &address in node {
+                    let address = IpAddr::V4(address);
                     let path = format!("service[{i}] {:?}", service.label);
-                    if service.vip == *address {
+                    if service.has_vip(address) {
                         return Err(ConfigError::new(
                             format!("{path}.vip"),
                             format!("{address} is an address of a node of the HA pair"),
                         ));
                     }
-                    if let Some(j) = service.real_servers.iter().position(|rs| rs.ip == *address) {
+                    if let Some(j) = service.real_servers.iter().position(|rs| rs.ip == address) {
                         return Err(ConfigError::new(
                             format!("{path}.real_server[{j}].ip"),
                             format!("{address} is an address of a node of the HA pair"),
@@ -1048,15 +1115,17 @@ impl Config {
         for (i, service) in self.services.iter().enumerate() {
             let path = format!("service[{i}] {:?}", service.label);
             service.check(&path)?;
-            if vips.insert(service.vip) && vips.len() > MAX_VIPS {
-                return Err(ConfigError::new(
-                    format!("{path}.vip"),
-                    format!(
-                        "{} would be VIP number {}; lbd steers at most {MAX_VIPS} distinct VIPs",
-                        service.vip,
-                        vips.len()
-                    ),
-                ));
+            for vip in service.vips() {
+                if vips.insert(vip) && vips.len() > MAX_VIPS {
+                    return Err(ConfigError::new(
+                        format!("{path}.vip"),
+                        format!(
+                            "{vip} would be VIP number {}; lbd steers at most {MAX_VIPS} \
+                             distinct VIPs",
+                            vips.len()
+                        ),
+                    ));
+                }
             }
             for (j, earlier) in self.services[..i].iter().enumerate() {
                 if earlier.label == service.label {
@@ -1067,25 +1136,29 @@ impl Config {
                 }
                 // A DR VIP is lbd's (it answers ARP, the XDP program takes its frames); a SNAT
                 // VIP is the host's (HAProxy listens on it).
-                if earlier.vip == service.vip && earlier.mode != service.mode {
+                let Some(shared) = service.vips().find(|&vip| earlier.has_vip(vip)) else {
+                    continue;
+                };
+                if earlier.mode != service.mode {
                     return Err(ConfigError::new(
                         format!("{path}.mode"),
                         format!(
-                            "{} is the VIP of service[{j}] {:?} in mode {}: a VIP serves one \
-                             mode, dr or snat",
-                            service.vip, earlier.label, earlier.mode
+                            "{shared} is the VIP of service[{j}] {:?} in mode {}: a VIP serves \
+                             one mode, dr or snat",
+                            earlier.label, earlier.mode
                         ),
                     ));
                 }
-                if earlier.vip == service.vip
-                    && earlier.protocol == service.protocol
+                if earlier.protocol == service.protocol
                     && let Some(port) = earlier.ports.first_common(&service.ports)
                 {
                     return Err(ConfigError::new(
                         format!("{path}.ports"),
                         format!(
                             "{}:{port}/{} is already served by service[{j}] {:?}",
-                            service.vip, service.protocol, earlier.label
+                            SocketAddrText(shared),
+                            service.protocol,
+                            earlier.label
                         ),
                     ));
                 }
@@ -1226,6 +1299,13 @@ impl Service {
                 }
             }
             ServiceMode::Snat => {
+                if self.vips().any(|vip| vip.is_ipv6()) {
+                    let field = if self.vip.is_ipv6() { "vip" } else { "vip6" };
+                    return Err(ConfigError::new(
+                        format!("{path}.{field}"),
+                        "a mode = \"snat\" service has an IPv4 VIP only, so far",
+                    ));
+                }
                 if self.protocol != Protocol::Tcp {
                     return Err(ConfigError::new(
                         format!("{path}.protocol"),
@@ -1277,6 +1357,25 @@ impl Service {
         }
         check_unicast(self.vip)
             .map_err(|reason| ConfigError::new(format!("{path}.vip"), reason))?;
+        if let Some(vip6) = self.vip6 {
+            if self.vip.is_ipv6() {
+                return Err(ConfigError::new(
+                    format!("{path}.vip6"),
+                    "a second VIP is for an IPv4 vip; this one is IPv6 already",
+                ));
+            }
+            check_unicast(IpAddr::V6(vip6))
+                .map_err(|reason| ConfigError::new(format!("{path}.vip6"), reason))?;
+        }
+        if !(1..=128).contains(&self.persistence_prefix_v6) {
+            return Err(ConfigError::new(
+                format!("{path}.persistence_prefix_v6"),
+                format!(
+                    "{} is not a prefix length in 1..=128",
+                    self.persistence_prefix_v6
+                ),
+            ));
+        }
         if self.ports.is_empty() {
             return Err(ConfigError::new(format!("{path}.ports"), "no port given"));
         }
@@ -1313,7 +1412,7 @@ impl Service {
         if let Some(fallback) = self.fallback {
             check_unicast(fallback)
                 .map_err(|reason| ConfigError::new(format!("{path}.fallback"), reason))?;
-            if fallback == self.vip {
+            if self.has_vip(fallback) {
                 return Err(ConfigError::new(
                     format!("{path}.fallback"),
                     "is the service's VIP; the fallback server needs its own address",
@@ -1333,7 +1432,7 @@ impl Service {
             }
             check_unicast(rs.ip)
                 .map_err(|reason| ConfigError::new(format!("{rs_path}.ip"), reason))?;
-            if rs.ip == self.vip {
+            if self.has_vip(rs.ip) {
                 return Err(ConfigError::new(
                     format!("{rs_path}.ip"),
                     "is the service's VIP; a real server needs its own address",
@@ -1350,6 +1449,16 @@ impl Service {
                     return Err(ConfigError::new(
                         format!("{rs_path}.ip"),
                         format!("{} is already real_server[{j}] {:?}", rs.ip, earlier.label),
+                    ));
+                }
+                if real_server_key(earlier.ip) == real_server_key(rs.ip) {
+                    return Err(ConfigError::new(
+                        format!("{rs_path}.ip"),
+                        format!(
+                            "{} and real_server[{j}] {:?} ({}) share the packet path's 32-bit \
+                             key for a server; give one another address",
+                            rs.ip, earlier.label, earlier.ip
+                        ),
                     ));
                 }
             }
@@ -1375,19 +1484,28 @@ impl Service {
     }
 }
 
-fn check_unicast(ip: Ipv4Addr) -> Result<(), String> {
-    let kind = if ip.is_unspecified() {
-        "unspecified"
-    } else if ip.is_broadcast() {
-        "broadcast"
-    } else if ip.is_multicast() {
-        "multicast"
-    } else if ip.is_loopback() {
-        "loopback"
-    } else if ip.is_link_local() {
-        "link-local"
-    } else {
-        return Ok(());
+/// An address in `host:port` form: IPv6 in brackets.
+struct SocketAddrText(IpAddr);
+
+impl fmt::Display for SocketAddrText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "[{v6}]"),
+        }
+    }
+}
+
+fn check_unicast(ip: IpAddr) -> Result<(), String> {
+    let kind = match ip {
+        _ if ip.is_unspecified() => "unspecified",
+        _ if ip.is_multicast() => "multicast",
+        _ if ip.is_loopback() => "loopback",
+        IpAddr::V4(v4) if v4.is_broadcast() => "broadcast",
+        IpAddr::V4(v4) if v4.is_link_local() => "link-local",
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => "link-local",
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => "IPv4-mapped",
+        _ => return Ok(()),
     };
     Err(format!(
         "{ip} is a {kind} address; a unicast address is needed"

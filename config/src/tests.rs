@@ -93,7 +93,9 @@ fn the_documented_example_parses_exactly() {
             ha: None,
             services: vec![Service {
                 label: "Wowza Streaming".into(),
-                vip: Ipv4Addr::new(198, 18, 0, 100),
+                vip: Ipv4Addr::new(198, 18, 0, 100).into(),
+                vip6: None,
+                persistence_prefix_v6: 128,
                 ports: "1935".parse().expect("port"),
                 protocol: Protocol::Tcp,
                 mode: ServiceMode::Dr,
@@ -105,7 +107,7 @@ fn the_documented_example_parses_exactly() {
                 fallback: None,
                 real_servers: vec![RealServer {
                     label: "Wowza Srv 1".into(),
-                    ip: Ipv4Addr::new(198, 18, 0, 11),
+                    ip: Ipv4Addr::new(198, 18, 0, 11).into(),
                     port: None,
                     weight: 100,
                     min_connections: 0,
@@ -727,7 +729,7 @@ fn fallback_must_be_a_unicast_address_other_than_the_vip() {
             .expect("valid")
             .services[0]
             .fallback,
-        Some(Ipv4Addr::new(198, 18, 0, 50))
+        Some(Ipv4Addr::new(198, 18, 0, 50).into())
     );
     assert_rejected(&with("198.18.0.100"), "service[0] \"web\".fallback", "VIP");
     assert_rejected(
@@ -975,4 +977,86 @@ fn an_expected_body_has_no_line_breaks() {
         error.starts_with("service[0] \"Wowza GUI\".health_check.expect_body"),
         "{error}"
     );
+}
+
+#[test]
+fn ipv6_vips_and_real_servers_are_checked_like_ipv4_ones() {
+    let v6 = MINIMAL
+        .replace("vip = \"198.18.0.100\"", "vip = \"2001:2::100\"")
+        .replace("ip = \"198.18.0.11\"", "ip = \"2001:2::11\"");
+    let config = Config::from_toml_str(&v6).expect("an IPv6 service is valid");
+    assert_eq!(
+        config.services[0].vip,
+        "2001:2::100".parse::<IpAddr>().expect("address")
+    );
+    assert_eq!(config.services[0].persistence_prefix_v6, 128);
+    assert_eq!(config.services[0].client_mask_v6(), u128::MAX);
+    // Both families on one service; the prefix keeps a /64 together.
+    let both = MINIMAL.replace(
+        "vip = \"198.18.0.100\"",
+        "vip = \"198.18.0.100\"\nvip6 = \"2001:2::100\"\npersistence_prefix_v6 = 64",
+    );
+    let config = Config::from_toml_str(&both).expect("a dual-stack service is valid");
+    assert_eq!(
+        config.services[0].vips().collect::<Vec<_>>(),
+        [
+            "198.18.0.100".parse::<IpAddr>().expect("address"),
+            "2001:2::100".parse().expect("address")
+        ]
+    );
+    assert_eq!(config.services[0].client_mask_v6(), u128::MAX << 64);
+    // Round trip.
+    assert_eq!(
+        Config::from_toml_str(&config.to_toml_string()).expect("reads back"),
+        config
+    );
+
+    let service = "service[0] \"web\"";
+    assert_rejected(
+        &MINIMAL.replace("\"198.18.0.100\"", "\"2001:2::1::2\""),
+        &format!("{service}.vip"),
+        "invalid IPv6 address \"2001:2::1::2\"",
+    );
+    assert_rejected(
+        &v6.replace(
+            "vip = \"2001:2::100\"",
+            "vip = \"2001:2::100\"\nvip6 = \"2001:2::101\"",
+        ),
+        &format!("{service}.vip6"),
+        "this one is IPv6 already",
+    );
+    assert_rejected(
+        &MINIMAL.replace("\"198.18.0.100\"", "\"fe80::1\""),
+        &format!("{service}.vip"),
+        "fe80::1 is a link-local address",
+    );
+    assert_rejected(
+        &MINIMAL.replace("\"198.18.0.100\"", "\"::ffff:198.18.0.100\""),
+        &format!("{service}.vip"),
+        "IPv4-mapped",
+    );
+    for prefix in [0, 129] {
+        assert_rejected(
+            &both.replace(
+                "persistence_prefix_v6 = 64",
+                &format!("persistence_prefix_v6 = {prefix}"),
+            ),
+            &format!("{service}.persistence_prefix_v6"),
+            "prefix length in 1..=128",
+        );
+    }
+    // The second VIP counts when services share a VIP:port.
+    let clash =
+        format!("{both}\n[[service]]\nlabel = \"other\"\nvip = \"2001:2::100\"\nports = 8088\n");
+    assert_rejected(
+        &clash,
+        "service[1] \"other\".ports",
+        "[2001:2::100]:8088/tcp is already served by service[0]",
+    );
+    // Layer 7 is IPv4 only so far.
+    let snat = both.replace(
+        "ports = 8088",
+        "ports = 8088\nmode = \"snat\"\nlayer7_protocol = \"http\"",
+    );
+    assert_rejected(&snat, &format!("{service}.vip6"), "IPv4 VIP only");
 }

@@ -7,7 +7,7 @@ use lbd_config::{
     Layer7Protocol, MacAddr, Persistence, PortSet, Protocol, RealServer, Service, ServiceMode,
 };
 use lbd_proto::{Command, RealServerChanges, ServiceChanges};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 
 /// Control a running lbd over its unix socket.
@@ -46,9 +46,12 @@ pub enum Verb {
     AddVip {
         /// The service's label.
         label: String,
-        /// Its virtual IP.
+        /// Its virtual IP, IPv4 or IPv6.
         #[arg(long)]
-        vip: Ipv4Addr,
+        vip: IpAddr,
+        /// A second, IPv6 VIP for an IPv4 --vip: the service on both families.
+        #[arg(long)]
+        vip6: Option<Ipv6Addr>,
         /// Ports: 1935, "1935,8088" or "9000-9010".
         #[arg(long, value_parser = parse_ports)]
         ports: PortSet,
@@ -67,6 +70,10 @@ pub enum Verb {
         /// Seconds a client stays on its server after its last packet.
         #[arg(long, default_value_t = 300)]
         persistence_timeout: u32,
+        /// Leading bits of an IPv6 client's address that keep it on its server (64: its
+        /// privacy addresses stay together).
+        #[arg(long, default_value_t = 128)]
+        persistence_prefix_v6: u8,
         /// Maglev table size (a prime).
         #[arg(long, default_value_t = 65537)]
         table_size: u32,
@@ -77,9 +84,9 @@ pub enum Verb {
         service: String,
         /// The real server's label.
         label: String,
-        /// Its own IP address.
+        /// Its own IP address, IPv4 or IPv6.
         #[arg(long)]
-        ip: Ipv4Addr,
+        ip: IpAddr,
         /// For a snat service: the port it listens on (default: the client's port).
         #[arg(long)]
         port: Option<u16>,
@@ -150,17 +157,21 @@ impl Verb {
             Verb::AddVip {
                 label,
                 vip,
+                vip6,
                 ports,
                 protocol,
                 mode,
                 layer7_protocol,
                 persistence,
                 persistence_timeout,
+                persistence_prefix_v6,
                 table_size,
             } => Command::AddVip {
                 service: Service {
                     label,
                     vip,
+                    vip6,
+                    persistence_prefix_v6,
                     ports,
                     protocol,
                     mode,

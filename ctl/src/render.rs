@@ -43,9 +43,14 @@ pub fn status(report: &StatusReport) -> String {
         "LAST CHECK".to_owned(),
     ]];
     for service in &report.services {
+        // A service on both families shows both VIPs.
+        let vips = match service.vip6 {
+            Some(vip6) => format!("{} {vip6}", service.vip),
+            None => service.vip.to_string(),
+        };
         rows.push(vec![
             service.label.clone(),
-            service.vip.to_string(),
+            vips,
             service.ports.clone(),
             service.protocol.clone(),
             service.method.clone(),
@@ -54,7 +59,7 @@ pub fn status(report: &StatusReport) -> String {
         ]);
         for rs in &service.real_servers {
             let address = match rs.port {
-                Some(port) => format!("{}:{port}", rs.ip),
+                Some(port) => std::net::SocketAddr::new(rs.ip, port).to_string(),
                 None => rs.ip.to_string(),
             };
             rows.push(vec![
@@ -102,14 +107,16 @@ fn worker_lines(name: &str, w: &WorkerStats, out: &mut String) {
     };
     let _ = writeln!(
         out,
-        "{name}: rx {} forwarded {} ({} bytes) fallback {} arp-replies {} icmp-replies {} gratuitous-arps {} flows {} persistent-clients {}\n  drops: {}",
+        "{name}: rx {} forwarded {} ({} bytes) fallback {} arp-replies {} nd-replies {} icmp-replies {} gratuitous-arps {} unsolicited-nas {} flows {} persistent-clients {}\n  drops: {}",
         w.rx_frames,
         w.forwarded_packets,
         w.forwarded_bytes,
         w.fallback_packets,
         w.arp_replies,
+        w.nd_replies,
         w.icmp_echo_replies,
         w.gratuitous_arps,
+        w.unsolicited_nas,
         w.flows,
         w.persistent_clients,
         listed(&w.drops)
@@ -317,7 +324,8 @@ mod tests {
             ha: None,
             services: vec![ServiceStatus {
                 label: "Wowza Streaming".into(),
-                vip: Ipv4Addr::new(198, 18, 0, 100),
+                vip: Ipv4Addr::new(198, 18, 0, 100).into(),
+                vip6: None,
                 ports: "1935".into(),
                 protocol: "tcp".into(),
                 method: "Layer 4".into(),
@@ -327,7 +335,7 @@ mod tests {
                 real_servers: vec![
                     RealServerStatus {
                         label: "Wowza Srv 1".into(),
-                        ip: Ipv4Addr::new(198, 18, 0, 11),
+                        ip: Ipv4Addr::new(198, 18, 0, 11).into(),
                         port: None,
                         weight: 100,
                         conns: 12,
@@ -337,7 +345,7 @@ mod tests {
                     },
                     RealServerStatus {
                         label: "Wowza Srv 2".into(),
-                        ip: Ipv4Addr::new(198, 18, 0, 12),
+                        ip: Ipv4Addr::new(198, 18, 0, 12).into(),
                         port: Some(8080),
                         weight: 0,
                         conns: 0,

@@ -4,16 +4,19 @@
 // decides only where the frame goes, never what it becomes:
 //   - an IPv4 frame whose destination is a VIP, or an ARP request for a VIP, is redirected to
 //     the AF_XDP socket of the queue it arrived on (the worker of that queue handles it);
+//   - likewise an IPv6 frame whose destination is an IPv6 VIP (`lbd_vips6`), or a Neighbor
+//     Solicitation (ICMPv6 type 135, right after the fixed header) whose target is one;
 //   - everything else gets XDP_PASS, so the host's own networking (ssh, management, health
 //     checks, neighbour resolution for the real servers) keeps working on the same interface.
 // The engine fills `lbd_vips` with the configured VIPs and `lbd_xsks` with one socket per
 // served queue. If a queue has no socket, bpf_redirect_map falls back to XDP_PASS.
 // A VIP's flags say whether this node answers ARP for it (VIP_ANSWERS_ARP): in an HA pair only
-// the active node does; a passive one still takes every IPv4 frame to a VIP.
+// the active node does; a passive one still takes every IP frame to a VIP.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -27,6 +30,17 @@ struct {
 	__type(key, __u32);   // VIP, network byte order
 	__type(value, __u32); // VIP_ANSWERS_ARP or 0
 } lbd_vips SEC(".maps");
+
+struct vip6 {
+	__u8 addr[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_VIPS);
+	__type(key, struct vip6); // IPv6 VIP, network byte order
+	__type(value, __u32);     // VIP_ANSWERS_ARP (answers Neighbor Solicitations) or 0
+} lbd_vips6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
@@ -81,9 +95,30 @@ int lbd_steer(struct xdp_md *ctx)
 		flags = bpf_map_lookup_elem(&lbd_vips, &target);
 		if (!flags || !(*flags & VIP_ANSWERS_ARP))
 			return XDP_PASS;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		struct vip6 key;
+		__u32 *flags;
+		if ((void *)(ip6 + 1) > data_end)
+			return XDP_PASS;
+		__builtin_memcpy(key.addr, &ip6->daddr, sizeof(key.addr));
+		if (bpf_map_lookup_elem(&lbd_vips6, &key))
+			goto redirect;
+		// A Neighbor Solicitation goes to the solicited-node multicast address: its target
+		// says whom it asks for (ICMPv6 type 135, code 0, checksum, reserved, target).
+		if (ip6->nexthdr != 58)
+			return XDP_PASS;
+		__u8 *icmp = (void *)(ip6 + 1);
+		if ((void *)(icmp + 24) > data_end || icmp[0] != 135)
+			return XDP_PASS;
+		__builtin_memcpy(key.addr, icmp + 8, sizeof(key.addr));
+		flags = bpf_map_lookup_elem(&lbd_vips6, &key);
+		if (!flags || !(*flags & VIP_ANSWERS_ARP))
+			return XDP_PASS;
 	} else {
 		return XDP_PASS;
 	}
+redirect:
 	return bpf_redirect_map(&lbd_xsks, ctx->rx_queue_index, XDP_PASS);
 }
 

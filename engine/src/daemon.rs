@@ -657,6 +657,7 @@ fn log_services(config: &Config, snapshot: &Snapshot) {
         tracing::info!(
             service = %service.label,
             vip = %service.vip,
+            vip6 = ?service.vip6,
             ports = %configured.ports,
             protocol = %configured.protocol,
             real_servers = %servers.join(", "),
@@ -667,7 +668,7 @@ fn log_services(config: &Config, snapshot: &Snapshot) {
                 service = %service.label,
                 real_server = %rs.label,
                 ip = %rs.ip,
-                "real server unresolved: no MAC in the neighbour table; it gets no traffic until it answers ARP"
+                "real server unresolved: no MAC in the neighbour table; it gets no traffic until it answers ARP (or Neighbor Discovery)"
             );
         }
     }
@@ -681,6 +682,8 @@ fn log_counters(total: &Counters) {
         arp_replies = total.arp_replies,
         icmp_echo_replies = total.icmp_echo_replies,
         gratuitous_arps = total.gratuitous_arps,
+        nd_replies = total.nd_replies,
+        unsolicited_nas = total.unsolicited_nas,
         "totals"
     );
     for reason in DropReason::ALL {

@@ -18,7 +18,7 @@ use lbd_config::{
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The protocol version this build speaks.
 pub const VERSION: u32 = 1;
@@ -180,7 +180,18 @@ pub struct ServiceChanges {
     /// New VIP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
-    pub vip: Option<Ipv4Addr>,
+    pub vip: Option<IpAddr>,
+    /// New second (IPv6) VIP, for a service whose VIP is IPv4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub vip6: Option<Ipv6Addr>,
+    /// New IPv6 persistence prefix length (1..=128).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "persistence-prefix-v6", value_name = "BITS")
+    )]
+    pub persistence_prefix_v6: Option<u8>,
     /// New ports: 1935, "1935,8088" or "9000-9010".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
@@ -229,7 +240,7 @@ pub struct RealServerChanges {
     /// New address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
-    pub ip: Option<Ipv4Addr>,
+    pub ip: Option<IpAddr>,
     /// New weight.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "cli", arg(long))]
@@ -415,7 +426,10 @@ pub struct ServiceStatus {
     /// Label.
     pub label: String,
     /// VIP.
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
+    /// The second (IPv6) VIP, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip6: Option<Ipv6Addr>,
     /// Ports, e.g. `1935,8088`.
     pub ports: String,
     /// `tcp` or `udp`.
@@ -439,7 +453,7 @@ pub struct RealServerStatus {
     /// Label.
     pub label: String,
     /// Address.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The port it listens on, when a SNAT service translates the port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
@@ -487,6 +501,12 @@ pub struct WorkerStats {
     pub icmp_echo_replies: u64,
     /// Gratuitous ARPs sent.
     pub gratuitous_arps: u64,
+    /// Neighbor Advertisements sent answering solicitations for IPv6 VIPs.
+    #[serde(default)]
+    pub nd_replies: u64,
+    /// Unsolicited Neighbor Advertisements sent (IPv6's gratuitous ARP).
+    #[serde(default)]
+    pub unsolicited_nas: u64,
     /// Frames sent to fallback servers.
     #[serde(default)]
     pub fallback_packets: u64,
@@ -650,7 +670,7 @@ mod tests {
         .remove(0);
         let real_server = RealServer {
             label: "a".into(),
-            ip: Ipv4Addr::new(198, 18, 0, 11),
+            ip: Ipv4Addr::new(198, 18, 0, 11).into(),
             port: Some(8080),
             weight: 5,
             min_connections: 0,

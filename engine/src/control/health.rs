@@ -11,7 +11,7 @@ use crossbeam::channel::{Receiver, Sender, unbounded};
 use lbd_config::{HealthCheck, HealthKind};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,9 +30,9 @@ pub struct Target {
     /// The real server's label.
     pub label: String,
     /// The service's VIP (for external commands).
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
     /// The real server's own address.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The port checked.
     pub port: u16,
     /// How.
@@ -171,7 +171,11 @@ fn http_check(target: &Target, address: SocketAddr, timeout: Duration) -> Result
         .check
         .host
         .clone()
-        .unwrap_or_else(|| target.ip.to_string());
+        .unwrap_or_else(|| match target.ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            // RFC 9110 7.2: an IPv6 literal in brackets.
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        });
     let request = format!(
         "GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n",
         target.check.path
@@ -384,8 +388,8 @@ mod tests {
         Target {
             service: "web".into(),
             label: "a".into(),
-            vip: Ipv4Addr::new(198, 18, 0, 100),
-            ip: Ipv4Addr::LOCALHOST,
+            vip: std::net::Ipv4Addr::new(198, 18, 0, 100).into(),
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
             port,
             check,
         }

@@ -11,7 +11,7 @@ use crate::packet::snapshot::AdminState;
 use lbd_config::{Config, Service, ServiceMode};
 use lbd_proto::{Layer7Stats, RealServerStatus, ServiceStatus};
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 fn admin(state: AdminState) -> Admin {
     match state {
@@ -21,9 +21,14 @@ fn admin(state: AdminState) -> Admin {
     }
 }
 
-/// The SNAT VIPs of `config`.
+/// The SNAT VIPs of `config` (IPv4 only: the config refuses others).
 pub fn snat_vips(config: &Config) -> BTreeSet<Ipv4Addr> {
-    snat_services(config).map(|(_, s)| s.vip).collect()
+    snat_services(config)
+        .filter_map(|(_, s)| match s.vip {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect()
 }
 
 /// The runtime API lines that take HAProxy from `old`'s server states and weights to `new`'s,
@@ -125,6 +130,9 @@ impl Control {
             BTreeSet::new()
         };
         for (name, vip) in self.host.local_addresses().unwrap_or_default() {
+            let IpAddr::V4(vip) = vip else {
+                continue;
+            };
             if name == label && !wanted.contains(&vip) {
                 tracing::info!(%vip, "taking a SNAT VIP left by an earlier lbd off the interface");
                 if let Err(error) = self.host.release_vip(vip) {
@@ -169,7 +177,7 @@ impl Control {
                 .commands
                 .send(crate::io::worker::WorkerCommand::Announce(
                     self.own_mac,
-                    arriving,
+                    arriving.into_iter().map(IpAddr::V4).collect(),
                 ));
         }
     }
@@ -211,7 +219,10 @@ impl Control {
             let path = format!("service[{i}] {:?}", service.label);
             let on_segment = networks.iter().any(|&(ip, prefix)| {
                 let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-                u32::from(ip) & mask == u32::from(service.vip) & mask && prefix < 32
+                let IpAddr::V4(vip) = service.vip else {
+                    return false;
+                };
+                u32::from(ip) & mask == u32::from(vip) & mask && prefix < 32
             });
             if !on_segment {
                 let listed: Vec<String> =
@@ -284,6 +295,7 @@ impl Control {
         ServiceStatus {
             label: service.label.clone(),
             vip: service.vip,
+            vip6: None,
             ports: service.ports.to_string(),
             protocol: service.protocol.to_string(),
             method: "Layer 7".to_owned(),

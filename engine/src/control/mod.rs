@@ -46,7 +46,7 @@ use lbd_proto::{
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,7 +169,7 @@ pub struct Control {
     snapshot: Arc<Snapshot>,
     ids: ServiceIds,
     operator: OperatorStates,
-    macs: HashMap<Ipv4Addr, [u8; 6]>,
+    macs: HashMap<IpAddr, [u8; 6]>,
     steering: Box<dyn VipSteering>,
     host: Box<dyn HostFacts>,
     clock: Box<dyn Clock>,
@@ -383,7 +383,7 @@ impl Control {
         config: Config,
         config_path: PathBuf,
         own_mac: [u8; 6],
-        macs: HashMap<Ipv4Addr, [u8; 6]>,
+        macs: HashMap<IpAddr, [u8; 6]>,
         doors: Doors,
     ) -> Control {
         let Doors {
@@ -489,7 +489,7 @@ impl Control {
     /// One gratuitous ARP round for every VIP, sent by the first worker (every queue shares
     /// the interface).
     pub fn announce_vips(&self) {
-        let vips: Vec<Ipv4Addr> = vip_set(&self.config).into_iter().collect();
+        let vips: Vec<IpAddr> = vip_set(&self.config).into_iter().collect();
         if !vips.is_empty()
             && let Some(first) = self.workers.first()
         {
@@ -552,8 +552,8 @@ impl Control {
 
     /// A VIP an operator may add: not the address of another host on the segment (one in
     /// the neighbour table with another MAC), which lbd would then answer ARP for in its place.
-    fn operator_may_take(&self, vip: Ipv4Addr) -> Result<(), ControlError> {
-        if self.config.services.iter().any(|s| s.vip == vip) {
+    fn operator_may_take(&self, vip: IpAddr) -> Result<(), ControlError> {
+        if self.config.services.iter().any(|s| s.has_vip(vip)) {
             return Ok(());
         }
         let neighbours = self.host.neighbours().map_err(|e| {
@@ -722,6 +722,12 @@ impl Control {
         if let Some(vip) = changes.vip {
             service.vip = vip;
         }
+        if let Some(vip6) = changes.vip6 {
+            service.vip6 = Some(vip6);
+        }
+        if let Some(prefix) = changes.persistence_prefix_v6 {
+            service.persistence_prefix_v6 = prefix;
+        }
         if let Some(ports) = changes.ports {
             service.ports = ports;
         }
@@ -854,8 +860,8 @@ impl Control {
         self.ask_for_missing_macs(&config);
         let old_vips = vip_set(&self.config);
         let new_vips = vip_set(&config);
-        let leaving: Vec<Ipv4Addr> = old_vips.difference(&new_vips).copied().collect();
-        let arriving: Vec<Ipv4Addr> = new_vips.difference(&old_vips).copied().collect();
+        let leaving: Vec<IpAddr> = old_vips.difference(&new_vips).copied().collect();
+        let arriving: Vec<IpAddr> = new_vips.difference(&old_vips).copied().collect();
         let generation = self.snapshot.generation + 1;
         operator.note_weights(&self.config, &config);
         let snapshot = Arc::new(self.build(&config, &operator, &mut ids, generation));
@@ -1025,7 +1031,7 @@ impl Control {
     /// change adds, and again those still missing), without waiting: they take traffic once
     /// [`Control::refresh_neighbours`] learns them.
     fn ask_for_missing_macs(&mut self, config: &Config) {
-        let missing: Vec<Ipv4Addr> = addresses_to_resolve(config)
+        let missing: Vec<IpAddr> = addresses_to_resolve(config)
             .into_iter()
             .filter(|ip| !self.macs.contains_key(ip))
             .collect();
@@ -1213,22 +1219,26 @@ impl Control {
                 ServiceStatus {
                     label: entry.label.clone(),
                     vip: entry.vip,
+                    vip6: entry.vip6,
                     ports: configured.ports.to_string(),
                     protocol: configured.protocol.to_string(),
                     method: "Layer 4".to_owned(),
                     mode: "DR".to_owned(),
                     conns: real_servers.iter().map(|rs| rs.conns).sum(),
-                    fallback: entry.fallback.map(|(ip, mac)| {
-                        let use_ = if entry.all_unavailable() {
-                            "in use"
-                        } else {
-                            "standby"
-                        };
-                        match mac {
-                            Some(_) => format!("{ip} ({use_})"),
-                            None => format!("{ip} ({use_}, unresolved)"),
-                        }
-                    }),
+                    fallback: entry
+                        .fallback
+                        .zip(configured.fallback)
+                        .map(|((_, mac), ip)| {
+                            let use_ = if entry.all_unavailable() {
+                                "in use"
+                            } else {
+                                "standby"
+                            };
+                            match mac {
+                                Some(_) => format!("{ip} ({use_})"),
+                                None => format!("{ip} ({use_}, unresolved)"),
+                            }
+                        }),
                     real_servers,
                 }
             })
@@ -1319,6 +1329,8 @@ impl Control {
             arp_replies: counters.arp_replies,
             icmp_echo_replies: counters.icmp_echo_replies,
             gratuitous_arps: counters.gratuitous_arps,
+            nd_replies: counters.nd_replies,
+            unsolicited_nas: counters.unsolicited_nas,
             fallback_packets: counters.fallback,
             flows: 0,
             persistent_clients: 0,
@@ -1368,8 +1380,8 @@ pub fn publish(workers: &[WorkerLink], snapshot: Arc<Snapshot>, timeout: Duratio
 /// what it had done, so that the map is as it was, and names the VIP that failed.
 fn update_vips(
     steering: &mut dyn VipSteering,
-    leaving: &[Ipv4Addr],
-    arriving: &[Ipv4Addr],
+    leaving: &[IpAddr],
+    arriving: &[IpAddr],
     answer_arp: bool,
 ) -> Result<(), String> {
     for (done, &vip) in leaving.iter().enumerate() {
@@ -1414,9 +1426,9 @@ fn rs_has_external_check(real_server: &RealServer) -> bool {
 /// Refuses a VIP, real server or fallback that is one of the host's own addresses (`local`):
 /// the balancer would take the host's own traffic for it (its health-check replies among
 /// them) or forward frames to itself.
-pub fn check_host_addresses(config: &Config, local: &[(String, Ipv4Addr)]) -> Result<(), String> {
+pub fn check_host_addresses(config: &Config, local: &[(String, IpAddr)]) -> Result<(), String> {
     // The addresses lbd put on the interface itself (SNAT VIPs) are not the host's own.
-    let owner = |ip: Ipv4Addr| {
+    let owner = |ip: IpAddr| {
         local
             .iter()
             .find(|(name, a)| *a == ip && !name.ends_with(host::LABEL_SUFFIX))
@@ -1424,12 +1436,18 @@ pub fn check_host_addresses(config: &Config, local: &[(String, Ipv4Addr)]) -> Re
     };
     for (i, service) in config.services.iter().enumerate() {
         let path = format!("service[{i}] {:?}", service.label);
-        if let Some(interface) = owner(service.vip) {
-            return Err(format!(
-                "{path}.vip: {} is an address of this host ({interface}); a VIP must be an \
-                 address of its own",
-                service.vip
-            ));
+        for (field, vip) in [
+            ("vip", Some(service.vip)),
+            ("vip6", service.vip6.map(IpAddr::V6)),
+        ] {
+            if let Some(vip) = vip
+                && let Some(interface) = owner(vip)
+            {
+                return Err(format!(
+                    "{path}.{field}: {vip} is an address of this host ({interface}); a VIP must \
+                     be an address of its own",
+                ));
+            }
         }
         if let Some(fallback) = service.fallback
             && let Some(interface) = owner(fallback)
@@ -1453,8 +1471,8 @@ pub fn check_host_addresses(config: &Config, local: &[(String, Ipv4Addr)]) -> Re
 }
 
 /// Every address whose MAC lbd must learn: real servers without a pinned MAC, and fallbacks.
-pub fn addresses_to_resolve(config: &Config) -> Vec<Ipv4Addr> {
-    let mut ips: Vec<Ipv4Addr> = config
+pub fn addresses_to_resolve(config: &Config) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = config
         .services
         .iter()
         .flat_map(|s| {
@@ -1506,12 +1524,12 @@ fn real_server_index(
 }
 
 /// The VIPs lbd steers and answers ARP for itself: those of its DR services.
-fn vip_set(config: &Config) -> BTreeSet<Ipv4Addr> {
+fn vip_set(config: &Config) -> BTreeSet<IpAddr> {
     config
         .services
         .iter()
         .filter(|s| layer7::is_dr(s))
-        .map(|s| s.vip)
+        .flat_map(|s| s.vips())
         .collect()
 }
 
@@ -1622,14 +1640,14 @@ mod tests {
     const CONFIG: &str = "[engine]\ninterface = \"eth0\"\nqueues = [0]\n\n\
         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"198.18.0.100\"\nports = 8088\n\n\
         [[service.real_server]]\nlabel = \"Wowza Srv 1\"\nip = \"198.18.0.11\"\n";
-    const HOST_ADDRESS: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+    const HOST_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
 
     /// What the fake steering map saw: each update with the generation the worker used then.
     #[derive(Debug, Default)]
     struct Map {
-        vips: BTreeSet<Ipv4Addr>,
-        events: Vec<(&'static str, Ipv4Addr, u64)>,
-        refuse: Option<Ipv4Addr>,
+        vips: BTreeSet<IpAddr>,
+        events: Vec<(&'static str, IpAddr, u64)>,
+        refuse: Option<IpAddr>,
     }
 
     struct FakeSteering {
@@ -1638,7 +1656,7 @@ mod tests {
     }
 
     impl VipSteering for FakeSteering {
-        fn add_vip(&mut self, vip: Ipv4Addr, _answer_arp: bool) -> Result<(), SteerError> {
+        fn add_vip(&mut self, vip: IpAddr, _answer_arp: bool) -> Result<(), SteerError> {
             let mut map = self.map.lock().expect("map");
             if map.refuse == Some(vip) {
                 return Err(SteerError::Load("no room in the map".into()));
@@ -1649,7 +1667,7 @@ mod tests {
             Ok(())
         }
 
-        fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
+        fn remove_vip(&mut self, vip: IpAddr) -> Result<(), SteerError> {
             let mut map = self.map.lock().expect("map");
             let generation = self.worker_generation.load(Ordering::Acquire);
             map.events.push(("remove", vip, generation));
@@ -1660,8 +1678,8 @@ mod tests {
 
     #[derive(Default)]
     struct FakeHost {
-        neighbours: Arc<Mutex<HashMap<Ipv4Addr, [u8; 6]>>>,
-        asked: Arc<Mutex<Vec<Ipv4Addr>>>,
+        neighbours: Arc<Mutex<HashMap<IpAddr, [u8; 6]>>>,
+        asked: Arc<Mutex<Vec<IpAddr>>>,
         /// The SNAT VIPs put on the interface.
         held: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
     }
@@ -1702,18 +1720,18 @@ mod tests {
     }
 
     impl HostFacts for FakeHost {
-        fn local_addresses(&self) -> std::io::Result<Vec<(String, Ipv4Addr)>> {
+        fn local_addresses(&self) -> std::io::Result<Vec<(String, IpAddr)>> {
             Ok(vec![
-                ("lo".into(), Ipv4Addr::LOCALHOST),
+                ("lo".into(), Ipv4Addr::LOCALHOST.into()),
                 ("eth0".into(), HOST_ADDRESS),
             ])
         }
 
-        fn neighbours(&self) -> std::io::Result<HashMap<Ipv4Addr, [u8; 6]>> {
+        fn neighbours(&self) -> std::io::Result<HashMap<IpAddr, [u8; 6]>> {
             Ok(self.neighbours.lock().expect("neighbours").clone())
         }
 
-        fn trigger_resolution(&self, ip: Ipv4Addr) -> std::io::Result<()> {
+        fn trigger_resolution(&self, ip: IpAddr) -> std::io::Result<()> {
             self.asked.lock().expect("asked").push(ip);
             Ok(())
         }
@@ -1721,7 +1739,7 @@ mod tests {
         fn local_networks(&self) -> std::io::Result<Vec<(String, Ipv4Addr, u8)>> {
             Ok(vec![
                 ("lo".into(), Ipv4Addr::LOCALHOST, 8),
-                ("eth0".into(), HOST_ADDRESS, 16),
+                ("eth0".into(), Ipv4Addr::new(198, 18, 0, 2), 16),
             ])
         }
 
@@ -1754,8 +1772,8 @@ mod tests {
     struct Rig {
         control: Control,
         map: Arc<Mutex<Map>>,
-        neighbours: Arc<Mutex<HashMap<Ipv4Addr, [u8; 6]>>>,
-        asked: Arc<Mutex<Vec<Ipv4Addr>>>,
+        neighbours: Arc<Mutex<HashMap<IpAddr, [u8; 6]>>>,
+        asked: Arc<Mutex<Vec<IpAddr>>>,
         /// The connections the fake worker reports, per service and real server.
         connections: Arc<Mutex<Vec<Vec<u64>>>>,
         clock: Arc<Mutex<Instant>>,
@@ -1798,7 +1816,7 @@ mod tests {
             config,
             path,
             [2, 0, 0, 0, 0, 2],
-            HashMap::from([(Ipv4Addr::new(198, 18, 0, 11), [2, 0, 0, 0, 0, 0x11])]),
+            HashMap::from([(Ipv4Addr::new(198, 18, 0, 11).into(), [2, 0, 0, 0, 0, 0x11])]),
             Doors {
                 steering: Box::new(FakeSteering {
                     map: Arc::clone(&map),
@@ -1938,7 +1956,7 @@ mod tests {
             Role::Root,
         ));
         let events = rig.map.lock().expect("map").events.clone();
-        let vip = Ipv4Addr::new(198, 18, 0, 101);
+        let vip: IpAddr = Ipv4Addr::new(198, 18, 0, 101).into();
         let of_vip: Vec<_> = events.iter().filter(|(_, v, _)| *v == vip).collect();
         // Added once the worker used generation 2 (which knows it); removed while the worker
         // still used generation 2, before generation 3 (which does not) reached it.
@@ -1954,10 +1972,10 @@ mod tests {
     fn a_change_whose_steering_update_fails_is_undone() {
         let mut rig = rig(true);
         let before = rig.control.config().clone();
-        rig.map.lock().expect("map").refuse = Some(Ipv4Addr::new(198, 18, 0, 101));
+        rig.map.lock().expect("map").refuse = Some(Ipv4Addr::new(198, 18, 0, 101).into());
         // The change also moves "Wowza GUI" off its VIP: that VIP's removal is undone too.
         let mut config = before.clone();
-        config.services[0].vip = Ipv4Addr::new(198, 18, 0, 101);
+        config.services[0].vip = Ipv4Addr::new(198, 18, 0, 101).into();
         std::fs::write(&rig.control.config_path, config.to_toml_string()).expect("write");
         let refused = error_of(rig.control.handle(Command::Reload, Role::Root));
         assert!(
@@ -1969,7 +1987,7 @@ mod tests {
         let map = rig.map.lock().expect("map");
         assert_eq!(
             map.vips,
-            BTreeSet::from([Ipv4Addr::new(198, 18, 0, 100)]),
+            BTreeSet::from([Ipv4Addr::new(198, 18, 0, 100).into()]),
             "{:?}",
             map.events
         );
@@ -2006,7 +2024,7 @@ mod tests {
         let mut rig = rig(true);
         let rs2 = RealServer {
             label: "Wowza Srv 2".into(),
-            ip: Ipv4Addr::new(198, 18, 0, 12),
+            ip: Ipv4Addr::new(198, 18, 0, 12).into(),
             ..rig.control.config().services[0].real_servers[0].clone()
         };
         // Nobody answers for it: the change is done at once, the server unresolved.
@@ -2030,7 +2048,7 @@ mod tests {
         rig.neighbours
             .lock()
             .expect("neighbours")
-            .insert(Ipv4Addr::new(198, 18, 0, 12), [2, 0, 0, 0, 0, 0x12]);
+            .insert(Ipv4Addr::new(198, 18, 0, 12).into(), [2, 0, 0, 0, 0, 0x12]);
         rig.control.refresh_neighbours(false);
         assert_eq!(
             rig.control.snapshot().services[0].real_servers[1].state_name(),
@@ -2096,7 +2114,7 @@ mod tests {
         };
         let mut rs2 = rig.control.config().services[0].real_servers[0].clone();
         rs2.label = "Wowza Srv 2".into();
-        rs2.ip = Ipv4Addr::new(198, 18, 0, 12);
+        rs2.ip = Ipv4Addr::new(198, 18, 0, 12).into();
         rs2.health_check = Some(external.clone());
         let add_rip = Command::AddRip {
             service: "Wowza GUI".into(),
@@ -2134,7 +2152,7 @@ mod tests {
         rig.neighbours
             .lock()
             .expect("neighbours")
-            .insert(Ipv4Addr::new(198, 18, 0, 1), [2, 0, 0, 0, 0, 1]);
+            .insert(Ipv4Addr::new(198, 18, 0, 1).into(), [2, 0, 0, 0, 0, 1]);
         let hijack = error_of(rig.control.handle(
             Command::AddVip {
                 service: service("Gateway", "198.18.0.1"),
@@ -2254,7 +2272,7 @@ mod tests {
     #[test]
     fn macs_are_learned_kept_when_the_kernel_forgets_them_and_asked_for_again() {
         let mut rig = rig(true);
-        let rs2 = Ipv4Addr::new(198, 18, 0, 12);
+        let rs2: IpAddr = Ipv4Addr::new(198, 18, 0, 12).into();
         let mut second = rig.control.config().services[0].real_servers[0].clone();
         second.label = "Wowza Srv 2".into();
         second.ip = rs2;
@@ -2298,7 +2316,7 @@ mod tests {
         assert!(!rig.control.awaiting_macs(), "nothing asked for");
         let mut ghost = rig.control.config().services[0].real_servers[0].clone();
         ghost.label = "Ghost".into();
-        ghost.ip = Ipv4Addr::new(198, 18, 0, 99);
+        ghost.ip = Ipv4Addr::new(198, 18, 0, 99).into();
         done(rig.control.handle(
             Command::AddRip {
                 service: "Wowza GUI".into(),
@@ -2340,7 +2358,7 @@ mod tests {
             },
             Command::AddVip {
                 service: Service {
-                    vip: Ipv4Addr::new(198, 18, 0, 101),
+                    vip: Ipv4Addr::new(198, 18, 0, 101).into(),
                     ..rig.control.config().services[0].clone()
                 },
             },
@@ -2387,7 +2405,7 @@ mod tests {
         // Changes on the active node: a second server, drained; the first found down.
         let mut second = active.control.config().services[0].real_servers[0].clone();
         second.label = "Wowza Srv 2".into();
-        second.ip = Ipv4Addr::new(198, 18, 0, 12);
+        second.ip = Ipv4Addr::new(198, 18, 0, 12).into();
         second.mac = Some(lbd_config::MacAddr([2, 0, 0, 0, 0, 0x12]));
         done(active.control.handle(
             Command::AddRip {
@@ -2535,7 +2553,7 @@ mod tests {
                 .lock()
                 .expect("map")
                 .vips
-                .contains(&Ipv4Addr::new(198, 18, 0, 101))
+                .contains(&Ipv4Addr::new(198, 18, 0, 101).into())
         );
         assert!(
             rig.control
@@ -2587,7 +2605,7 @@ mod tests {
         // A new server means a reload; one HAProxy refuses changes nothing.
         let mut second = snat_service().real_servers.remove(0);
         second.label = "Wowza Srv 2".into();
-        second.ip = Ipv4Addr::new(198, 18, 0, 12);
+        second.ip = Ipv4Addr::new(198, 18, 0, 12).into();
         rig.haproxy.lock().expect("haproxy").refuse =
             Some("HAProxy refused the configuration: [ALERT] something".into());
         let before = rig.control.config().clone();
@@ -2625,7 +2643,7 @@ mod tests {
         assert!(rig.held.lock().expect("held").is_empty());
         // A SNAT VIP must be on the segment, where clients can reach it.
         let mut far = snat_service();
-        far.vip = Ipv4Addr::new(203, 0, 113, 9);
+        far.vip = Ipv4Addr::new(203, 0, 113, 9).into();
         let refused = error_of(
             rig.control
                 .handle(Command::AddVip { service: far }, Role::Root),

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::path::{Path, PathBuf};
 
 /// `ATF_COM` in /proc/net/arp's flags column: the entry is complete (has a MAC).
@@ -66,12 +66,17 @@ pub fn link_up(interface: &str) -> bool {
         .is_ok_and(|state| matches!(state.trim(), "up" | "unknown"))
 }
 
-/// Every IPv4 address of this host (of its network namespace), with its interface.
-pub fn local_addresses() -> io::Result<Vec<(String, Ipv4Addr)>> {
+/// Every IPv4 and IPv6 address of this host (of its network namespace), with its interface.
+pub fn local_addresses() -> io::Result<Vec<(String, IpAddr)>> {
     let addresses = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
     Ok(addresses
         .filter_map(|interface| {
-            let ip = interface.address?.as_sockaddr_in()?.ip();
+            let address = interface.address?;
+            let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                (Some(v4), _) => IpAddr::V4(v4.ip()),
+                (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                _ => return None,
+            };
             Some((interface.interface_name, ip))
         })
         .collect())
@@ -118,7 +123,6 @@ fn change_address(interface: &str, ip: Ipv4Addr, add: bool) -> io::Result<()> {
     };
     use netlink_packet_route::address::{AddressAttribute, AddressMessage};
     use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
     let index: u32 = fs::read_to_string(sysfs_interface(interface).join("ifindex"))?
         .trim()
@@ -150,14 +154,7 @@ fn change_address(interface: &str, ip: Ipv4Addr, add: bool) -> io::Result<()> {
     } else {
         RouteNetlinkMessage::DelAddress(message)
     };
-    let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(inner));
-    packet.finalize();
-    let mut request = vec![0; packet.header.length as usize];
-    packet.serialize(&mut request);
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    socket.send(&request, 0)?;
+    let socket = send_route_request(header, inner)?;
     let mut reply = vec![0; 4096];
     let received = socket.recv(&mut &mut reply[..], 0)?;
     let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[..received])
@@ -169,6 +166,25 @@ fn change_address(interface: &str, ip: Ipv4Addr, add: bool) -> io::Result<()> {
             "unexpected netlink answer: {other:?}"
         ))),
     }
+}
+
+/// Sends one rtnetlink request on a new socket, which is returned for the answers.
+fn send_route_request(
+    header: netlink_packet_core::NetlinkHeader,
+    message: netlink_packet_route::RouteNetlinkMessage,
+) -> io::Result<netlink_sys::Socket> {
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+    let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
+    packet.finalize();
+    let mut request = vec![0; packet.header.length as usize];
+    packet.serialize(&mut request);
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket.send(&request, 0)?;
+    Ok(socket)
 }
 
 /// Whether this process may listen on ports below 1024: it has CAP_NET_BIND_SERVICE, or the
@@ -195,14 +211,14 @@ pub fn may_bind_low_ports() -> bool {
 
 /// What the control side needs from the host, in one place that tests can replace.
 pub trait HostFacts: Send {
-    /// Every IPv4 address of this host, with its interface (or address label).
-    fn local_addresses(&self) -> io::Result<Vec<(String, Ipv4Addr)>>;
+    /// Every IPv4 and IPv6 address of this host, with its interface (or address label).
+    fn local_addresses(&self) -> io::Result<Vec<(String, IpAddr)>>;
     /// Every IPv4 network of this host: interface (or label), address, prefix length.
     fn local_networks(&self) -> io::Result<Vec<(String, Ipv4Addr, u8)>>;
     /// The complete IPv4 neighbour entries on the balancer's interface.
-    fn neighbours(&self) -> io::Result<HashMap<Ipv4Addr, [u8; 6]>>;
+    fn neighbours(&self) -> io::Result<HashMap<IpAddr, [u8; 6]>>;
     /// Makes the kernel resolve `ip`'s MAC.
-    fn trigger_resolution(&self, ip: Ipv4Addr) -> io::Result<()>;
+    fn trigger_resolution(&self, ip: IpAddr) -> io::Result<()>;
     /// Puts a SNAT VIP on the balancer's interface (the host stack, and HAProxy, take it).
     fn hold_vip(&self, ip: Ipv4Addr) -> io::Result<()>;
     /// Takes a SNAT VIP off it.
@@ -217,15 +233,15 @@ pub struct SystemHost {
 }
 
 impl HostFacts for SystemHost {
-    fn local_addresses(&self) -> io::Result<Vec<(String, Ipv4Addr)>> {
+    fn local_addresses(&self) -> io::Result<Vec<(String, IpAddr)>> {
         local_addresses()
     }
 
-    fn neighbours(&self) -> io::Result<HashMap<Ipv4Addr, [u8; 6]>> {
+    fn neighbours(&self) -> io::Result<HashMap<IpAddr, [u8; 6]>> {
         neighbours(&self.interface)
     }
 
-    fn trigger_resolution(&self, ip: Ipv4Addr) -> io::Result<()> {
+    fn trigger_resolution(&self, ip: IpAddr) -> io::Result<()> {
         trigger_resolution(ip)
     }
 
@@ -279,17 +295,102 @@ pub fn parse_neighbours(table: &str, interface: &str) -> HashMap<Ipv4Addr, [u8; 
         .collect()
 }
 
-/// The kernel's complete IPv4 neighbour entries on `interface`.
-pub fn neighbours(interface: &str) -> io::Result<HashMap<Ipv4Addr, [u8; 6]>> {
-    Ok(parse_neighbours(
-        &fs::read_to_string("/proc/net/arp")?,
-        interface,
-    ))
+/// The kernel's complete IPv4 (from /proc/net/arp) and IPv6 (over rtnetlink) neighbour
+/// entries on `interface`.
+pub fn neighbours(interface: &str) -> io::Result<HashMap<IpAddr, [u8; 6]>> {
+    let mut table: HashMap<IpAddr, [u8; 6]> =
+        parse_neighbours(&fs::read_to_string("/proc/net/arp")?, interface)
+            .into_iter()
+            .map(|(ip, mac)| (IpAddr::V4(ip), mac))
+            .collect();
+    // The IPv4 table alone still serves when the IPv6 dump fails.
+    table.extend(
+        neighbours_v6(interface)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(ip, mac)| (IpAddr::V6(ip), mac)),
+    );
+    Ok(table)
+}
+
+/// The kernel's IPv6 neighbour entries with a MAC on `interface` (one RTM_GETNEIGH dump).
+fn neighbours_v6(interface: &str) -> io::Result<HashMap<Ipv6Addr, [u8; 6]>> {
+    use netlink_packet_core::{
+        NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    };
+    use netlink_packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+    };
+    use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+    let index: u32 = fs::read_to_string(sysfs_interface(interface).join("ifindex"))?
+        .trim()
+        .parse()
+        .map_err(io::Error::other)?;
+    let mut message = NeighbourMessage::default();
+    message.header.family = AddressFamily::Inet6;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let socket = send_route_request(header, RouteNetlinkMessage::GetNeighbour(message))?;
+    let mut table = HashMap::new();
+    let mut reply = vec![0; 65536];
+    loop {
+        let received = socket.recv(&mut &mut reply[..], 0)?;
+        let mut offset = 0;
+        while offset < received {
+            let answer =
+                NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[offset..received])
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+            let length = answer.header.length as usize;
+            match answer.payload {
+                NetlinkPayload::Done(_) => return Ok(table),
+                NetlinkPayload::Error(error) if error.code.is_some() => {
+                    return Err(error.to_io());
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewNeighbour(entry))
+                    if entry.header.ifindex == index
+                        && !matches!(
+                            entry.header.state,
+                            NeighbourState::Incomplete
+                                | NeighbourState::Failed
+                                | NeighbourState::None
+                        ) =>
+                {
+                    let mut ip = None;
+                    let mut mac = None;
+                    for attribute in entry.attributes {
+                        match attribute {
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                                ip = Some(a);
+                            }
+                            NeighbourAttribute::LinkLocalAddress(bytes) => {
+                                mac = <[u8; 6]>::try_from(bytes.as_slice()).ok();
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let (Some(ip), Some(mac)) = (ip, mac)
+                        && mac != [0; 6]
+                    {
+                        table.insert(ip, mac);
+                    }
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            offset += length;
+        }
+    }
 }
 
 /// Makes the kernel resolve `ip`'s MAC by sending it an empty datagram to the discard port.
-pub fn trigger_resolution(ip: Ipv4Addr) -> io::Result<()> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+pub fn trigger_resolution(ip: IpAddr) -> io::Result<()> {
+    let socket = match ip {
+        IpAddr::V4(_) => UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?,
+        IpAddr::V6(_) => UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?,
+    };
     socket.send_to(&[], (ip, DISCARD_PORT))?;
     Ok(())
 }
@@ -299,12 +400,12 @@ pub fn trigger_resolution(ip: Ipv4Addr) -> io::Result<()> {
 /// is set. Returns what it learned; the missing ones are left for a later try.
 pub fn resolve(
     interface: &str,
-    ips: &[Ipv4Addr],
+    ips: &[IpAddr],
     wait: std::time::Duration,
     stop: &std::sync::atomic::AtomicBool,
-) -> HashMap<Ipv4Addr, [u8; 6]> {
+) -> HashMap<IpAddr, [u8; 6]> {
     let deadline = std::time::Instant::now() + wait;
-    let mut missing: Vec<Ipv4Addr> = ips.to_vec();
+    let mut missing: Vec<IpAddr> = ips.to_vec();
     missing.sort();
     missing.dedup();
     let mut learned = HashMap::new();
@@ -370,7 +471,9 @@ garbage line
     fn the_host_knows_its_loopback_address_and_mtu() {
         let addresses = local_addresses().expect("getifaddrs");
         assert!(
-            addresses.iter().any(|(_, ip)| *ip == Ipv4Addr::LOCALHOST),
+            addresses
+                .iter()
+                .any(|(_, ip)| *ip == IpAddr::V4(Ipv4Addr::LOCALHOST)),
             "{addresses:?}"
         );
         assert!(interface_mtu("lo").expect("lo has an MTU") >= 1500);

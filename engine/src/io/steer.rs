@@ -1,7 +1,7 @@
 //! Loads and attaches the XDP steering program (bpf/steer.c) and keeps its maps current.
 //!
 //! The program, compiled by clang at build time, redirects frames for VIPs (and ARP requests
-//! for VIPs) to the AF_XDP socket of their queue and passes everything else to the host. It is
+//! and Neighbor Solicitations for VIPs) to the AF_XDP socket of their queue and passes everything else to the host. It is
 //! attached through a BPF link, so it is detached when the [`Steering`] value is dropped and
 //! also when the process dies: a crashed balancer never leaves the interface steering into a
 //! socket that no longer exists (the lab test `no_xdp_program_outlives_lbd_however_it_ends`
@@ -15,7 +15,7 @@
 use aya::maps::{HashMap, MapData, XskMap};
 use aya::programs::{Xdp, XdpMode};
 use aya::{Ebpf, include_bytes_aligned};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
 static STEER_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steer.o"));
@@ -56,9 +56,9 @@ pub enum SteerError {
 pub trait VipSteering: Send {
     /// Steers frames for `vip` to the sockets, ARP requests for it too when `answer_arp` (the
     /// node is not the passive one of a pair); for a VIP already steered, sets that.
-    fn add_vip(&mut self, vip: Ipv4Addr, answer_arp: bool) -> Result<(), SteerError>;
+    fn add_vip(&mut self, vip: IpAddr, answer_arp: bool) -> Result<(), SteerError>;
     /// Stops steering frames for `vip`.
-    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError>;
+    fn remove_vip(&mut self, vip: IpAddr) -> Result<(), SteerError>;
 }
 
 /// How the program ended up attached.
@@ -73,6 +73,7 @@ pub enum AttachMode {
 /// The attached steering program and its maps. Dropping it detaches the program.
 pub struct Steering {
     vips: HashMap<MapData, u32, u32>,
+    vips6: HashMap<MapData, [u8; 16], u32>,
     xsks: XskMap<MapData>,
     mode: AttachMode,
     // Declared last: dropped after the maps, it detaches and unloads the program.
@@ -118,9 +119,11 @@ impl Steering {
             }
         };
         let vips = take_map(&mut ebpf, "lbd_vips")?;
+        let vips6 = take_map(&mut ebpf, "lbd_vips6")?;
         let xsks = take_map(&mut ebpf, "lbd_xsks")?;
         Ok(Steering {
             vips,
+            vips6,
             xsks,
             mode,
             _ebpf: ebpf,
@@ -144,24 +147,46 @@ impl Steering {
 }
 
 impl VipSteering for Steering {
-    fn add_vip(&mut self, vip: Ipv4Addr, answer_arp: bool) -> Result<(), SteerError> {
-        // The program compares with the header field as it sits in memory (network order).
-        let key = u32::from_ne_bytes(vip.octets());
+    fn add_vip(&mut self, vip: IpAddr, answer_arp: bool) -> Result<(), SteerError> {
         let flags = if answer_arp { VIP_ANSWERS_ARP } else { 0 };
-        self.vips
-            .insert(key, flags, 0)
-            .map_err(|source| SteerError::Map {
-                map: "lbd_vips",
-                source,
-            })
+        // The program compares with the header field as it sits in memory (network order).
+        match vip {
+            IpAddr::V4(v4) => self
+                .vips
+                .insert(u32::from_ne_bytes(v4.octets()), flags, 0)
+                .map_err(|source| SteerError::Map {
+                    map: "lbd_vips",
+                    source,
+                }),
+            IpAddr::V6(v6) => {
+                self.vips6
+                    .insert(v6.octets(), flags, 0)
+                    .map_err(|source| SteerError::Map {
+                        map: "lbd_vips6",
+                        source,
+                    })
+            }
+        }
     }
 
-    fn remove_vip(&mut self, vip: Ipv4Addr) -> Result<(), SteerError> {
-        let key = u32::from_ne_bytes(vip.octets());
-        self.vips.remove(&key).map_err(|source| SteerError::Map {
-            map: "lbd_vips",
-            source,
-        })
+    fn remove_vip(&mut self, vip: IpAddr) -> Result<(), SteerError> {
+        match vip {
+            IpAddr::V4(v4) => {
+                self.vips
+                    .remove(&u32::from_ne_bytes(v4.octets()))
+                    .map_err(|source| SteerError::Map {
+                        map: "lbd_vips",
+                        source,
+                    })
+            }
+            IpAddr::V6(v6) => self
+                .vips6
+                .remove(&v6.octets())
+                .map_err(|source| SteerError::Map {
+                    map: "lbd_vips6",
+                    source,
+                }),
+        }
     }
 }
 

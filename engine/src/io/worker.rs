@@ -15,12 +15,13 @@
 
 use crate::packet::counters::{Counters, DropReason, Sent};
 use crate::packet::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
+use crate::packet::ipv6::{UNSOLICITED_NA_LEN, write_unsolicited_na};
 use crate::packet::snapshot::{Snapshot, service_key};
 use crate::packet::sync::{Installed, OutboxCounters, SyncEntry};
 use crossbeam::channel::{Receiver, Sender};
 /// What the kernel counts for an AF_XDP socket (`XDP_STATISTICS`), as `lbctl stats` shows it.
 pub use lbd_proto::SocketStats;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -79,7 +80,7 @@ pub enum WorkerCommand {
     /// Use this snapshot from the next frame on.
     Snapshot(Arc<Snapshot>),
     /// Send gratuitous ARP for these VIPs from this MAC.
-    Announce([u8; 6], Vec<Ipv4Addr>),
+    Announce([u8; 6], Vec<IpAddr>),
     /// Send a copy of the counters and table figures back.
     Report(Sender<WorkerReport>),
     /// Install entries a peer shared (the same batch goes to every worker).
@@ -355,18 +356,30 @@ impl<R: Rings> Worker<R> {
         }
     }
 
-    /// Sends a gratuitous ARP for each VIP from `mac`, from free frames.
-    pub fn announce(&mut self, mac: [u8; 6], vips: &[Ipv4Addr]) {
+    /// Sends a gratuitous ARP for each IPv4 VIP, and an unsolicited Neighbor Advertisement for
+    /// each IPv6 one, from `mac`, from free frames.
+    pub fn announce(&mut self, mac: [u8; 6], vips: &[IpAddr]) {
         self.reclaim();
-        let mut buf = [0u8; MIN_FRAME_LEN];
+        let mut arp = [0u8; MIN_FRAME_LEN];
+        let mut na = [0u8; UNSOLICITED_NA_LEN];
         for vip in vips {
             let Some(mut frame) = self.free.pop() else {
                 break;
             };
-            let len = write_gratuitous_arp(&mut buf, mac, vip.octets());
-            self.rings.write(&mut frame, &buf[..len]);
+            let written = match vip {
+                IpAddr::V4(v4) => {
+                    self.dataplane.counters_mut().gratuitous_arps += 1;
+                    let len = write_gratuitous_arp(&mut arp, mac, v4.octets());
+                    &arp[..len]
+                }
+                IpAddr::V6(v6) => {
+                    self.dataplane.counters_mut().unsolicited_nas += 1;
+                    let len = write_unsolicited_na(&mut na, mac, v6.octets());
+                    &na[..len]
+                }
+            };
+            self.rings.write(&mut frame, written);
             self.tx_batch.push(frame);
-            self.dataplane.counters_mut().gratuitous_arps += 1;
             if self.tx_batch.len() == self.settings.batch_size {
                 self.flush_tx(Unsent::Generated);
             }
@@ -413,7 +426,16 @@ impl<R: Rings> Worker<R> {
                         .with_payload(&mut frame, |bytes| dataplane.unsend(bytes, now_ms));
                     dataplane.counters_mut().drop(DropReason::TxRingFull);
                 }
-                Unsent::Generated => self.dataplane.counters_mut().unsend(Sent::GratuitousArp, 0),
+                Unsent::Generated => {
+                    // An announcement: ARP's EtherType, or IPv6's.
+                    let mut sent = Sent::GratuitousArp;
+                    self.rings.with_payload(&mut frame, |bytes| {
+                        if bytes.get(12..14) == Some(&[0x86, 0xdd]) {
+                            sent = Sent::UnsolicitedNa;
+                        }
+                    });
+                    self.dataplane.counters_mut().unsend(sent, 0);
+                }
             }
             self.free.push(frame);
         }

@@ -14,7 +14,7 @@ use std::fmt;
 pub enum DropReason {
     /// Shorter than the headers it claims to carry.
     Truncated,
-    /// An EtherType the balancer does not serve (IPv6, VLAN tags, ...).
+    /// An EtherType the balancer does not serve (VLAN tags, ...).
     UnsupportedEtherType,
     /// Unicast to another station's MAC address (a flooded frame): not ours to forward.
     NotOurMac,
@@ -22,9 +22,15 @@ pub enum DropReason {
     ArpNotRequest,
     /// An ARP request for an address that is not a VIP.
     ArpNotVip,
-    /// IPv4 header with a bad version, header length or total length.
+    /// IP header with a bad version, header length or total length; an IPv6 extension
+    /// header that runs past its packet, or a second Fragment header.
     BadIpHeader,
-    /// IPv4 destination is not a configured VIP.
+    /// More IPv6 extension headers than the balancer walks.
+    ExtensionHeaders,
+    /// A Neighbor Discovery message the balancer does not answer: a solicitation for an
+    /// address that is no VIP, a duplicate address detection probe, or another ND message.
+    NdNotAnswered,
+    /// IP destination is not a configured VIP.
     NotVip,
     /// VIP matches, but no service serves this protocol and port.
     PortNotServed,
@@ -45,13 +51,15 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order counters are kept and printed.
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Truncated,
         DropReason::UnsupportedEtherType,
         DropReason::NotOurMac,
         DropReason::ArpNotRequest,
         DropReason::ArpNotVip,
         DropReason::BadIpHeader,
+        DropReason::ExtensionHeaders,
+        DropReason::NdNotAnswered,
         DropReason::NotVip,
         DropReason::PortNotServed,
         DropReason::FragmentUnmatched,
@@ -70,6 +78,8 @@ impl DropReason {
             DropReason::ArpNotRequest => "arp_not_request",
             DropReason::ArpNotVip => "arp_not_vip",
             DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::ExtensionHeaders => "extension_headers",
+            DropReason::NdNotAnswered => "nd_not_answered",
             DropReason::NotVip => "not_vip",
             DropReason::PortNotServed => "port_not_served",
             DropReason::FragmentUnmatched => "fragment_unmatched",
@@ -110,8 +120,12 @@ pub enum Sent {
     },
     /// An ARP reply.
     ArpReply,
-    /// An ICMP echo reply.
+    /// An ICMP or ICMPv6 echo reply.
     EchoReply,
+    /// A Neighbor Advertisement answering a solicitation.
+    NdReply,
+    /// An unsolicited Neighbor Advertisement the worker wrote.
+    UnsolicitedNa,
     /// A gratuitous ARP the worker wrote (not a received frame).
     GratuitousArp,
 }
@@ -147,10 +161,14 @@ pub struct Counters {
     pub forwarded: Traffic,
     /// ARP replies sent for VIPs.
     pub arp_replies: u64,
-    /// ICMP echo replies sent from VIPs.
+    /// ICMP and ICMPv6 echo replies sent from VIPs.
     pub icmp_echo_replies: u64,
+    /// Neighbor Advertisements sent for VIPs, answering solicitations.
+    pub nd_replies: u64,
     /// Gratuitous ARP frames sent.
     pub gratuitous_arps: u64,
+    /// Unsolicited Neighbor Advertisements sent (IPv6's gratuitous ARP).
+    pub unsolicited_nas: u64,
     /// Frames sent to a service's fallback server (also counted as forwarded).
     pub fallback: u64,
     /// Drops, indexed by [`DropReason`].
@@ -247,13 +265,19 @@ impl Counters {
             Sent::ArpReply => self.arp_replies = self.arp_replies.saturating_sub(1),
             Sent::EchoReply => self.icmp_echo_replies = self.icmp_echo_replies.saturating_sub(1),
             Sent::GratuitousArp => self.gratuitous_arps = self.gratuitous_arps.saturating_sub(1),
+            Sent::NdReply => self.nd_replies = self.nd_replies.saturating_sub(1),
+            Sent::UnsolicitedNa => self.unsolicited_nas = self.unsolicited_nas.saturating_sub(1),
         }
     }
 
     /// Frames taken off the RX ring that some counter accounts for: forwarded, answered or
     /// dropped. Equal to `rx_frames` at every batch boundary.
     pub fn accounted_frames(&self) -> u64 {
-        self.forwarded.packets + self.arp_replies + self.icmp_echo_replies + self.total_drops()
+        self.forwarded.packets
+            + self.arp_replies
+            + self.icmp_echo_replies
+            + self.nd_replies
+            + self.total_drops()
     }
 
     /// Adds another worker's counters into these (same service shape expected; extra entries
@@ -265,6 +289,8 @@ impl Counters {
         self.arp_replies += other.arp_replies;
         self.icmp_echo_replies += other.icmp_echo_replies;
         self.gratuitous_arps += other.gratuitous_arps;
+        self.nd_replies += other.nd_replies;
+        self.unsolicited_nas += other.unsolicited_nas;
         self.fallback += other.fallback;
         for (mine, theirs) in self.drops.iter_mut().zip(other.drops) {
             *mine += theirs;

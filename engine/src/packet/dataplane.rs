@@ -12,6 +12,10 @@
 //!   packet is untouched, so the real server sees the client's address and answers it directly.
 //! - ICMP echo request (RFC 792) to a VIP: turned into the echo reply from the VIP, unless it
 //!   comes from an address no reply may go to (broadcast, multicast, a VIP).
+//! - IPv6 ([`crate::packet::ipv6`]) the same way, with tables of its own (the code is generic
+//!   over the address family, [`Family`]): Neighbor Solicitation for a VIP answered with a
+//!   Neighbor Advertisement, ICMPv6 echo answered, TCP and UDP forwarded by MAC rewrite.
+//!   Clients are persisted by their address's leading `persistence_prefix_v6` bits.
 //! - A connection is placed when it opens (a TCP SYN, or any UDP datagram) and recorded in the
 //!   flow table. A mid-connection TCP segment that no table knows (the entry was lost to a full
 //!   table, a restart) is placed as its connection most likely was: the client's persisted
@@ -36,9 +40,10 @@
 
 use crate::packet::counters::{Counters, DropReason, Sent};
 use crate::packet::flows::{
-    FRAGMENT_TIMEOUT_MS, FlowEntry, FlowKey, FlowState, FlowTable, FragmentEntry, FragmentKey,
-    FragmentTable, NO_FLAGS, PersistEntry, PersistenceTable, tcp_flags,
+    Address, FRAGMENT_TIMEOUT_MS, FlowEntry, FlowKey, FlowState, FlowTable, FragmentEntry,
+    FragmentKey, FragmentTable, NO_FLAGS, PersistEntry, PersistenceTable, tcp_flags,
 };
+use crate::packet::ipv6::{self, Icmpv6};
 use crate::packet::maglev::MaglevTable;
 use crate::packet::snapshot::{RealServerEntry, ServiceEntry, Snapshot, service_key};
 use crate::packet::sync::{Installed, Outbox, OutboxCounters, SyncEntry, WalkPosition, remaining};
@@ -83,6 +88,7 @@ const IP_PROTO_TCP: u8 = 6;
 const TCP_FLAGS_OFFSET: usize = 13;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
+const ICMPV6_ECHO_REPLY: u8 = 129;
 const BROADCAST: [u8; 6] = [0xff; 6];
 /// TTL of the replies the balancer originates (ICMP echo replies), as Linux uses by default.
 const REPLY_TTL: u8 = 64;
@@ -108,12 +114,141 @@ pub struct Dataplane {
     /// The snapshot's own MAC as [`mac_word`] gives it for a frame sent to it.
     own_mac_word: u64,
     counters: Counters,
-    flows: FlowTable,
-    persistence: PersistenceTable,
-    fragments: FragmentTable,
+    /// IPv4's tables.
+    v4: Tables<u32>,
+    /// IPv6's (boxed: the IPv4 path's fields stay together).
+    v6: Box<Tables<u128>>,
     /// Where entries go for the peers, in a group (boxed: the packet path's fields stay
     /// together).
     outbox: Option<Box<Outbox>>,
+}
+
+/// One address family's connection, persistence and fragment tables.
+#[derive(Debug)]
+pub struct Tables<A: Address> {
+    /// Connections.
+    pub flows: FlowTable<A>,
+    /// Persistent clients.
+    pub persistence: PersistenceTable<A>,
+    /// Fragmented datagrams.
+    pub fragments: FragmentTable<A>,
+}
+
+impl<A: Address> Tables<A> {
+    fn new(sizes: TableSizes) -> Self {
+        Tables {
+            flows: FlowTable::new(sizes.flows),
+            persistence: PersistenceTable::new(sizes.persistent_clients),
+            fragments: FragmentTable::new(FRAGMENT_TABLE_SIZE),
+        }
+    }
+}
+
+/// What the packet path does differently for IPv4 (`u32`) and IPv6 (`u128`); the rest of it
+/// is one generic code path.
+pub trait Family: Address {
+    /// Reads and checks the IP header of a frame of this family.
+    fn parse(frame: &[u8]) -> Result<Ip<Self>, DropReason>;
+    /// This family's tables.
+    fn tables<'a>(v4: &'a mut Tables<u32>, v6: &'a mut Tables<u128>) -> &'a mut Tables<Self>;
+    /// The service at `dst`, `protocol`, `port`.
+    fn service(snapshot: &Snapshot, dst: Self, protocol: u8, port: u16) -> Option<u16>;
+    /// Whether `address` is a VIP.
+    fn is_vip(snapshot: &Snapshot, address: Self) -> bool;
+    /// The part of a client's address that persistence keys on.
+    fn client(service: &ServiceEntry, src: Self) -> Self;
+    /// The address's bytes as the Maglev hash reads them.
+    fn bytes(address: Self) -> [u8; 16];
+    /// Bytes of an address.
+    const LEN: usize;
+    /// The connection as the group's peers hear of it (IPv4's only, so far).
+    fn shared(key: FlowKey<Self>) -> Option<FlowKey>;
+    /// The client as the group's peers hear of it.
+    fn shared_client(client: Self) -> Option<u32>;
+}
+
+impl Family for u32 {
+    #[inline(always)]
+    fn parse(frame: &[u8]) -> Result<Ip<u32>, DropReason> {
+        Ip::parse_v4(frame)
+    }
+
+    #[inline(always)]
+    fn tables<'a>(v4: &'a mut Tables<u32>, _: &'a mut Tables<u128>) -> &'a mut Tables<u32> {
+        v4
+    }
+
+    #[inline(always)]
+    fn service(snapshot: &Snapshot, dst: u32, protocol: u8, port: u16) -> Option<u16> {
+        snapshot
+            .by_port
+            .get(&service_key(dst, protocol, port))
+            .copied()
+    }
+
+    #[inline(always)]
+    fn is_vip(snapshot: &Snapshot, address: u32) -> bool {
+        snapshot.vips.contains(&address)
+    }
+
+    #[inline(always)]
+    fn client(_: &ServiceEntry, src: u32) -> u32 {
+        src
+    }
+
+    fn bytes(address: u32) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..4].copy_from_slice(&address.to_be_bytes());
+        bytes
+    }
+
+    const LEN: usize = 4;
+
+    #[inline(always)]
+    fn shared(key: FlowKey) -> Option<FlowKey> {
+        Some(key)
+    }
+
+    #[inline(always)]
+    fn shared_client(client: u32) -> Option<u32> {
+        Some(client)
+    }
+}
+
+impl Family for u128 {
+    fn parse(frame: &[u8]) -> Result<Ip<u128>, DropReason> {
+        ipv6::parse(frame)
+    }
+
+    fn tables<'a>(_: &'a mut Tables<u32>, v6: &'a mut Tables<u128>) -> &'a mut Tables<u128> {
+        v6
+    }
+
+    fn service(snapshot: &Snapshot, dst: u128, protocol: u8, port: u16) -> Option<u16> {
+        snapshot.by_port6.get(&(dst, protocol, port)).copied()
+    }
+
+    fn is_vip(snapshot: &Snapshot, address: u128) -> bool {
+        snapshot.vips6.contains(&address)
+    }
+
+    fn client(service: &ServiceEntry, src: u128) -> u128 {
+        src & service.client_mask_v6
+    }
+
+    fn bytes(address: u128) -> [u8; 16] {
+        address.to_be_bytes()
+    }
+
+    const LEN: usize = 16;
+
+    fn shared(_: FlowKey<u128>) -> Option<FlowKey> {
+        None
+    }
+
+    fn shared_client(_: u128) -> Option<u32> {
+        None
+    }
 }
 
 /// What a known connection's packet changed that the peers should hear of.
@@ -147,9 +282,8 @@ impl Dataplane {
             own_mac_word: own_mac_word(snapshot.own_mac),
             snapshot,
             counters,
-            flows: FlowTable::new(sizes.flows),
-            persistence: PersistenceTable::new(sizes.persistent_clients),
-            fragments: FragmentTable::new(FRAGMENT_TABLE_SIZE),
+            v4: Tables::new(sizes),
+            v6: Box::new(Tables::new(sizes)),
             outbox: None,
         }
     }
@@ -177,24 +311,26 @@ impl Dataplane {
         let mut next = Some(position);
         for _ in 0..budget {
             let offer = match position {
-                WalkPosition::Flows(i) if i >= self.flows.slot_count() => {
+                WalkPosition::Flows(i) if i >= self.v4.flows.slot_count() => {
                     position = WalkPosition::Persistence(0);
                     next = Some(position);
                     continue;
                 }
                 WalkPosition::Flows(i) => {
                     position = WalkPosition::Flows(i + 1);
-                    self.flows
+                    self.v4
+                        .flows
                         .live_at(i, now_ms)
                         .and_then(|(key, entry)| flow_offer(key, &entry, now_ms))
                 }
-                WalkPosition::Persistence(i) if i >= self.persistence.slot_count() => {
+                WalkPosition::Persistence(i) if i >= self.v4.persistence.slot_count() => {
                     next = None;
                     break;
                 }
                 WalkPosition::Persistence(i) => {
                     position = WalkPosition::Persistence(i + 1);
-                    self.persistence
+                    self.v4
+                        .persistence
                         .live_at(i, now_ms)
                         .filter(|(_, entry)| !entry.foreign)
                         .and_then(|((client, id), entry)| {
@@ -241,10 +377,11 @@ impl Dataplane {
                     served
                         && remaining_ms > 0
                         && self
+                            .v4
                             .flows
                             .get(&key, now_ms)
                             .is_none_or(|own| own.foreign || own.expires_ms < expires_ms)
-                        && self.flows.insert(
+                        && self.v4.flows.insert(
                             key,
                             FlowEntry {
                                 real_server,
@@ -278,10 +415,11 @@ impl Dataplane {
                     id.is_some_and(|key| {
                         remaining_ms > 0
                             && self
+                                .v4
                                 .persistence
                                 .get(&key, now_ms)
                                 .is_none_or(|own| own.foreign || own.expires_ms < expires_ms)
-                            && self.persistence.insert(
+                            && self.v4.persistence.insert(
                                 key,
                                 PersistEntry {
                                     real_server,
@@ -302,19 +440,24 @@ impl Dataplane {
         done
     }
 
-    /// The connection table.
+    /// The IPv4 connection table.
     pub fn flows(&self) -> &FlowTable {
-        &self.flows
+        &self.v4.flows
     }
 
-    /// The persistence table.
+    /// The IPv4 persistence table.
     pub fn persistence(&self) -> &PersistenceTable {
-        &self.persistence
+        &self.v4.persistence
     }
 
-    /// The fragment table.
+    /// The IPv4 fragment table.
     pub fn fragments(&self) -> &FragmentTable {
-        &self.fragments
+        &self.v4.fragments
+    }
+
+    /// The IPv6 tables.
+    pub fn tables_v6(&self) -> &Tables<u128> {
+        &self.v6
     }
 
     /// Takes back the count of a frame that [`Dataplane::process`] passed for transmission
@@ -332,29 +475,28 @@ impl Dataplane {
 
     fn what_was_sent(&self, frame: &[u8], now_ms: u64) -> Option<Sent> {
         let eth = frame.first_chunk::<{ field::ETH_HEADER_LEN }>()?;
-        if [eth[12], eth[13]] == EtherType::ARP.0.to_be_bytes() {
+        let ether_type = [eth[12], eth[13]];
+        if ether_type == EtherType::ARP.0.to_be_bytes() {
             return Some(Sent::ArpReply);
         }
-        let ip = Ipv4::parse(frame).ok()?;
-        if ip.protocol == IP_PROTO_ICMP {
-            return Some(Sent::EchoReply);
-        }
-        let snapshot = &*self.snapshot;
-        let service_index = if ip.first_fragment {
-            *snapshot
-                .by_port
-                .get(&service_key(ip.dst, ip.protocol, ip.ports? as u16))?
+        let service_index = if ether_type == EtherType::IPV6.0.to_be_bytes() {
+            let ip = ipv6::parse(frame).ok()?;
+            if ip.protocol == ipv6::NEXT_ICMPV6 {
+                // An echo reply or an advertisement: the balancer's own answers.
+                return match frame.get(ip.l4) {
+                    Some(&ICMPV6_ECHO_REPLY) => Some(Sent::EchoReply),
+                    _ => Some(Sent::NdReply),
+                };
+            }
+            self.service_sent(&ip, &self.v6, now_ms)?
         } else {
-            let key = FragmentKey {
-                src: ip.src,
-                dst: ip.dst,
-                id: ip.id,
-                protocol: ip.protocol,
-            };
-            *snapshot
-                .by_id
-                .get(&self.fragments.get(&key, now_ms)?.service)?
+            let ip = Ip::parse_v4(frame).ok()?;
+            if ip.protocol == IP_PROTO_ICMP {
+                return Some(Sent::EchoReply);
+            }
+            self.service_sent(&ip, &self.v4, now_ms)?
         };
+        let snapshot = &*self.snapshot;
         let service = snapshot.services.get(usize::from(service_index))?;
         let mac = frame.get(field::ETH_DST)?;
         match service
@@ -369,6 +511,20 @@ impl Dataplane {
             None => Some(Sent::Fallback {
                 service: service_index,
             }),
+        }
+    }
+
+    /// The service of a frame that was forwarded.
+    fn service_sent<A: Family>(&self, ip: &Ip<A>, tables: &Tables<A>, now_ms: u64) -> Option<u16> {
+        let snapshot = &*self.snapshot;
+        if ip.first_fragment {
+            A::service(snapshot, ip.dst, ip.protocol, ip.ports? as u16)
+        } else {
+            let key = ip.fragment_key();
+            snapshot
+                .by_id
+                .get(&tables.fragments.get(&key, now_ms)?.service)
+                .copied()
         }
     }
 
@@ -403,7 +559,7 @@ impl Dataplane {
             };
             traffic.total = old_traffic.total;
             for (rs, rs_traffic) in new_entry.real_servers.iter().zip(&mut traffic.real_servers) {
-                if let Some(&old_index) = old_entry.by_ip.get(&u32::from(rs.ip))
+                if let Some(&old_index) = old_entry.by_ip.get(&rs.key)
                     && let Some(old_rs) = old_traffic.real_servers.get(usize::from(old_index))
                 {
                     *rs_traffic = *old_rs;
@@ -449,6 +605,12 @@ impl Dataplane {
                 return Verdict::Drop(DropReason::NotOurMac);
             }
             self.arp(frame)
+        } else if ether_type == EtherType::IPV6.0.to_be_bytes() {
+            // Solicitations come to a multicast MAC (33:33:ff + the target's last 24 bits).
+            if !to_us && eth[0] != 0x33 {
+                return Verdict::Drop(DropReason::NotOurMac);
+            }
+            self.ipv6(frame, now_ms)
         } else {
             Verdict::Drop(DropReason::UnsupportedEtherType)
         }
@@ -493,7 +655,7 @@ impl Dataplane {
     /// new connections, drops) goes through the out-of-line paths.
     #[inline(always)]
     fn ipv4(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
-        let ip = match Ipv4::parse(frame) {
+        let ip = match Ip::parse_v4(frame) {
             Ok(ip) => ip,
             Err(reason) => return Verdict::Drop(reason),
         };
@@ -503,16 +665,70 @@ impl Dataplane {
             return self.icmp(frame);
         }
         if ip.fragmented {
-            return self.fragment(frame, now_ms);
+            return self.fragment::<u32>(frame, now_ms);
         }
         self.place(frame, &ip, now_ms).0
+    }
+
+    /// IPv6: ICMPv6 to a VIP (Neighbor Discovery, echo) is answered; the rest goes the way of
+    /// IPv4's frames, through IPv6's tables.
+    #[inline(never)]
+    fn ipv6(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
+        let ip = match ipv6::parse(frame) {
+            Ok(ip) => ip,
+            Err(reason) => return Verdict::Drop(reason),
+        };
+        if ip.protocol == ipv6::NEXT_ICMPV6 && !ip.fragmented {
+            return self.icmpv6(frame, &ip);
+        }
+        if ip.fragmented {
+            return self.fragment::<u128>(frame, now_ms);
+        }
+        self.place(frame, &ip, now_ms).0
+    }
+
+    /// ICMPv6: a solicitation for a VIP is answered with our MAC; an echo request to a VIP is
+    /// answered from it.
+    fn icmpv6(&mut self, frame: &mut [u8], ip: &Ip<u128>) -> Verdict {
+        let own_mac = self.snapshot.own_mac;
+        match ipv6::classify_icmpv6(frame, ip) {
+            Icmpv6::Solicitation(target) => {
+                if !self.snapshot.vips6.contains(&u128::from_be_bytes(target))
+                    || !ipv6::answer_solicitation(frame, ip, target, own_mac)
+                {
+                    return Verdict::Drop(DropReason::NdNotAnswered);
+                }
+                self.counters.nd_replies += 1;
+                Verdict::Transmit
+            }
+            Icmpv6::EchoRequest => {
+                if !self.snapshot.vips6.contains(&ip.dst) {
+                    return Verdict::Drop(DropReason::NotVip);
+                }
+                if !ipv6::may_answer(ip.src) || self.snapshot.vips6.contains(&ip.src) {
+                    return Verdict::Drop(DropReason::IcmpBadSource);
+                }
+                ipv6::answer_echo(frame, ip, own_mac);
+                self.counters.icmp_echo_replies += 1;
+                Verdict::Transmit
+            }
+            Icmpv6::Other if !self.snapshot.vips6.contains(&ip.dst) => {
+                Verdict::Drop(DropReason::NdNotAnswered)
+            }
+            Icmpv6::Other => Verdict::Drop(DropReason::IcmpNotEcho),
+        }
     }
 
     /// A whole datagram (or the first fragment of one: the transport header is there and says
     /// where it goes): its known connection's server, else placed anew. Returns the verdict and
     /// the address of the server it went to.
     #[inline(always)]
-    fn place(&mut self, frame: &mut [u8], ip: &Ipv4, now_ms: u64) -> (Verdict, Option<u32>) {
+    fn place<A: Family>(
+        &mut self,
+        frame: &mut [u8],
+        ip: &Ip<A>,
+        now_ms: u64,
+    ) -> (Verdict, Option<u32>) {
         let Some(ports) = ip.ports else {
             return (Verdict::Drop(DropReason::Truncated), None);
         };
@@ -525,20 +741,19 @@ impl Dataplane {
         let Dataplane {
             snapshot,
             counters,
-            flows,
-            persistence,
+            v4,
+            v6,
             outbox,
             ..
         } = self;
+        let Tables {
+            flows, persistence, ..
+        } = A::tables(v4, v6);
         let snapshot = &**snapshot;
         // The connection is looked up before the service (a lookup changes nothing): the key's
         // parts are done with early, which keeps the rest of the path in registers.
         let entry = flows.get_mut(&key, now_ms);
-        let Some(&service_index) =
-            snapshot
-                .by_port
-                .get(&service_key(ip.dst, ip.protocol, ports as u16))
-        else {
+        let Some(service_index) = A::service(snapshot, ip.dst, ip.protocol, ports as u16) else {
             return (Verdict::Drop(not_served(snapshot, ip.dst)), None);
         };
         // A connection already known keeps its server while that server takes known clients.
@@ -565,7 +780,7 @@ impl Dataplane {
             forward(frame, counters, service_index, backend, header);
             return (Verdict::Transmit, Some(entry.real_server));
         }
-        self.new_connection(frame, service_index, now_ms)
+        self.new_connection::<A>(frame, service_index, now_ms)
     }
 
     /// A piece of a fragmented datagram. The first carries the transport header: it goes
@@ -573,19 +788,17 @@ impl Dataplane {
     /// is remembered for the rest, which follow it. A later piece whose first was not seen (it
     /// came first, was lost, or was dropped) has nothing to say where it goes and is dropped.
     #[inline(never)]
-    fn fragment(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
-        let ip = match Ipv4::parse(frame) {
+    fn fragment<A: Family>(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
+        let ip = match A::parse(frame) {
             Ok(ip) => ip,
             Err(reason) => return Verdict::Drop(reason),
         };
-        let key = FragmentKey {
-            src: ip.src,
-            dst: ip.dst,
-            id: ip.id,
-            protocol: ip.protocol,
-        };
+        let key = ip.fragment_key();
         if !ip.first_fragment {
-            return match self.fragments.get(&key, now_ms) {
+            let first = A::tables(&mut self.v4, &mut self.v6)
+                .fragments
+                .get(&key, now_ms);
+            return match first {
                 Some(first) => self.follow_first_fragment(frame, first),
                 None => Verdict::Drop(DropReason::FragmentUnmatched),
             };
@@ -593,19 +806,17 @@ impl Dataplane {
         let (verdict, chosen) = self.place(frame, &ip, now_ms);
         let service = ip
             .ports
-            .and_then(|ports| {
-                self.snapshot
-                    .by_port
-                    .get(&service_key(ip.dst, ip.protocol, ports as u16))
-            })
-            .and_then(|&index| self.snapshot.services.get(usize::from(index)));
+            .and_then(|ports| A::service(&self.snapshot, ip.dst, ip.protocol, ports as u16))
+            .and_then(|index| self.snapshot.services.get(usize::from(index)));
         if let (Some(real_server), Some(service)) = (chosen, service) {
             let entry = FragmentEntry {
                 service: service.id,
                 real_server,
                 expires_ms: now_ms + FRAGMENT_TIMEOUT_MS,
             };
-            self.fragments.insert(key, entry, now_ms);
+            A::tables(&mut self.v4, &mut self.v6)
+                .fragments
+                .insert(key, entry, now_ms);
         }
         verdict
     }
@@ -633,7 +844,7 @@ impl Dataplane {
             return Verdict::Transmit;
         }
         match service.fallback {
-            Some((ip, Some(mac))) if u32::from(ip) == first.real_server => {
+            Some((key, Some(mac))) if key == first.real_server => {
                 self.forward_to_fallback(frame, service_index, mac)
             }
             _ => Verdict::Drop(DropReason::NoRealServer),
@@ -659,12 +870,12 @@ impl Dataplane {
         &mut self,
         frame: &mut [u8],
         service_index: u16,
-        fallback: Option<(std::net::Ipv4Addr, Option<[u8; 6]>)>,
+        fallback: Option<(u32, Option<[u8; 6]>)>,
     ) -> (Verdict, Option<u32>) {
         match fallback {
-            Some((ip, Some(mac))) => (
+            Some((key, Some(mac))) => (
                 self.forward_to_fallback(frame, service_index, mac),
-                Some(u32::from(ip)),
+                Some(key),
             ),
             _ => (Verdict::Drop(DropReason::NoRealServer), None),
         }
@@ -678,30 +889,34 @@ impl Dataplane {
     /// line, it parses the header again rather than have the per-frame path keep every field
     /// for it.
     #[inline(never)]
-    fn new_connection(
+    fn new_connection<A: Family>(
         &mut self,
         frame: &mut [u8],
         service_index: u16,
         now_ms: u64,
     ) -> (Verdict, Option<u32>) {
-        let ip = match Ipv4::parse(frame) {
+        let ip = match A::parse(frame) {
             Ok(ip) => ip,
             Err(reason) => return (Verdict::Drop(reason), None),
         };
         let Dataplane {
             snapshot,
             counters,
-            flows,
-            persistence,
+            v4,
+            v6,
             ..
         } = self;
+        let Tables {
+            flows, persistence, ..
+        } = A::tables(v4, v6);
         let snapshot = &**snapshot;
         let Some(service) = snapshot.services.get(usize::from(service_index)) else {
             return (Verdict::Drop(DropReason::PortNotServed), None);
         };
         let flow = ip.flow();
-        let hash_key = HashKey::of(&ip);
-        let client = (ip.src, u64::from(service.id));
+        let client_address = A::client(service, ip.src);
+        let hash_key = HashKey::of(&ip, client_address);
+        let client = (client_address, u64::from(service.id));
         if !ip.opens_connection() {
             // A mid-connection segment no table knows: where its connection most likely is.
             let persisted = persisted_server(
@@ -715,7 +930,7 @@ impl Dataplane {
             let backend = persisted.or_else(|| hash_key.lookup(service.persistence, table));
             let known = backend.and_then(|b| {
                 let rs = service.real_servers.get(usize::from(b))?;
-                Some((b, rs.forward_header?, u32::from(rs.ip)))
+                Some((b, rs.forward_header?, rs.key))
             });
             if let Some((backend, header, ip)) = known {
                 forward(frame, counters, service_index, backend, header);
@@ -744,7 +959,7 @@ impl Dataplane {
         let Some(header) = real_server.forward_header else {
             return (Verdict::Drop(DropReason::NoRealServer), None);
         };
-        let real_server_ip = u32::from(real_server.ip);
+        let real_server_ip = real_server.key;
         let (state, timeout) = FlowState::after(u8::try_from(ip.tcp_flags).ok());
         // The client is persisted once its connection is under way (a datagram at once, a TCP
         // connection at the end of its handshake, by the known-connection path).
@@ -786,7 +1001,15 @@ impl Dataplane {
                     } else {
                         0
                     };
-                offer_change(outbox, key, &entry, service, changed, now_ms);
+                offer_change(
+                    outbox,
+                    key,
+                    client_address,
+                    &entry,
+                    service,
+                    changed,
+                    now_ms,
+                );
             }
         }
         forward(frame, counters, service_index, backend, header);
@@ -796,7 +1019,7 @@ impl Dataplane {
     /// ICMP to a VIP: echo requests are answered, the rest dropped.
     #[inline(never)]
     fn icmp(&mut self, frame: &mut [u8]) -> Verdict {
-        let ip = match Ipv4::parse(frame) {
+        let ip = match Ip::parse_v4(frame) {
             Ok(ip) => ip,
             Err(reason) => return Verdict::Drop(reason),
         };
@@ -857,36 +1080,41 @@ impl Dataplane {
     }
 }
 
-/// The IPv4 header fields the balancer reads, checked.
+/// The IP header fields the balancer reads, checked; `A` is the address family.
 #[derive(Debug, Clone, Copy)]
-struct Ipv4 {
+pub struct Ip<A> {
     /// Client address (host order).
-    src: u32,
+    pub src: A,
     /// Destination address (host order).
-    dst: u32,
-    protocol: u8,
+    pub dst: A,
+    /// The transport protocol (IPv6: the next header after the extension headers walked).
+    pub protocol: u8,
     /// Identification: names the datagram its fragments belong to.
-    id: u16,
+    pub id: u32,
+    /// The protocol every fragment of the datagram names (IPv6: the Fragment header's next
+    /// header): part of the fragment key.
+    pub fragment_protocol: u8,
     /// "More fragments" set or a fragment offset: not a whole datagram.
-    fragmented: bool,
+    pub fragmented: bool,
     /// Fragment offset 0: the piece that carries the transport header.
-    first_fragment: bool,
+    pub first_fragment: bool,
     /// Transport header start and packet end, as frame offsets: `l4 <= l4_end <= frame.len()`.
-    l4: usize,
-    l4_end: usize,
+    pub l4: usize,
+    /// See `l4`.
+    pub l4_end: usize,
     /// The transport header's first four bytes (both ports for TCP and UDP), when present.
-    ports: Option<u32>,
+    pub ports: Option<u32>,
     /// TCP flags when the packet is TCP and holds them, else [`NO_FLAGS`].
-    tcp_flags: u16,
+    pub tcp_flags: u16,
 }
 
-impl Ipv4 {
+impl Ip<u32> {
     /// Reads and checks the header of an IPv4 frame at fixed offsets: version 4, a header
     /// length (IHL) of at least 20 bytes that the frame holds, a total length that covers the
     /// header and that the frame holds. Too short for the fixed header: truncated; the header
     /// not holding together: a bad header; the packet longer than the frame: truncated.
     #[inline(always)]
-    fn parse(frame: &[u8]) -> Result<Ipv4, DropReason> {
+    fn parse_v4(frame: &[u8]) -> Result<Ip<u32>, DropReason> {
         let Some(header) = frame.first_chunk::<{ field::IP_MIN_FRAME_LEN }>() else {
             return Err(DropReason::Truncated);
         };
@@ -935,11 +1163,15 @@ impl Ipv4 {
             Some(&flags) if protocol == IP_PROTO_TCP => u16::from(flags),
             _ => NO_FLAGS,
         };
-        Ok(Ipv4 {
+        Ok(Ip {
             src: word(field::IP_SRC.start),
             dst: word(field::IP_DST.start),
             protocol,
-            id: u16::from_be_bytes([header[field::IP_ID], header[field::IP_ID + 1]]),
+            id: u32::from(u16::from_be_bytes([
+                header[field::IP_ID],
+                header[field::IP_ID + 1],
+            ])),
+            fragment_protocol: protocol,
             // The low 13 bits are the fragment offset, 0x2000 is "more fragments".
             fragmented: flags_fragment & 0x3fff != 0,
             first_fragment: flags_fragment & 0x1fff == 0,
@@ -949,10 +1181,12 @@ impl Ipv4 {
             tcp_flags,
         })
     }
+}
 
+impl<A: Address> Ip<A> {
     /// The connection a datagram (or its first fragment) with ports belongs to, and its flags.
     #[inline(always)]
-    fn flow(&self) -> Option<(FlowKey, Option<u8>)> {
+    fn flow(&self) -> Option<(FlowKey<A>, Option<u8>)> {
         let key = FlowKey {
             src: self.src,
             dst: self.dst,
@@ -961,6 +1195,16 @@ impl Ipv4 {
         };
         let flags = u8::try_from(self.tcp_flags).ok();
         Some((key, flags))
+    }
+
+    /// The datagram a fragment belongs to.
+    fn fragment_key(&self) -> FragmentKey<A> {
+        FragmentKey {
+            src: self.src,
+            dst: self.dst,
+            id: self.id,
+            protocol: self.fragment_protocol,
+        }
     }
 
     /// Whether the packet may open a connection: a UDP datagram (or other protocol without
@@ -982,21 +1226,29 @@ impl Ipv4 {
 /// the 5-tuple (addresses and protocol alone for a packet without ports).
 #[derive(Debug, Clone, Copy)]
 struct HashKey {
-    bytes: [u8; 13],
+    /// Source, destination, protocol, ports: 13 bytes for IPv4, 37 for IPv6.
+    bytes: [u8; 37],
+    /// Bytes of an address.
+    address_len: usize,
+    /// The client's persisted part (its address, or IPv6's prefix of it), first of all.
+    client: [u8; 16],
     five_tuple: bool,
 }
 
 impl HashKey {
-    fn of(ip: &Ipv4) -> HashKey {
-        let mut bytes = [0u8; 13];
-        bytes[..4].copy_from_slice(&ip.src.to_be_bytes());
-        bytes[4..8].copy_from_slice(&ip.dst.to_be_bytes());
-        bytes[8] = ip.protocol;
+    fn of<A: Family>(ip: &Ip<A>, client: A) -> HashKey {
+        let n = A::LEN;
+        let mut bytes = [0u8; 37];
+        bytes[..n].copy_from_slice(&A::bytes(ip.src)[..n]);
+        bytes[n..2 * n].copy_from_slice(&A::bytes(ip.dst)[..n]);
+        bytes[2 * n] = ip.protocol;
         if let Some(ports) = ip.ports {
-            bytes[9..13].copy_from_slice(&ports.to_be_bytes());
+            bytes[2 * n + 1..2 * n + 5].copy_from_slice(&ports.to_be_bytes());
         }
         HashKey {
             bytes,
+            address_len: n,
+            client: A::bytes(client),
             five_tuple: ip.ports.is_some(),
         }
     }
@@ -1004,10 +1256,11 @@ impl HashKey {
     /// The server `table` names for this packet under `persistence`.
     #[inline]
     fn lookup(&self, persistence: Persistence, table: &MaglevTable) -> Option<u16> {
+        let n = self.address_len;
         match persistence {
-            Persistence::SourceIp => table.lookup(&self.bytes[..4]),
-            Persistence::None if self.five_tuple => table.lookup(&self.bytes),
-            Persistence::None => table.lookup(&self.bytes[..9]),
+            Persistence::SourceIp => table.lookup(&self.client[..n]),
+            Persistence::None if self.five_tuple => table.lookup(&self.bytes[..2 * n + 5]),
+            Persistence::None => table.lookup(&self.bytes[..2 * n + 1]),
         }
     }
 }
@@ -1019,12 +1272,12 @@ impl HashKey {
 /// (out of line: a connection's state changes a few times in its life).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn known_backend(
+fn known_backend<A: Family>(
     entry: &mut FlowEntry,
-    persistence: &mut PersistenceTable,
+    persistence: &mut PersistenceTable<A>,
     snapshot: &Snapshot,
     service: &ServiceEntry,
-    key: &FlowKey,
+    key: &FlowKey<A>,
     flags: u16,
     now_ms: u64,
     outbox: &mut Option<Box<Outbox>>,
@@ -1058,7 +1311,8 @@ fn known_backend(
         && state.is_active()
         && entry.persisted_until_ms < now_ms + service.persistence_timeout_ms / 2
     {
-        renew_persistence(entry, persistence, service, key.src, now_ms, outbox);
+        let client = A::client(service, key.src);
+        renew_persistence(entry, persistence, service, client, now_ms, outbox);
     }
     Some(backend)
 }
@@ -1067,11 +1321,11 @@ fn known_backend(
 /// offers it from now on): recorded, and offered to the peers.
 #[cold]
 #[inline(never)]
-fn change_state(
+fn change_state<A: Family>(
     entry: &mut FlowEntry,
     state: FlowState,
     expires_ms: u64,
-    key: &FlowKey,
+    key: &FlowKey<A>,
     service: &ServiceEntry,
     now_ms: u64,
     outbox: &mut Option<Box<Outbox>>,
@@ -1080,7 +1334,7 @@ fn change_state(
     entry.foreign = false;
     entry.expires_ms = expires_ms;
     if let Some(outbox) = outbox {
-        offer_change(outbox, *key, entry, service, CHANGED_FLOW, now_ms);
+        offer_change(outbox, *key, key.src, entry, service, CHANGED_FLOW, now_ms);
     }
 }
 
@@ -1098,22 +1352,26 @@ fn flow_offer(key: FlowKey, entry: &FlowEntry, now_ms: u64) -> Option<SyncEntry>
 /// Offers what a packet changed ([`CHANGED_FLOW`], [`CHANGED_PERSISTENCE`]) to the peers.
 #[cold]
 #[inline(never)]
-fn offer_change(
+fn offer_change<A: Family>(
     outbox: &mut Outbox,
-    key: FlowKey,
+    key: FlowKey<A>,
+    client: A,
     entry: &FlowEntry,
     service: &ServiceEntry,
     changed: u8,
     now_ms: u64,
 ) {
     if changed & CHANGED_FLOW != 0
+        && let Some(key) = A::shared(key)
         && let Some(offer) = flow_offer(key, entry, now_ms)
     {
         outbox.offer(offer);
     }
-    if changed & CHANGED_PERSISTENCE != 0 {
+    if changed & CHANGED_PERSISTENCE != 0
+        && let Some(client) = A::shared_client(client)
+    {
         outbox.offer(SyncEntry::Persist {
-            client: key.src,
+            client,
             service: service.wire_key,
             real_server: entry.real_server,
             remaining_ms: remaining(entry.persisted_until_ms, now_ms),
@@ -1140,11 +1398,11 @@ fn relocate(entry: &mut FlowEntry, snapshot: &Snapshot, service: &ServiceEntry) 
 /// template alive while its connections live): written again once half spent.
 #[cold]
 #[inline(never)]
-fn renew_persistence(
+fn renew_persistence<A: Family>(
     entry: &mut FlowEntry,
-    persistence: &mut PersistenceTable,
+    persistence: &mut PersistenceTable<A>,
     service: &ServiceEntry,
-    client: u32,
+    client: A,
     now_ms: u64,
     outbox: &mut Option<Box<Outbox>>,
 ) {
@@ -1158,7 +1416,9 @@ fn renew_persistence(
         },
         now_ms,
     );
-    if let Some(outbox) = outbox {
+    if let Some(outbox) = outbox
+        && let Some(client) = A::shared_client(client)
+    {
         outbox.offer(SyncEntry::Persist {
             client,
             service: service.wire_key,
@@ -1233,10 +1493,10 @@ fn usable(service: &ServiceEntry, ip: u32, accepts: fn(&RealServerEntry) -> bool
 
 /// The client's persisted server, when it still `accepts` persisted clients.
 #[inline]
-fn persisted_server(
+fn persisted_server<A: Family>(
     service: &ServiceEntry,
-    persistence: &PersistenceTable,
-    client: (u32, u64),
+    persistence: &PersistenceTable<A>,
+    client: (A, u64),
     now_ms: u64,
     accepts: fn(&RealServerEntry) -> bool,
 ) -> Option<u16> {
@@ -1249,8 +1509,8 @@ fn persisted_server(
 
 /// Why a frame to `dst` matched no service: `dst` is no VIP at all, or the port/protocol is not served.
 #[cold]
-fn not_served(snapshot: &Snapshot, dst: u32) -> DropReason {
-    if snapshot.vips.contains(&dst) {
+fn not_served<A: Family>(snapshot: &Snapshot, dst: A) -> DropReason {
+    if A::is_vip(snapshot, dst) {
         DropReason::PortNotServed
     } else {
         DropReason::NotVip
@@ -1289,6 +1549,9 @@ pub fn write_gratuitous_arp(buf: &mut [u8; MIN_FRAME_LEN], mac: [u8; 6], vip: [u
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tests_v6;
 
 #[cfg(test)]
 mod path_tests {

@@ -49,13 +49,13 @@ pub const FRAGMENT_TIMEOUT_MS: u64 = 5_000;
 /// Slots a full table looks at, from a new key's home slot on, for an entry that may give way.
 const EVICTION_WINDOW: usize = 64;
 
-/// A connection as the balancer sees it.
+/// A connection as the balancer sees it; `A` is its address family ([`Address`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct FlowKey {
+pub struct FlowKey<A = u32> {
     /// Client address.
-    pub src: u32,
+    pub src: A,
     /// VIP.
-    pub dst: u32,
+    pub dst: A,
     /// Source port (high 16 bits) and destination port (low 16 bits).
     pub ports: u32,
     /// IP protocol.
@@ -271,9 +271,9 @@ const STEPS: [[Step; FLAG_CLASSES]; 5] = {
 /// (8 KB for 8192 slots: it stays in the cache) holds a tag of its key's hash, which lookups
 /// walk instead of the slots.
 #[derive(Debug)]
-pub struct ExpiringTable<K, V> {
+pub struct ExpiringTable<K: TableKey, V> {
     /// Packed keys ([`TableKey::pack`]) and their values.
-    slots: Box<[Option<(u128, V)>]>,
+    slots: Box<[Slot<K, V>]>,
     /// Per slot: 0 when free, else [`tag`] of its key's hash.
     tags: Box<[u8]>,
     /// `slots.len() - 1` (a power of two less one).
@@ -290,6 +290,9 @@ pub struct ExpiringTable<K, V> {
     /// Live entries that gave way to a new one in a full table.
     pub evictions: u64,
 }
+
+/// A slot of an [`ExpiringTable`]: a packed key and its value, or free.
+type Slot<K, V> = Option<(<K as TableKey>::Packed, V)>;
 
 /// A table's random hash keys, drawn when it is created: the keys come from the wire, so
 /// their hash must not be predictable.
@@ -310,26 +313,66 @@ fn folded_multiply(a: u64, b: u64) -> u64 {
     (product as u64) ^ ((product >> 64) as u64)
 }
 
-/// Keys of an [`ExpiringTable`]: fixed-size integers that pack losslessly into one `u128`,
-/// which the table stores, compares in two words and hashes with one folded multiply.
+/// Keys of an [`ExpiringTable`]: fixed-size integers packed losslessly into what the table
+/// stores and compares. IPv4 keys pack into one `u128`, compared in two words and hashed with
+/// one folded multiply; IPv6 keys are stored as they are and hashed a word pair at a time.
 pub trait TableKey: Copy + Eq {
-    /// The key as one word.
-    fn pack(&self) -> u128;
+    /// What the table stores.
+    type Packed: Copy + Eq + std::fmt::Debug;
+    /// The key as stored.
+    fn pack(&self) -> Self::Packed;
     /// The key back from [`TableKey::pack`].
-    fn unpack(packed: u128) -> Self;
+    fn unpack(packed: Self::Packed) -> Self;
+    /// The stored key's hash under the table's secret `seeds`.
+    fn hash(packed: &Self::Packed, seeds: &Seeds) -> u64;
 }
 
-impl TableKey for FlowKey {
+/// An IP address as the tables hold it, host order: `u32` for IPv4, `u128` for IPv6. It says
+/// how the family's keys are stored and hashed: IPv4 keys pack into one `u128`, compared in
+/// two words and hashed with one folded multiply; IPv6 keys are stored as they are and hashed
+/// a word pair at a time.
+pub trait Address: Copy + Eq + std::fmt::Debug + std::hash::Hash + Default + 'static {
+    /// A stored [`FlowKey`].
+    type Flow: Copy + Eq + std::fmt::Debug;
+    /// A stored [`PersistKey`].
+    type Persist: Copy + Eq + std::fmt::Debug;
+    /// A stored [`FragmentKey`].
+    type Fragment: Copy + Eq + std::fmt::Debug;
+    /// Packs a connection.
+    fn pack_flow(key: &FlowKey<Self>) -> Self::Flow;
+    /// Unpacks a connection.
+    fn unpack_flow(packed: Self::Flow) -> FlowKey<Self>;
+    /// Hashes a stored connection.
+    fn hash_flow(packed: &Self::Flow, seeds: &Seeds) -> u64;
+    /// Packs a client.
+    fn pack_persist(key: &PersistKey<Self>) -> Self::Persist;
+    /// Unpacks a client.
+    fn unpack_persist(packed: Self::Persist) -> PersistKey<Self>;
+    /// Hashes a stored client.
+    fn hash_persist(packed: &Self::Persist, seeds: &Seeds) -> u64;
+    /// Packs a datagram.
+    fn pack_fragment(key: &FragmentKey<Self>) -> Self::Fragment;
+    /// Unpacks a datagram.
+    fn unpack_fragment(packed: Self::Fragment) -> FragmentKey<Self>;
+    /// Hashes a stored datagram.
+    fn hash_fragment(packed: &Self::Fragment, seeds: &Seeds) -> u64;
+}
+
+impl Address for u32 {
+    type Flow = u128;
+    type Persist = u128;
+    type Fragment = u128;
+
     #[inline(always)]
-    fn pack(&self) -> u128 {
-        u128::from(self.src) << 96
-            | u128::from(self.dst) << 64
-            | u128::from(self.ports) << 32
-            | u128::from(self.protocol)
+    fn pack_flow(key: &FlowKey) -> u128 {
+        u128::from(key.src) << 96
+            | u128::from(key.dst) << 64
+            | u128::from(key.ports) << 32
+            | u128::from(key.protocol)
     }
 
     #[inline(always)]
-    fn unpack(packed: u128) -> Self {
+    fn unpack_flow(packed: u128) -> FlowKey {
         FlowKey {
             src: (packed >> 96) as u32,
             dst: (packed >> 64) as u32,
@@ -337,18 +380,175 @@ impl TableKey for FlowKey {
             protocol: packed as u8,
         }
     }
-}
 
-impl TableKey for (u32, u64) {
     #[inline(always)]
-    fn pack(&self) -> u128 {
-        u128::from(self.0) << 64 | u128::from(self.1)
+    fn hash_flow(packed: &u128, seeds: &Seeds) -> u64 {
+        hash(*packed, seeds)
     }
 
     #[inline(always)]
-    fn unpack(packed: u128) -> Self {
+    fn pack_persist(key: &PersistKey) -> u128 {
+        u128::from(key.0) << 64 | u128::from(key.1)
+    }
+
+    #[inline(always)]
+    fn unpack_persist(packed: u128) -> PersistKey {
         ((packed >> 64) as u32, packed as u64)
     }
+
+    #[inline(always)]
+    fn hash_persist(packed: &u128, seeds: &Seeds) -> u64 {
+        hash(*packed, seeds)
+    }
+
+    #[inline(always)]
+    fn pack_fragment(key: &FragmentKey) -> u128 {
+        u128::from(key.src) << 96
+            | u128::from(key.dst) << 64
+            | u128::from(key.id) << 8
+            | u128::from(key.protocol)
+    }
+
+    #[inline(always)]
+    fn unpack_fragment(packed: u128) -> FragmentKey {
+        FragmentKey {
+            src: (packed >> 96) as u32,
+            dst: (packed >> 64) as u32,
+            id: (packed >> 8) as u32,
+            protocol: packed as u8,
+        }
+    }
+
+    #[inline(always)]
+    fn hash_fragment(packed: &u128, seeds: &Seeds) -> u64 {
+        hash(*packed, seeds)
+    }
+}
+
+/// The halves of an IPv6 address.
+fn halves(address: u128) -> [u64; 2] {
+    [(address >> 64) as u64, address as u64]
+}
+
+impl Address for u128 {
+    type Flow = FlowKey<u128>;
+    type Persist = PersistKey<u128>;
+    type Fragment = FragmentKey<u128>;
+
+    fn pack_flow(key: &Self::Flow) -> Self::Flow {
+        *key
+    }
+
+    fn unpack_flow(packed: Self::Flow) -> Self::Flow {
+        packed
+    }
+
+    #[inline]
+    fn hash_flow(key: &Self::Flow, seeds: &Seeds) -> u64 {
+        let [src_high, src_low] = halves(key.src);
+        let [dst_high, dst_low] = halves(key.dst);
+        let rest = u64::from(key.ports) << 8 | u64::from(key.protocol);
+        hash_words(&[src_high, src_low, dst_high, dst_low, rest], seeds)
+    }
+
+    fn pack_persist(key: &Self::Persist) -> Self::Persist {
+        *key
+    }
+
+    fn unpack_persist(packed: Self::Persist) -> Self::Persist {
+        packed
+    }
+
+    #[inline]
+    fn hash_persist(key: &Self::Persist, seeds: &Seeds) -> u64 {
+        let [high, low] = halves(key.0);
+        hash_words(&[high, low, key.1], seeds)
+    }
+
+    fn pack_fragment(key: &Self::Fragment) -> Self::Fragment {
+        *key
+    }
+
+    fn unpack_fragment(packed: Self::Fragment) -> Self::Fragment {
+        packed
+    }
+
+    #[inline]
+    fn hash_fragment(key: &Self::Fragment, seeds: &Seeds) -> u64 {
+        let [src_high, src_low] = halves(key.src);
+        let [dst_high, dst_low] = halves(key.dst);
+        let rest = u64::from(key.id) << 8 | u64::from(key.protocol);
+        hash_words(&[src_high, src_low, dst_high, dst_low, rest], seeds)
+    }
+}
+
+impl<A: Address> TableKey for FlowKey<A> {
+    type Packed = A::Flow;
+
+    #[inline(always)]
+    fn pack(&self) -> A::Flow {
+        A::pack_flow(self)
+    }
+
+    #[inline(always)]
+    fn unpack(packed: A::Flow) -> Self {
+        A::unpack_flow(packed)
+    }
+
+    #[inline(always)]
+    fn hash(packed: &A::Flow, seeds: &Seeds) -> u64 {
+        A::hash_flow(packed, seeds)
+    }
+}
+
+impl<A: Address> TableKey for (A, u64) {
+    type Packed = A::Persist;
+
+    #[inline(always)]
+    fn pack(&self) -> A::Persist {
+        A::pack_persist(self)
+    }
+
+    #[inline(always)]
+    fn unpack(packed: A::Persist) -> Self {
+        A::unpack_persist(packed)
+    }
+
+    #[inline(always)]
+    fn hash(packed: &A::Persist, seeds: &Seeds) -> u64 {
+        A::hash_persist(packed, seeds)
+    }
+}
+
+impl<A: Address> TableKey for FragmentKey<A> {
+    type Packed = A::Fragment;
+
+    #[inline(always)]
+    fn pack(&self) -> A::Fragment {
+        A::pack_fragment(self)
+    }
+
+    #[inline(always)]
+    fn unpack(packed: A::Fragment) -> Self {
+        A::unpack_fragment(packed)
+    }
+
+    #[inline(always)]
+    fn hash(packed: &A::Fragment, seeds: &Seeds) -> u64 {
+        A::hash_fragment(packed, seeds)
+    }
+}
+
+/// Hashes IPv6 keys: each word pair goes through a folded multiply with the running hash, so
+/// every bit counts and no choice of addresses collides without the secret.
+#[inline(always)]
+fn hash_words(words: &[u64], seeds: &Seeds) -> u64 {
+    let mut h = seeds.0[0];
+    for pair in words.chunks(2) {
+        let second = pair.get(1).copied().unwrap_or(0);
+        h = folded_multiply(pair[0] ^ h, second ^ seeds.0[1]);
+    }
+    h.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 /// Seven bits of a hash that the slot index does not use, with the top bit set: a slot's
@@ -438,13 +638,13 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
 
     /// The slot a packed key's probe starts at.
     #[inline(always)]
-    fn home(&self, packed: u128) -> usize {
-        (hash(packed, &self.seeds) >> self.shift) as usize
+    fn home(&self, packed: K::Packed) -> usize {
+        (K::hash(&packed, &self.seeds) >> self.shift) as usize
     }
 
     /// The slot holding the packed key, or the free slot that ends its probe.
     #[inline(always)]
-    fn probe(&self, packed: u128) -> (usize, bool) {
+    fn probe(&self, packed: K::Packed) -> (usize, bool) {
         let mut i = self.home(packed);
         // At most half full: every walk ends at a free slot.
         while let Some(Some((k, _))) = self.slots.get(i) {
@@ -462,8 +662,8 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     /// after the slot's load, the access that misses the cache. Only the slot whose tag
     /// matches is read (its key compared: one in 128 other keys has the same tag).
     #[inline(always)]
-    fn find(&self, packed: u128) -> Option<usize> {
-        let hash = hash(packed, &self.seeds);
+    fn find(&self, packed: K::Packed) -> Option<usize> {
+        let hash = K::hash(&packed, &self.seeds);
         let wanted = tag(hash);
         let mut i = (hash >> self.shift) as usize;
         loop {
@@ -520,7 +720,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
             *slot = Some((packed, value));
         }
         if let Some(t) = self.tags.get_mut(i) {
-            *t = tag(hash(packed, &self.seeds));
+            *t = tag(K::hash(&packed, &self.seeds));
         }
         true
     }
@@ -531,7 +731,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     /// handshake completes, so under a SYN flood the oldest half-open entries, the ones that
     /// give way, are almost always the flood's. (Expired entries go at the next sweep.)
     #[cold]
-    fn evict_near(&mut self, packed: u128) -> bool {
+    fn evict_near(&mut self, packed: K::Packed) -> bool {
         let home = self.home(packed);
         let mut victim: Option<(usize, u64)> = None;
         for step in 0..EVICTION_WINDOW.min(self.slots.len()) {
@@ -562,7 +762,7 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         for (packed, value) in old.into_iter().flatten() {
             let (i, _) = self.probe(packed);
             self.slots[i] = Some((packed, value));
-            self.tags[i] = tag(hash(packed, &self.seeds));
+            self.tags[i] = tag(K::hash(&packed, &self.seeds));
         }
     }
 
@@ -645,35 +845,15 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
 /// An IP datagram that arrives in fragments, as its pieces all say (RFC 791: source,
 /// destination, protocol and identification name the datagram).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FragmentKey {
+pub struct FragmentKey<A = u32> {
     /// Client address.
-    pub src: u32,
+    pub src: A,
     /// VIP.
-    pub dst: u32,
-    /// IP identification.
-    pub id: u16,
+    pub dst: A,
+    /// IP identification (IPv6: the fragment header's 32 bits).
+    pub id: u32,
     /// IP protocol.
     pub protocol: u8,
-}
-
-impl TableKey for FragmentKey {
-    #[inline(always)]
-    fn pack(&self) -> u128 {
-        u128::from(self.src) << 96
-            | u128::from(self.dst) << 64
-            | u128::from(self.id) << 8
-            | u128::from(self.protocol)
-    }
-
-    #[inline(always)]
-    fn unpack(packed: u128) -> Self {
-        FragmentKey {
-            src: (packed >> 96) as u32,
-            dst: (packed >> 64) as u32,
-            id: (packed >> 8) as u16,
-            protocol: packed as u8,
-        }
-    }
 }
 
 /// Where a fragmented datagram's first piece went.
@@ -699,17 +879,18 @@ impl Expires for FragmentEntry {
 }
 
 /// The fragment table.
-pub type FragmentTable = ExpiringTable<FragmentKey, FragmentEntry>;
+pub type FragmentTable<A = u32> = ExpiringTable<FragmentKey<A>, FragmentEntry>;
 
 /// The flow table.
-pub type FlowTable = ExpiringTable<FlowKey, FlowEntry>;
+pub type FlowTable<A = u32> = ExpiringTable<FlowKey<A>, FlowEntry>;
 
-/// Persistence key: client address and the service's stable id
-/// ([`crate::packet::snapshot::ServiceEntry::id`]), which survives edits of its ports, VIP and label.
-pub type PersistKey = (u32, u64);
+/// Persistence key: client address (IPv6: its leading `persistence_prefix_v6` bits) and the
+/// service's stable id ([`crate::packet::snapshot::ServiceEntry::id`]), which survives edits of
+/// its ports, VIP and label.
+pub type PersistKey<A = u32> = (A, u64);
 
 /// The persistence table.
-pub type PersistenceTable = ExpiringTable<PersistKey, PersistEntry>;
+pub type PersistenceTable<A = u32> = ExpiringTable<PersistKey<A>, PersistEntry>;
 
 #[cfg(test)]
 mod tests {
@@ -856,7 +1037,7 @@ mod tests {
 
     #[test]
     fn keys_pack_and_unpack() {
-        let flow = FlowKey {
+        let flow: FlowKey = FlowKey {
             src: 0xc613_0102,
             dst: 0xc612_0064,
             ports: 40_000 << 16 | 1935,
@@ -1011,7 +1192,7 @@ mod tests {
 
     #[test]
     fn fragment_keys_pack_and_unpack() {
-        let fragment = FragmentKey {
+        let fragment: FragmentKey = FragmentKey {
             src: 0xc613_0102,
             dst: 0xc612_0064,
             id: 0xbeef,

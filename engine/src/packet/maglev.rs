@@ -16,7 +16,7 @@
 //! fill, and every hash is xxh3 with the configured seed. The same set of backends and weights
 //! gives the same table in any process on any machine, whatever the order in the config file.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Marks a slot that no backend owns (only when no backend has a non-zero weight).
@@ -29,7 +29,7 @@ pub const MAX_BACKENDS: usize = NO_BACKEND as usize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backend {
     /// The backend's address: its identity for the permutation.
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Relative share of the table; 0 takes no slot.
     pub weight: u16,
 }
@@ -54,7 +54,8 @@ impl MaglevTable {
         let mut order: Vec<usize> = (0..backends.len())
             .filter(|&i| backends[i].weight > 0)
             .collect();
-        order.sort_by_key(|&i| u32::from(backends[i].ip));
+        // IPv4 addresses first, each family by its octets.
+        order.sort_by_key(|&i| backends[i].ip);
         if order.is_empty() || size == 0 {
             return MaglevTable { slots, seed };
         }
@@ -136,12 +137,21 @@ struct Permutation {
 }
 
 impl Permutation {
-    fn new(ip: Ipv4Addr, size: usize, seed: u64) -> Permutation {
-        let id = ip.octets();
+    fn new(ip: IpAddr, size: usize, seed: u64) -> Permutation {
+        let octets = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        // IPv4: its four octets, as before IPv6 servers existed (a pair of mixed versions
+        // chooses alike).
+        let id = match ip {
+            IpAddr::V4(_) => &octets[12..],
+            IpAddr::V6(_) => &octets[..],
+        };
         // Two independent hashes of the identity, as in the paper (h1 for offset, h2 for skip).
-        let offset = (xxh3_64_with_seed(&id, seed ^ 0x6f66_6673_6574) % size as u64) as usize;
+        let offset = (xxh3_64_with_seed(id, seed ^ 0x6f66_6673_6574) % size as u64) as usize;
         let skip = if size > 1 {
-            (xxh3_64_with_seed(&id, seed ^ 0x736b_6970) % (size as u64 - 1)) as usize + 1
+            (xxh3_64_with_seed(id, seed ^ 0x736b_6970) % (size as u64 - 1)) as usize + 1
         } else {
             1
         };
@@ -177,7 +187,8 @@ mod tests {
     fn backends(n: usize, weight: impl Fn(usize) -> u16) -> Vec<Backend> {
         (0..n)
             .map(|i| Backend {
-                ip: Ipv4Addr::new(198, 18, (i / 250) as u8 + 2, (i % 250) as u8 + 1),
+                ip: std::net::Ipv4Addr::new(198, 18, (i / 250) as u8 + 2, (i % 250) as u8 + 1)
+                    .into(),
                 weight: weight(i),
             })
             .collect()
@@ -309,7 +320,7 @@ mod golden {
         let backends: Vec<Backend> = [(11, 100), (12, 100), (13, 50), (14, 200)]
             .into_iter()
             .map(|(host, weight)| Backend {
-                ip: Ipv4Addr::new(198, 18, 0, host),
+                ip: std::net::Ipv4Addr::new(198, 18, 0, host).into(),
                 weight,
             })
             .collect();

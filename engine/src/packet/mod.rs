@@ -4,6 +4,7 @@
 //!
 //! - [`dataplane`]: classify, choose a real server, rewrite in place.
 //! - [`flows`]: the per-worker connection, persistence and fragment tables.
+//! - [`ipv6`]: IPv6 headers read in place, and the Neighbor Discovery and echo answers.
 //! - [`maglev`]: the consistent-hash tables real servers are looked up in.
 //! - [`snapshot`]: the immutable configuration view the packet path reads.
 //! - [`counters`]: per-worker counters, every frame in exactly one.
@@ -12,6 +13,7 @@
 pub mod counters;
 pub mod dataplane;
 pub mod flows;
+pub mod ipv6;
 pub mod maglev;
 pub mod snapshot;
 pub mod sync;

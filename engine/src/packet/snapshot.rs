@@ -13,8 +13,8 @@
 
 use crate::packet::maglev::{Backend, MAX_BACKENDS, MaglevTable};
 use hashbrown::{HashMap, HashSet};
-use lbd_config::{Config, MacAddr, Persistence};
-use std::net::Ipv4Addr;
+use lbd_config::{Config, MacAddr, Persistence, real_server_key};
+use std::net::{IpAddr, Ipv6Addr};
 
 /// VIP, protocol and port packed into one word: one hash input instead of three.
 #[inline]
@@ -216,7 +216,9 @@ pub struct RealServerEntry {
     /// Operator's name for it.
     pub label: String,
     /// Its own address (DR: it also holds the VIP on loopback).
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
+    /// How the tables name it: [`real_server_key`] of its address.
+    pub key: u32,
     /// Where frames for it go; `None` while unresolved.
     pub mac: Option<[u8; 6]>,
     /// The Ethernet addresses of a frame forwarded to it (its MAC, then the snapshot's
@@ -274,7 +276,12 @@ pub struct ServiceEntry {
     /// Operator's name for it.
     pub label: String,
     /// Its virtual IP.
-    pub vip: Ipv4Addr,
+    pub vip: IpAddr,
+    /// Its second (IPv6) VIP.
+    pub vip6: Option<Ipv6Addr>,
+    /// The leading `persistence_prefix_v6` bits of an IPv6 address: what keeps its clients
+    /// together.
+    pub client_mask_v6: u128,
     /// IP protocol number (6 TCP, 17 UDP).
     pub protocol: u8,
     /// What the Maglev key is: the client's address alone, or the 5-tuple.
@@ -297,10 +304,11 @@ pub struct ServiceEntry {
     pub known_table: Option<MaglevTable>,
     /// Config order.
     pub real_servers: Vec<RealServerEntry>,
-    /// Real-server address (host order) -> index into `real_servers`.
+    /// Real server's [`RealServerEntry::key`] -> index into `real_servers`.
     pub by_ip: HashMap<u32, u16>,
-    /// The fallback server's address and MAC (`None` when unset; MAC `None` while unresolved).
-    pub fallback: Option<(Ipv4Addr, Option<[u8; 6]>)>,
+    /// The fallback server's key ([`real_server_key`]) and MAC (`None` when unset; MAC `None`
+    /// while unresolved).
+    pub fallback: Option<(u32, Option<[u8; 6]>)>,
 }
 
 impl ServiceEntry {
@@ -320,10 +328,14 @@ pub struct Snapshot {
     pub generation: u64,
     /// The balancer interface's MAC: source of every frame it sends.
     pub own_mac: [u8; 6],
-    /// Every configured VIP (host order `u32`), for ARP and the first classification step.
+    /// Every configured IPv4 VIP (host order `u32`), for ARP and the first classification step.
     pub vips: HashSet<u32>,
     /// [`service_key`]`(VIP, protocol, port)` -> index into `services`.
     pub by_port: PortMap,
+    /// Every IPv6 VIP (host order), for Neighbor Discovery.
+    pub vips6: HashSet<u128>,
+    /// (IPv6 VIP, protocol, port) -> index into `services`.
+    pub by_port6: HashMap<(u128, u8, u16), u16>,
     /// [`ServiceEntry::id`] -> index into `services`.
     pub by_id: HashMap<u32, u16>,
     /// Config order.
@@ -340,24 +352,37 @@ impl Snapshot {
         ids: &mut ServiceIds,
         own_mac: [u8; 6],
         generation: u64,
-        mac_of: impl Fn(Ipv4Addr) -> Option<[u8; 6]>,
+        mac_of: impl Fn(IpAddr) -> Option<[u8; 6]>,
         state_of: impl Fn(&str, &str) -> S,
     ) -> Snapshot {
         ids.sync(config);
         let mut vips = HashSet::new();
         let mut by_port = PortMap::default();
+        let mut vips6 = HashSet::new();
+        let mut by_port6 = HashMap::new();
         let mut by_id = HashMap::new();
         let mut services = Vec::with_capacity(config.services.len());
         for (index, service) in config.services.iter().enumerate() {
             let index = index as u16;
-            let vip = u32::from(service.vip);
             let protocol = service.protocol.ip_protocol_number();
             // A SNAT service is HAProxy's: its frames go to the host stack, never here. It
             // keeps its place so that indices match the configuration's.
             if service.mode == lbd_config::ServiceMode::Dr {
-                vips.insert(vip);
-                for port in service.ports.iter() {
-                    by_port.insert(service_key(vip, protocol, port), index);
+                for vip in service.vips() {
+                    match vip {
+                        IpAddr::V4(v4) => {
+                            vips.insert(u32::from(v4));
+                            for port in service.ports.iter() {
+                                by_port.insert(service_key(u32::from(v4), protocol, port), index);
+                            }
+                        }
+                        IpAddr::V6(v6) => {
+                            vips6.insert(u128::from(v6));
+                            for port in service.ports.iter() {
+                                by_port6.insert((u128::from(v6), protocol, port), index);
+                            }
+                        }
+                    }
                 }
             }
 
@@ -371,6 +396,7 @@ impl Snapshot {
                     RealServerEntry {
                         label: rs.label.clone(),
                         ip: rs.ip,
+                        key: real_server_key(rs.ip),
                         mac,
                         forward_header: mac.map(|mac| forward_header(mac, own_mac)),
                         weight: rs.weight,
@@ -388,7 +414,7 @@ impl Snapshot {
             let by_ip = real_servers
                 .iter()
                 .enumerate()
-                .map(|(i, rs)| (u32::from(rs.ip), i as u16))
+                .map(|(i, rs)| (rs.key, i as u16))
                 .collect();
             let backends = |takes: fn(&RealServerEntry) -> bool,
                             weight: fn(&RealServerEntry) -> u16|
@@ -407,20 +433,28 @@ impl Snapshot {
             let seed = config.engine.hash_seed;
             let id = ids.get(&service.label).unwrap_or(u32::MAX);
             by_id.insert(id, index);
+            // IPv4 entries are shared with peers (IPv6's are not yet): a service is named by
+            // its IPv4 VIP, an IPv6-only one by its address's key (never asked for).
+            let wire_vip = match service.vip {
+                IpAddr::V4(v4) => u32::from(v4),
+                IpAddr::V6(_) => real_server_key(service.vip),
+            };
             services.push(ServiceEntry {
                 label: service.label.clone(),
                 vip: service.vip,
+                vip6: service.vip6,
+                client_mask_v6: service.client_mask_v6(),
                 protocol,
                 persistence: service.persistence,
                 id,
-                wire_key: service_key(vip, protocol, service.ports.iter().next().unwrap_or(0)),
+                wire_key: service_key(wire_vip, protocol, service.ports.iter().next().unwrap_or(0)),
                 persistence_timeout_ms: u64::from(service.persistence_timeout_s) * 1000,
                 table: MaglevTable::build(&new_clients, service.table_size, seed),
                 known_table: (known_clients != new_clients)
                     .then(|| MaglevTable::build(&known_clients, service.table_size, seed)),
                 real_servers,
                 by_ip,
-                fallback: service.fallback.map(|ip| (ip, mac_of(ip))),
+                fallback: service.fallback.map(|ip| (real_server_key(ip), mac_of(ip))),
             });
         }
         Snapshot {
@@ -428,6 +462,8 @@ impl Snapshot {
             own_mac,
             vips,
             by_port,
+            vips6,
+            by_port6,
             by_id,
             services,
         }
@@ -459,7 +495,7 @@ mod tests {
             &mut ServiceIds::default(),
             [2; 6],
             1,
-            |ip| (ip != Ipv4Addr::new(198, 18, 0, 13)).then_some(table_mac),
+            |ip| (ip != std::net::Ipv4Addr::new(198, 18, 0, 13)).then_some(table_mac),
             |_, _| AdminState::Online,
         );
         let servers = &snapshot.services[0].real_servers;

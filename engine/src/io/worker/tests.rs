@@ -8,6 +8,7 @@ use etherparse::PacketBuilder;
 use lbd_config::Config;
 use proptest::prelude::*;
 use std::collections::{HashSet, VecDeque};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 const OWN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -312,8 +313,8 @@ fn full_tx_ring_recycles_and_counts() {
 fn gratuitous_arp_goes_out_for_every_vip() {
     let mut worker = Worker::new(FakeRings::new(64, 16), dataplane(), settings(8));
     let vips = [
-        Ipv4Addr::new(198, 18, 0, 100),
-        Ipv4Addr::new(198, 18, 0, 101),
+        Ipv4Addr::new(198, 18, 0, 100).into(),
+        Ipv4Addr::new(198, 18, 0, 101).into(),
     ];
     worker.announce(OWN_MAC, &vips);
     worker.rings.send(10);
@@ -363,7 +364,7 @@ proptest! {
                 }
                 Step::Send(n) => worker.rings.send(n),
                 Step::Poll => { worker.poll_once(0); }
-                Step::Announce => worker.announce(OWN_MAC, &[Ipv4Addr::new(198, 18, 0, 100)]),
+                Step::Announce => worker.announce(OWN_MAC, &[Ipv4Addr::new(198, 18, 0, 100).into()]),
             }
             assert_conserved(&worker);
         }

@@ -62,6 +62,14 @@ ip = "198.18.0.12"
 mac = "02:00:00:00:00:12"
 "#;
 
+/// The last octet of an IPv4 address (of the lab's real servers).
+fn octet(ip: std::net::IpAddr) -> u8 {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets()[3],
+        std::net::IpAddr::V6(v6) => v6.octets()[15],
+    }
+}
+
 fn config() -> Config {
     Config::from_toml_str(CONFIG).expect("test config is valid")
 }
@@ -461,7 +469,7 @@ fn drops_are_counted_by_reason() {
         (
             {
                 let mut f = tcp_frame(CLIENT, VIP, 1, 1935);
-                f[12..14].copy_from_slice(&[0x86, 0xdd]);
+                f[12..14].copy_from_slice(&[0x81, 0x00]); // a VLAN tag
                 f
             },
             DropReason::UnsupportedEtherType,
@@ -619,7 +627,7 @@ fn counters_follow_their_service_and_server_across_changes() {
     changed.services[1].real_servers.insert(
         0,
         lbd_config::RealServer {
-            ip: Ipv4Addr::new(198, 18, 0, 10),
+            ip: Ipv4Addr::new(198, 18, 0, 10).into(),
             ..rs0
         },
     );
@@ -1385,7 +1393,7 @@ fn the_fallback_server_takes_new_clients_only_when_no_real_server_can() {
             &mut ServiceIds::default(),
             OWN_MAC,
             1,
-            |ip| match ip.octets()[3] {
+            |ip| match octet(ip) {
                 11 => Some(RS1_MAC),
                 50 => Some(FALLBACK_MAC),
                 _ => None,
@@ -1447,7 +1455,7 @@ fn a_frame_that_is_not_sent_after_all_is_taken_back_from_its_counter() {
         &mut ServiceIds::default(),
         OWN_MAC,
         1,
-        |ip| (ip.octets()[3] == 50).then_some([2, 0, 0, 0, 0, 0x50]),
+        |ip| (octet(ip) == 50).then_some([2, 0, 0, 0, 0, 0x50]),
         |_, _| AdminState::Halt,
     );
     let mut dp = Dataplane::new(Arc::new(halted), TableSizes::default());
