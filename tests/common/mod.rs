@@ -465,3 +465,107 @@ pub fn http_get(lab: &Lab, source: &str, url: &str) -> HashMap<String, String> {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
 }
+
+/// Publishes a test stream through `url` for `seconds`, in the background.
+pub fn publish(lab: &Lab, url: &str, seconds: u32) -> std::process::Child {
+    Command::new("ip")
+        .args(["netns", "exec", lab.fact("NS_CLIENT")])
+        .args([
+            "timeout",
+            "60",
+            "ffmpeg",
+            "-nostdin",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+        ])
+        .args(["-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"])
+        .args(["-t", &seconds.to_string(), "-c:v", "flv", "-f", "flv", url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ffmpeg")
+}
+
+pub fn finished(publisher: std::process::Child) {
+    let output = publisher.wait_with_output().expect("ffmpeg ends");
+    assert!(
+        output.status.success(),
+        "the stream broke: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The servers (1-based) that recorded a stream named `name`, with the bytes recorded.
+pub fn recorded(lab: &Lab, count: usize, name: &str) -> Vec<(usize, u64)> {
+    (1..=count)
+        .filter_map(|i| {
+            let dir = PathBuf::from(lab.fact(&format!("RS{i}_RECORD_DIR")));
+            let bytes: u64 = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with(name))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            (bytes > 0).then_some((i, bytes))
+        })
+        .collect()
+}
+
+/// Waits (at most `limit`) until `lbctl status` shows `state` for `service`'s server `label`.
+pub fn wait_for_state(lab: &Lab, service: &str, label: &str, state: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let report = status(lab);
+        let now = report
+            .services
+            .iter()
+            .find(|s| s.label == service)
+            .and_then(|s| s.real_servers.iter().find(|rs| rs.label == label))
+            .map(|rs| rs.state.clone())
+            .unwrap_or_default();
+        if now == state {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service}/{label} is {now:?}, not {state}, after {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn nginx(lab: &Lab, server: usize, stop: bool) {
+    let dir = lab.fact(&format!("RS{server}_DIR"));
+    let namespace = format!("NS_RS{server}");
+    let output = if stop {
+        lab.exec(
+            &namespace,
+            &[
+                "nginx",
+                "-p",
+                dir,
+                "-c",
+                &format!("{dir}/nginx.conf"),
+                "-s",
+                "stop",
+            ],
+        )
+    } else {
+        lab.exec(
+            &namespace,
+            &[
+                "nginx",
+                "-p",
+                dir,
+                "-e",
+                &format!("{dir}/error.log"),
+                "-c",
+                &format!("{dir}/nginx.conf"),
+            ],
+        )
+    };
+    assert!(output.status.success(), "nginx on rs{server}: {output:?}");
+}
