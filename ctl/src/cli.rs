@@ -2,7 +2,8 @@
 //! Values are parsed with the config crate's own parsers, so `lbctl` rejects what the config
 //! file would reject, with the same words, before anything reaches the daemon.
 
-use clap::{Parser, Subcommand};
+use crate::dr_setup::Method;
+use clap::{Args, Parser, Subcommand};
 use lbd_config::{
     Layer7Protocol, MacAddr, Persistence, PortSet, Protocol, RealServer, Service, ServiceMode,
 };
@@ -115,6 +116,28 @@ pub enum Verb {
         #[command(subcommand)]
         action: HaAction,
     },
+    /// Make this host a DR real server for the VIPs (needs no lbd): prints the commands and
+    /// how to keep them across reboots, or runs them with --apply.
+    DrSetup(DrSetupArgs),
+}
+
+/// `dr-setup`'s options.
+#[derive(Debug, Args)]
+pub struct DrSetupArgs {
+    /// A VIP the balancer sends to this server, IPv4 or IPv6 (repeat for more).
+    #[arg(long = "vip", value_name = "IP", required = true)]
+    pub vips: Vec<IpAddr>,
+    /// loopback: the VIP on lo, ARP for it silenced (preferred); nftables, iptables or
+    /// firewalld: VIP traffic redirected to this host, no VIP on it.
+    #[arg(long, value_enum, default_value = "loopback")]
+    pub method: Method,
+    /// With loopback: also set the ARP sysctls of this interface, the one facing the balancer
+    /// (repeatable; those of `all` are always set and are enough).
+    #[arg(long = "interface", value_name = "NAME")]
+    pub interfaces: Vec<String>,
+    /// Run the commands on this host now (as root) instead of printing them.
+    #[arg(long)]
+    pub apply: bool,
 }
 
 /// `ha` subcommands.
@@ -233,6 +256,9 @@ impl Verb {
                 );
             }
             Verb::Protocol(command) => command,
+            Verb::DrSetup(_) => {
+                return Err("dr-setup works on this host and sends nothing to lbd".into());
+            }
         })
     }
 }

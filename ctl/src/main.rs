@@ -1,8 +1,10 @@
 //! `lbctl`: the operator's command-line client for `lbd`. It sends one request over the
 //! daemon's unix socket (the `lbd-proto` JSON lines) and prints the reply: tables for people,
-//! `--json` for scripts. Exit status: 0 done, 1 refused or unreachable, 2 usage.
+//! `--json` for scripts. Exit status: 0 done, 1 refused or unreachable, 2 usage. One command,
+//! `dr-setup`, talks to no lbd: it sets up the host it runs on as a real server.
 
 mod cli;
+mod dr_setup;
 mod render;
 
 use clap::Parser;
@@ -50,7 +52,11 @@ fn exchange(socket: &Path, command: Command) -> Result<Reply, String> {
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    let command = match cli.command.into_command() {
+    let command = match cli.command {
+        cli::Verb::DrSetup(args) => return dr_setup::run(args, cli.json),
+        verb => verb.into_command(),
+    };
+    let command = match command {
         Ok(command) => command,
         Err(usage) => {
             eprintln!("lbctl: {usage}");

@@ -30,6 +30,8 @@ const LAB_PROGRAMS: &[(&str, &str)] = &[
     ("ffmpeg", "ffmpeg"),
     ("ffprobe", "ffmpeg"),
     ("nft", "nftables"),
+    ("iptables", "iptables"),
+    ("ip6tables", "iptables"),
     ("keepalived", "keepalived"),
     ("haproxy", "haproxy"),
     ("arping", "arping"),

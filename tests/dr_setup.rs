@@ -1,0 +1,264 @@
+//! `lbctl dr-setup --apply` on a bare real server: a lab whose server has no DR setup at all
+//! (`scripts/lab up --bare`: no VIP on lo, ARP sysctls at 0) gets nothing through the VIP, then
+//! serves through lbd once dr-setup has run in its namespace, with each method that can run here.
+//! Applying twice must work and leave one copy of everything.
+//!
+//! lbd forwards IPv4 only, so for the IPv6 VIP the client plays the balancer's part: a static
+//! neighbour entry sends the VIP's frames to the real server's MAC, on the same lab segment.
+//! firewalld is not run: it needs its daemon on a system D-Bus, which no lab namespace has (and
+//! on the host it would take over the machine's firewall); its exact commands are unit-tested
+//! in ctl/src/dr_setup.rs.
+
+mod common;
+
+use common::{Lab, Lbd, VIP, as_unprivileged, lab_allowed, lbctl_for_anyone, lbctl_path, run};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VIP6: &str = "2001:2::100";
+const CLIENT6: &str = "2001:2::1";
+const SERVER6: &str = "2001:2::11";
+/// nginx holds 8088 on IPv4 only; a Python server answers IPv6 on this port.
+const PORT6: &str = "8089";
+
+/// Curl's body, or its error: `--max-time 2`, since a bare server drops the VIP's packets and
+/// the failure is a timeout.
+fn fetch(lab: &Lab, args: &str) -> Result<String, String> {
+    let line = format!("curl -fsS --max-time 2 {args}");
+    let output = lab.exec("NS_CLIENT", &line.split_whitespace().collect::<Vec<_>>());
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+fn fetch_through_vip(lab: &Lab, source: &str) -> Result<String, String> {
+    fetch(lab, &format!("--interface {source} http://{VIP}:8088/"))
+}
+
+fn fetch_ipv6(lab: &Lab, address: &str) -> Result<String, String> {
+    fetch(lab, &format!("-g http://[{address}]:{PORT6}/"))
+}
+
+/// Runs `line` (split at its spaces) in a lab namespace and insists on success; its stdout.
+fn exec_ok(lab: &Lab, namespace_key: &str, line: &str) -> String {
+    let output = lab.exec(namespace_key, &line.split_whitespace().collect::<Vec<_>>());
+    assert!(
+        output.status.success(),
+        "`{line}` in {namespace_key}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// IPv6 between the client and rs1 (the lab turns it off everywhere), a Python HTTP server on
+/// rs1, and the client's static neighbour entry for the IPv6 VIP; the server stops on drop.
+struct Ipv6Path {
+    server: Child,
+}
+
+impl Ipv6Path {
+    fn up(lab: &Lab) -> Ipv6Path {
+        for (namespace_key, address) in [("NS_CLIENT", CLIENT6), ("NS_RS1", SERVER6)] {
+            exec_ok(
+                lab,
+                namespace_key,
+                "sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.lo.disable_ipv6=0 \
+                 net.ipv6.conf.eth0.disable_ipv6=0",
+            );
+            exec_ok(
+                lab,
+                namespace_key,
+                &format!("ip -6 addr add {address}/64 dev eth0 nodad"),
+            );
+        }
+        let rs1_mac = lab.fact("RS1_MAC");
+        exec_ok(
+            lab,
+            "NS_CLIENT",
+            &format!("ip -6 neigh replace {VIP6} lladdr {rs1_mac} dev eth0 nud permanent"),
+        );
+        let server = Command::new("ip")
+            .args(["netns", "exec", lab.fact("NS_RS1")])
+            .args(["python3", "-m", "http.server", "--bind", "::", PORT6])
+            .arg("--directory")
+            .arg(lab.fact("RS1_DIR"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the IPv6 HTTP server");
+        let path = Ipv6Path { server };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fetch_ipv6(lab, SERVER6).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "rs1's IPv6 server does not answer on [{SERVER6}]:{PORT6}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        path
+    }
+}
+
+impl Drop for Ipv6Path {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// Runs `lbctl dr-setup --vip VIP --vip VIP6 --method METHOD --apply` in rs1's namespace.
+fn apply(lab: &Lab, method: &str) -> String {
+    let output = run(Command::new("ip")
+        .args(["netns", "exec", lab.fact("NS_RS1")])
+        .arg(lbctl_path())
+        .args(["dr-setup", "--vip", VIP, "--vip", VIP6])
+        .args(["--method", method, "--apply"]));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "dr-setup --method {method} --apply failed: {}{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("To keep this across reboots"), "{stdout}");
+    stdout
+}
+
+/// A bare lab and lbd, shown to serve nothing through either VIP; then dr-setup with `method`,
+/// twice, and both VIPs reach rs1, which sees the client's own address. Returns the lab (and
+/// its lbd, kept running) for the method's own checks; None when the lab may not run.
+fn bare_server_serves_after_dr_setup(method: &str) -> Option<(Lab, Lbd)> {
+    if !lab_allowed() {
+        return None;
+    }
+    let lab = Lab::up_with_options(1, 1, &["--bare"]);
+    let lbd = Lbd::start(&lab, &lab.config(1));
+    let source = lab.client_ips()[0].clone();
+    let ipv6 = Ipv6Path::up(&lab);
+
+    let before = fetch_through_vip(&lab, &source);
+    assert!(
+        before.is_err(),
+        "a bare server answered the VIP: {before:?}"
+    );
+    let before = fetch_ipv6(&lab, VIP6);
+    assert!(before.is_err(), "a bare server answered {VIP6}: {before:?}");
+
+    apply(&lab, method);
+    // Again: everything is in place already, and nothing fails or doubles.
+    apply(&lab, method);
+
+    let body = fetch_through_vip(&lab, &source).unwrap_or_else(|e| {
+        panic!("no answer through the VIP after dr-setup --method {method}: {e}")
+    });
+    assert!(body.contains("server=rs1"), "{body}");
+    assert!(
+        body.contains(&format!("client={source} ")),
+        "the server must see the client's own address: {body}"
+    );
+    if let Err(e) = fetch_ipv6(&lab, VIP6) {
+        panic!("no answer from {VIP6} after dr-setup --method {method}: {e}");
+    }
+    drop(ipv6);
+    Some((lab, lbd))
+}
+
+/// Asserts that exactly `count` lines of `text` contain `needle`.
+fn assert_lines_with(text: &str, needle: &str, count: usize) {
+    let found = text.lines().filter(|line| line.contains(needle)).count();
+    assert_eq!(
+        found, count,
+        "{count} line(s) with {needle:?} expected in:\n{text}"
+    );
+}
+
+#[test]
+fn loopback_makes_a_bare_server_serve_and_keeps_it_silent_on_arp_and_ndp() {
+    let Some((lab, _lbd)) = bare_server_serves_after_dr_setup("loopback") else {
+        return;
+    };
+
+    let addresses = exec_ok(&lab, "NS_RS1", "ip -o addr show dev lo");
+    assert_lines_with(&addresses, &format!("{VIP}/32"), 1);
+    assert_lines_with(&addresses, &format!("{VIP6}/128 scope global nodad"), 1);
+    let sysctls = exec_ok(
+        &lab,
+        "NS_RS1",
+        "sysctl -n net.ipv4.conf.all.arp_ignore net.ipv4.conf.all.arp_announce",
+    );
+    assert_eq!(sysctls, "1\n2\n");
+
+    // The server holds the VIP now, yet only the balancer answers ARP for it.
+    let arping = exec_ok(
+        &lab,
+        "NS_CLIENT",
+        &format!("arping -c 2 -w 3 -I eth0 {VIP}"),
+    );
+    assert!(arping.contains(lab.fact("LB_MAC")), "{arping}");
+    assert!(
+        !arping.contains(lab.fact("RS1_MAC")),
+        "the real server answered ARP for the VIP: {arping}"
+    );
+    // Nor a neighbour solicitation for the IPv6 VIP: without its static entry the client
+    // cannot resolve it.
+    exec_ok(
+        &lab,
+        "NS_CLIENT",
+        &format!("ip -6 neigh del {VIP6} dev eth0"),
+    );
+    let _ = lab.exec("NS_CLIENT", &["ping", "-6", "-c", "1", "-W", "1", VIP6]);
+    let neighbour = exec_ok(&lab, "NS_CLIENT", &format!("ip -6 neigh show {VIP6}"));
+    assert!(
+        !neighbour.contains("lladdr"),
+        "the real server answered a neighbour solicitation for {VIP6}: {neighbour}"
+    );
+}
+
+#[test]
+fn nftables_makes_a_bare_server_serve_with_one_table() {
+    let Some((lab, _lbd)) = bare_server_serves_after_dr_setup("nftables") else {
+        return;
+    };
+    let table = exec_ok(&lab, "NS_RS1", "nft list table inet lbd_dr");
+    assert_lines_with(&table, "redirect", 2);
+    assert_lines_with(&table, &format!("ip daddr {VIP} redirect"), 1);
+    assert_lines_with(&table, &format!("ip6 daddr {VIP6} redirect"), 1);
+    let lo = exec_ok(&lab, "NS_RS1", "ip -o addr show dev lo");
+    assert_lines_with(&lo, VIP, 0);
+}
+
+#[test]
+fn iptables_makes_a_bare_server_serve_with_one_rule_per_vip() {
+    let Some((lab, _lbd)) = bare_server_serves_after_dr_setup("iptables") else {
+        return;
+    };
+    for (program, vip) in [("iptables", VIP), ("ip6tables", VIP6)] {
+        let rules = exec_ok(&lab, "NS_RS1", &format!("{program} -t nat -S PREROUTING"));
+        assert_lines_with(&rules, "-j REDIRECT", 1);
+        assert_lines_with(&rules, &format!("-A PREROUTING -d {vip}/"), 1);
+    }
+}
+
+#[test]
+fn printing_needs_no_root_and_applying_says_it_does() {
+    if !lab_allowed() {
+        return;
+    }
+    // Any lab: only its state directory, for a copy of lbctl that nobody may run.
+    let lab = Lab::up_with_options(1, 1, &["--bare"]);
+    let lbctl = lbctl_for_anyone(&lab);
+    let (code, stdout, stderr) =
+        as_unprivileged(false, &lbctl, &["dr-setup", "--vip", VIP, "--vip", VIP6]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(&format!("\nip addr replace {VIP}/32 dev lo\n")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&format!("\nip -6 addr replace {VIP6}/128 dev lo nodad\n")));
+    let (code, _, stderr) = as_unprivileged(false, &lbctl, &["dr-setup", "--vip", VIP, "--apply"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("run it as root"), "{stderr}");
+    let (code, _, stderr) = as_unprivileged(false, &lbctl, &["dr-setup", "--vip", "::1"]);
+    assert_eq!(code, 2, "a bad VIP is a usage error: {stderr}");
+}
