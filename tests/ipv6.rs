@@ -238,3 +238,118 @@ fn ipv6_real_servers_are_found_checked_drained_and_taken_out_when_down() {
         Duration::from_secs(5),
     );
 }
+
+/// `tests/clients/icmp_error.py` with `args`, in namespace `namespace_key`.
+fn icmp_error_client(lab: &Lab, namespace_key: &str) -> std::process::Command {
+    let script = common::repo_root().join("tests/clients/icmp_error.py");
+    let mut command = std::process::Command::new("ip");
+    command
+        .args(["netns", "exec", lab.fact(namespace_key), "/usr/bin/python3"])
+        .arg(script);
+    command
+}
+
+#[test]
+fn icmp_errors_reach_the_server_of_the_connection_they_quote_and_no_other() {
+    use std::io::BufRead;
+    if !lab_allowed() {
+        return;
+    }
+    let lab = lab(2);
+    let _lbd = Lbd::start(&lab, &config(&lab, 2, 128, "IP"));
+    // A connection of each family, from a known client port.
+    let connect = |source: &str, url: &str, port: &str| -> String {
+        common::http_get_with(&lab, source, &["--local-port", port], url)
+            .remove("server")
+            .expect("server=")
+    };
+    let client4 = lab.client_ips()[4].clone();
+    let client6 = clients6(&lab)[4].clone();
+    let owner4 = connect(&client4, &format!("http://{}:8088/", common::VIP), "45001");
+    let owner6 = connect(&client6, &format!("http://[{VIP6}]:8088/"), "45002");
+
+    // Every real server listens for ICMP errors to the VIPs.
+    let sniffers: Vec<std::process::Child> = (1..=2)
+        .map(|i| {
+            let mut sniffer = icmp_error_client(&lab, &format!("NS_RS{i}"))
+                .args(["sniff", "--seconds", "4", "--vip", common::VIP, VIP6])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start the sniffer");
+            let mut ready = String::new();
+            std::io::BufReader::new(sniffer.stdout.as_mut().expect("stdout"))
+                .read_line(&mut ready)
+                .expect("sniffer says ready");
+            assert_eq!(ready.trim(), "ready");
+            sniffer
+        })
+        .collect();
+    // A router's "fragmentation needed" and "packet too big" about the connections, and one
+    // about a port no service has.
+    let lb_mac = lab.fact("LB_MAC");
+    for (vip, router, client, port, client_port) in [
+        (
+            common::VIP,
+            lab.fact("CLIENT_IP"),
+            client4.as_str(),
+            "8088",
+            "45001",
+        ),
+        (
+            VIP6,
+            lab.fact("CLIENT_IP6"),
+            client6.as_str(),
+            "8088",
+            "45002",
+        ),
+        (
+            common::VIP,
+            lab.fact("CLIENT_IP"),
+            client4.as_str(),
+            "22",
+            "45003",
+        ),
+    ] {
+        let sent = icmp_error_client(&lab, "NS_CLIENT")
+            .args(["send", "--vip", vip, "--lb-mac", lb_mac, "--router", router])
+            .args([
+                "--client",
+                client,
+                "--port",
+                port,
+                "--client-port",
+                client_port,
+            ])
+            .output()
+            .expect("send an ICMP error");
+        assert!(sent.status.success(), "{sent:?}");
+    }
+    let seen: Vec<serde_json::Value> = sniffers
+        .into_iter()
+        .map(|sniffer| {
+            let output = sniffer.wait_with_output().expect("sniffer ends");
+            let last = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .last()
+                .unwrap_or_default()
+                .to_owned();
+            serde_json::from_str(&last).expect("sniffer prints JSON")
+        })
+        .collect();
+    let count = |server: &str, key: &str| {
+        let index: usize = server.trim_start_matches("rs").parse().expect("rsI");
+        seen[index - 1][key].as_u64().unwrap_or(0)
+    };
+    let other = |server: &str| if server == "rs1" { "rs2" } else { "rs1" };
+    let v4_key = format!("{} 45001", common::VIP);
+    let v6_key = format!("{VIP6} 45002");
+    assert_eq!(count(&owner4, &v4_key), 1, "{seen:?}");
+    assert_eq!(count(other(&owner4), &v4_key), 0, "{seen:?}");
+    assert_eq!(count(&owner6, &v6_key), 1, "{seen:?}");
+    assert_eq!(count(other(&owner6), &v6_key), 0, "{seen:?}");
+    let stray = format!("{} 45003", common::VIP);
+    assert_eq!(count("rs1", &stray) + count("rs2", &stray), 0, "{seen:?}");
+    let stats = common::stats(&lab);
+    assert_eq!(stats.total.icmp_errors, 2);
+    assert_eq!(stats.total.drops.get("icmp_error_unmatched"), Some(&1));
+}

@@ -107,11 +107,12 @@ fn worker_lines(name: &str, w: &WorkerStats, out: &mut String) {
     };
     let _ = writeln!(
         out,
-        "{name}: rx {} forwarded {} ({} bytes) fallback {} arp-replies {} nd-replies {} icmp-replies {} gratuitous-arps {} unsolicited-nas {} flows {} persistent-clients {}\n  drops: {}",
+        "{name}: rx {} forwarded {} ({} bytes) fallback {} icmp-errors {} arp-replies {} nd-replies {} icmp-replies {} gratuitous-arps {} unsolicited-nas {} flows {} persistent-clients {}\n  drops: {}",
         w.rx_frames,
         w.forwarded_packets,
         w.forwarded_bytes,
         w.fallback_packets,
+        w.icmp_errors,
         w.arp_replies,
         w.nd_replies,
         w.icmp_echo_replies,

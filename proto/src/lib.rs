@@ -507,6 +507,9 @@ pub struct WorkerStats {
     /// Unsolicited Neighbor Advertisements sent (IPv6's gratuitous ARP).
     #[serde(default)]
     pub unsolicited_nas: u64,
+    /// ICMP errors about a connection sent on to its real server (counted as forwarded too).
+    #[serde(default)]
+    pub icmp_errors: u64,
     /// Frames sent to fallback servers.
     #[serde(default)]
     pub fallback_packets: u64,

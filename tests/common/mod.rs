@@ -453,10 +453,20 @@ pub fn keepalive_every(
 /// An HTTP GET of `url` from the client namespace, from `source`: the lab server's answer
 /// (`server=rsI client=<address seen> xff=<X-Forwarded-For>`) as its words' pairs.
 pub fn http_get(lab: &Lab, source: &str, url: &str) -> HashMap<String, String> {
-    let output = lab.exec(
-        "NS_CLIENT",
-        &["curl", "-sS", "--max-time", "5", "--interface", source, url],
-    );
+    http_get_with(lab, source, &[], url)
+}
+
+/// [`http_get`] with further curl options (`--local-port 45001`).
+pub fn http_get_with(
+    lab: &Lab,
+    source: &str,
+    options: &[&str],
+    url: &str,
+) -> HashMap<String, String> {
+    let mut args = vec!["curl", "-sS", "--max-time", "5", "--interface", source];
+    args.extend_from_slice(options);
+    args.push(url);
+    let output = lab.exec("NS_CLIENT", &args);
     assert!(
         output.status.success(),
         "curl from {source} to {url}: {output:?}"

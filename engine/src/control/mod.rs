@@ -1331,6 +1331,7 @@ impl Control {
             gratuitous_arps: counters.gratuitous_arps,
             nd_replies: counters.nd_replies,
             unsolicited_nas: counters.unsolicited_nas,
+            icmp_errors: counters.icmp_errors,
             fallback_packets: counters.fallback,
             flows: 0,
             persistent_clients: 0,

@@ -38,8 +38,11 @@ pub enum DropReason {
     /// dropped, or is forgotten): the ports that say where its datagram goes are in the first
     /// fragment only.
     FragmentUnmatched,
-    /// ICMP to a VIP that is not an echo request (or is fragmented).
+    /// ICMP to a VIP that is not an echo request or an error (or is fragmented).
     IcmpNotEcho,
+    /// An ICMP error to a VIP whose quoted packet is unreadable, was not sent from that VIP, or
+    /// belongs to no service.
+    IcmpErrorUnmatched,
     /// An echo request from an address no reply may go to: broadcast, multicast, unspecified,
     /// loopback, or the VIP itself (RFC 1122 3.2.2.6, 3.3.6).
     IcmpBadSource,
@@ -51,7 +54,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order counters are kept and printed.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Truncated,
         DropReason::UnsupportedEtherType,
         DropReason::NotOurMac,
@@ -64,6 +67,7 @@ impl DropReason {
         DropReason::PortNotServed,
         DropReason::FragmentUnmatched,
         DropReason::IcmpNotEcho,
+        DropReason::IcmpErrorUnmatched,
         DropReason::IcmpBadSource,
         DropReason::NoRealServer,
         DropReason::TxRingFull,
@@ -84,6 +88,7 @@ impl DropReason {
             DropReason::PortNotServed => "port_not_served",
             DropReason::FragmentUnmatched => "fragment_unmatched",
             DropReason::IcmpNotEcho => "icmp_not_echo",
+            DropReason::IcmpErrorUnmatched => "icmp_error_unmatched",
             DropReason::IcmpBadSource => "icmp_bad_source",
             DropReason::NoRealServer => "no_real_server",
             DropReason::TxRingFull => "tx_ring_full",
@@ -171,6 +176,8 @@ pub struct Counters {
     pub unsolicited_nas: u64,
     /// Frames sent to a service's fallback server (also counted as forwarded).
     pub fallback: u64,
+    /// ICMP errors about a connection sent to its real server (also counted as forwarded).
+    pub icmp_errors: u64,
     /// Drops, indexed by [`DropReason`].
     pub drops: [u64; DropReason::ALL.len()],
     /// Per service (snapshot order), per real server (service's order).
@@ -292,6 +299,7 @@ impl Counters {
         self.nd_replies += other.nd_replies;
         self.unsolicited_nas += other.unsolicited_nas;
         self.fallback += other.fallback;
+        self.icmp_errors += other.icmp_errors;
         for (mine, theirs) in self.drops.iter_mut().zip(other.drops) {
             *mine += theirs;
         }

@@ -12,6 +12,13 @@
 //!   packet is untouched, so the real server sees the client's address and answers it directly.
 //! - ICMP echo request (RFC 792) to a VIP: turned into the echo reply from the VIP, unless it
 //!   comes from an address no reply may go to (broadcast, multicast, a VIP).
+//! - An ICMP error to a VIP (destination unreachable, fragmentation needed, time exceeded,
+//!   parameter problem; ICMPv6's packet too big and the rest) quotes a packet a real server
+//!   sent from the VIP. The connection is read from the quote (addresses and ports reversed)
+//!   and the error goes to the server the client's own packets go to (flow table, then
+//!   persistence, then Maglev), as IPVS does: a server that never hears "fragmentation
+//!   needed" keeps sending segments too large for the path, and the stream stalls. Nothing is
+//!   recorded; an error about no service is dropped.
 //! - IPv6 ([`crate::packet::ipv6`]) the same way, with tables of its own (the code is generic
 //!   over the address family, [`Family`]): Neighbor Solicitation for a VIP answered with a
 //!   Neighbor Advertisement, ICMPv6 echo answered, TCP and UDP forwarded by MAC rewrite.
@@ -662,7 +669,7 @@ impl Dataplane {
         // Out of line, these parse the header again: passing the parsed header on would make
         // the per-frame path keep all of it in memory.
         if ip.protocol == IP_PROTO_ICMP {
-            return self.icmp(frame);
+            return self.icmp(frame, now_ms);
         }
         if ip.fragmented {
             return self.fragment::<u32>(frame, now_ms);
@@ -679,7 +686,7 @@ impl Dataplane {
             Err(reason) => return Verdict::Drop(reason),
         };
         if ip.protocol == ipv6::NEXT_ICMPV6 && !ip.fragmented {
-            return self.icmpv6(frame, &ip);
+            return self.icmpv6(frame, &ip, now_ms);
         }
         if ip.fragmented {
             return self.fragment::<u128>(frame, now_ms);
@@ -689,9 +696,17 @@ impl Dataplane {
 
     /// ICMPv6: a solicitation for a VIP is answered with our MAC; an echo request to a VIP is
     /// answered from it.
-    fn icmpv6(&mut self, frame: &mut [u8], ip: &Ip<u128>) -> Verdict {
+    fn icmpv6(&mut self, frame: &mut [u8], ip: &Ip<u128>, now_ms: u64) -> Verdict {
         let own_mac = self.snapshot.own_mac;
         match ipv6::classify_icmpv6(frame, ip) {
+            Icmpv6::Error if self.snapshot.vips6.contains(&ip.dst) => {
+                let quoted = frame
+                    .get(ip.l4..ip.l4_end)
+                    .and_then(|message| message.get(8..))
+                    .and_then(ipv6::quoted);
+                self.icmp_error(frame, ip.dst, quoted, now_ms)
+            }
+            Icmpv6::Error => Verdict::Drop(DropReason::NotVip),
             Icmpv6::Solicitation(target) => {
                 if !self.snapshot.vips6.contains(&u128::from_be_bytes(target))
                     || !ipv6::answer_solicitation(frame, ip, target, own_mac)
@@ -1016,9 +1031,10 @@ impl Dataplane {
         (Verdict::Transmit, Some(real_server_ip))
     }
 
-    /// ICMP to a VIP: echo requests are answered, the rest dropped.
+    /// ICMP to a VIP: echo requests are answered, errors go to the real server whose packet
+    /// they quote, the rest is dropped.
     #[inline(never)]
-    fn icmp(&mut self, frame: &mut [u8]) -> Verdict {
+    fn icmp(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
         let ip = match Ip::parse_v4(frame) {
             Ok(ip) => ip,
             Err(reason) => return Verdict::Drop(reason),
@@ -1028,6 +1044,15 @@ impl Dataplane {
         }
         if ip.fragmented {
             return Verdict::Drop(DropReason::IcmpNotEcho);
+        }
+        if let Some(&kind) = frame.get(ip.l4)
+            && ICMP_ERRORS.contains(&kind)
+        {
+            let quoted = frame
+                .get(ip.l4..ip.l4_end)
+                .and_then(|message| message.get(8..))
+                .and_then(quoted_v4);
+            return self.icmp_error(frame, ip.dst, quoted, now_ms);
         }
         // RFC 1122 3.2.2.6: no echo reply to a broadcast or multicast address; nor to an
         // unspecified, loopback or class E source (3.2.1.3), nor to a VIP, which would send
@@ -1043,6 +1068,90 @@ impl Dataplane {
             return Verdict::Drop(DropReason::IcmpBadSource);
         }
         self.icmp_echo(frame, ip.l4, ip.l4_end)
+    }
+
+    /// An ICMP error to `vip` about the packet `quoted`: to the server of its connection.
+    #[cold]
+    #[inline(never)]
+    fn icmp_error<A: Family>(
+        &mut self,
+        frame: &mut [u8],
+        vip: A,
+        quoted: Option<Quoted<A>>,
+        now_ms: u64,
+    ) -> Verdict {
+        // The quote must be of a packet this VIP sent, to a service it has.
+        let Some(quoted) = quoted.filter(|q| q.vip == vip) else {
+            return Verdict::Drop(DropReason::IcmpErrorUnmatched);
+        };
+        let snapshot = &*self.snapshot;
+        let service_port = quoted.client_ports as u16;
+        let Some(service_index) = A::service(snapshot, vip, quoted.protocol, service_port) else {
+            return Verdict::Drop(DropReason::IcmpErrorUnmatched);
+        };
+        let Some(service) = snapshot.services.get(usize::from(service_index)) else {
+            return Verdict::Drop(DropReason::IcmpErrorUnmatched);
+        };
+        let tables = A::tables(&mut self.v4, &mut self.v6);
+        let key = FlowKey {
+            src: quoted.client,
+            dst: vip,
+            ports: quoted.client_ports,
+            protocol: quoted.protocol,
+        };
+        let client = A::client(service, quoted.client);
+        let known = tables.flows.get(&key, now_ms);
+        // The client's own next packet would go here: its connection's server, its persisted
+        // one, else the table that still holds drained and full servers.
+        let backend = known
+            .and_then(|entry| {
+                usable(
+                    service,
+                    entry.real_server,
+                    RealServerEntry::takes_known_clients,
+                )
+            })
+            .or_else(|| {
+                persisted_server(
+                    service,
+                    &tables.persistence,
+                    (client, u64::from(service.id)),
+                    now_ms,
+                    RealServerEntry::takes_known_clients,
+                )
+            })
+            .or_else(|| {
+                let as_sent = Ip {
+                    src: quoted.client,
+                    dst: vip,
+                    protocol: quoted.protocol,
+                    id: 0,
+                    fragment_protocol: quoted.protocol,
+                    fragmented: false,
+                    first_fragment: true,
+                    l4: 0,
+                    l4_end: 0,
+                    ports: Some(quoted.client_ports),
+                    tcp_flags: NO_FLAGS,
+                };
+                let table = service.known_table.as_ref().unwrap_or(&service.table);
+                HashKey::of(&as_sent, client).lookup(service.persistence, table)
+            });
+        let header = backend
+            .and_then(|b| Some((b, service.real_servers.get(usize::from(b))?.forward_header?)));
+        if let Some((backend, header)) = header {
+            forward(frame, &mut self.counters, service_index, backend, header);
+            self.counters.icmp_errors += 1;
+            return Verdict::Transmit;
+        }
+        // A connection the fallback server carries.
+        match (known, service.fallback) {
+            (Some(entry), Some((key, Some(mac)))) if entry.real_server == key => {
+                self.counters.icmp_errors += 1;
+                self.forward_to_fallback(frame, service_index, mac)
+            }
+            _ => Verdict::Drop(DropReason::NoRealServer),
+        }
     }
 
     /// RFC 792 echo request to a VIP -> echo reply from the VIP.
@@ -1220,6 +1329,47 @@ impl<A: Address> Ip<A> {
             Err(_) => false,
         }
     }
+}
+
+/// ICMPv4 types that quote the packet they are about (RFC 792): destination unreachable
+/// (fragmentation needed among them), time exceeded, parameter problem.
+const ICMP_ERRORS: [u8; 3] = [3, 11, 12];
+
+/// The connection an ICMP error is about, from the packet it quotes (sent by a real server
+/// from the VIP to the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quoted<A> {
+    /// The quoted packet's source: the VIP.
+    pub vip: A,
+    /// Its destination: the client.
+    pub client: A,
+    /// Its transport protocol.
+    pub protocol: u8,
+    /// The client's ports as the client sends them: its port (high 16 bits), the service's.
+    pub client_ports: u32,
+}
+
+/// The quote of an ICMPv4 error (RFC 792: the IP header and at least 8 bytes of its data),
+/// when it holds the ports of a first (or only) fragment.
+fn quoted_v4(quote: &[u8]) -> Option<Quoted<u32>> {
+    let version_ihl = *quote.first()?;
+    let header_len = usize::from(version_ihl & 0x0f) * 4;
+    if version_ihl >> 4 != 4 || header_len < 20 {
+        return None;
+    }
+    let word =
+        |at: usize| -> Option<u32> { Some(u32::from_be_bytes(*quote.get(at..)?.first_chunk()?)) };
+    let flags_fragment = u16::from_be_bytes(*quote.get(6..)?.first_chunk()?);
+    if flags_fragment & 0x1fff != 0 {
+        return None;
+    }
+    let ports = word(header_len)?;
+    Some(Quoted {
+        vip: word(12)?,
+        client: word(16)?,
+        protocol: *quote.get(9)?,
+        client_ports: ports.rotate_left(16),
+    })
 }
 
 /// What the Maglev tables hash for a packet: the client's address (source-IP persistence), or

@@ -12,7 +12,7 @@
 //!   Advertisement from the interface's MAC, with the Override flag (the VIP is ours alone).
 
 use crate::packet::counters::DropReason;
-use crate::packet::dataplane::Ip;
+use crate::packet::dataplane::{Ip, Quoted};
 use crate::packet::flows::NO_FLAGS;
 
 /// IPv6 fields, relative to the frame start (after a 14-byte Ethernet header).
@@ -86,68 +86,8 @@ pub fn parse(frame: &[u8]) -> Result<Ip<u128>, DropReason> {
         bytes.copy_from_slice(&header[range]);
         u128::from_be_bytes(bytes)
     };
-    let mut next = header[field::NEXT_HEADER];
-    let mut at = field::HEADER_END;
-    let mut fragment: Option<(u32, u16, bool, u8)> = None;
-    let mut walked = 0;
-    // Extension headers until the transport header (or one the balancer does not read).
-    loop {
-        let is_extension = matches!(
-            next,
-            NEXT_HOP_BY_HOP
-                | NEXT_ROUTING
-                | NEXT_FRAGMENT
-                | NEXT_AUTHENTICATION
-                | NEXT_DESTINATION_OPTIONS
-        );
-        if !is_extension {
-            break;
-        }
-        if walked == MAX_EXTENSION_HEADERS {
-            return Err(DropReason::ExtensionHeaders);
-        }
-        let length = match next {
-            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DESTINATION_OPTIONS => {
-                let Some(&[following, units]) = frame.get(at..end).and_then(|h| h.first_chunk())
-                else {
-                    return Err(DropReason::BadIpHeader);
-                };
-                next = following;
-                (usize::from(units) + 1) * 8
-            }
-            NEXT_AUTHENTICATION => {
-                let Some(&[following, units]) = frame.get(at..end).and_then(|h| h.first_chunk())
-                else {
-                    return Err(DropReason::BadIpHeader);
-                };
-                next = following;
-                (usize::from(units) + 2) * 4
-            }
-            NEXT_FRAGMENT => {
-                let Some(h) = frame.get(at..end).and_then(|h| h.first_chunk::<8>()) else {
-                    return Err(DropReason::BadIpHeader);
-                };
-                if fragment.is_some() {
-                    return Err(DropReason::BadIpHeader);
-                }
-                let offset_flags = u16::from_be_bytes([h[2], h[3]]);
-                let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
-                fragment = Some((id, offset_flags >> 3, offset_flags & 1 == 1, h[0]));
-                next = h[0];
-                8
-            }
-            _ => break,
-        };
-        at += length;
-        walked += 1;
-        if at > end {
-            return Err(DropReason::BadIpHeader);
-        }
-        // A later fragment's rest is data, not headers.
-        if matches!(fragment, Some((_, offset, _, _)) if offset != 0) {
-            break;
-        }
-    }
+    let Walked { next, at, fragment } =
+        walk(&frame[..end], field::HEADER_END, header[field::NEXT_HEADER])?;
     let (id, offset, more, fragment_protocol) = fragment.unwrap_or((0, 0, false, next));
     let first_fragment = offset == 0;
     let transport = if first_fragment {
@@ -177,6 +117,107 @@ pub fn parse(frame: &[u8]) -> Result<Ip<u128>, DropReason> {
     })
 }
 
+/// Where a walk over extension headers ended.
+struct Walked {
+    /// The header after the last extension header (the transport protocol).
+    next: u8,
+    /// Where that header starts.
+    at: usize,
+    /// A Fragment header's identification, offset (8-byte units), more-fragments flag and
+    /// next header.
+    fragment: Option<(u32, u16, bool, u8)>,
+}
+
+/// Walks the extension headers of `packet` (which ends where the packet does) from `at`, the
+/// first being `next`: at most [`MAX_EXTENSION_HEADERS`], none past the end.
+fn walk(packet: &[u8], mut at: usize, mut next: u8) -> Result<Walked, DropReason> {
+    let end = packet.len();
+    let mut fragment: Option<(u32, u16, bool, u8)> = None;
+    let mut walked = 0;
+    // Extension headers until the transport header (or one the balancer does not read).
+    loop {
+        let is_extension = matches!(
+            next,
+            NEXT_HOP_BY_HOP
+                | NEXT_ROUTING
+                | NEXT_FRAGMENT
+                | NEXT_AUTHENTICATION
+                | NEXT_DESTINATION_OPTIONS
+        );
+        if !is_extension {
+            break;
+        }
+        if walked == MAX_EXTENSION_HEADERS {
+            return Err(DropReason::ExtensionHeaders);
+        }
+        let length = match next {
+            NEXT_HOP_BY_HOP | NEXT_ROUTING | NEXT_DESTINATION_OPTIONS => {
+                let Some(&[following, units]) = packet.get(at..).and_then(|h| h.first_chunk())
+                else {
+                    return Err(DropReason::BadIpHeader);
+                };
+                next = following;
+                (usize::from(units) + 1) * 8
+            }
+            NEXT_AUTHENTICATION => {
+                let Some(&[following, units]) = packet.get(at..).and_then(|h| h.first_chunk())
+                else {
+                    return Err(DropReason::BadIpHeader);
+                };
+                next = following;
+                (usize::from(units) + 2) * 4
+            }
+            NEXT_FRAGMENT => {
+                let Some(h) = packet.get(at..).and_then(|h| h.first_chunk::<8>()) else {
+                    return Err(DropReason::BadIpHeader);
+                };
+                if fragment.is_some() {
+                    return Err(DropReason::BadIpHeader);
+                }
+                let offset_flags = u16::from_be_bytes([h[2], h[3]]);
+                let id = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                fragment = Some((id, offset_flags >> 3, offset_flags & 1 == 1, h[0]));
+                next = h[0];
+                8
+            }
+            _ => break,
+        };
+        at += length;
+        walked += 1;
+        if at > end {
+            return Err(DropReason::BadIpHeader);
+        }
+        // A later fragment's rest is data, not headers.
+        if matches!(fragment, Some((_, offset, _, _)) if offset != 0) {
+            break;
+        }
+    }
+    Ok(Walked { next, at, fragment })
+}
+
+/// The connection an ICMPv6 error's quote is about (RFC 4443 2.4: as much of the packet as
+/// fits), when it holds the ports of a first (or only) fragment.
+pub fn quoted(quote: &[u8]) -> Option<Quoted<u128>> {
+    let header = quote.first_chunk::<40>()?;
+    if header[0] >> 4 != 6 {
+        return None;
+    }
+    let address = |at: usize| -> Option<u128> {
+        Some(u128::from_be_bytes(*header.get(at..)?.first_chunk()?))
+    };
+    let walked = walk(quote, 40, header[6]).ok()?;
+    if matches!(walked.fragment, Some((_, offset, _, _)) if offset != 0) {
+        return None;
+    }
+    let ports = u32::from_be_bytes(*quote.get(walked.at..)?.first_chunk()?);
+    Some(Quoted {
+        vip: address(8)?,
+        client: address(24)?,
+        protocol: walked.next,
+        client_ports: ports.rotate_left(16),
+    })
+}
+
 /// The one's complement sum of ICMPv6's pseudo-header (RFC 8200 8.1) and message.
 fn icmpv6_checksum(src: &[u8], dst: &[u8], message: &[u8]) -> u16 {
     let length = u32::try_from(message.len()).unwrap_or(u32::MAX);
@@ -197,6 +238,9 @@ pub enum Icmpv6 {
     Solicitation([u8; 16]),
     /// An echo request.
     EchoRequest,
+    /// An error (types below 128: destination unreachable, packet too big, time exceeded,
+    /// parameter problem) quoting the packet it is about.
+    Error,
     /// Anything else.
     Other,
 }
@@ -211,6 +255,7 @@ pub fn classify_icmpv6(frame: &[u8], ip: &Ip<u128>) -> Icmpv6 {
             Icmpv6::Solicitation(target)
         }
         [ICMPV6_ECHO_REQUEST, 0, ..] if message.len() >= 8 => Icmpv6::EchoRequest,
+        [kind, ..] if *kind < 128 && message.len() >= 8 => Icmpv6::Error,
         _ => Icmpv6::Other,
     }
 }

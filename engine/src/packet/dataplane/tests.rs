@@ -1469,3 +1469,121 @@ fn a_frame_that_is_not_sent_after_all_is_taken_back_from_its_counter() {
     );
     assert_eq!(dp.counters().services[0].total.packets, 0);
 }
+
+/// An ICMP error (`kind`, `code`) from a router to the VIP, quoting the first bytes of
+/// `quoted`, a packet a real server sent from the VIP.
+fn icmp_error(kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut message = vec![kind, code, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500
+    message.extend_from_slice(&quoted[14..quoted.len().min(14 + 28)]);
+    let checksum = etherparse::checksum::Sum16BitWords::new()
+        .add_slice(&message)
+        .ones_complement()
+        .to_be();
+    message[2..4].copy_from_slice(&checksum.to_be_bytes());
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xfe], OWN_MAC)
+        .ipv4([198, 18, 0, 254], VIP, 64)
+        .write(&mut frame, etherparse::IpNumber::ICMP, &message)
+        .expect("write icmp error");
+    frame
+}
+
+/// What a real server sent the client on a connection: from VIP:`sport` to `client`:`dport`.
+fn reply_of(client: [u8; 4], sport: u16, dport: u16, udp: bool) -> Vec<u8> {
+    let mut frame = if udp {
+        udp_frame(VIP, client, sport, dport)
+    } else {
+        tcp_frame(VIP, client, sport, dport)
+    };
+    frame[14 + 6] = 0x40; // don't fragment: what path MTU discovery sends
+    frame
+}
+
+#[test]
+fn an_icmp_error_goes_to_the_server_of_the_connection_it_quotes() {
+    let mut dp = dataplane();
+    // Many clients' connections, so both servers carry some.
+    let mut owners = std::collections::HashMap::new();
+    for last in 1..=20u8 {
+        let client = [198, 18, 1, last];
+        let mut syn = tcp_frame(client, VIP, 40000, 1935);
+        assert_eq!(dp.process_at0(&mut syn), Verdict::Transmit);
+        owners.insert(last, <[u8; 6]>::try_from(&syn[0..6]).expect("mac"));
+    }
+    assert!(owners.values().any(|m| *m == RS1_MAC) && owners.values().any(|m| *m == RS2_MAC));
+    for (last, owner) in &owners {
+        // Fragmentation needed (3/4), about the server's segment to the client.
+        let quoted = reply_of([198, 18, 1, *last], 1935, 40000, false);
+        let mut error = icmp_error(3, 4, &quoted);
+        let original = error.clone();
+        assert_eq!(
+            dp.process_at0(&mut error),
+            Verdict::Transmit,
+            "client .{last}"
+        );
+        assert_eq!(error[0..6], *owner, "client .{last}");
+        assert_eq!(error[6..12], OWN_MAC);
+        assert_eq!(error[12..], original[12..], "the error itself is untouched");
+    }
+    // Time exceeded goes the same way; nothing new is recorded.
+    let mut exceeded = icmp_error(11, 0, &reply_of([198, 18, 1, 1], 1935, 40000, false));
+    assert_eq!(dp.process_at0(&mut exceeded), Verdict::Transmit);
+    assert_eq!(exceeded[0..6], owners[&1]);
+    assert_eq!(dp.flows().entries(), 20);
+    assert_eq!(dp.counters().icmp_errors, 21);
+    assert_eq!(dp.counters().accounted_frames(), dp.counters().rx_frames);
+}
+
+#[test]
+fn an_icmp_error_about_an_unknown_connection_goes_where_its_client_would() {
+    let mut dp = dataplane();
+    // UDP, five-tuple placement: the error follows the client's datagrams, though no table
+    // holds its flow yet.
+    let client = [198, 18, 1, 9];
+    let mut datagram = udp_frame(client, [198, 18, 0, 101], 41000, 5003);
+    let mut fresh = dataplane();
+    assert_eq!(fresh.process_at0(&mut datagram), Verdict::Transmit);
+    let mut quoted = udp_frame([198, 18, 0, 101], client, 5003, 41000);
+    quoted[14 + 6] = 0x40;
+    let mut error = icmp_error(3, 4, &quoted);
+    error[30..34].copy_from_slice(&[198, 18, 0, 101]);
+    let header = etherparse::Ipv4HeaderSlice::from_slice(&error[14..])
+        .expect("ip")
+        .to_header();
+    let mut fixed = header.clone();
+    fixed.header_checksum = fixed.calc_header_checksum();
+    error[14..34].copy_from_slice(&fixed.to_bytes());
+    assert_eq!(dp.process_at0(&mut error), Verdict::Transmit);
+    assert_eq!(error[0..6], datagram[0..6]);
+}
+
+#[test]
+fn icmp_errors_about_nothing_served_are_dropped() {
+    let mut dp = dataplane();
+    let cases = [
+        // A port no service of the VIP has.
+        icmp_error(3, 4, &reply_of(CLIENT, 22, 40000, false)),
+        // Quoting a packet that another address sent.
+        {
+            let mut other = reply_of(CLIENT, 1935, 40000, false);
+            other[26..30].copy_from_slice(&[198, 18, 0, 11]);
+            icmp_error(3, 4, &other)
+        },
+        // A quote too short to hold the ports.
+        {
+            let quoted = reply_of(CLIENT, 1935, 40000, false);
+            let mut error = icmp_error(3, 4, &quoted[..34]);
+            error.truncate(14 + 20 + 8 + 20);
+            let total = (error.len() - 14) as u16;
+            error[16..18].copy_from_slice(&total.to_be_bytes());
+            error
+        },
+    ];
+    for (i, mut frame) in cases.into_iter().enumerate() {
+        assert_eq!(
+            dp.process_at0(&mut frame),
+            Verdict::Drop(DropReason::IcmpErrorUnmatched),
+            "case {i}"
+        );
+    }
+}

@@ -389,3 +389,51 @@ fn an_unsolicited_advertisement_announces_the_vip_to_all_nodes() {
     assert_eq!(rest[0..16], v6(VIP6));
     assert_eq!(rest[18..24], OWN_MAC);
 }
+
+#[test]
+fn a_packet_too_big_goes_to_the_server_of_the_connection_it_quotes() {
+    let mut dp = dataplane();
+    let mut owners = Vec::new();
+    for client in 1..=20 {
+        let src = format!("2001:2:0:1::{client:x}");
+        let mut syn = tcp6(&src, 40000, 1935, true);
+        assert_eq!(dp.process(&mut syn, 0), Verdict::Transmit);
+        owners.push((src, <[u8; 6]>::try_from(&syn[0..6]).expect("mac")));
+    }
+    for (src, owner) in &owners {
+        // What the server sent the client, as the router quotes it.
+        let mut sent = Vec::new();
+        PacketBuilder::ethernet2(*owner, CLIENT_MAC)
+            .ipv6(v6(VIP6), v6(src), 64)
+            .tcp(1935, 40000, 5000, 64240)
+            .ack(1001)
+            .write(&mut sent, &[0; 1400])
+            .expect("write");
+        let mut error = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xfe], OWN_MAC)
+            .ipv6(v6("2001:2::fe"), v6(VIP6), 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut error, &sent[14..14 + 1184])
+            .expect("write");
+        assert_eq!(dp.process(&mut error, 1), Verdict::Transmit, "{src}");
+        assert_eq!(error[0..6], *owner, "{src}");
+    }
+    assert_eq!(dp.counters().icmp_errors, 20);
+    // About a port not served: dropped.
+    let mut sent = Vec::new();
+    PacketBuilder::ethernet2(RS1_MAC, CLIENT_MAC)
+        .ipv6(v6(VIP6), v6(CLIENT6), 64)
+        .tcp(22, 40000, 1, 1)
+        .write(&mut sent, &[])
+        .expect("write");
+    let mut error = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xfe], OWN_MAC)
+        .ipv6(v6("2001:2::fe"), v6(VIP6), 64)
+        .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+        .write(&mut error, &sent[14..])
+        .expect("write");
+    assert_eq!(
+        dp.process(&mut error, 1),
+        Verdict::Drop(DropReason::IcmpErrorUnmatched)
+    );
+}
