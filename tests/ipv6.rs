@@ -134,6 +134,17 @@ fn ipv6_clients_keep_their_server_are_seen_as_themselves_and_stream() {
 
     // An RTMP stream over IPv6 is recorded by one server.
     let publisher = publish(&lab, &format!("rtmp://[{VIP6}]:1935/live/six"), 3);
+    // While it runs, its connection counts for its server (what max_connections limits).
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut counted = 0;
+    while counted == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        counted = status(&lab).services[1].conns;
+    }
+    assert_eq!(
+        counted, 1,
+        "the IPv6 stream is one connection of Wowza Streaming"
+    );
     finished(publisher);
     let recorders = recorded(&lab, 2, "six");
     assert_eq!(recorders.len(), 1, "one server recorded it: {recorders:?}");

@@ -277,15 +277,26 @@ impl<R: Rings> Worker<R> {
             .iter()
             .map(|s| vec![0; s.real_servers.len()])
             .collect();
-        for (key, entry) in dataplane.flows().live(now_ms) {
-            if !entry.state.is_active() {
-                continue;
-            }
-            let port = key.ports as u16;
-            let Some(&service) = snapshot
+        let v4 = dataplane.flows().live(now_ms).map(|(key, entry)| {
+            let service = snapshot
                 .by_port
-                .get(&service_key(key.dst, key.protocol, port))
-            else {
+                .get(&service_key(key.dst, key.protocol, key.ports as u16))
+                .copied();
+            (service, entry)
+        });
+        let v6 = dataplane
+            .tables_v6()
+            .flows
+            .live(now_ms)
+            .map(|(key, entry)| {
+                let service = snapshot
+                    .by_port6
+                    .get(&(key.dst, key.protocol, key.ports as u16))
+                    .copied();
+                (service, entry)
+            });
+        for (service, entry) in v4.chain(v6) {
+            let Some(service) = service.filter(|_| entry.state.is_active()) else {
                 continue;
             };
             let service = usize::from(service);
@@ -294,17 +305,19 @@ impl<R: Rings> Worker<R> {
             };
             connections[service][usize::from(rs)] += 1;
         }
+        let v6_tables = dataplane.tables_v6();
         WorkerReport {
             generation: snapshot.generation,
             counters: dataplane.counters().clone(),
-            flows: dataplane.flows().entries(),
-            persistent_clients: dataplane.persistence().entries(),
+            flows: dataplane.flows().entries() + v6_tables.flows.entries(),
+            persistent_clients: dataplane.persistence().entries() + v6_tables.persistence.entries(),
             table_full: TableFull {
-                flows: dataplane.flows().full_misses,
-                persistence: dataplane.persistence().full_misses,
-                fragments: dataplane.fragments().full_misses,
+                flows: dataplane.flows().full_misses + v6_tables.flows.full_misses,
+                persistence: dataplane.persistence().full_misses
+                    + v6_tables.persistence.full_misses,
+                fragments: dataplane.fragments().full_misses + v6_tables.fragments.full_misses,
             },
-            flow_evictions: dataplane.flows().evictions,
+            flow_evictions: dataplane.flows().evictions + v6_tables.flows.evictions,
             socket: self.rings.kernel_stats(),
             connections,
             shared: SharedCounters {
