@@ -38,12 +38,7 @@ fn config(lab: &Lab, servers: usize, prefix: u8, family: &str) -> String {
              [service.health_check]\nkind = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 150\nrise = 1\nfall = 1\n",
             common::VIP
         );
-        for i in 1..=servers {
-            text += &format!(
-                "\n[[service.real_server]]\nlabel = \"Wowza Srv {i}\"\nip = \"{}\"\n",
-                lab.fact(&format!("RS{i}_{family}"))
-            );
-        }
+        text += &lab.real_servers(servers, family);
     }
     text
 }

@@ -312,6 +312,10 @@ pub struct Engine {
     /// Clients remembered per worker for source-IP persistence.
     #[serde(default = "default_persistence_table_size")]
     pub persistence_table_size: u32,
+    /// How often the DR check asks who has each VIP and probes every real server through it;
+    /// 0: never. 1000..=3600000.
+    #[serde(default = "default_dr_check_interval")]
+    pub dr_check_interval_ms: u32,
 }
 
 fn default_control_socket() -> PathBuf {
@@ -342,6 +346,9 @@ fn default_flow_table_size() -> u32 {
 }
 fn default_persistence_table_size() -> u32 {
     65_536
+}
+fn default_dr_check_interval() -> u32 {
+    10_000
 }
 
 /// `engine.xdp_mode`.
@@ -1266,6 +1273,17 @@ impl Engine {
             return Err(ConfigError::new(
                 field("control_group"),
                 format!("{group:?} is not a group name"),
+            ));
+        }
+        if self.dr_check_interval_ms != 0
+            && !(1_000..=3_600_000).contains(&self.dr_check_interval_ms)
+        {
+            return Err(ConfigError::new(
+                field("dr_check_interval_ms"),
+                format!(
+                    "{} must be 0 (off) or in 1000..=3600000",
+                    self.dr_check_interval_ms
+                ),
             ));
         }
         if self.gratuitous_arp_count > 10 {

@@ -41,6 +41,7 @@ pub fn status(report: &StatusReport) -> String {
         "STATE".to_owned(),
         "MAC".to_owned(),
         "LAST CHECK".to_owned(),
+        "DR CHECK".to_owned(),
     ]];
     for service in &report.services {
         // A service on both families shows both VIPs.
@@ -73,6 +74,7 @@ pub fn status(report: &StatusReport) -> String {
                 rs.state.clone(),
                 rs.mac.clone().unwrap_or_else(|| "-".to_owned()),
                 rs.check.clone().unwrap_or_else(|| "-".to_owned()),
+                rs.dr_check.clone().unwrap_or_else(|| "-".to_owned()),
             ]);
         }
         if let Some(fallback) = &service.fallback {
@@ -89,6 +91,22 @@ pub fn status(report: &StatusReport) -> String {
         out.push_str("no services\n");
     } else {
         out.push_str(&table(&rows));
+    }
+    // Others speaking for a VIP take its traffic: said below the table, every one.
+    for claim in &report.vip_claims {
+        let _ = writeln!(
+            out,
+            "VIP {} {} by {}{} ({} frames)",
+            claim.vip,
+            claim.kind.replace('_', " "),
+            claim.mac,
+            claim
+                .real_server
+                .as_ref()
+                .map(|rs| format!(", real server {rs}"))
+                .unwrap_or_default(),
+            claim.frames
+        );
     }
     out
 }
@@ -107,7 +125,7 @@ fn worker_lines(name: &str, w: &WorkerStats, out: &mut String) {
     };
     let _ = writeln!(
         out,
-        "{name}: rx {} forwarded {} ({} bytes) fallback {} icmp-errors {} arp-replies {} nd-replies {} icmp-replies {} gratuitous-arps {} unsolicited-nas {} flows {} persistent-clients {}\n  drops: {}",
+        "{name}: rx {} forwarded {} ({} bytes) fallback {} icmp-errors {} arp-replies {} nd-replies {} icmp-replies {} gratuitous-arps {} unsolicited-nas {} vip-defences {} dr-probes {} probe-resets {} flows {} persistent-clients {}\n  drops: {}",
         w.rx_frames,
         w.forwarded_packets,
         w.forwarded_bytes,
@@ -118,6 +136,9 @@ fn worker_lines(name: &str, w: &WorkerStats, out: &mut String) {
         w.icmp_echo_replies,
         w.gratuitous_arps,
         w.unsolicited_nas,
+        w.vip_defences,
+        w.dr_probes,
+        w.probe_resets,
         w.flows,
         w.persistent_clients,
         listed(&w.drops)
@@ -343,6 +364,7 @@ mod tests {
                         state: "up".into(),
                         mac: Some("02:00:00:00:00:11".into()),
                         check: Some("ok (connected) at 21:04:05 UTC".into()),
+                        dr_check: Some("ok".into()),
                     },
                     RealServerStatus {
                         label: "Wowza Srv 2".into(),
@@ -353,8 +375,16 @@ mod tests {
                         state: "unresolved".into(),
                         mac: None,
                         check: None,
+                        dr_check: None,
                     },
                 ],
+            }],
+            vip_claims: vec![lbd_proto::VipClaim {
+                vip: Ipv4Addr::new(198, 18, 0, 100).into(),
+                mac: "02:00:00:00:00:11".into(),
+                kind: "answered".into(),
+                real_server: Some("Wowza Srv 1 in Wowza Streaming".into()),
+                frames: 3,
             }],
         };
         let text = status(&report);
@@ -367,7 +397,8 @@ mod tests {
         );
         assert!(lines[3].starts_with("  Wowza Srv 1"));
         assert!(lines[3].contains("  up  ") && lines[3].contains("02:00:00:00:00:11"));
-        assert!(lines[3].ends_with("ok (connected) at 21:04:05 UTC"));
+        assert!(lines[3].contains("ok (connected) at 21:04:05 UTC"));
+        assert!(lines[3].ends_with("  ok"));
         assert!(lines[4].contains("unresolved"));
         assert!(lines[5].starts_with("  (fallback)"));
         // Columns line up: the IP column starts at the same place on every row.
@@ -375,6 +406,11 @@ mod tests {
         assert_eq!(lines[5].find("198.18.0.50 (standby)"), Some(column));
         assert_eq!(lines[3].find("198.18.0.11"), Some(column));
         assert_eq!(lines[1].find("VIP / IP"), Some(column));
+        assert_eq!(
+            lines[6],
+            "VIP 198.18.0.100 answered by 02:00:00:00:00:11, real server Wowza Srv 1 in Wowza \
+             Streaming (3 frames)"
+        );
     }
 
     #[test]

@@ -12,17 +12,28 @@
 // served queue. If a queue has no socket, bpf_redirect_map falls back to XDP_PASS.
 // A VIP's flags say whether this node answers ARP for it (VIP_ANSWERS_ARP): in an HA pair only
 // the active node does; a passive one still takes every IP frame to a VIP.
+// The node that answers for a VIP also watches for others that do (the DR check): ARP whose
+// sender is a VIP (a gratuitous claim, an answer to lbd's own question), Neighbor
+// Advertisements for an IPv6 VIP, and the SYN-ACKs real servers send from a VIP to lbd's probe
+// address (`lbd_probe4`, `lbd_probe6`) on a probe port (PROBE_PORT_MIN..PROBE_PORT_MAX) go to
+// the workers too.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #define MAX_VIPS 4096
 #define MAX_QUEUES 256
 #define VIP_ANSWERS_ARP 1
+// The DR check's TCP source ports (engine/src/packet/drcheck.rs PROBE_PORTS): above the
+// kernel's default ephemeral range.
+#define PROBE_PORT_MIN 61000
+#define PROBE_PORT_MAX 61999
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -41,6 +52,20 @@ struct {
 	__type(key, struct vip6); // IPv6 VIP, network byte order
 	__type(value, __u32);     // VIP_ANSWERS_ARP (answers Neighbor Solicitations) or 0
 } lbd_vips6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, __u32);   // this host's probe address, network byte order
+	__type(value, __u32); // unused
+} lbd_probe4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16);
+	__type(key, struct vip6);
+	__type(value, __u32);
+} lbd_probe6 SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_XSKMAP);
@@ -67,6 +92,21 @@ static __always_inline int is_vip(__u32 addr)
 	return bpf_map_lookup_elem(&lbd_vips, &addr) != NULL;
 }
 
+static __always_inline int answers_for(void *map, void *key)
+{
+	__u32 *flags = bpf_map_lookup_elem(map, key);
+	return flags && (*flags & VIP_ANSWERS_ARP);
+}
+
+// A SYN-ACK to a probe port: a real server answering the DR check's probe.
+static __always_inline int is_probe_answer(struct tcphdr *tcp, void *data_end)
+{
+	if ((void *)(tcp + 1) > data_end)
+		return 0;
+	__u16 port = bpf_ntohs(tcp->dest);
+	return tcp->syn && tcp->ack && port >= PROBE_PORT_MIN && port <= PROBE_PORT_MAX;
+}
+
 SEC("xdp")
 int lbd_steer(struct xdp_md *ctx)
 {
@@ -81,39 +121,53 @@ int lbd_steer(struct xdp_md *ctx)
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > data_end)
 			return XDP_PASS;
-		if (!is_vip(ip->daddr))
-			return XDP_PASS;
+		if (!is_vip(ip->daddr)) {
+			struct tcphdr *tcp = (void *)ip + ip->ihl * 4;
+			if (ip->protocol != IPPROTO_TCP || ip->ihl < 5 ||
+			    !bpf_map_lookup_elem(&lbd_probe4, &ip->daddr) ||
+			    !answers_for(&lbd_vips, &ip->saddr) || !is_probe_answer(tcp, data_end))
+				return XDP_PASS;
+		}
 	} else if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		struct arp_eth_ipv4 *arp = (void *)(eth + 1);
 		__u32 target;
-		__u32 *flags;
+		__u32 sender;
 		if ((void *)(arp + 1) > data_end)
 			return XDP_PASS;
-		if (arp->oper != bpf_htons(1))
-			return XDP_PASS;
 		__builtin_memcpy(&target, arp->tpa, sizeof(target));
-		flags = bpf_map_lookup_elem(&lbd_vips, &target);
-		if (!flags || !(*flags & VIP_ANSWERS_ARP))
+		__builtin_memcpy(&sender, arp->spa, sizeof(sender));
+		// A question for a VIP, or another station speaking for one.
+		int question = arp->oper == bpf_htons(1) && answers_for(&lbd_vips, &target);
+		if (!question && !answers_for(&lbd_vips, &sender))
 			return XDP_PASS;
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6 = (void *)(eth + 1);
 		struct vip6 key;
-		__u32 *flags;
 		if ((void *)(ip6 + 1) > data_end)
 			return XDP_PASS;
 		__builtin_memcpy(key.addr, &ip6->daddr, sizeof(key.addr));
 		if (bpf_map_lookup_elem(&lbd_vips6, &key))
 			goto redirect;
+		if (ip6->nexthdr == IPPROTO_TCP) {
+			struct tcphdr *tcp = (void *)(ip6 + 1);
+			__builtin_memcpy(key.addr, &ip6->daddr, sizeof(key.addr));
+			if (!bpf_map_lookup_elem(&lbd_probe6, &key))
+				return XDP_PASS;
+			__builtin_memcpy(key.addr, &ip6->saddr, sizeof(key.addr));
+			if (!answers_for(&lbd_vips6, &key) || !is_probe_answer(tcp, data_end))
+				return XDP_PASS;
+			goto redirect;
+		}
 		// A Neighbor Solicitation goes to the solicited-node multicast address: its target
-		// says whom it asks for (ICMPv6 type 135, code 0, checksum, reserved, target).
+		// says whom it asks for (ICMPv6 type 135, code 0, checksum, reserved, target); an
+		// Advertisement (136) for a VIP is another station speaking for it.
 		if (ip6->nexthdr != 58)
 			return XDP_PASS;
 		__u8 *icmp = (void *)(ip6 + 1);
-		if ((void *)(icmp + 24) > data_end || icmp[0] != 135)
+		if ((void *)(icmp + 24) > data_end || (icmp[0] != 135 && icmp[0] != 136))
 			return XDP_PASS;
 		__builtin_memcpy(key.addr, icmp + 8, sizeof(key.addr));
-		flags = bpf_map_lookup_elem(&lbd_vips6, &key);
-		if (!flags || !(*flags & VIP_ANSWERS_ARP))
+		if (!answers_for(&lbd_vips6, &key))
 			return XDP_PASS;
 	} else {
 		return XDP_PASS;

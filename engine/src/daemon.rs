@@ -452,6 +452,10 @@ fn serve(
     let mut next_resolve = Instant::now() + RESOLVE_INTERVAL;
     let mut next_fast_resolve = Instant::now();
     let mut next_limits = Instant::now();
+    // The first DR check round a second after start (the MACs are learned by then), its
+    // verdicts one interval later.
+    let dr_interval = Duration::from_millis(u64::from(engine.dr_check_interval_ms));
+    let mut next_dr_check = Instant::now() + Duration::from_secs(1);
     let mut reported_mtu = host.mtu;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -479,6 +483,12 @@ fn serve(
                 && control.awaiting_macs()
             {
                 control.refresh_neighbours(false);
+            }
+        }
+        if !dr_interval.is_zero() && now >= next_dr_check {
+            next_dr_check = now + dr_interval;
+            if let Ok(mut control) = control.lock() {
+                control.dr_round();
             }
         }
         if now >= next_limits {

@@ -418,6 +418,25 @@ pub struct StatusReport {
     pub ha: Option<Box<HaReport>>,
     /// Services in config order.
     pub services: Vec<ServiceStatus>,
+    /// Other stations the DR check saw speaking for a VIP.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vip_claims: Vec<VipClaim>,
+}
+
+/// Another station speaking for a VIP, as the DR check saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VipClaim {
+    /// The VIP.
+    pub vip: IpAddr,
+    /// The station's MAC.
+    pub mac: String,
+    /// `announced`, `answered` or `used_as_sender`.
+    pub kind: String,
+    /// The real server with that MAC (`Wowza Srv 1 in Wowza GUI`), when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub real_server: Option<String>,
+    /// Frames seen.
+    pub frames: u64,
 }
 
 /// One service in `status`.
@@ -469,6 +488,9 @@ pub struct RealServerStatus {
     /// The last health check: `ok (HTTP 200) at 21:04:05 UTC`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<String>,
+    /// The DR check's verdict: `ok`, or what is wrong and its likely cause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dr_check: Option<String>,
 }
 
 /// `stats`: counters per worker and summed.
@@ -510,6 +532,15 @@ pub struct WorkerStats {
     /// ICMP errors about a connection sent on to its real server (counted as forwarded too).
     #[serde(default)]
     pub icmp_errors: u64,
+    /// Announcements of a VIP sent in place of another station's claim of it.
+    #[serde(default)]
+    pub vip_defences: u64,
+    /// DR check questions and probes sent.
+    #[serde(default)]
+    pub dr_probes: u64,
+    /// Real servers' answers to DR probes, reset.
+    #[serde(default)]
+    pub probe_resets: u64,
     /// Frames sent to fallback servers.
     #[serde(default)]
     pub fallback_packets: u64,

@@ -192,14 +192,22 @@ impl Lab {
                 "\n[[service]]\nlabel = \"{label}\"\nvip = \"{VIP}\"\nports = {port}\n\
                  protocol = \"tcp\"\npersistence = \"source-ip\"\n"
             );
-            for i in 1..=servers {
-                text += &format!(
-                    "\n[[service.real_server]]\nlabel = \"Wowza Srv {i}\"\nip = \"{}\"\n",
-                    self.fact(&format!("RS{i}_IP"))
-                );
-            }
+            text += &self.real_servers(servers, "IP");
         }
         text
+    }
+
+    /// `[[service.real_server]]` tables for servers 1..=`servers` ("Wowza Srv I"), at their
+    /// `family` address: "IP" or "IP6".
+    pub fn real_servers(&self, servers: usize, family: &str) -> String {
+        (1..=servers)
+            .map(|i| {
+                format!(
+                    "\n[[service.real_server]]\nlabel = \"Wowza Srv {i}\"\nip = \"{}\"\n",
+                    self.fact(&format!("RS{i}_{family}"))
+                )
+            })
+            .collect()
     }
 }
 

@@ -289,6 +289,8 @@ impl Control {
                     check: stat
                         .filter(|s| !s.check_status.is_empty())
                         .map(|s| format!("{} ({})", s.check_status, s.check_desc)),
+                    // A SNAT server is reached through HAProxy: no DR setup to check.
+                    dr_check: None,
                 }
             })
             .collect();

@@ -26,6 +26,7 @@
 //! back here, [`replica`], the configuration an HA pair's active node shares, and [`layer7`],
 //! HAProxy kept in step for the `mode = "snat"` services.
 
+pub mod drcheck;
 pub mod health;
 pub mod layer7;
 pub mod replica;
@@ -196,6 +197,11 @@ pub struct Control {
     layer7_running: bool,
     /// The SNAT VIPs on the interface now.
     held: BTreeSet<Ipv4Addr>,
+    /// The DR check's rounds and verdicts.
+    dr: drcheck::DrCheck,
+    /// This host's addresses on the interface that DR questions and probes come from: one
+    /// IPv4 and one global IPv6 address, when it has them.
+    probe_sources: Vec<IpAddr>,
 }
 
 /// What the control plane asks of the HA node.
@@ -393,16 +399,25 @@ impl Control {
             layer7,
         } = doors;
         let mut ids = ServiceIds::default();
-        let snapshot = Arc::new(Snapshot::build(
+        let probe_sources = probe_sources(host.as_ref(), &config.engine.interface);
+        let mut steering = steering;
+        if let Err(error) = steering.set_probe_sources(&probe_sources) {
+            tracing::error!(%error, "DR check: cannot steer probe answers");
+        }
+        let mut snapshot = Snapshot::build(
             &config,
             &mut ids,
             own_mac,
             1,
             |ip| macs.get(&ip).copied(),
             |_, _| AdminState::Online,
-        ));
+        );
+        decorate(&mut snapshot, &config, &macs, &probe_sources);
+        let snapshot = Arc::new(snapshot);
         let answers_arp = config.ha.is_none();
         Control {
+            dr: drcheck::DrCheck::new(),
+            probe_sources,
             answers_arp,
             ha: None,
             config_generation: 0,
@@ -959,7 +974,7 @@ impl Control {
         ids: &mut ServiceIds,
         generation: u64,
     ) -> Snapshot {
-        Snapshot::build(
+        let mut snapshot = Snapshot::build(
             config,
             ids,
             self.own_mac,
@@ -973,7 +988,53 @@ impl Control {
                     ..operator.state_of(&key)
                 }
             },
-        )
+        );
+        decorate(&mut snapshot, config, &self.macs, &self.probe_sources);
+        snapshot
+    }
+
+    /// One round of the DR check (when this node answers for the VIPs): what the workers saw
+    /// of the last round is judged and logged, and the next round's questions and probes go
+    /// out through the first worker. Also follows this host's own addresses, which the probes
+    /// come from.
+    pub fn dr_round(&mut self) {
+        let sources = probe_sources(self.host.as_ref(), &self.config.engine.interface);
+        if sources != self.probe_sources {
+            if let Err(error) = self.steering.set_probe_sources(&sources) {
+                tracing::error!(%error, "DR check: cannot steer probe answers");
+            }
+            self.probe_sources = sources;
+            self.republish();
+        }
+        if !self.answers_arp {
+            return;
+        }
+        let reports = self.reports();
+        let seen = reports.iter().filter_map(|(_, report)| report.as_ref());
+        let claims: Vec<_> = seen
+            .clone()
+            .flat_map(|r| r.claims.iter().copied())
+            .collect();
+        let answers: Vec<_> = seen.flat_map(|r| r.probe_answers.iter().copied()).collect();
+        for (warning, text) in self.dr.evaluate(&self.snapshot, &claims, &answers) {
+            if warning {
+                tracing::warn!("{text}");
+            } else {
+                tracing::info!("{text}");
+            }
+        }
+        let (questions, probes) = self
+            .dr
+            .plan(&self.config, &self.snapshot, &self.probe_sources);
+        if let Some(first) = self.workers.first()
+            && !(questions.is_empty() && probes.is_empty())
+        {
+            let _ = first.commands.send(WorkerCommand::Probe {
+                mac: self.own_mac,
+                questions,
+                probes,
+            });
+        }
     }
 
     /// What the health checker checks: every real server with its (own or service's) check.
@@ -1214,6 +1275,10 @@ impl Control {
                             .get(&(entry.label.clone(), rs.label.clone()))
                             .last
                             .map(|(at, result)| describe_check(at, &result)),
+                        dr_check: self
+                            .dr
+                            .verdict(&entry.label, &rs.label)
+                            .map(|verdict| verdict.describe().to_owned()),
                     })
                     .collect();
                 ServiceStatus {
@@ -1243,10 +1308,28 @@ impl Control {
                 }
             })
             .collect();
+        // As the workers see them now, not as of the last round.
+        let claims: Vec<_> = reports
+            .iter()
+            .filter_map(|(_, report)| report.as_ref())
+            .flat_map(|report| report.claims.iter().copied())
+            .collect();
+        let vip_claims = drcheck::sum_claims(&claims)
+            .iter()
+            .map(|claim| lbd_proto::VipClaim {
+                vip: claim.vip,
+                mac: host::format_mac(claim.mac),
+                kind: claim.kind.name().to_owned(),
+                real_server: drcheck::owner(snapshot, claim.mac)
+                    .map(|(service, rs)| format!("{rs} in {service}")),
+                frames: claim.frames,
+            })
+            .collect();
         StatusReport {
             generation: snapshot.generation,
             ha: self.ha_report(&reports).ok().map(Box::new),
             services,
+            vip_claims,
         }
     }
 
@@ -1332,6 +1415,9 @@ impl Control {
             nd_replies: counters.nd_replies,
             unsolicited_nas: counters.unsolicited_nas,
             icmp_errors: counters.icmp_errors,
+            vip_defences: counters.vip_defences,
+            dr_probes: counters.dr_probes,
+            probe_resets: counters.probe_resets,
             fallback_packets: counters.fallback,
             flows: 0,
             persistent_clients: 0,
@@ -1471,8 +1557,13 @@ pub fn check_host_addresses(config: &Config, local: &[(String, IpAddr)]) -> Resu
     Ok(())
 }
 
-/// Every address whose MAC lbd must learn: real servers without a pinned MAC, and fallbacks.
+/// Every address whose MAC lbd must learn: real servers without a pinned MAC, fallbacks, and
+/// the HA peers (whose announcements of a VIP are no claim).
 pub fn addresses_to_resolve(config: &Config) -> Vec<IpAddr> {
+    let peers = config
+        .ha
+        .iter()
+        .flat_map(|ha| ha.peer_address.0.iter().map(|&peer| IpAddr::V4(peer)));
     let mut ips: Vec<IpAddr> = config
         .services
         .iter()
@@ -1483,10 +1574,50 @@ pub fn addresses_to_resolve(config: &Config) -> Vec<IpAddr> {
                 .map(|rs| rs.ip)
                 .chain(s.fallback)
         })
+        .chain(peers)
         .collect();
     ips.sort();
     ips.dedup();
     ips
+}
+
+/// What the control side adds to a built snapshot: the HA peers' MACs, the probe sources.
+fn decorate(
+    snapshot: &mut Snapshot,
+    config: &Config,
+    macs: &HashMap<IpAddr, [u8; 6]>,
+    probe_sources: &[IpAddr],
+) {
+    snapshot.peer_macs = config
+        .ha
+        .iter()
+        .flat_map(|ha| ha.peer_address.0.iter())
+        .filter_map(|&peer| macs.get(&IpAddr::V4(peer)).copied())
+        .collect();
+    for source in probe_sources {
+        match source {
+            IpAddr::V4(v4) => snapshot.probe_v4 = Some(u32::from(*v4)),
+            IpAddr::V6(v6) => snapshot.probe_v6 = Some(u128::from(*v6)),
+        }
+    }
+}
+
+/// The addresses DR questions and probes come from: `interface`'s first IPv4 address and its
+/// first global IPv6 one (not lbd's own SNAT VIPs).
+fn probe_sources(host: &dyn HostFacts, interface: &str) -> Vec<IpAddr> {
+    let addresses = host.local_addresses().unwrap_or_default();
+    let on_interface = || {
+        addresses
+            .iter()
+            .filter(|(name, _)| name == interface)
+            .map(|(_, ip)| *ip)
+    };
+    let v4 = on_interface().find(IpAddr::is_ipv4);
+    let v6 = on_interface().find(|ip| match ip {
+        IpAddr::V6(v6) => !v6.is_unicast_link_local() && !v6.is_loopback(),
+        IpAddr::V4(_) => false,
+    });
+    v4.into_iter().chain(v6).collect()
 }
 
 /// `ok (HTTP 200) at 21:04:05 UTC`: a check's result for `lbctl status`.
@@ -1555,6 +1686,10 @@ fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
         (
             "persistence_table_size",
             a.persistence_table_size != b.persistence_table_size,
+        ),
+        (
+            "dr_check_interval_ms",
+            a.dr_check_interval_ms != b.dr_check_interval_ms,
         ),
     ]
     .into_iter()
@@ -1665,6 +1800,10 @@ mod tests {
             let generation = self.worker_generation.load(Ordering::Acquire);
             map.events.push(("add", vip, generation));
             map.vips.insert(vip);
+            Ok(())
+        }
+
+        fn set_probe_sources(&mut self, _: &[IpAddr]) -> Result<(), SteerError> {
             Ok(())
         }
 
@@ -1850,9 +1989,13 @@ mod tests {
                                 socket: None,
                                 connections: connections.lock().expect("conns").clone(),
                                 shared: crate::io::worker::SharedCounters::default(),
+                                claims: Vec::new(),
+                                probe_answers: Vec::new(),
                             });
                         }
-                        WorkerCommand::Announce(..) | WorkerCommand::Install(_) => {}
+                        WorkerCommand::Announce(..)
+                        | WorkerCommand::Install(_)
+                        | WorkerCommand::Probe { .. } => {}
                     }
                 }
             });

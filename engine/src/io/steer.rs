@@ -59,6 +59,9 @@ pub trait VipSteering: Send {
     fn add_vip(&mut self, vip: IpAddr, answer_arp: bool) -> Result<(), SteerError>;
     /// Stops steering frames for `vip`.
     fn remove_vip(&mut self, vip: IpAddr) -> Result<(), SteerError>;
+    /// Steers real servers' answers to DR probes sent from these addresses of this host (and
+    /// no others).
+    fn set_probe_sources(&mut self, sources: &[IpAddr]) -> Result<(), SteerError>;
 }
 
 /// How the program ended up attached.
@@ -74,6 +77,8 @@ pub enum AttachMode {
 pub struct Steering {
     vips: HashMap<MapData, u32, u32>,
     vips6: HashMap<MapData, [u8; 16], u32>,
+    probe4: HashMap<MapData, u32, u32>,
+    probe6: HashMap<MapData, [u8; 16], u32>,
     xsks: XskMap<MapData>,
     mode: AttachMode,
     // Declared last: dropped after the maps, it detaches and unloads the program.
@@ -120,10 +125,14 @@ impl Steering {
         };
         let vips = take_map(&mut ebpf, "lbd_vips")?;
         let vips6 = take_map(&mut ebpf, "lbd_vips6")?;
+        let probe4 = take_map(&mut ebpf, "lbd_probe4")?;
+        let probe6 = take_map(&mut ebpf, "lbd_probe6")?;
         let xsks = take_map(&mut ebpf, "lbd_xsks")?;
         Ok(Steering {
             vips,
             vips6,
+            probe4,
+            probe6,
             xsks,
             mode,
             _ebpf: ebpf,
@@ -169,6 +178,10 @@ impl VipSteering for Steering {
         }
     }
 
+    fn set_probe_sources(&mut self, sources: &[IpAddr]) -> Result<(), SteerError> {
+        self.set_probe(sources)
+    }
+
     fn remove_vip(&mut self, vip: IpAddr) -> Result<(), SteerError> {
         match vip {
             IpAddr::V4(v4) => {
@@ -187,6 +200,33 @@ impl VipSteering for Steering {
                     source,
                 }),
         }
+    }
+}
+
+impl Steering {
+    fn set_probe(&mut self, sources: &[IpAddr]) -> Result<(), SteerError> {
+        let map_error = |map| move |source| SteerError::Map { map, source };
+        let old4: Vec<u32> = self.probe4.keys().filter_map(Result::ok).collect();
+        for key in old4 {
+            self.probe4.remove(&key).map_err(map_error("lbd_probe4"))?;
+        }
+        let old6: Vec<[u8; 16]> = self.probe6.keys().filter_map(Result::ok).collect();
+        for key in old6 {
+            self.probe6.remove(&key).map_err(map_error("lbd_probe6"))?;
+        }
+        for source in sources {
+            match source {
+                IpAddr::V4(v4) => self
+                    .probe4
+                    .insert(u32::from_ne_bytes(v4.octets()), 0, 0)
+                    .map_err(map_error("lbd_probe4"))?,
+                IpAddr::V6(v6) => self
+                    .probe6
+                    .insert(v6.octets(), 0, 0)
+                    .map_err(map_error("lbd_probe6"))?,
+            }
+        }
+        Ok(())
     }
 }
 

@@ -15,6 +15,7 @@
 
 use crate::packet::counters::{Counters, DropReason, Sent};
 use crate::packet::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
+use crate::packet::drcheck::{self, Claim, PROBE_FRAME_LEN, ProbeAnswer, ServerProbe};
 use crate::packet::ipv6::{UNSOLICITED_NA_LEN, write_unsolicited_na};
 use crate::packet::snapshot::{Snapshot, service_key};
 use crate::packet::sync::{Installed, OutboxCounters, SyncEntry};
@@ -81,6 +82,15 @@ pub enum WorkerCommand {
     Snapshot(Arc<Snapshot>),
     /// Send gratuitous ARP for these VIPs from this MAC.
     Announce([u8; 6], Vec<IpAddr>),
+    /// Send the DR check's questions (source, VIP) and probes from this MAC.
+    Probe {
+        /// Our MAC.
+        mac: [u8; 6],
+        /// "Who has VIP?", from this host's address.
+        questions: Vec<(IpAddr, IpAddr)>,
+        /// SYNs to the real servers.
+        probes: Vec<ServerProbe>,
+    },
     /// Send a copy of the counters and table figures back.
     Report(Sender<WorkerReport>),
     /// Install entries a peer shared (the same batch goes to every worker).
@@ -109,6 +119,10 @@ pub struct WorkerReport {
     pub connections: Vec<Vec<u64>>,
     /// What it shared with the group's peers, and installed of theirs.
     pub shared: SharedCounters,
+    /// Other stations it saw speaking for a VIP.
+    pub claims: Vec<Claim>,
+    /// Real servers' answers to DR probes it saw (the most recent).
+    pub probe_answers: Vec<ProbeAnswer>,
 }
 
 /// A worker's part in the group's state sync.
@@ -258,6 +272,11 @@ impl<R: Rings> Worker<R> {
         match command {
             WorkerCommand::Snapshot(snapshot) => self.dataplane.set_snapshot(snapshot),
             WorkerCommand::Announce(mac, vips) => self.announce(mac, &vips),
+            WorkerCommand::Probe {
+                mac,
+                questions,
+                probes,
+            } => self.probe(mac, &questions, &probes),
             WorkerCommand::Report(reply) => {
                 // The asker may have given up waiting; nothing to do then.
                 let _ = reply.send(self.report(now_ms));
@@ -324,6 +343,8 @@ impl<R: Rings> Worker<R> {
                 outbox: dataplane.outbox_counters().unwrap_or_default(),
                 installed: self.installed,
             },
+            claims: dataplane.dr_watch().claims().to_vec(),
+            probe_answers: dataplane.dr_watch().answers().copied().collect(),
         }
     }
 
@@ -376,28 +397,61 @@ impl<R: Rings> Worker<R> {
         let mut arp = [0u8; MIN_FRAME_LEN];
         let mut na = [0u8; UNSOLICITED_NA_LEN];
         for vip in vips {
-            let Some(mut frame) = self.free.pop() else {
-                break;
-            };
             let written = match vip {
                 IpAddr::V4(v4) => {
-                    self.dataplane.counters_mut().gratuitous_arps += 1;
                     let len = write_gratuitous_arp(&mut arp, mac, v4.octets());
                     &arp[..len]
                 }
                 IpAddr::V6(v6) => {
-                    self.dataplane.counters_mut().unsolicited_nas += 1;
                     let len = write_unsolicited_na(&mut na, mac, v6.octets());
                     &na[..len]
                 }
             };
-            self.rings.write(&mut frame, written);
-            self.tx_batch.push(frame);
-            if self.tx_batch.len() == self.settings.batch_size {
-                self.flush_tx(Unsent::Generated);
+            if !self.emit(written) {
+                break;
+            }
+            let counters = self.dataplane.counters_mut();
+            match vip {
+                IpAddr::V4(_) => counters.gratuitous_arps += 1,
+                IpAddr::V6(_) => counters.unsolicited_nas += 1,
             }
         }
         self.flush_tx(Unsent::Generated);
+    }
+
+    /// Sends the DR check's questions ("who has this VIP?" from this host's address) and its
+    /// probes of real servers, from free frames.
+    pub fn probe(&mut self, mac: [u8; 6], questions: &[(IpAddr, IpAddr)], probes: &[ServerProbe]) {
+        self.reclaim();
+        let mut buf = [0u8; PROBE_FRAME_LEN];
+        for &(source, vip) in questions {
+            let len = drcheck::write_question(&mut buf, mac, source, vip);
+            if len > 0 && !self.emit(&buf[..len]) {
+                break;
+            }
+            self.dataplane.counters_mut().dr_probes += u64::from(len > 0);
+        }
+        for probe in probes {
+            let len = drcheck::write_probe(&mut buf, mac, probe);
+            if len > 0 && !self.emit(&buf[..len]) {
+                break;
+            }
+            self.dataplane.counters_mut().dr_probes += u64::from(len > 0);
+        }
+        self.flush_tx(Unsent::Generated);
+    }
+
+    /// Queues a frame the worker wrote for transmission; false when no frame is free.
+    fn emit(&mut self, bytes: &[u8]) -> bool {
+        let Some(mut frame) = self.free.pop() else {
+            return false;
+        };
+        self.rings.write(&mut frame, bytes);
+        self.tx_batch.push(frame);
+        if self.tx_batch.len() == self.settings.batch_size {
+            self.flush_tx(Unsent::Generated);
+        }
+        true
     }
 
     fn reclaim(&mut self) {
@@ -440,13 +494,9 @@ impl<R: Rings> Worker<R> {
                     dataplane.counters_mut().drop(DropReason::TxRingFull);
                 }
                 Unsent::Generated => {
-                    // An announcement: ARP's EtherType, or IPv6's.
-                    let mut sent = Sent::GratuitousArp;
-                    self.rings.with_payload(&mut frame, |bytes| {
-                        if bytes.get(12..14) == Some(&[0x86, 0xdd]) {
-                            sent = Sent::UnsolicitedNa;
-                        }
-                    });
+                    let sent = self
+                        .rings
+                        .with_payload(&mut frame, |bytes| generated(bytes));
                     self.dataplane.counters_mut().unsend(sent, 0);
                 }
             }
@@ -470,3 +520,14 @@ impl<R: Rings> Worker<R> {
 
 #[cfg(test)]
 mod tests;
+
+/// What a frame the worker wrote was counted as: an announcement (a gratuitous ARP, an
+/// unsolicited Neighbor Advertisement) or a DR check question or probe.
+fn generated(bytes: &[u8]) -> Sent {
+    match bytes.get(12..14) {
+        // Sender = target: an announcement; else a question.
+        Some([0x08, 0x06]) if bytes.get(28..32) == bytes.get(38..42) => Sent::GratuitousArp,
+        Some([0x86, 0xdd]) if bytes.get(54) == Some(&136) => Sent::UnsolicitedNa,
+        _ => Sent::DrProbe,
+    }
+}

@@ -46,6 +46,9 @@ pub enum DropReason {
     /// An echo request from an address no reply may go to: broadcast, multicast, unspecified,
     /// loopback, or the VIP itself (RFC 1122 3.2.2.6, 3.3.6).
     IcmpBadSource,
+    /// Another station spoke for a VIP (ARP, Neighbor Advertisement): recorded by the DR
+    /// check; not answered, because a defence of that VIP went out within the last second.
+    VipClaimed,
     /// The service has no real server that can take the frame (all drained or unresolved).
     NoRealServer,
     /// The TX ring had no room: the frame was recycled instead of sent.
@@ -54,7 +57,7 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in the order counters are kept and printed.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Truncated,
         DropReason::UnsupportedEtherType,
         DropReason::NotOurMac,
@@ -69,6 +72,7 @@ impl DropReason {
         DropReason::IcmpNotEcho,
         DropReason::IcmpErrorUnmatched,
         DropReason::IcmpBadSource,
+        DropReason::VipClaimed,
         DropReason::NoRealServer,
         DropReason::TxRingFull,
     ];
@@ -90,6 +94,7 @@ impl DropReason {
             DropReason::IcmpNotEcho => "icmp_not_echo",
             DropReason::IcmpErrorUnmatched => "icmp_error_unmatched",
             DropReason::IcmpBadSource => "icmp_bad_source",
+            DropReason::VipClaimed => "vip_claimed",
             DropReason::NoRealServer => "no_real_server",
             DropReason::TxRingFull => "tx_ring_full",
         }
@@ -131,6 +136,12 @@ pub enum Sent {
     NdReply,
     /// An unsolicited Neighbor Advertisement the worker wrote.
     UnsolicitedNa,
+    /// Our announcement of a VIP in place of another station's claim.
+    VipDefence,
+    /// The reset that ends a DR probe's SYN-ACK.
+    ProbeReset,
+    /// A DR check question or probe the worker wrote.
+    DrProbe,
     /// A gratuitous ARP the worker wrote (not a received frame).
     GratuitousArp,
 }
@@ -174,6 +185,12 @@ pub struct Counters {
     pub gratuitous_arps: u64,
     /// Unsolicited Neighbor Advertisements sent (IPv6's gratuitous ARP).
     pub unsolicited_nas: u64,
+    /// Announcements of a VIP sent in place of another station's claim of it.
+    pub vip_defences: u64,
+    /// DR probes' SYN-ACKs turned into resets.
+    pub probe_resets: u64,
+    /// DR check questions and probes sent (frames the worker wrote).
+    pub dr_probes: u64,
     /// Frames sent to a service's fallback server (also counted as forwarded).
     pub fallback: u64,
     /// ICMP errors about a connection sent to its real server (also counted as forwarded).
@@ -274,6 +291,9 @@ impl Counters {
             Sent::GratuitousArp => self.gratuitous_arps = self.gratuitous_arps.saturating_sub(1),
             Sent::NdReply => self.nd_replies = self.nd_replies.saturating_sub(1),
             Sent::UnsolicitedNa => self.unsolicited_nas = self.unsolicited_nas.saturating_sub(1),
+            Sent::VipDefence => self.vip_defences = self.vip_defences.saturating_sub(1),
+            Sent::ProbeReset => self.probe_resets = self.probe_resets.saturating_sub(1),
+            Sent::DrProbe => self.dr_probes = self.dr_probes.saturating_sub(1),
         }
     }
 
@@ -284,6 +304,8 @@ impl Counters {
             + self.arp_replies
             + self.icmp_echo_replies
             + self.nd_replies
+            + self.vip_defences
+            + self.probe_resets
             + self.total_drops()
     }
 
@@ -298,6 +320,9 @@ impl Counters {
         self.gratuitous_arps += other.gratuitous_arps;
         self.nd_replies += other.nd_replies;
         self.unsolicited_nas += other.unsolicited_nas;
+        self.vip_defences += other.vip_defences;
+        self.probe_resets += other.probe_resets;
+        self.dr_probes += other.dr_probes;
         self.fallback += other.fallback;
         self.icmp_errors += other.icmp_errors;
         for (mine, theirs) in self.drops.iter_mut().zip(other.drops) {

@@ -32,6 +32,9 @@
 //!   fragment table then sends the later pieces (source, destination, protocol, IP ID) to the
 //!   same server. A later piece whose first was not seen is dropped: nothing says where its
 //!   datagram went.
+//! - The DR check ([`crate::packet::drcheck`]): another station speaking for a VIP (ARP with
+//!   a VIP as sender, a Neighbor Advertisement for one) is recorded and answered with our own
+//!   announcement; a real server's SYN-ACK to a DR probe is recorded and reset.
 //! - In a group of balancers (an HA pair), established connections and persistent clients are
 //!   offered to the peers and theirs installed here ([`crate::packet::sync`]), so a node that
 //!   takes over sends every known client where the other did.
@@ -46,6 +49,7 @@
 //! new snapshot's relocations are out-of-line functions.
 
 use crate::packet::counters::{Counters, DropReason, Sent};
+use crate::packet::drcheck::{self, ClaimKind, DrWatch, PROBE_PORTS, ProbeAnswer};
 use crate::packet::flows::{
     Address, FRAGMENT_TIMEOUT_MS, FlowEntry, FlowKey, FlowState, FlowTable, FragmentEntry,
     FragmentKey, FragmentTable, NO_FLAGS, PersistEntry, PersistenceTable, tcp_flags,
@@ -56,6 +60,7 @@ use crate::packet::snapshot::{RealServerEntry, ServiceEntry, Snapshot, service_k
 use crate::packet::sync::{Installed, Outbox, OutboxCounters, SyncEntry, WalkPosition, remaining};
 use etherparse::{ArpPacketSlice, EtherType};
 use lbd_config::Persistence;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 /// Byte offsets in an Ethernet II frame and the headers the balancer touches.
@@ -128,6 +133,8 @@ pub struct Dataplane {
     /// Where entries go for the peers, in a group (boxed: the packet path's fields stay
     /// together).
     outbox: Option<Box<Outbox>>,
+    /// What the DR check saw.
+    dr: Box<DrWatch>,
 }
 
 /// One address family's connection, persistence and fragment tables.
@@ -172,6 +179,10 @@ pub trait Family: Address {
     fn shared(key: FlowKey<Self>) -> Option<FlowKey>;
     /// The client as the group's peers hear of it.
     fn shared_client(client: Self) -> Option<u32>;
+    /// This host's address that DR probes come from, of this family.
+    fn probe_address(snapshot: &Snapshot) -> Option<Self>;
+    /// The address as a standard one.
+    fn ip(address: Self) -> IpAddr;
 }
 
 impl Family for u32 {
@@ -220,6 +231,14 @@ impl Family for u32 {
     fn shared_client(client: u32) -> Option<u32> {
         Some(client)
     }
+
+    fn probe_address(snapshot: &Snapshot) -> Option<u32> {
+        snapshot.probe_v4
+    }
+
+    fn ip(address: u32) -> IpAddr {
+        IpAddr::V4(address.into())
+    }
 }
 
 impl Family for u128 {
@@ -255,6 +274,14 @@ impl Family for u128 {
 
     fn shared_client(_: u128) -> Option<u32> {
         None
+    }
+
+    fn probe_address(snapshot: &Snapshot) -> Option<u128> {
+        snapshot.probe_v6
+    }
+
+    fn ip(address: u128) -> IpAddr {
+        IpAddr::V6(address.into())
     }
 }
 
@@ -292,6 +319,7 @@ impl Dataplane {
             v4: Tables::new(sizes),
             v6: Box::new(Tables::new(sizes)),
             outbox: None,
+            dr: Box::default(),
         }
     }
 
@@ -484,22 +512,37 @@ impl Dataplane {
         let eth = frame.first_chunk::<{ field::ETH_HEADER_LEN }>()?;
         let ether_type = [eth[12], eth[13]];
         if ether_type == EtherType::ARP.0.to_be_bytes() {
-            return Some(Sent::ArpReply);
+            // Our announcement (sender = target) defends a VIP; a reply answers a question.
+            let announcement = frame.get(field::ARP_SPA) == frame.get(field::ARP_TPA);
+            return Some(if announcement {
+                Sent::VipDefence
+            } else {
+                Sent::ArpReply
+            });
         }
+        let snapshot = &*self.snapshot;
         let service_index = if ether_type == EtherType::IPV6.0.to_be_bytes() {
             let ip = ipv6::parse(frame).ok()?;
             if ip.protocol == ipv6::NEXT_ICMPV6 {
-                // An echo reply or an advertisement: the balancer's own answers.
+                // An echo reply or an advertisement: the balancer's own answers (to all
+                // nodes: a defence).
                 return match frame.get(ip.l4) {
                     Some(&ICMPV6_ECHO_REPLY) => Some(Sent::EchoReply),
+                    _ if eth[0] == 0x33 => Some(Sent::VipDefence),
                     _ => Some(Sent::NdReply),
                 };
+            }
+            if snapshot.probe_v6 == Some(ip.src) {
+                return Some(Sent::ProbeReset);
             }
             self.service_sent(&ip, &self.v6, now_ms)?
         } else {
             let ip = Ip::parse_v4(frame).ok()?;
             if ip.protocol == IP_PROTO_ICMP {
                 return Some(Sent::EchoReply);
+            }
+            if snapshot.probe_v4 == Some(ip.src) {
+                return Some(Sent::ProbeReset);
             }
             self.service_sent(&ip, &self.v4, now_ms)?
         };
@@ -611,7 +654,7 @@ impl Dataplane {
             if !to_us && eth[field::ETH_DST] != BROADCAST {
                 return Verdict::Drop(DropReason::NotOurMac);
             }
-            self.arp(frame)
+            self.arp(frame, now_ms)
         } else if ether_type == EtherType::IPV6.0.to_be_bytes() {
             // Solicitations come to a multicast MAC (33:33:ff + the target's last 24 bits).
             if !to_us && eth[0] != 0x33 {
@@ -624,7 +667,7 @@ impl Dataplane {
     }
 
     /// RFC 826: answer a request for a VIP with our MAC, by turning the request around.
-    fn arp(&mut self, frame: &mut [u8]) -> Verdict {
+    fn arp(&mut self, frame: &mut [u8], now_ms: u64) -> Verdict {
         let Ok(arp) = ArpPacketSlice::from_slice(&frame[field::ETH_HEADER_LEN..]) else {
             return Verdict::Drop(DropReason::Truncated);
         };
@@ -632,13 +675,27 @@ impl Dataplane {
             && arp.proto_addr_type() == EtherType::IPV4
             && arp.hw_addr_size() == 6
             && arp.proto_addr_size() == 4;
-        if !is_ethernet_ipv4 || arp.operation().0 != ARP_OP_REQUEST {
+        let (Ok(target), Ok(sender_ip), Ok(sender_mac)) = (
+            <[u8; 4]>::try_from(arp.target_protocol_addr()),
+            <[u8; 4]>::try_from(arp.sender_protocol_addr()),
+            <[u8; 6]>::try_from(arp.sender_hw_addr()),
+        ) else {
+            return Verdict::Drop(DropReason::ArpNotRequest);
+        };
+        let request = arp.operation().0 == ARP_OP_REQUEST;
+        // Another station speaking for a VIP: the DR check's business.
+        if is_ethernet_ipv4 && self.snapshot.vips.contains(&u32::from_be_bytes(sender_ip)) {
+            let kind = match (request, sender_ip == target) {
+                (false, _) => ClaimKind::Answered,
+                (true, true) => ClaimKind::Announced,
+                (true, false) => ClaimKind::UsedAsSender,
+            };
+            let vip = IpAddr::from(sender_ip);
+            return self.vip_claimed(frame, vip, sender_mac, kind, now_ms);
+        }
+        if !is_ethernet_ipv4 || !request {
             return Verdict::Drop(DropReason::ArpNotRequest);
         }
-        let Ok(target) = <[u8; 4]>::try_from(arp.target_protocol_addr()) else {
-            return Verdict::Drop(DropReason::Truncated);
-        };
-        let sender_ip = arp.sender_protocol_addr();
         // A request whose sender is the target is an announcement (gratuitous ARP), not a question.
         if sender_ip == target || !self.snapshot.vips.contains(&u32::from_be_bytes(target)) {
             return Verdict::Drop(DropReason::ArpNotVip);
@@ -727,10 +784,20 @@ impl Dataplane {
                 self.counters.icmp_echo_replies += 1;
                 Verdict::Transmit
             }
-            Icmpv6::Other if !self.snapshot.vips6.contains(&ip.dst) => {
+            Icmpv6::Advertisement(target, mac)
+                if self.snapshot.vips6.contains(&u128::from_be_bytes(target)) =>
+            {
+                let kind = if ip.dst >> 120 == 0xff {
+                    ClaimKind::Announced
+                } else {
+                    ClaimKind::Answered
+                };
+                self.vip_claimed(frame, IpAddr::from(target), mac, kind, now_ms)
+            }
+            Icmpv6::Other | Icmpv6::Advertisement(..) if !self.snapshot.vips6.contains(&ip.dst) => {
                 Verdict::Drop(DropReason::NdNotAnswered)
             }
-            Icmpv6::Other => Verdict::Drop(DropReason::IcmpNotEcho),
+            Icmpv6::Other | Icmpv6::Advertisement(..) => Verdict::Drop(DropReason::IcmpNotEcho),
         }
     }
 
@@ -769,7 +836,7 @@ impl Dataplane {
         // parts are done with early, which keeps the rest of the path in registers.
         let entry = flows.get_mut(&key, now_ms);
         let Some(service_index) = A::service(snapshot, ip.dst, ip.protocol, ports as u16) else {
-            return (Verdict::Drop(not_served(snapshot, ip.dst)), None);
+            return (self.unserved(frame, ip), None);
         };
         // A connection already known keeps its server while that server takes known clients.
         if let Some(service) = snapshot.services.get(usize::from(service_index))
@@ -1068,6 +1135,95 @@ impl Dataplane {
             return Verdict::Drop(DropReason::IcmpBadSource);
         }
         self.icmp_echo(frame, ip.l4, ip.l4_end)
+    }
+
+    /// Another station (`mac`) spoke for `vip`: recorded, and, unless it is us or the HA
+    /// peer, answered with our own announcement in the frame's place (at most once a second
+    /// per VIP; the other frames are dropped as `vip_claimed`).
+    #[cold]
+    #[inline(never)]
+    fn vip_claimed(
+        &mut self,
+        frame: &mut [u8],
+        vip: IpAddr,
+        mac: [u8; 6],
+        kind: ClaimKind,
+        now_ms: u64,
+    ) -> Verdict {
+        let own = self.snapshot.own_mac;
+        if mac == own || self.snapshot.peer_macs.contains(&mac) {
+            return Verdict::Drop(DropReason::ArpNotVip);
+        }
+        if !self.dr.claimed(vip, mac, kind, now_ms) {
+            return Verdict::Drop(DropReason::VipClaimed);
+        }
+        let written = match vip {
+            IpAddr::V4(v4) => write_gratuitous_arp_into(frame, own, v4.octets()),
+            IpAddr::V6(v6) => match frame.first_chunk_mut::<{ ipv6::UNSOLICITED_NA_LEN }>() {
+                Some(announcement) => {
+                    ipv6::write_unsolicited_na(announcement, own, v6.octets());
+                    true
+                }
+                None => false,
+            },
+        };
+        if !written {
+            return Verdict::Drop(DropReason::VipClaimed);
+        }
+        if let Some(rest) = frame.get_mut(announcement_len(vip)..) {
+            rest.fill(0);
+        }
+        self.counters.vip_defences += 1;
+        Verdict::Transmit
+    }
+
+    /// A frame to a VIP:port no service has, or to no VIP: a real server's answer to a DR
+    /// probe (a SYN-ACK from a VIP to this host's probe address and a probe port) is recorded
+    /// and reset; the rest is dropped.
+    #[cold]
+    #[inline(never)]
+    fn unserved<A: Family>(&mut self, frame: &mut [u8], ip: &Ip<A>) -> Verdict {
+        let snapshot = &*self.snapshot;
+        let is_probe_answer = ip.protocol == IP_PROTO_TCP
+            && A::probe_address(snapshot) == Some(ip.dst)
+            && A::is_vip(snapshot, ip.src)
+            && u8::try_from(ip.tcp_flags).is_ok_and(|f| {
+                f & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN | tcp_flags::ACK
+            });
+        let Some(ports) = ip.ports.filter(|_| is_probe_answer) else {
+            return Verdict::Drop(not_served(snapshot, ip.dst));
+        };
+        let (port, our_port) = ((ports >> 16) as u16, ports as u16);
+        let Some(ack) = frame
+            .get(ip.l4 + 8..)
+            .and_then(|tcp| tcp.first_chunk::<4>())
+            .map(|ack| u32::from_be_bytes(*ack))
+        else {
+            return Verdict::Drop(DropReason::Truncated);
+        };
+        if !PROBE_PORTS.contains(&our_port) {
+            return Verdict::Drop(not_served(snapshot, ip.dst));
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&frame[field::ETH_SRC]);
+        let (vip, ours) = (A::ip(ip.src), A::ip(ip.dst));
+        self.dr.answered(ProbeAnswer {
+            vip,
+            port,
+            mac,
+            our_port,
+            ack,
+        });
+        if !drcheck::reset_in_place(frame, snapshot.own_mac, mac, ours, our_port, vip, port, ack) {
+            return Verdict::Drop(DropReason::Truncated);
+        }
+        self.counters.probe_resets += 1;
+        Verdict::Transmit
+    }
+
+    /// What the DR check saw.
+    pub fn dr_watch(&self) -> &DrWatch {
+        &self.dr
     }
 
     /// An ICMP error to `vip` about the packet `quoted`: to the server of its connection.
@@ -1682,6 +1838,24 @@ fn incremental_checksum(checksum: u16, old_word: u16, new_word: u16) -> u16 {
 /// A request with sender = target = VIP to the broadcast address, as Linux `arping -U` and
 /// keepalived send it: neighbours that cached another MAC for the VIP update it.
 pub fn write_gratuitous_arp(buf: &mut [u8; MIN_FRAME_LEN], mac: [u8; 6], vip: [u8; 4]) -> usize {
+    write_gratuitous_arp_into(buf, mac, vip);
+    MIN_FRAME_LEN
+}
+
+/// The length of our announcement of `vip`: an ARP packet, or a Neighbor Advertisement.
+fn announcement_len(vip: IpAddr) -> usize {
+    match vip {
+        IpAddr::V4(_) => field::ARP_FRAME_LEN,
+        IpAddr::V6(_) => ipv6::UNSOLICITED_NA_LEN,
+    }
+}
+
+/// [`write_gratuitous_arp`] into the first [`field::ARP_FRAME_LEN`] bytes of `buf` (the rest
+/// zeroed); false when it is shorter.
+fn write_gratuitous_arp_into(buf: &mut [u8], mac: [u8; 6], vip: [u8; 4]) -> bool {
+    if buf.len() < field::ARP_FRAME_LEN {
+        return false;
+    }
     buf.fill(0);
     buf[field::ETH_DST].copy_from_slice(&BROADCAST);
     buf[field::ETH_SRC].copy_from_slice(&mac);
@@ -1694,7 +1868,7 @@ pub fn write_gratuitous_arp(buf: &mut [u8; MIN_FRAME_LEN], mac: [u8; 6], vip: [u
     buf[field::ARP_SHA].copy_from_slice(&mac);
     buf[field::ARP_SPA].copy_from_slice(&vip);
     buf[field::ARP_TPA].copy_from_slice(&vip);
-    MIN_FRAME_LEN
+    true
 }
 
 #[cfg(test)]

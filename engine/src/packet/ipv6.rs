@@ -236,6 +236,9 @@ fn icmpv6_checksum(src: &[u8], dst: &[u8], message: &[u8]) -> u16 {
 pub enum Icmpv6 {
     /// A Neighbor Solicitation for this target.
     Solicitation([u8; 16]),
+    /// A Neighbor Advertisement for this target, from this MAC (its target link-layer
+    /// option's, else the frame's source).
+    Advertisement([u8; 16], [u8; 6]),
     /// An echo request.
     EchoRequest,
     /// An error (types below 128: destination unreachable, packet too big, time exceeded,
@@ -253,6 +256,16 @@ pub fn classify_icmpv6(frame: &[u8], ip: &Ip<u128>) -> Icmpv6 {
             let mut target = [0u8; 16];
             target.copy_from_slice(&message[8..24]);
             Icmpv6::Solicitation(target)
+        }
+        [ND_NEIGHBOR_ADVERTISEMENT, 0, ..] if message.len() >= ND_MESSAGE_LEN => {
+            let mut target = [0u8; 16];
+            target.copy_from_slice(&message[8..24]);
+            let option = message
+                .get(ND_MESSAGE_LEN..ND_MESSAGE_WITH_LINK_ADDRESS_LEN)
+                .filter(|o| o[0] == ND_OPTION_TARGET_LINK_ADDRESS && o[1] == 1)
+                .and_then(|o| <[u8; 6]>::try_from(&o[2..8]).ok());
+            let source = <[u8; 6]>::try_from(&frame[6..12]).unwrap_or_default();
+            Icmpv6::Advertisement(target, option.unwrap_or(source))
         }
         [ICMPV6_ECHO_REQUEST, 0, ..] if message.len() >= 8 => Icmpv6::EchoRequest,
         [kind, ..] if *kind < 128 && message.len() >= 8 => Icmpv6::Error,

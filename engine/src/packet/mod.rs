@@ -3,6 +3,7 @@
 //! byte arrays.
 //!
 //! - [`dataplane`]: classify, choose a real server, rewrite in place.
+//! - [`drcheck`]: other stations speaking for a VIP, and the probes of real servers.
 //! - [`flows`]: the per-worker connection, persistence and fragment tables.
 //! - [`ipv6`]: IPv6 headers read in place, and the Neighbor Discovery and echo answers.
 //! - [`maglev`]: the consistent-hash tables real servers are looked up in.
@@ -12,6 +13,7 @@
 
 pub mod counters;
 pub mod dataplane;
+pub mod drcheck;
 pub mod flows;
 pub mod ipv6;
 pub mod maglev;

@@ -340,6 +340,12 @@ pub struct Snapshot {
     pub by_id: HashMap<u32, u16>,
     /// Config order.
     pub services: Vec<ServiceEntry>,
+    /// The HA peers' MACs: their announcements of a VIP are no claim.
+    pub peer_macs: Vec<[u8; 6]>,
+    /// This host's addresses DR probes come from (host order).
+    pub probe_v4: Option<u32>,
+    /// See `probe_v4`.
+    pub probe_v6: Option<u128>,
 }
 
 impl Snapshot {
@@ -466,6 +472,9 @@ impl Snapshot {
             by_port6,
             by_id,
             services,
+            peer_macs: Vec::new(),
+            probe_v4: None,
+            probe_v6: None,
         }
     }
 

@@ -409,7 +409,8 @@ fn does_not_answer_arp_for_other_addresses_or_announcements() {
         dp.process_at0(&mut other),
         Verdict::Drop(DropReason::ArpNotVip)
     );
-    let mut announcement = arp_request(BROADCAST, VIP, VIP);
+    // Another address's announcement is none of ours (a VIP's: the DR check's, below).
+    let mut announcement = arp_request(BROADCAST, [198, 18, 0, 11], [198, 18, 0, 11]);
     assert_eq!(
         dp.process_at0(&mut announcement),
         Verdict::Drop(DropReason::ArpNotVip)
@@ -1584,6 +1585,181 @@ fn icmp_errors_about_nothing_served_are_dropped() {
             dp.process_at0(&mut frame),
             Verdict::Drop(DropReason::IcmpErrorUnmatched),
             "case {i}"
+        );
+    }
+}
+
+mod dr_check {
+    //! Other stations speaking for a VIP, and real servers' answers to DR probes.
+    use super::*;
+    use crate::packet::drcheck::{ClaimKind, ServerProbe, write_probe, write_question};
+    use etherparse::{NetSlice, TransportSlice};
+
+    const PROBE_SOURCE: [u8; 4] = [198, 18, 0, 2];
+
+    fn with_probe_source(mut dp: Dataplane) -> Dataplane {
+        let mut snapshot = (**dp.snapshot()).clone();
+        snapshot.probe_v4 = Some(u32::from_be_bytes(PROBE_SOURCE));
+        snapshot.peer_macs = vec![[2, 0, 0, 0, 0, 3]];
+        dp.set_snapshot(Arc::new(snapshot));
+        dp
+    }
+
+    #[test]
+    fn a_claim_of_a_vip_is_recorded_and_answered_with_our_announcement() {
+        let mut dp = with_probe_source(dataplane());
+        // A real server announces the VIP (a gratuitous ARP, as one sends at boot).
+        let mut claim = arp_request(BROADCAST, VIP, VIP);
+        claim[6..12].copy_from_slice(&RS1_MAC);
+        claim[22..28].copy_from_slice(&RS1_MAC);
+        assert_eq!(dp.process(&mut claim, 1_000), Verdict::Transmit);
+        // It became our own announcement, to everyone.
+        let mut ours = [0u8; MIN_FRAME_LEN];
+        write_gratuitous_arp(&mut ours, OWN_MAC, VIP);
+        assert_eq!(claim[..42], ours[..42]);
+        assert_eq!(dp.counters().vip_defences, 1);
+        // Within the second it is recorded, not answered again.
+        let mut again = arp_request(BROADCAST, VIP, VIP);
+        again[6..12].copy_from_slice(&RS1_MAC);
+        again[22..28].copy_from_slice(&RS1_MAC);
+        assert_eq!(
+            dp.process(&mut again.clone(), 1_500),
+            Verdict::Drop(DropReason::VipClaimed)
+        );
+        // An answer to a question for the VIP, and a request that uses it as sender.
+        let mut answer = arp_request(OWN_MAC, VIP, PROBE_SOURCE);
+        answer[6..12].copy_from_slice(&RS2_MAC);
+        answer[21] = 2;
+        answer[22..28].copy_from_slice(&RS2_MAC);
+        assert_eq!(
+            dp.process(&mut answer, 1_600),
+            Verdict::Drop(DropReason::VipClaimed)
+        );
+        let mut sender = arp_request(BROADCAST, VIP, [198, 18, 0, 1]);
+        sender[6..12].copy_from_slice(&RS2_MAC);
+        sender[22..28].copy_from_slice(&RS2_MAC);
+        assert_eq!(dp.process(&mut sender, 2_100), Verdict::Transmit);
+        let claims = dp.dr_watch().claims();
+        let seen = |mac, kind| {
+            claims
+                .iter()
+                .find(|c| c.mac == mac && c.kind == kind)
+                .map(|c| c.count)
+        };
+        assert_eq!(seen(RS1_MAC, ClaimKind::Announced), Some(2));
+        assert_eq!(seen(RS2_MAC, ClaimKind::Answered), Some(1));
+        assert_eq!(seen(RS2_MAC, ClaimKind::UsedAsSender), Some(1));
+        // Ours and the HA peer's announcements are no claim.
+        let mut peer = arp_request(BROADCAST, VIP, VIP);
+        peer[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 3]);
+        peer[22..28].copy_from_slice(&[2, 0, 0, 0, 0, 3]);
+        assert_eq!(
+            dp.process(&mut peer, 5_000),
+            Verdict::Drop(DropReason::ArpNotVip)
+        );
+        assert_eq!(dp.dr_watch().claims().len(), 3);
+        assert_eq!(dp.counters().accounted_frames(), dp.counters().rx_frames);
+    }
+
+    /// A real server's SYN-ACK from VIP:1935 to our probe port.
+    fn syn_ack(our_port: u16, ack: u32) -> Vec<u8> {
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(RS1_MAC, OWN_MAC)
+            .ipv4(VIP, PROBE_SOURCE, 64)
+            .tcp(1935, our_port, 777, 64240)
+            .syn()
+            .ack(ack)
+            .write(&mut frame, &[])
+            .expect("write");
+        frame
+    }
+
+    #[test]
+    fn a_probe_answer_is_recorded_and_reset() {
+        let mut dp = with_probe_source(dataplane());
+        let mut answer = syn_ack(61005, 1235);
+        assert_eq!(dp.process_at0(&mut answer), Verdict::Transmit);
+        let packet = SlicedPacket::from_ethernet(&answer).expect("parse");
+        let Some(NetSlice::Ipv4(ip)) = packet.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(ip.header().source(), PROBE_SOURCE);
+        assert_eq!(ip.header().destination(), VIP);
+        let Some(TransportSlice::Tcp(tcp)) = packet.transport else {
+            panic!("not TCP")
+        };
+        assert!(tcp.rst() && !tcp.syn());
+        assert_eq!((tcp.source_port(), tcp.destination_port()), (61005, 1935));
+        assert_eq!(tcp.sequence_number(), 1235);
+        assert_eq!(
+            tcp.calc_checksum_ipv4(ip.header().source(), ip.header().destination()),
+            Ok(tcp.checksum())
+        );
+        assert_eq!(answer[0..6], RS1_MAC);
+        assert_eq!(answer[6..12], OWN_MAC);
+        let answers: Vec<_> = dp.dr_watch().answers().copied().collect();
+        assert_eq!(answers.len(), 1);
+        assert!(answers[0].answers(&ServerProbe {
+            vip: IpAddr::from(VIP),
+            port: 1935,
+            mac: RS1_MAC,
+            source: IpAddr::from(PROBE_SOURCE),
+            our_port: 61005,
+            seq: 1234,
+        }));
+        assert_eq!(dp.counters().probe_resets, 1);
+        // Not to a probe port, or without a probe address: no VIP's, dropped.
+        let mut stray = syn_ack(40000, 1);
+        assert_eq!(
+            dp.process_at0(&mut stray),
+            Verdict::Drop(DropReason::NotVip)
+        );
+        let mut unasked = syn_ack(61005, 1235);
+        assert_eq!(
+            dataplane().process_at0(&mut unasked),
+            Verdict::Drop(DropReason::NotVip)
+        );
+    }
+
+    #[test]
+    fn questions_and_probes_are_well_formed_frames() {
+        let mut buf = [0u8; crate::packet::drcheck::PROBE_FRAME_LEN];
+        let len = write_question(
+            &mut buf,
+            OWN_MAC,
+            IpAddr::from(PROBE_SOURCE),
+            IpAddr::from(VIP),
+        );
+        assert_eq!(len, MIN_FRAME_LEN);
+        assert_eq!(
+            buf[..14],
+            [[0xff; 6], OWN_MAC, [0x08, 0x06, 0, 0, 0, 0]].concat()[..14]
+        );
+        assert_eq!(buf[28..32], PROBE_SOURCE);
+        assert_eq!(buf[38..42], VIP);
+        let probe = ServerProbe {
+            vip: IpAddr::from(VIP),
+            port: 1935,
+            mac: RS1_MAC,
+            source: IpAddr::from(PROBE_SOURCE),
+            our_port: 61001,
+            seq: 99,
+        };
+        let len = write_probe(&mut buf, OWN_MAC, &probe);
+        let packet = SlicedPacket::from_ethernet(&buf[..len]).expect("parse");
+        let Some(TransportSlice::Tcp(tcp)) = packet.transport else {
+            panic!("not TCP")
+        };
+        assert!(tcp.syn() && !tcp.ack());
+        assert_eq!((tcp.source_port(), tcp.destination_port()), (61001, 1935));
+        assert_eq!(buf[0..6], RS1_MAC);
+        // The real server's kernel checks the checksum.
+        let Some(NetSlice::Ipv4(ip)) = packet.net else {
+            panic!("not IPv4")
+        };
+        assert_eq!(
+            tcp.calc_checksum_ipv4(ip.header().source(), ip.header().destination()),
+            Ok(tcp.checksum())
         );
     }
 }

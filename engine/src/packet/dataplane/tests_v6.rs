@@ -437,3 +437,43 @@ fn a_packet_too_big_goes_to_the_server_of_the_connection_it_quotes() {
         Verdict::Drop(DropReason::IcmpErrorUnmatched)
     );
 }
+
+#[test]
+fn an_advertisement_for_a_vip_from_another_station_is_recorded_and_answered() {
+    let mut dp = dataplane();
+    // A real server with the VIP on an interface other than lo announces it.
+    let mut claim = [0u8; ipv6::UNSOLICITED_NA_LEN];
+    ipv6::write_unsolicited_na(&mut claim, RS1_MAC, v6(VIP6));
+    assert_eq!(dp.process(&mut claim, 0), Verdict::Transmit);
+    let mut ours = [0u8; ipv6::UNSOLICITED_NA_LEN];
+    ipv6::write_unsolicited_na(&mut ours, OWN_MAC, v6(VIP6));
+    assert_eq!(claim, ours, "our own announcement in its place");
+    let claims = dp.dr_watch().claims();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(
+        (claims[0].mac, claims[0].kind),
+        (RS1_MAC, crate::packet::drcheck::ClaimKind::Announced)
+    );
+    // An advertisement for another address is none of ours.
+    let mut other = [0u8; ipv6::UNSOLICITED_NA_LEN];
+    ipv6::write_unsolicited_na(&mut other, RS1_MAC, v6("2001:2::55"));
+    assert_eq!(
+        dp.process(&mut other, 0),
+        Verdict::Drop(DropReason::NdNotAnswered)
+    );
+}
+
+#[test]
+fn the_dr_question_for_an_ipv6_vip_is_a_solicitation_the_balancer_itself_would_answer() {
+    let mut buf = [0u8; crate::packet::drcheck::PROBE_FRAME_LEN];
+    let source = "2001:2::2".parse().expect("address");
+    let vip = VIP6.parse().expect("vip");
+    let len = crate::packet::drcheck::write_question(&mut buf, CLIENT_MAC, source, vip);
+    assert_eq!(len, 86);
+    // It is what a host resolving the VIP sends: the balancer's own path answers it.
+    let mut frame = buf[..len].to_vec();
+    assert_eq!(dataplane().process(&mut frame, 0), Verdict::Transmit);
+    assert_eq!(frame[0..6], CLIENT_MAC);
+    let (header, _) = icmpv6_of(&frame);
+    assert_eq!(header.icmp_type.type_u8(), 136);
+}
