@@ -3,8 +3,7 @@
 //! serves through lbd once dr-setup has run in its namespace, with each method that can run here.
 //! Applying twice must work and leave one copy of everything.
 //!
-//! lbd forwards IPv4 only, so for the IPv6 VIP the client plays the balancer's part: a static
-//! neighbour entry sends the VIP's frames to the real server's MAC, on the same lab segment.
+//! The lab is dual-stack: the IPv6 VIP goes through lbd as the IPv4 one does.
 //! firewalld is not run: it needs its daemon on a system D-Bus, which no lab namespace has (and
 //! on the host it would take over the machine's firewall); its exact commands are unit-tested
 //! in ctl/src/dr_setup.rs.
@@ -12,14 +11,9 @@
 mod common;
 
 use common::{Lab, Lbd, VIP, as_unprivileged, lab_allowed, lbctl_for_anyone, lbctl_path, run};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 const VIP6: &str = "2001:2::100";
-const CLIENT6: &str = "2001:2::1";
-const SERVER6: &str = "2001:2::11";
-/// nginx holds 8088 on IPv4 only; a Python server answers IPv6 on this port.
-const PORT6: &str = "8089";
 
 /// Curl's body, or its error: `--max-time 2`, since a bare server drops the VIP's packets and
 /// the failure is a timeout.
@@ -37,8 +31,11 @@ fn fetch_through_vip(lab: &Lab, source: &str) -> Result<String, String> {
     fetch(lab, &format!("--interface {source} http://{VIP}:8088/"))
 }
 
-fn fetch_ipv6(lab: &Lab, address: &str) -> Result<String, String> {
-    fetch(lab, &format!("-g http://[{address}]:{PORT6}/"))
+fn fetch_through_vip6(lab: &Lab, source: &str) -> Result<String, String> {
+    fetch(
+        lab,
+        &format!("-g --interface {source} http://[{VIP6}]:8088/"),
+    )
 }
 
 /// Runs `line` (split at its spaces) in a lab namespace and insists on success; its stdout.
@@ -50,62 +47,6 @@ fn exec_ok(lab: &Lab, namespace_key: &str, line: &str) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-/// IPv6 between the client and rs1 (the lab turns it off everywhere), a Python HTTP server on
-/// rs1, and the client's static neighbour entry for the IPv6 VIP; the server stops on drop.
-struct Ipv6Path {
-    server: Child,
-}
-
-impl Ipv6Path {
-    fn up(lab: &Lab) -> Ipv6Path {
-        for (namespace_key, address) in [("NS_CLIENT", CLIENT6), ("NS_RS1", SERVER6)] {
-            exec_ok(
-                lab,
-                namespace_key,
-                "sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.lo.disable_ipv6=0 \
-                 net.ipv6.conf.eth0.disable_ipv6=0",
-            );
-            exec_ok(
-                lab,
-                namespace_key,
-                &format!("ip -6 addr add {address}/64 dev eth0 nodad"),
-            );
-        }
-        let rs1_mac = lab.fact("RS1_MAC");
-        exec_ok(
-            lab,
-            "NS_CLIENT",
-            &format!("ip -6 neigh replace {VIP6} lladdr {rs1_mac} dev eth0 nud permanent"),
-        );
-        let server = Command::new("ip")
-            .args(["netns", "exec", lab.fact("NS_RS1")])
-            .args(["python3", "-m", "http.server", "--bind", "::", PORT6])
-            .arg("--directory")
-            .arg(lab.fact("RS1_DIR"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the IPv6 HTTP server");
-        let path = Ipv6Path { server };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while fetch_ipv6(lab, SERVER6).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "rs1's IPv6 server does not answer on [{SERVER6}]:{PORT6}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        path
-    }
-}
-
-impl Drop for Ipv6Path {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
 }
 
 /// Runs `lbctl dr-setup --vip VIP --vip VIP6 --method METHOD --apply` in rs1's namespace.
@@ -132,17 +73,33 @@ fn bare_server_serves_after_dr_setup(method: &str) -> Option<(Lab, Lbd)> {
     if !lab_allowed() {
         return None;
     }
-    let lab = Lab::up_with_options(1, 1, &["--bare"]);
-    let lbd = Lbd::start(&lab, &lab.config(1));
+    let lab = Lab::up_with_options(1, 1, &["--bare", "--vip6", VIP6]);
+    // Both VIPs; DR check rounds every second (the loopback test reads their verdict).
+    let config = lab
+        .config(1)
+        .replace(
+            &format!("vip = \"{VIP}\"\n"),
+            &format!("vip = \"{VIP}\"\nvip6 = \"{VIP6}\"\n"),
+        )
+        .replace(
+            "xdp_mode = \"auto\"\n",
+            "xdp_mode = \"auto\"\ndr_check_interval_ms = 1000\n",
+        );
+    let lbd = Lbd::start(&lab, &config);
     let source = lab.client_ips()[0].clone();
-    let ipv6 = Ipv6Path::up(&lab);
+    let source6 = lab
+        .fact("CLIENT_IPS6")
+        .split_whitespace()
+        .next()
+        .expect("an IPv6 client")
+        .to_owned();
 
     let before = fetch_through_vip(&lab, &source);
     assert!(
         before.is_err(),
         "a bare server answered the VIP: {before:?}"
     );
-    let before = fetch_ipv6(&lab, VIP6);
+    let before = fetch_through_vip6(&lab, &source6);
     assert!(before.is_err(), "a bare server answered {VIP6}: {before:?}");
 
     apply(&lab, method);
@@ -157,10 +114,10 @@ fn bare_server_serves_after_dr_setup(method: &str) -> Option<(Lab, Lbd)> {
         body.contains(&format!("client={source} ")),
         "the server must see the client's own address: {body}"
     );
-    if let Err(e) = fetch_ipv6(&lab, VIP6) {
-        panic!("no answer from {VIP6} after dr-setup --method {method}: {e}");
-    }
-    drop(ipv6);
+    let body = fetch_through_vip6(&lab, &source6).unwrap_or_else(|e| {
+        panic!("no answer through {VIP6} after dr-setup --method {method}: {e}")
+    });
+    assert!(body.contains(&format!("client={source6} ")), "{body}");
     Some((lab, lbd))
 }
 
@@ -200,19 +157,26 @@ fn loopback_makes_a_bare_server_serve_and_keeps_it_silent_on_arp_and_ndp() {
         !arping.contains(lab.fact("RS1_MAC")),
         "the real server answered ARP for the VIP: {arping}"
     );
-    // Nor a neighbour solicitation for the IPv6 VIP: without its static entry the client
-    // cannot resolve it.
-    exec_ok(
-        &lab,
-        "NS_CLIENT",
-        &format!("ip -6 neigh del {VIP6} dev eth0"),
-    );
-    let _ = lab.exec("NS_CLIENT", &["ping", "-6", "-c", "1", "-W", "1", VIP6]);
+    // Nor a neighbour solicitation for the IPv6 VIP: the client resolves it to the balancer.
+    exec_ok(&lab, "NS_CLIENT", &format!("ip -6 neigh flush {VIP6}"));
+    exec_ok(&lab, "NS_CLIENT", &format!("ping -6 -c 1 -W 2 {VIP6}"));
     let neighbour = exec_ok(&lab, "NS_CLIENT", &format!("ip -6 neigh show {VIP6}"));
     assert!(
-        !neighbour.contains("lladdr"),
-        "the real server answered a neighbour solicitation for {VIP6}: {neighbour}"
+        neighbour.contains(lab.fact("LB_MAC")),
+        "{VIP6} resolves to the balancer: {neighbour}"
     );
+    // And lbd's DR check, which found it bare, finds it set up right within a few rounds.
+    let mut verdict = None;
+    for _ in 0..40 {
+        verdict = common::status(&lab).services[0].real_servers[0]
+            .dr_check
+            .clone();
+        if verdict.as_deref() == Some("ok") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(verdict.as_deref(), Some("ok"));
 }
 
 #[test]
