@@ -273,13 +273,14 @@ fn send_loop(context: &Context, parts: &SyncParts) {
         let connected = links.iter().any(|l| l.open.is_some());
 
         records.clear();
+        let mut entries = 0u64;
         for queue in &parts.queues {
             while records.len() < ENTRIES_PER_FRAME * RECORD_LEN {
                 let Some(entry) = queue.pop() else { break };
-                records.extend_from_slice(&entry.encode());
+                entry.encode_into(&mut records);
+                entries += 1;
             }
         }
-        let entries = (records.len() / RECORD_LEN) as u64;
         if entries > 0 {
             if connected {
                 send_all(context, &mut links, Kind::Entries, &records);
@@ -492,11 +493,8 @@ fn install(
     if !payload.len().is_multiple_of(RECORD_LEN) {
         return Err(SessionError::Malformed);
     }
-    let entries: Vec<SyncEntry> = payload
-        .chunks_exact(RECORD_LEN)
-        .filter_map(|record| SyncEntry::decode(record.try_into().ok()?))
-        .collect();
-    let malformed = payload.len() / RECORD_LEN - entries.len();
+    let (entries, malformed) = SyncEntry::decode_all(payload);
+    let received = entries.len() + malformed;
     let entries: Arc<[SyncEntry]> = entries.into();
     let mut skipped = 0u64;
     for worker in installs {
@@ -509,7 +507,7 @@ fn install(
         }
     }
     context.count(|r| {
-        r.entries_received += (payload.len() / RECORD_LEN) as u64;
+        r.entries_received += received as u64;
         r.entries_kept_out += skipped + malformed as u64;
     });
     Ok(())

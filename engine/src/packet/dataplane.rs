@@ -175,10 +175,15 @@ pub trait Family: Address {
     fn bytes(address: Self) -> [u8; 16];
     /// Bytes of an address.
     const LEN: usize;
-    /// The connection as the group's peers hear of it (IPv4's only, so far).
-    fn shared(key: FlowKey<Self>) -> Option<FlowKey>;
-    /// The client as the group's peers hear of it.
-    fn shared_client(client: Self) -> Option<u32>;
+    /// A connection as the group's peers hear of it.
+    fn flow_entry(
+        key: FlowKey<Self>,
+        real_server: u32,
+        state: FlowState,
+        remaining_ms: u32,
+    ) -> SyncEntry;
+    /// A persistent client as the group's peers hear of it.
+    fn persist_entry(client: Self, service: u64, real_server: u32, remaining_ms: u32) -> SyncEntry;
     /// This host's address that DR probes come from, of this family.
     fn probe_address(snapshot: &Snapshot) -> Option<Self>;
     /// The address as a standard one.
@@ -222,14 +227,27 @@ impl Family for u32 {
 
     const LEN: usize = 4;
 
-    #[inline(always)]
-    fn shared(key: FlowKey) -> Option<FlowKey> {
-        Some(key)
+    fn flow_entry(
+        key: FlowKey,
+        real_server: u32,
+        state: FlowState,
+        remaining_ms: u32,
+    ) -> SyncEntry {
+        SyncEntry::Flow {
+            key,
+            real_server,
+            state,
+            remaining_ms,
+        }
     }
 
-    #[inline(always)]
-    fn shared_client(client: u32) -> Option<u32> {
-        Some(client)
+    fn persist_entry(client: u32, service: u64, real_server: u32, remaining_ms: u32) -> SyncEntry {
+        SyncEntry::Persist {
+            client,
+            service,
+            real_server,
+            remaining_ms,
+        }
     }
 
     fn probe_address(snapshot: &Snapshot) -> Option<u32> {
@@ -268,12 +286,27 @@ impl Family for u128 {
 
     const LEN: usize = 16;
 
-    fn shared(_: FlowKey<u128>) -> Option<FlowKey> {
-        None
+    fn flow_entry(
+        key: FlowKey<u128>,
+        real_server: u32,
+        state: FlowState,
+        remaining_ms: u32,
+    ) -> SyncEntry {
+        SyncEntry::Flow6 {
+            key,
+            real_server,
+            state,
+            remaining_ms,
+        }
     }
 
-    fn shared_client(_: u128) -> Option<u32> {
-        None
+    fn persist_entry(client: u128, service: u64, real_server: u32, remaining_ms: u32) -> SyncEntry {
+        SyncEntry::Persist6 {
+            client,
+            service,
+            real_server,
+            remaining_ms,
+        }
     }
 
     fn probe_address(snapshot: &Snapshot) -> Option<u128> {
@@ -347,36 +380,39 @@ impl Dataplane {
         for _ in 0..budget {
             let offer = match position {
                 WalkPosition::Flows(i) if i >= self.v4.flows.slot_count() => {
-                    position = WalkPosition::Persistence(0);
+                    position = WalkPosition::Flows6(0);
                     next = Some(position);
                     continue;
                 }
                 WalkPosition::Flows(i) => {
                     position = WalkPosition::Flows(i + 1);
-                    self.v4
-                        .flows
-                        .live_at(i, now_ms)
-                        .and_then(|(key, entry)| flow_offer(key, &entry, now_ms))
+                    flow_offer_at(&self.v4, i, now_ms)
+                }
+                WalkPosition::Flows6(i) if i >= self.v6.flows.slot_count() => {
+                    position = WalkPosition::Persistence(0);
+                    next = Some(position);
+                    continue;
+                }
+                WalkPosition::Flows6(i) => {
+                    position = WalkPosition::Flows6(i + 1);
+                    flow_offer_at(&self.v6, i, now_ms)
                 }
                 WalkPosition::Persistence(i) if i >= self.v4.persistence.slot_count() => {
-                    next = None;
-                    break;
+                    position = WalkPosition::Persistence6(0);
+                    next = Some(position);
+                    continue;
                 }
                 WalkPosition::Persistence(i) => {
                     position = WalkPosition::Persistence(i + 1);
-                    self.v4
-                        .persistence
-                        .live_at(i, now_ms)
-                        .filter(|(_, entry)| !entry.foreign)
-                        .and_then(|((client, id), entry)| {
-                            let index = *snapshot.by_id.get(&u32::try_from(id).ok()?)?;
-                            Some(SyncEntry::Persist {
-                                client,
-                                service: snapshot.services.get(usize::from(index))?.wire_key,
-                                real_server: entry.real_server,
-                                remaining_ms: remaining(entry.expires_ms, now_ms),
-                            })
-                        })
+                    persist_offer_at(snapshot, &self.v4, i, now_ms)
+                }
+                WalkPosition::Persistence6(i) if i >= self.v6.persistence.slot_count() => {
+                    next = None;
+                    break;
+                }
+                WalkPosition::Persistence6(i) => {
+                    position = WalkPosition::Persistence6(i + 1);
+                    persist_offer_at(snapshot, &self.v6, i, now_ms)
                 }
             };
             if let Some(offer) = offer
@@ -402,69 +438,53 @@ impl Dataplane {
                     real_server,
                     state,
                     remaining_ms,
-                } => {
-                    let expires_ms = now_ms + u64::from(remaining_ms);
-                    let served = self
-                        .snapshot
-                        .by_port
-                        .get(&service_key(key.dst, key.protocol, key.ports as u16))
-                        .is_some();
-                    served
-                        && remaining_ms > 0
-                        && self
-                            .v4
-                            .flows
-                            .get(&key, now_ms)
-                            .is_none_or(|own| own.foreign || own.expires_ms < expires_ms)
-                        && self.v4.flows.insert(
-                            key,
-                            FlowEntry {
-                                real_server,
-                                // No snapshot has generation 0: the first packet finds the
-                                // server's index by its address, and claims the entry
-                                // (`known_backend`).
-                                generation: 0,
-                                index: 0,
-                                state,
-                                expires_ms,
-                                // Renewed by the first packet carried here.
-                                persisted_until_ms: 0,
-                                foreign: true,
-                            },
-                            now_ms,
-                        )
-                }
+                } => install_flow(
+                    &self.snapshot,
+                    &mut self.v4,
+                    key,
+                    (real_server, state),
+                    remaining_ms,
+                    now_ms,
+                ),
+                SyncEntry::Flow6 {
+                    key,
+                    real_server,
+                    state,
+                    remaining_ms,
+                } => install_flow(
+                    &self.snapshot,
+                    &mut self.v6,
+                    key,
+                    (real_server, state),
+                    remaining_ms,
+                    now_ms,
+                ),
                 SyncEntry::Persist {
                     client,
                     service,
                     real_server,
                     remaining_ms,
-                } => {
-                    let expires_ms = now_ms + u64::from(remaining_ms);
-                    let id = self
-                        .snapshot
-                        .by_port
-                        .get(&service)
-                        .and_then(|&index| self.snapshot.services.get(usize::from(index)))
-                        .map(|service| (client, u64::from(service.id)));
-                    id.is_some_and(|key| {
-                        remaining_ms > 0
-                            && self
-                                .v4
-                                .persistence
-                                .get(&key, now_ms)
-                                .is_none_or(|own| own.foreign || own.expires_ms < expires_ms)
-                            && self.v4.persistence.insert(
-                                key,
-                                PersistEntry {
-                                    real_server,
-                                    expires_ms,
-                                    foreign: true,
-                                },
-                                now_ms,
-                            )
-                    })
-                }
+                } => install_persist(
+                    &self.snapshot,
+                    &mut self.v4,
+                    (client, service),
+                    real_server,
+                    remaining_ms,
+                    now_ms,
+                ),
+                SyncEntry::Persist6 {
+                    client,
+                    service,
+                    real_server,
+                    remaining_ms,
+                } => install_persist(
+                    &self.snapshot,
+                    &mut self.v6,
+                    (client, service),
+                    real_server,
+                    remaining_ms,
+                    now_ms,
+                ),
             };
             if installed {
                 done.installed += 1;
@@ -1623,6 +1643,104 @@ fn known_backend<A: Family>(
     Some(backend)
 }
 
+/// Writes a peer's connection into `tables` when this node serves it and carries no newer
+/// entry of its own; the entry's generation 0 makes the first packet find its server by key
+/// and claim it ([`known_backend`]).
+fn install_flow<A: Family>(
+    snapshot: &Snapshot,
+    tables: &mut Tables<A>,
+    key: FlowKey<A>,
+    (real_server, state): (u32, FlowState),
+    remaining_ms: u32,
+    now_ms: u64,
+) -> bool {
+    let expires_ms = now_ms + u64::from(remaining_ms);
+    let served = A::service(snapshot, key.dst, key.protocol, key.ports as u16).is_some();
+    served
+        && remaining_ms > 0
+        && tables
+            .flows
+            .get(&key, now_ms)
+            .is_none_or(|own| own.foreign || own.expires_ms < expires_ms)
+        && tables.flows.insert(
+            key,
+            FlowEntry {
+                real_server,
+                // No snapshot has generation 0.
+                generation: 0,
+                index: 0,
+                state,
+                expires_ms,
+                // Renewed by the first packet carried here.
+                persisted_until_ms: 0,
+                foreign: true,
+            },
+            now_ms,
+        )
+}
+
+/// Writes a peer's persistent client of service `wire_key` into `tables`, as
+/// [`install_flow`] does connections.
+fn install_persist<A: Family>(
+    snapshot: &Snapshot,
+    tables: &mut Tables<A>,
+    (client, wire_key): (A, u64),
+    real_server: u32,
+    remaining_ms: u32,
+    now_ms: u64,
+) -> bool {
+    let expires_ms = now_ms + u64::from(remaining_ms);
+    let Some(service) = snapshot
+        .by_wire_key
+        .get(&wire_key)
+        .and_then(|&index| snapshot.services.get(usize::from(index)))
+    else {
+        return false;
+    };
+    let key = (client, u64::from(service.id));
+    remaining_ms > 0
+        && tables
+            .persistence
+            .get(&key, now_ms)
+            .is_none_or(|own| own.foreign || own.expires_ms < expires_ms)
+        && tables.persistence.insert(
+            key,
+            PersistEntry {
+                real_server,
+                expires_ms,
+                foreign: true,
+            },
+            now_ms,
+        )
+}
+
+/// What the walk offers of flow-table slot `i`.
+fn flow_offer_at<A: Family>(tables: &Tables<A>, i: usize, now_ms: u64) -> Option<SyncEntry> {
+    let (key, entry) = tables.flows.live_at(i, now_ms)?;
+    flow_offer(key, &entry, now_ms)
+}
+
+/// What the walk offers of persistence-table slot `i`: an entry this node carries itself.
+fn persist_offer_at<A: Family>(
+    snapshot: &Snapshot,
+    tables: &Tables<A>,
+    i: usize,
+    now_ms: u64,
+) -> Option<SyncEntry> {
+    let ((client, id), entry) = tables.persistence.live_at(i, now_ms)?;
+    if entry.foreign {
+        return None;
+    }
+    let index = *snapshot.by_id.get(&u32::try_from(id).ok()?)?;
+    let service = snapshot.services.get(usize::from(index))?;
+    Some(A::persist_entry(
+        client,
+        service.wire_key,
+        entry.real_server,
+        remaining(entry.expires_ms, now_ms),
+    ))
+}
+
 /// A known connection's new state, or a peer's connection carried here from now on (this node
 /// offers it from now on): recorded, and offered to the peers.
 #[cold]
@@ -1646,12 +1764,14 @@ fn change_state<A: Family>(
 
 /// What a peer learns of a connection: nothing while it is half open (a SYN flood stays
 /// here) or when it is the peer's own.
-fn flow_offer(key: FlowKey, entry: &FlowEntry, now_ms: u64) -> Option<SyncEntry> {
-    (!entry.foreign && entry.state != FlowState::SynSent).then(|| SyncEntry::Flow {
-        key,
-        real_server: entry.real_server,
-        state: entry.state,
-        remaining_ms: remaining(entry.expires_ms, now_ms),
+fn flow_offer<A: Family>(key: FlowKey<A>, entry: &FlowEntry, now_ms: u64) -> Option<SyncEntry> {
+    (!entry.foreign && entry.state != FlowState::SynSent).then(|| {
+        A::flow_entry(
+            key,
+            entry.real_server,
+            entry.state,
+            remaining(entry.expires_ms, now_ms),
+        )
     })
 }
 
@@ -1668,20 +1788,17 @@ fn offer_change<A: Family>(
     now_ms: u64,
 ) {
     if changed & CHANGED_FLOW != 0
-        && let Some(key) = A::shared(key)
         && let Some(offer) = flow_offer(key, entry, now_ms)
     {
         outbox.offer(offer);
     }
-    if changed & CHANGED_PERSISTENCE != 0
-        && let Some(client) = A::shared_client(client)
-    {
-        outbox.offer(SyncEntry::Persist {
+    if changed & CHANGED_PERSISTENCE != 0 {
+        outbox.offer(A::persist_entry(
             client,
-            service: service.wire_key,
-            real_server: entry.real_server,
-            remaining_ms: remaining(entry.persisted_until_ms, now_ms),
-        });
+            service.wire_key,
+            entry.real_server,
+            remaining(entry.persisted_until_ms, now_ms),
+        ));
     }
 }
 
@@ -1722,15 +1839,13 @@ fn renew_persistence<A: Family>(
         },
         now_ms,
     );
-    if let Some(outbox) = outbox
-        && let Some(client) = A::shared_client(client)
-    {
-        outbox.offer(SyncEntry::Persist {
+    if let Some(outbox) = outbox {
+        outbox.offer(A::persist_entry(
             client,
-            service: service.wire_key,
-            real_server: entry.real_server,
-            remaining_ms: remaining(entry.persisted_until_ms, now_ms),
-        });
+            service.wire_key,
+            entry.real_server,
+            remaining(entry.persisted_until_ms, now_ms),
+        ));
     }
 }
 

@@ -338,6 +338,9 @@ pub struct Snapshot {
     pub by_port6: HashMap<(u128, u8, u16), u16>,
     /// [`ServiceEntry::id`] -> index into `services`.
     pub by_id: HashMap<u32, u16>,
+    /// [`ServiceEntry::wire_key`] -> index into `services` (DR services): how a peer's
+    /// persistent clients find their service here.
+    pub by_wire_key: HashMap<u64, u16>,
     /// Config order.
     pub services: Vec<ServiceEntry>,
     /// The HA peers' MACs: their announcements of a VIP are no claim.
@@ -366,6 +369,7 @@ impl Snapshot {
         let mut by_port = PortMap::default();
         let mut vips6 = HashSet::new();
         let mut by_port6 = HashMap::new();
+        let mut by_wire_key = HashMap::new();
         let mut by_id = HashMap::new();
         let mut services = Vec::with_capacity(config.services.len());
         for (index, service) in config.services.iter().enumerate() {
@@ -439,12 +443,18 @@ impl Snapshot {
             let seed = config.engine.hash_seed;
             let id = ids.get(&service.label).unwrap_or(u32::MAX);
             by_id.insert(id, index);
-            // IPv4 entries are shared with peers (IPv6's are not yet): a service is named by
-            // its IPv4 VIP, an IPv6-only one by its address's key (never asked for).
-            let wire_vip = match service.vip {
-                IpAddr::V4(v4) => u32::from(v4),
-                IpAddr::V6(_) => real_server_key(service.vip),
+            // Peers name a service by its VIP (an IPv6-only one by a fold of it, marked in
+            // bit 24, which no IPv4 key sets), protocol and first port.
+            let first_port = service.ports.iter().next().unwrap_or(0);
+            let wire_key = match service.vip {
+                IpAddr::V4(v4) => service_key(u32::from(v4), protocol, first_port),
+                IpAddr::V6(_) => {
+                    service_key(real_server_key(service.vip), protocol, first_port) | 1 << 24
+                }
             };
+            if service.mode == lbd_config::ServiceMode::Dr {
+                by_wire_key.insert(wire_key, index);
+            }
             services.push(ServiceEntry {
                 label: service.label.clone(),
                 vip: service.vip,
@@ -453,7 +463,7 @@ impl Snapshot {
                 protocol,
                 persistence: service.persistence,
                 id,
-                wire_key: service_key(wire_vip, protocol, service.ports.iter().next().unwrap_or(0)),
+                wire_key,
                 persistence_timeout_ms: u64::from(service.persistence_timeout_s) * 1000,
                 table: MaglevTable::build(&new_clients, service.table_size, seed),
                 known_table: (known_clients != new_clients)
@@ -471,6 +481,7 @@ impl Snapshot {
             vips6,
             by_port6,
             by_id,
+            by_wire_key,
             services,
             peer_macs: Vec::new(),
             probe_v4: None,

@@ -18,9 +18,11 @@
 //!   one when the local one is foreign (the peer is its owner) or expires sooner (the peer saw
 //!   the client last).
 //!
-//! On the wire an entry is a fixed [`RECORD_LEN`]-byte record that carries its remaining
+//! On the wire an IPv4 entry is a fixed [`RECORD_LEN`]-byte record that carries its remaining
 //! lifetime, never an absolute time (the nodes' clocks share no epoch), and names its service
-//! by VIP, protocol and first port, never by a node's local id.
+//! by VIP, protocol and first port, never by a node's local id. An IPv6 entry takes three
+//! records (a connection) or two (a client): its first says how many, the others are
+//! continuations; a node that does not know them skips every record as unknown.
 
 use crate::packet::flows::{FlowKey, FlowState};
 use crossbeam::queue::ArrayQueue;
@@ -38,6 +40,14 @@ pub const OUTBOX_CAPACITY: usize = 16_384;
 
 const KIND_FLOW: u8 = 1;
 const KIND_PERSIST: u8 = 2;
+const KIND_FLOW6: u8 = 3;
+const KIND_PERSIST6: u8 = 4;
+/// A record that continues the IPv6 entry before it.
+const KIND_CONTINUED: u8 = 5;
+/// Records an IPv6 connection takes.
+const FLOW6_RECORDS: usize = 3;
+/// Records an IPv6 client takes.
+const PERSIST6_RECORDS: usize = 2;
 
 /// One shared entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +75,28 @@ pub enum SyncEntry {
         /// Milliseconds it lives on without traffic.
         remaining_ms: u32,
     },
+    /// An IPv6 connection and its real server.
+    Flow6 {
+        /// The connection.
+        key: FlowKey<u128>,
+        /// Its real server's key.
+        real_server: u32,
+        /// Its state.
+        state: FlowState,
+        /// Milliseconds it lives on without traffic.
+        remaining_ms: u32,
+    },
+    /// A persistent IPv6 client's (prefix's) real server.
+    Persist6 {
+        /// The client's address, or its service's persistence prefix of it.
+        client: u128,
+        /// The service, as for [`SyncEntry::Persist`].
+        service: u64,
+        /// The real server's key.
+        real_server: u32,
+        /// Milliseconds it lives on without traffic.
+        remaining_ms: u32,
+    },
 }
 
 /// Milliseconds from `now_ms` to `expires_ms`, saturated to the wire's 32 bits (49 days).
@@ -73,10 +105,91 @@ pub fn remaining(expires_ms: u64, now_ms: u64) -> u32 {
 }
 
 impl SyncEntry {
-    /// The wire record (network byte order).
+    /// Appends the entry's wire records (network byte order) to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        match *self {
+            SyncEntry::Flow6 {
+                key,
+                real_server,
+                state,
+                remaining_ms,
+            } => {
+                let mut records = [[0u8; RECORD_LEN]; FLOW6_RECORDS];
+                records[0][..4].copy_from_slice(&[
+                    KIND_FLOW6,
+                    key.protocol,
+                    state as u8,
+                    FLOW6_RECORDS as u8,
+                ]);
+                records[0][4..20].copy_from_slice(&key.src.to_be_bytes());
+                records[0][20..24].copy_from_slice(&real_server.to_be_bytes());
+                records[1][0] = KIND_CONTINUED;
+                records[1][4..20].copy_from_slice(&key.dst.to_be_bytes());
+                records[1][20..24].copy_from_slice(&key.ports.to_be_bytes());
+                records[2][0] = KIND_CONTINUED;
+                records[2][4..8].copy_from_slice(&remaining_ms.to_be_bytes());
+                out.extend(records.iter().flatten());
+            }
+            SyncEntry::Persist6 {
+                client,
+                service,
+                real_server,
+                remaining_ms,
+            } => {
+                let mut records = [[0u8; RECORD_LEN]; PERSIST6_RECORDS];
+                records[0][..4].copy_from_slice(&[KIND_PERSIST6, 0, 0, PERSIST6_RECORDS as u8]);
+                records[0][4..20].copy_from_slice(&client.to_be_bytes());
+                records[0][20..24].copy_from_slice(&real_server.to_be_bytes());
+                records[1][0] = KIND_CONTINUED;
+                records[1][4..12].copy_from_slice(&service.to_be_bytes());
+                records[1][12..16].copy_from_slice(&remaining_ms.to_be_bytes());
+                out.extend(records.iter().flatten());
+            }
+            _ => out.extend_from_slice(&self.encode()),
+        }
+    }
+
+    /// Decodes a run of records; returns the entries and how many records were refused
+    /// (unknown kinds or states, an IPv6 entry cut short).
+    pub fn decode_all(records: &[u8]) -> (Vec<SyncEntry>, usize) {
+        let records: Vec<&[u8; RECORD_LEN]> = records
+            .chunks_exact(RECORD_LEN)
+            .filter_map(|r| r.try_into().ok())
+            .collect();
+        let mut entries = Vec::with_capacity(records.len());
+        let mut refused = 0;
+        let mut i = 0;
+        while i < records.len() {
+            let record = records[i];
+            let span = match record[0] {
+                KIND_FLOW6 => FLOW6_RECORDS,
+                KIND_PERSIST6 => PERSIST6_RECORDS,
+                _ => 1,
+            };
+            let group = records.get(i..i + span).filter(|group| {
+                group[1..].iter().all(|r| r[0] == KIND_CONTINUED)
+                    && (span == 1 || usize::from(record[3]) == span)
+            });
+            match group.and_then(decode_group) {
+                Some(entry) => {
+                    entries.push(entry);
+                    i += span;
+                }
+                None => {
+                    refused += 1;
+                    i += 1;
+                }
+            }
+        }
+        (entries, refused)
+    }
+
+    /// The wire record of an IPv4 entry (network byte order); an IPv6 entry's takes several
+    /// ([`SyncEntry::encode_into`]): this gives none of it.
     pub fn encode(&self) -> [u8; RECORD_LEN] {
         let mut out = [0u8; RECORD_LEN];
         match *self {
+            SyncEntry::Flow6 { .. } | SyncEntry::Persist6 { .. } => {}
             SyncEntry::Flow {
                 key,
                 real_server,
@@ -136,6 +249,41 @@ impl SyncEntry {
     }
 }
 
+/// An entry from the records of one group (one record, or an IPv6 entry's).
+fn decode_group(group: &[&[u8; RECORD_LEN]]) -> Option<SyncEntry> {
+    let first = group.first()?;
+    let bytes = |record: usize, at: usize| -> Option<u128> {
+        Some(u128::from_be_bytes(
+            *group.get(record)?.get(at..)?.first_chunk()?,
+        ))
+    };
+    let word = |record: usize, at: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(
+            *group.get(record)?.get(at..)?.first_chunk()?,
+        ))
+    };
+    match first[0] {
+        KIND_FLOW6 => Some(SyncEntry::Flow6 {
+            key: FlowKey {
+                src: bytes(0, 4)?,
+                dst: bytes(1, 4)?,
+                ports: word(1, 20)?,
+                protocol: first[1],
+            },
+            state: FlowState::try_from(first[2]).ok()?,
+            real_server: word(0, 20)?,
+            remaining_ms: word(2, 4)?,
+        }),
+        KIND_PERSIST6 => Some(SyncEntry::Persist6 {
+            client: bytes(0, 4)?,
+            service: u64::from(word(1, 4)?) << 32 | u64::from(word(1, 8)?),
+            real_server: word(0, 20)?,
+            remaining_ms: word(1, 12)?,
+        }),
+        _ => SyncEntry::decode(first),
+    }
+}
+
 /// What a worker's outbox has done.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OutboxCounters {
@@ -154,6 +302,10 @@ pub enum WalkPosition {
     Flows(usize),
     /// At this slot of the persistence table.
     Persistence(usize),
+    /// At this slot of the IPv6 flow table.
+    Flows6(usize),
+    /// At this slot of the IPv6 persistence table.
+    Persistence6(usize),
 }
 
 /// A worker's side of the queue to the sync thread, and its walk over its tables.

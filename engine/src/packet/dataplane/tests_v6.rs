@@ -16,6 +16,11 @@ const VIP6: &str = "2001:2::100";
 const CLIENT6: &str = "2001:2:0:1::7";
 
 fn config_with(prefix: u8) -> Config {
+    config_and(prefix, "")
+}
+
+/// The test config with `extra` TOML after the first service's servers.
+fn config_and(prefix: u8, extra: &str) -> Config {
     Config::from_toml_str(&format!(
         r#"
 [engine]
@@ -39,7 +44,7 @@ mac = "02:00:00:00:00:11"
 label = "rs2"
 ip = "2001:2::12"
 mac = "02:00:00:00:00:12"
-
+{extra}
 [[service]]
 label = "Media UDP"
 vip = "2001:2::101"
@@ -57,8 +62,12 @@ mac = "02:00:00:00:00:11"
 }
 
 fn dataplane_with(prefix: u8) -> Dataplane {
+    dataplane_of(&config_with(prefix))
+}
+
+fn dataplane_of(config: &Config) -> Dataplane {
     let snapshot = Snapshot::build(
-        &config_with(prefix),
+        config,
         &mut ServiceIds::default(),
         OWN_MAC,
         1,
@@ -476,4 +485,98 @@ fn the_dr_question_for_an_ipv6_vip_is_a_solicitation_the_balancer_itself_would_a
     assert_eq!(frame[0..6], CLIENT_MAC);
     let (header, _) = icmpv6_of(&frame);
     assert_eq!(header.icmp_type.type_u8(), 136);
+}
+
+#[test]
+fn ipv6_connections_and_clients_are_shared_and_keep_their_servers_on_the_peer() {
+    use crate::packet::sync::{Outbox, SyncEntry};
+    use crossbeam::queue::ArrayQueue;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let mut active = dataplane_with(64);
+    let queue = Arc::new(ArrayQueue::new(4096));
+    let dumps = Arc::new(AtomicU64::new(0));
+    active.share_through(Outbox::new(queue.clone(), dumps.clone()));
+    let mut before = Vec::new();
+    for client in 1..=60 {
+        let src = format!("2001:2:{client:x}::1");
+        let mut syn = tcp6(&src, 40000, 1935, true);
+        assert_eq!(active.process(&mut syn, 1_000), Verdict::Transmit);
+        let mut ack = tcp6(&src, 40000, 1935, false);
+        assert_eq!(active.process(&mut ack, 1_010), Verdict::Transmit);
+        before.push((src, <[u8; 6]>::try_from(&ack[0..6]).expect("mac")));
+    }
+    let offered: Vec<SyncEntry> = std::iter::from_fn(|| queue.pop()).collect();
+    assert_eq!(
+        offered.len(),
+        120,
+        "a connection and a client (prefix) each"
+    );
+    assert!(matches!(offered[0], SyncEntry::Flow6 { .. }));
+    assert!(
+        matches!(offered[1], SyncEntry::Persist6 { client, .. } if client == u128::from_be_bytes(v6("2001:2:1::")))
+    );
+    // Through the wire: three records a connection, two a client.
+    let mut wire = Vec::new();
+    for entry in &offered {
+        entry.encode_into(&mut wire);
+    }
+    assert_eq!(wire.len(), 60 * (3 + 2) * crate::packet::sync::RECORD_LEN);
+    let (received, refused) = SyncEntry::decode_all(&wire);
+    assert_eq!((received.as_slice(), refused), (offered.as_slice(), 0));
+    // The peer has a third server: Maglev would move some clients there.
+    let grown = config_and(
+        64,
+        "\n[[service.real_server]]\nlabel = \"rs3\"\nip = \"2001:2::13\"\nmac = \"02:00:00:00:00:13\"\n",
+    );
+    let moved = before
+        .iter()
+        .filter(|(src, mac)| {
+            let mut ack = tcp6(src, 40000, 1935, false);
+            dataplane_of(&grown).process(&mut ack, 50);
+            ack[0..6] != mac[..]
+        })
+        .count();
+    assert!(moved > 5, "only {moved} of 60 would move: a weak test");
+    let mut passive = dataplane_of(&grown);
+    let installed = passive.install(&received, 50);
+    assert_eq!((installed.installed, installed.kept_out), (120, 0));
+    for (src, mac) in &before {
+        let mut ack = tcp6(src, 40000, 1935, false);
+        assert_eq!(passive.process(&mut ack, 60), Verdict::Transmit);
+        assert_eq!(&ack[0..6], mac, "{src}");
+        // A new connection from another address of its /64: its persisted server.
+        let mut syn = tcp6(&src.replace("::1", "::2"), 50000, 1935, true);
+        assert_eq!(passive.process(&mut syn, 60), Verdict::Transmit);
+        assert_eq!(&syn[0..6], mac, "{src}'s /64");
+    }
+    // A full dump walks the IPv6 tables too.
+    dumps.fetch_add(1, Ordering::Relaxed);
+    for _ in 0..100 {
+        active.share(2_000);
+    }
+    let dumped: Vec<SyncEntry> = std::iter::from_fn(|| queue.pop()).collect();
+    assert_eq!(dumped.len(), 120);
+}
+
+#[test]
+fn an_ipv6_entry_cut_short_on_the_wire_is_refused() {
+    use crate::packet::sync::{RECORD_LEN, SyncEntry};
+    let entry = SyncEntry::Flow6 {
+        key: crate::packet::flows::FlowKey {
+            src: 1,
+            dst: 2,
+            ports: 3,
+            protocol: 6,
+        },
+        real_server: 4,
+        state: crate::packet::flows::FlowState::Established,
+        remaining_ms: 5,
+    };
+    let mut wire = Vec::new();
+    entry.encode_into(&mut wire);
+    let (entries, refused) = SyncEntry::decode_all(&wire[..2 * RECORD_LEN]);
+    assert_eq!((entries.len(), refused), (0, 2));
+    // A continuation alone is nothing.
+    let (entries, refused) = SyncEntry::decode_all(&wire[RECORD_LEN..]);
+    assert_eq!((entries.len(), refused), (0, 2));
 }
