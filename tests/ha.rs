@@ -43,16 +43,7 @@ fn config_with(lab: &Lab, node: u8, preempt: bool, gui_servers: usize) -> String
     } else {
         ("secondary", lab.fact("LB2_IP"), lab.fact("LB_IP"))
     };
-    let servers = |count: usize| -> String {
-        (1..=count)
-            .map(|i| {
-                format!(
-                    "\n[[service.real_server]]\nlabel = \"Wowza Srv {i}\"\nip = \"{}\"\n",
-                    lab.fact(&format!("RS{i}_IP"))
-                )
-            })
-            .collect()
-    };
+    let servers = |count: usize| lab.real_servers(count, "IP");
     format!(
         "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
          [ha]\nrole = \"{role}\"\nlocal_address = \"{me}\"\npeer_address = \"{peer}\"\n\
@@ -78,14 +69,12 @@ fn start(lab: &Lab, node: u8, preempt: bool) -> Lbd {
 /// Starts both nodes and waits until the primary is active, the secondary passive and their
 /// sync streams up with one configuration.
 fn start_pair(lab: &Lab, gui_servers: usize) -> (Lbd, Lbd) {
-    let node = |n: u8| {
-        Lbd::start_in(
-            lab,
-            namespace(n),
-            &format!("lbd{n}.toml"),
-            &config_with(lab, n, false, gui_servers),
-        )
-    };
+    start_pair_with(lab, |n| config_with(lab, n, false, gui_servers))
+}
+
+/// Starts both nodes with `config(node)` and waits for them to pair up.
+fn start_pair_with(lab: &Lab, config: impl Fn(u8) -> String) -> (Lbd, Lbd) {
+    let node = |n: u8| Lbd::start_in(lab, namespace(n), &format!("lbd{n}.toml"), &config(n));
     let pair = (node(1), node(2));
     wait_for(lab, 1, "active", Duration::from_secs(3));
     wait_for(lab, 2, "passive", Duration::from_secs(3));
@@ -763,4 +752,62 @@ fn keepalived_decides_for_an_external_mode_pair_with_the_documented_configuratio
     let gap = longest_gap_while(&lab, 5, || kill_node(&lab, 1));
     assert!(gap < 1000, "the longest wait was {gap} ms");
     wait_for(&lab, 2, "active", Duration::from_secs(1));
+}
+
+#[test]
+fn ipv6_clients_keep_their_server_across_a_failover_after_the_server_set_changed() {
+    if !lab_allowed() {
+        return;
+    }
+    const VIP6: &str = "2001:2::100";
+    let lab = Lab::up_with_options(2, 2, &["--vip6", VIP6]);
+    let dual_stack = |n: u8| {
+        config_with(&lab, n, false, 1).replace(
+            &format!("vip = \"{VIP}\"\n"),
+            &format!("vip = \"{VIP}\"\nvip6 = \"{VIP6}\"\n"),
+        )
+    };
+    let (primary, _secondary) = start_pair_with(&lab, dual_stack);
+    let server_for6 = |source: &str| -> String {
+        common::http_get(&lab, source, &format!("http://[{VIP6}]:8088/"))["server"].clone()
+    };
+    // With server 1 alone, every IPv6 client is persisted there (and shared).
+    let clients: Vec<String> = lab
+        .fact("CLIENT_IPS6")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    for client in &clients {
+        assert_eq!(server_for6(client), "rs1");
+    }
+    let (added, text) = lbctl(
+        &lab,
+        1,
+        &[
+            "add-rip",
+            "Wowza GUI",
+            "Wowza Srv 2",
+            "--ip",
+            lab.fact("RS2_IP"),
+        ],
+    );
+    assert!(added, "{text}");
+    // New clients (each /64's second address) now spread: Maglev alone would move some of the
+    // old ones too.
+    let fresh = clients
+        .iter()
+        .filter(|client| server_for6(&client.replace("::1", "::2")) == "rs2")
+        .count();
+    assert!(
+        fresh >= 3,
+        "only {fresh} new clients went to rs2: a weak test"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    drop(primary.stop_with("KILL"));
+    wait_for(&lab, 2, "active", Duration::from_secs(2));
+    for client in &clients {
+        assert_eq!(server_for6(client), "rs1", "{client} keeps its server");
+    }
+    let sync = ha_status(&lab, 2).sync;
+    assert!(sync.entries_installed >= clients.len() as u64, "{sync:?}");
 }
