@@ -11,9 +11,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 const VIP6: &str = "2001:2::100";
+/// A second IPv6 VIP the servers hold, for a service added with lbctl.
+const SECOND_VIP6: &str = "2001:2::101";
 
 fn lab(servers: usize) -> Lab {
-    Lab::up_with_options(servers, 1, &["--vip6", VIP6])
+    Lab::up_with_options(servers, 1, &["--vip6", VIP6, "--vip6", SECOND_VIP6])
 }
 
 /// The lab's engine section.
@@ -243,6 +245,25 @@ fn ipv6_real_servers_are_found_checked_drained_and_taken_out_when_down() {
         "up",
         Duration::from_secs(5),
     );
+
+    // An IPv6-only service and its IPv6 real server, added live with lbctl.
+    lbctl_ok(
+        &lab,
+        &["add-vip", "Six", "--vip", SECOND_VIP6, "--ports", "8088"],
+    );
+    lbctl_ok(
+        &lab,
+        &["add-rip", "Six", "Wowza Srv 1", "--ip", lab.fact("RS1_IP6")],
+    );
+    wait_for_state(&lab, "Six", "Wowza Srv 1", "up", Duration::from_secs(5));
+    let reply = http_get(&lab, &clients[0], &format!("http://[{SECOND_VIP6}]:8088/"));
+    assert_eq!(
+        reply.get("server").map(String::as_str),
+        Some("rs1"),
+        "{reply:?}"
+    );
+    let six = status(&lab).services.into_iter().find(|s| s.label == "Six");
+    assert_eq!(six.map(|s| s.vip.to_string()).as_deref(), Some(SECOND_VIP6));
 }
 
 /// `tests/clients/icmp_error.py` with `args`, in namespace `namespace_key`.
