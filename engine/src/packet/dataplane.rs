@@ -1172,7 +1172,11 @@ impl Dataplane {
     ) -> Verdict {
         let own = self.snapshot.own_mac;
         if mac == own || self.snapshot.peer_macs.contains(&mac) {
-            return Verdict::Drop(DropReason::ArpNotVip);
+            // Ours, or the peer's (it takes over): nothing to answer.
+            return Verdict::Drop(match vip {
+                IpAddr::V4(_) => DropReason::ArpNotVip,
+                IpAddr::V6(_) => DropReason::NdNotAnswered,
+            });
         }
         if !self.dr.claimed(vip, mac, kind, now_ms) {
             return Verdict::Drop(DropReason::VipClaimed);
