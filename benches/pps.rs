@@ -3,7 +3,8 @@
 //! `sudo scripts/bench-pps` (or, as root, `cargo bench -p lbd-engine --bench pps`) builds a
 //! network namespace `lbdpps` with one veth pair, `lb0` (the forwarder's interface) and `sw0`
 //! (the wire's far end), and measures, over the same topology and the same traffic:
-//! - lbd (release build, AF_XDP copy mode, one worker on its own core);
+//! - lbd (release build, AF_XDP copy mode, one worker on its own core; one service with an
+//!   IPv4 and an IPv6 VIP);
 //! - the kernel's netdev ingress path: an nftables `netdev` chain that rewrites both MACs from
 //!   a `jhash ip saddr` map and `fwd`s the frame back out (this kernel has no IPVS);
 //! - an in-kernel XDP program doing the same rewrite and XDP_TX: the ceiling on this topology.
@@ -18,8 +19,12 @@
 //!
 //! Also measured: lbd with 2 workers on 2 queues (a generator thread on each core; veth picks
 //! the receive queue by the sending core) against 1 worker; a mix with 1% ARP requests for the
-//! VIP and 1% frames to a non-VIP address; and a 10-million-frame run paced below saturation
-//! that checks lbd's frame accounting and that every frame lbd forwarded arrived.
+//! VIP and 1% frames to a non-VIP address; IPv6: the three contenders again with 74-byte TCP
+//! SYNs to the service's IPv6 VIP (2001:2::/48, RFC 5180's benchmarking range), the nftables
+//! rule matching `ip6 daddr` and hashing `ip6 saddr`; and a 10-million-frame run paced below
+//! saturation that checks lbd's frame accounting and that every frame lbd forwarded arrived.
+//! The namespace holds no addresses of either family: the frames are written by XDP and
+//! forwarded by XDP, AF_XDP or the netdev ingress hook, none of which needs one.
 //!
 //! Options (after `--`): `--rounds N` (5; 0 runs only the long run), `--window-ms MS` (2000), `--long-frames N`
 //! (10000000; 0 skips the long run), `--long-rate PPS` (default: half lbd's median rate),
@@ -30,10 +35,10 @@
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId};
 use aya::{Ebpf, include_bytes_aligned};
-use etherparse::PacketBuilder;
+use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
 use lbd_proto::{Command as CtlCommand, Outcome, Reply, Request, StatsReport};
 use std::io::{BufRead, BufReader, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -53,9 +58,16 @@ const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 const NOT_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
 const PORT: u16 = 1935;
 const FIRST_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x100);
+/// The generator adds the client's number to the last 32 bits.
+const FIRST_CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 1, 0, 0, 0, 0, 0);
 const CLIENTS: u32 = 4096;
 const REAL_SERVERS: usize = 4;
 const FRAME_LEN: usize = 60;
+/// An IPv6 TCP SYN without options: Ethernet 14, IPv6 40, TCP 20.
+const FRAME6_LEN: usize = 74;
+/// Bytes of a generator template (`struct frame_template`).
+const TEMPLATE_LEN: usize = 80;
 /// Frames per BPF_PROG_TEST_RUN call when the generator runs flat out: as many as possible,
 /// because each call sets up and tears down a page pool and waits for the frames of the last
 /// one (an RCU grace period: milliseconds of silence). A signal (SIGUSR1) ends a call.
@@ -261,6 +273,52 @@ impl Contender {
     }
 }
 
+/// What the generator sends (`enum traffic` in pps.c).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Traffic {
+    /// Every frame a SYN to the VIP.
+    Vip,
+    /// 1% ARP requests for the VIP, 1% SYNs to a non-VIP address, the rest to the VIP.
+    Mix,
+    /// Every frame a SYN to the IPv6 VIP.
+    Vip6,
+}
+
+impl Traffic {
+    fn code(self) -> u32 {
+        match self {
+            Traffic::Vip => 0,
+            Traffic::Mix => 1,
+            Traffic::Vip6 => 2,
+        }
+    }
+
+    fn frame_len(self) -> usize {
+        match self {
+            Traffic::Vip | Traffic::Mix => FRAME_LEN,
+            Traffic::Vip6 => FRAME6_LEN,
+        }
+    }
+
+    /// Share of the frames that are for the VIP: the rest are not forwarded by design.
+    fn vip_share(self) -> f64 {
+        match self {
+            Traffic::Mix => 0.98,
+            Traffic::Vip | Traffic::Vip6 => 1.0,
+        }
+    }
+}
+
+/// A row's name: the contender, and the traffic when it is not IPv4's plain SYNs.
+fn label(contender: Contender, traffic: Traffic) -> String {
+    match traffic {
+        Traffic::Vip => contender.name(),
+        // Only lbd with one worker gets the mix.
+        Traffic::Mix => "lbd, 1 worker, 1% ARP + 1% non-VIP".to_owned(),
+        Traffic::Vip6 => format!("IPv6: {}", contender.name()),
+    }
+}
+
 /// Counters read at one instant.
 #[derive(Debug, Clone)]
 struct Sample {
@@ -279,7 +337,7 @@ struct Sample {
 #[derive(Debug, Clone)]
 struct Measurement {
     contender: Contender,
-    mix: bool,
+    traffic: Traffic,
     /// Frames per second arriving at the real servers.
     forwarded_pps: f64,
     generated_pps: f64,
@@ -294,9 +352,7 @@ struct Measurement {
 impl Measurement {
     /// Share of the generated VIP frames that did not reach a real server.
     fn loss(&self) -> f64 {
-        // In the mix, 2% of the frames are not for the VIP and are not forwarded by design.
-        let vip_share = if self.mix { 0.98 } else { 1.0 };
-        let to_vip = self.generated_pps * vip_share;
+        let to_vip = self.generated_pps * self.traffic.vip_share();
         if to_vip <= 0.0 {
             return 0.0;
         }
@@ -344,7 +400,7 @@ impl<'w> Bench<'w> {
 
     fn write_maps(&mut self) -> BenchResult<()> {
         let templates = frame_templates()?;
-        let mut map: Array<&mut MapData, [u8; 64]> =
+        let mut map: Array<&mut MapData, [u8; TEMPLATE_LEN]> =
             Array::try_from(self.ebpf.map_mut("gen_templates").ok_or("gen_templates")?)?;
         for (index, template) in templates.iter().enumerate() {
             map.set(index as u32, template, 0)?;
@@ -354,11 +410,13 @@ impl<'w> Bench<'w> {
         for index in 0..REAL_SERVERS {
             sink.insert(mac_key(real_server_mac(index)), index as u32 + 1, 0)?;
         }
-        let mut config = [0u8; 16];
+        // struct fwd_config: vip, servers, own_mac, pad, vip6.
+        let mut config = [0u8; 32];
         config[0..4].copy_from_slice(&VIP.octets());
         config[4..8].copy_from_slice(&(REAL_SERVERS as u32).to_ne_bytes());
         config[8..14].copy_from_slice(&LB_MAC);
-        let mut fwd: Array<&mut MapData, [u8; 16]> =
+        config[16..32].copy_from_slice(&VIP6.octets());
+        let mut fwd: Array<&mut MapData, [u8; 32]> =
             Array::try_from(self.ebpf.map_mut("fwd_config").ok_or("fwd_config")?)?;
         fwd.set(0, config, 0)?;
         let mut servers: Array<&mut MapData, [u8; 8]> =
@@ -371,8 +429,8 @@ impl<'w> Bench<'w> {
         Ok(())
     }
 
-    /// The generator's settings: the frame mix, and `paced = (rate, frames)` or flat out.
-    fn set_generator(&mut self, mix: bool, paced: Option<(u64, u64)>) -> BenchResult<()> {
+    /// The generator's settings: the traffic, and `paced = (rate, frames)` or flat out.
+    fn set_generator(&mut self, traffic: Traffic, paced: Option<(u64, u64)>) -> BenchResult<()> {
         let (interval_ns, limit) = paced.map_or((0, 0), |(rate, frames)| {
             (1_000_000_000 / rate.max(1), frames)
         });
@@ -387,10 +445,10 @@ impl<'w> Bench<'w> {
                 0,
             )?;
         }
-        // struct gen_config: sources, mix, interval_ns, limit.
+        // struct gen_config: sources, traffic, interval_ns, limit.
         let mut bytes = [0u8; 24];
         bytes[0..4].copy_from_slice(&CLIENTS.to_ne_bytes());
-        bytes[4..8].copy_from_slice(&u32::from(mix).to_ne_bytes());
+        bytes[4..8].copy_from_slice(&traffic.code().to_ne_bytes());
         bytes[8..16].copy_from_slice(&interval_ns.to_ne_bytes());
         bytes[16..24].copy_from_slice(&limit.to_ne_bytes());
         let mut config: Array<&mut MapData, [u8; 24]> =
@@ -435,22 +493,24 @@ impl<'w> Bench<'w> {
         ];
         let mut results: Vec<Measurement> = Vec::new();
         for round in 0..options.rounds {
-            let mut order = main.to_vec();
+            let mut order: Vec<(Contender, Traffic)> = main.map(|c| (c, Traffic::Vip)).to_vec();
             order.rotate_left(round % main.len());
-            // The scaling and mix runs are lbd only; they go last in every round.
-            order.push(Contender::Lbd { workers: 2 });
-            for contender in order {
-                let measurement = self.measure(contender, false, options.window)?;
+            // The scaling and mix runs are lbd only; they follow IPv4's main three.
+            order.push((Contender::Lbd { workers: 2 }, Traffic::Vip));
+            order.push((Contender::Lbd { workers: 1 }, Traffic::Mix));
+            // Then IPv6's three, rotating the same way.
+            let mut v6 = main.map(|c| (c, Traffic::Vip6));
+            v6.rotate_left(round % main.len());
+            order.extend(v6);
+            for (contender, traffic) in order {
+                let measurement = self.measure(contender, traffic, options.window)?;
                 eprintln!("round {}: {}", round + 1, line(&measurement));
                 results.push(measurement);
             }
-            let measurement = self.measure(Contender::Lbd { workers: 1 }, true, options.window)?;
-            eprintln!("round {}: {} (mix)", round + 1, line(&measurement));
-            results.push(measurement);
         }
         let mut report = table(&results);
         if options.long_frames > 0 {
-            let lbd = median_of(&results, Contender::Lbd { workers: 1 }, false)
+            let lbd = median_of(&results, Contender::Lbd { workers: 1 }, Traffic::Vip)
                 .map_or(0.0, |m| m.forwarded_pps);
             // Half the saturated rate: a load lbd is expected to carry without any loss.
             let half = if lbd > 0.0 { lbd / 2.0 } else { 300_000.0 };
@@ -491,24 +551,29 @@ impl<'w> Bench<'w> {
     fn measure(
         &mut self,
         contender: Contender,
-        mix: bool,
+        traffic: Traffic,
         window: Duration,
     ) -> BenchResult<Measurement> {
-        self.set_generator(mix, None)?;
-        let setup = self.start(contender)?;
+        self.set_generator(traffic, None)?;
+        let setup = self.start(contender, traffic)?;
         let generator_cores: Vec<usize> = match contender {
             Contender::Lbd { workers } => (0..workers).collect(),
             _ => vec![0],
         };
-        let (before, after) =
-            with_generators(self.gen_program()?, self.wire, &generator_cores, || {
+        let (before, after) = with_generators(
+            self.gen_program()?,
+            self.wire,
+            &generator_cores,
+            traffic.frame_len(),
+            || {
                 std::thread::sleep(Duration::from_millis(700));
                 let before = self.sample()?;
                 std::thread::sleep(window);
                 Ok((before, self.sample()?))
-            })?;
+            },
+        )?;
         self.stop(contender, setup)?;
-        Ok(measure_between(contender, mix, &before, &after))
+        Ok(measure_between(contender, traffic, &before, &after))
     }
 
     fn gen_program(&self) -> BenchResult<&Xdp> {
@@ -519,7 +584,7 @@ impl<'w> Bench<'w> {
             .try_into()?)
     }
 
-    fn start(&mut self, contender: Contender) -> BenchResult<Setup> {
+    fn start(&mut self, contender: Contender, traffic: Traffic) -> BenchResult<Setup> {
         match contender {
             Contender::Lbd { workers } => {
                 let lbd = LbdProcess::start(&self.lbd_config, workers, &self.engine_extra)?;
@@ -527,7 +592,7 @@ impl<'w> Bench<'w> {
             }
             Contender::Nftables => {
                 let link = self.xdp("pps_pass")?.attach(LB_IF, XdpMode::Driver)?;
-                sh_with_input("nft", &["-f", "-"], &nft_ruleset())?;
+                sh_with_input("nft", &["-f", "-"], &nft_ruleset(traffic))?;
                 Ok(Setup::Xdp(link))
             }
             Contender::XdpKernel => {
@@ -564,12 +629,12 @@ impl<'w> Bench<'w> {
     fn long_run(&mut self, frames: u64, rate: u64) -> BenchResult<String> {
         let lbd = LbdProcess::start(&self.lbd_config, 1, &self.engine_extra)?;
         let before = self.sample()?;
-        self.set_generator(false, Some((rate, frames)))?;
+        self.set_generator(Traffic::Vip, Some((rate, frames)))?;
         let started = Instant::now();
         // Bounded: the schedule takes frames / rate seconds; twice that and a minute more is
         // a generator that cannot keep up, and the run says so.
         let limit = Duration::from_secs_f64(frames as f64 / rate as f64 * 2.0 + 60.0);
-        with_generators(self.gen_program()?, self.wire, &[0], || {
+        with_generators(self.gen_program()?, self.wire, &[0], FRAME_LEN, || {
             while self.paced_sent()? < frames {
                 if started.elapsed() > limit {
                     return Err("the paced generator fell behind its schedule".into());
@@ -631,16 +696,23 @@ enum Setup {
     Xdp(XdpLinkId),
 }
 
-/// Runs the generator on `core` until `stop` is set and a signal ends the current run.
-fn generate(program: &Xdp, wire: &Wire, core: usize, stop: &AtomicBool) -> BenchResult<()> {
+/// Runs the generator on `core` until `stop` is set and a signal ends the current run; its
+/// frames are `frame_len` bytes long.
+fn generate(
+    program: &Xdp,
+    wire: &Wire,
+    core: usize,
+    frame_len: usize,
+    stop: &AtomicBool,
+) -> BenchResult<()> {
     if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
         return Err(format!("cannot pin the generator to core {core}").into());
     }
-    let frame = [0u8; FRAME_LEN];
+    let frame = vec![0u8; frame_len];
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
     // The kernel wants data_end = the frame's length and the device in this namespace.
     let mut context = [0u8; 24];
-    context[4..8].copy_from_slice(&(FRAME_LEN as u32).to_ne_bytes());
+    context[4..8].copy_from_slice(&(frame_len as u32).to_ne_bytes());
     context[12..16].copy_from_slice(&wire.wire_ifindex.to_ne_bytes());
     while !stop.load(Ordering::Relaxed) {
         let options = TestRunOptions {
@@ -661,11 +733,13 @@ fn generate(program: &Xdp, wire: &Wire, core: usize, stop: &AtomicBool) -> Bench
     Ok(())
 }
 
-/// Runs generators on `cores` while `during` runs, then stops them.
+/// Runs generators on `cores`, sending `frame_len`-byte frames, while `during` runs, then
+/// stops them.
 fn with_generators<T>(
     program: &Xdp,
     wire: &Wire,
     cores: &[usize],
+    frame_len: usize,
     during: impl FnOnce() -> BenchResult<T>,
 ) -> BenchResult<T> {
     let stop = AtomicBool::new(false);
@@ -677,7 +751,7 @@ fn with_generators<T>(
             let ids = ids.clone();
             threads.push(scope.spawn(move || {
                 let _ = ids.send(nix::sys::pthread::pthread_self());
-                generate(program, wire, core, stop)
+                generate(program, wire, core, frame_len, stop)
             }));
         }
         let ids: Vec<_> = id.iter().take(threads.len()).collect();
@@ -700,7 +774,7 @@ fn with_generators<T>(
 
 fn measure_between(
     contender: Contender,
-    mix: bool,
+    traffic: Traffic,
     before: &Sample,
     after: &Sample,
 ) -> Measurement {
@@ -714,7 +788,7 @@ fn measure_between(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     Measurement {
         contender,
-        mix,
+        traffic,
         forwarded_pps: forwarded as f64 / seconds,
         generated_pps: (after.generated - before.generated) as f64 / seconds,
         entered_pps: (after.entered - before.entered) as f64 / seconds,
@@ -726,8 +800,8 @@ fn measure_between(
 
 fn line(m: &Measurement) -> String {
     format!(
-        "{:<42} {:>10.0} pps forwarded, generated {:>10.0}, entered lb0 {:>10.0}, loss {:>5.1}%, busy cores {:.2}",
-        m.contender.name(),
+        "{:<44} {:>10.0} pps forwarded, generated {:>10.0}, entered lb0 {:>10.0}, loss {:>5.1}%, busy cores {:.2}",
+        label(m.contender, m.traffic),
         m.forwarded_pps,
         m.generated_pps,
         m.entered_pps,
@@ -736,10 +810,14 @@ fn line(m: &Measurement) -> String {
     )
 }
 
-fn median_of(results: &[Measurement], contender: Contender, mix: bool) -> Option<Measurement> {
+fn median_of(
+    results: &[Measurement],
+    contender: Contender,
+    traffic: Traffic,
+) -> Option<Measurement> {
     let mut runs: Vec<&Measurement> = results
         .iter()
-        .filter(|m| m.contender == contender && m.mix == mix)
+        .filter(|m| m.contender == contender && m.traffic == traffic)
         .collect();
     if runs.is_empty() {
         return None;
@@ -751,20 +829,25 @@ fn median_of(results: &[Measurement], contender: Contender, mix: bool) -> Option
 fn table(results: &[Measurement]) -> String {
     let main = Contender::Lbd { workers: 1 };
     let rows = [
-        (main, false),
-        (Contender::Nftables, false),
-        (Contender::XdpKernel, false),
-        (Contender::Lbd { workers: 2 }, false),
-        (main, true),
+        (main, Traffic::Vip),
+        (Contender::Nftables, Traffic::Vip),
+        (Contender::XdpKernel, Traffic::Vip),
+        (Contender::Lbd { workers: 2 }, Traffic::Vip),
+        (main, Traffic::Mix),
+        (main, Traffic::Vip6),
+        (Contender::Nftables, Traffic::Vip6),
+        (Contender::XdpKernel, Traffic::Vip6),
     ];
-    let lbd = median_of(results, main, false).map_or(0.0, |m| m.forwarded_pps);
+    let lbd_pps =
+        |traffic| median_of(results, main, traffic).map_or(0.0, |m: Measurement| m.forwarded_pps);
     let rounds = results
         .iter()
-        .filter(|m| m.contender == main && !m.mix)
+        .filter(|m| m.contender == main && m.traffic == Traffic::Vip)
         .count();
     let mut out = format!(
         "\nForwarded frames per second, median of {rounds} rounds (60-byte TCP SYNs to one VIP \
-         from {CLIENTS} clients, {REAL_SERVERS} real servers)\n"
+         from {CLIENTS} clients, {REAL_SERVERS} real servers; IPv6 rows: 74-byte TCP SYNs to \
+         the service's IPv6 VIP {VIP6})\n"
     );
     out += &format!(
         "{:<44} {:>10} {:>21} {:>9} {:>6} {:>6}  {}\n",
@@ -776,26 +859,22 @@ fn table(results: &[Measurement]) -> String {
         "cores",
         "share per real server, %"
     );
-    for (contender, mix) in rows {
-        let Some(m) = median_of(results, contender, mix) else {
+    for (contender, traffic) in rows {
+        let Some(m) = median_of(results, contender, traffic) else {
             continue;
         };
         let runs: Vec<f64> = results
             .iter()
-            .filter(|r| r.contender == contender && r.mix == mix)
+            .filter(|r| r.contender == contender && r.traffic == traffic)
             .map(|r| r.forwarded_pps)
             .collect();
         let low = runs.iter().copied().fold(f64::INFINITY, f64::min);
         let high = runs.iter().copied().fold(0.0, f64::max);
-        let name = if mix {
-            "lbd, 1 worker, 1% ARP + 1% non-VIP".to_owned()
-        } else {
-            contender.name()
-        };
-        // The ratio is lbd against the kernel's paths; lbd's other rows have their own lines.
+        // The ratio is lbd against the kernel's paths on the same traffic; lbd's other rows
+        // have their own lines.
         let ratio = match contender {
             Contender::Nftables | Contender::XdpKernel => {
-                format!("{:.2}", lbd / m.forwarded_pps.max(1.0))
+                format!("{:.2}", lbd_pps(traffic) / m.forwarded_pps.max(1.0))
             }
             _ => "-".to_owned(),
         };
@@ -808,7 +887,7 @@ fn table(results: &[Measurement]) -> String {
             .join(" ");
         out += &format!(
             "{:<44} {:>10.0} {:>10.0}-{:<10.0} {:>9} {:>5.1}% {:>6.2}  {}\n",
-            name,
+            label(contender, traffic),
             m.forwarded_pps,
             low,
             high,
@@ -817,7 +896,7 @@ fn table(results: &[Measurement]) -> String {
             m.busy_cores,
             shares
         );
-        if mix {
+        if traffic == Traffic::Mix {
             out += &format!(
                 "{:<44} {:>10.0} ARP replies per second, from 1% ARP requests\n",
                 "", m.other_pps
@@ -825,12 +904,18 @@ fn table(results: &[Measurement]) -> String {
         }
     }
     if let (Some(one), Some(two)) = (
-        median_of(results, main, false),
-        median_of(results, Contender::Lbd { workers: 2 }, false),
+        median_of(results, main, Traffic::Vip),
+        median_of(results, Contender::Lbd { workers: 2 }, Traffic::Vip),
     ) {
         out += &format!(
             "lbd, 2 workers / 1 worker: {:.2}x\n",
             two.forwarded_pps / one.forwarded_pps.max(1.0)
+        );
+    }
+    if lbd_pps(Traffic::Vip6) > 0.0 {
+        out += &format!(
+            "lbd, IPv6 / IPv4: {:.2}x\n",
+            lbd_pps(Traffic::Vip6) / lbd_pps(Traffic::Vip).max(1.0)
         );
     }
     out += "loss: VIP frames generated but not received by a real server (the generator sends \
@@ -854,33 +939,42 @@ fn machine() -> String {
     format!("\nMachine: {cpu}, {cores} cores, Linux {}\n", kernel.trim())
 }
 
-/// The nftables contender: the frames of the VIP get both MACs rewritten and go back out.
-fn nft_ruleset() -> String {
+/// The nftables contender: the frames of the VIP get both MACs rewritten and go back out. One
+/// rule, for the family of the traffic: the other's would be one more rule to pass.
+fn nft_ruleset(traffic: Traffic) -> String {
     let map = (0..REAL_SERVERS)
         .map(|i| format!("{i} : {}", mac_text(real_server_mac(i))))
         .collect::<Vec<_>>()
         .join(", ");
+    let (family, vip) = match traffic {
+        Traffic::Vip6 => ("ip6", VIP6.to_string()),
+        Traffic::Vip | Traffic::Mix => ("ip", VIP.to_string()),
+    };
     format!(
         "table netdev lbdbench {{\n  chain ingress {{\n    type filter hook ingress device \"{LB_IF}\" priority 0; policy accept;\n    \
-         ip daddr {VIP} ether saddr set {} ether daddr set jhash ip saddr mod {REAL_SERVERS} map {{ {map} }} fwd to \"{LB_IF}\"\n  }}\n}}\n",
+         {family} daddr {vip} ether saddr set {} ether daddr set jhash {family} saddr mod {REAL_SERVERS} map {{ {map} }} fwd to \"{LB_IF}\"\n  }}\n}}\n",
         mac_text(LB_MAC)
     )
 }
 
-/// The generator's templates: SYN to the VIP, ARP request for the VIP, SYN to a non-VIP.
-fn frame_templates() -> BenchResult<[[u8; 64]; 3]> {
-    let syn_to = |dst: Ipv4Addr| -> BenchResult<[u8; 64]> {
-        let builder = PacketBuilder::ethernet2(WIRE_MAC, LB_MAC)
-            .ipv4(FIRST_CLIENT.octets(), dst.octets(), 64)
-            .tcp(40000, PORT, 1, 64240)
-            .syn();
+/// The generator's templates (`enum template_kind`): SYN to the VIP, ARP request for the VIP,
+/// SYN to a non-VIP, SYN to the IPv6 VIP.
+fn frame_templates() -> BenchResult<[[u8; TEMPLATE_LEN]; 4]> {
+    let syn = |ip: PacketBuilderStep<IpHeaders>| -> BenchResult<[u8; TEMPLATE_LEN]> {
+        let builder = ip.tcp(40000, PORT, 1, 64240).syn();
         let mut frame = Vec::new();
         builder.write(&mut frame, &[])?;
-        let mut bytes = [0u8; 64];
-        bytes[..frame.len()].copy_from_slice(&frame);
+        let mut bytes = [0u8; TEMPLATE_LEN];
+        bytes
+            .get_mut(..frame.len())
+            .ok_or("template too long")?
+            .copy_from_slice(&frame);
         Ok(bytes)
     };
-    let mut arp = [0u8; 64];
+    let ethernet = || PacketBuilder::ethernet2(WIRE_MAC, LB_MAC);
+    let syn_to = |dst: Ipv4Addr| syn(ethernet().ipv4(FIRST_CLIENT.octets(), dst.octets(), 64));
+    let syn6 = syn(ethernet().ipv6(FIRST_CLIENT6.octets(), VIP6.octets(), 64))?;
+    let mut arp = [0u8; TEMPLATE_LEN];
     arp[0..6].copy_from_slice(&[0xff; 6]);
     arp[6..12].copy_from_slice(&WIRE_MAC);
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
@@ -888,7 +982,7 @@ fn frame_templates() -> BenchResult<[[u8; 64]; 3]> {
     arp[22..28].copy_from_slice(&WIRE_MAC);
     arp[28..32].copy_from_slice(&FIRST_CLIENT.octets());
     arp[38..42].copy_from_slice(&VIP.octets());
-    Ok([syn_to(VIP)?, arp, syn_to(NOT_VIP)?])
+    Ok([syn_to(VIP)?, arp, syn_to(NOT_VIP)?, syn6])
 }
 
 fn mac_key(mac: [u8; 6]) -> u64 {
@@ -1021,7 +1115,7 @@ fn lbd_config(workers: usize, socket: &Path, engine_extra: &str) -> String {
     let mut text = format!(
         "[engine]\ninterface = \"{LB_IF}\"\nqueues = [{}]\ncores = [{}]\nxdp_mode = \"copy\"\n\
          control_socket = \"{}\"\ngratuitous_arp_count = 0\n{engine_extra}\n\
-         [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nports = \"{PORT}\"\n\
+         [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nvip6 = \"{VIP6}\"\nports = \"{PORT}\"\n\
          protocol = \"tcp\"\npersistence = \"source-ip\"\n\n[service.health_check]\nkind = \"none\"\n",
         queues.join(", "),
         cores.join(", "),

@@ -3,11 +3,12 @@
 // XDP programs of the packet-rate benchmark (benches/pps.rs); none of them is part of lbd.
 //   pps_gen   the traffic generator, run with BPF_PROG_TEST_RUN in live-frames mode on the
 //             wire's far end: writes one frame per run from templates and sends it (XDP_TX)
-//             to the balancer's interface. Source addresses cycle through `sources` clients.
+//             to the balancer's interface. Source addresses cycle through `sources` clients
+//             (IPv4, or the last 32 bits of an IPv6 address).
 //   pps_sink  on the wire's far end: counts every frame the forwarder sends, per destination
 //             MAC (one slot per real server, slot 0 for anything else), and drops it.
 //   pps_fwd   the in-kernel XDP contender: the same DR rewrite as lbd (destination MAC from a
-//             hash of the source address, source MAC = own), then XDP_TX.
+//             hash of the source address, source MAC = own), then XDP_TX; IPv4 and IPv6.
 //   pps_pass  XDP_PASS only: in front of the nftables contender, so that every contender's
 //             frames arrive through the same veth XDP receive path.
 
@@ -15,24 +16,34 @@
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #define FRAME_LEN 60
-#define TEMPLATES 3
+// An IPv6 TCP SYN without options: Ethernet 14, IPv6 40, TCP 20.
+#define FRAME6_LEN 74
+#define TEMPLATE_LEN 80
+#define TEMPLATES 4
 #define MAX_SERVERS 64
 
-enum template_kind { TEMPLATE_VIP = 0, TEMPLATE_ARP = 1, TEMPLATE_OTHER = 2 };
+enum template_kind { TEMPLATE_VIP = 0, TEMPLATE_ARP = 1, TEMPLATE_OTHER = 2, TEMPLATE_VIP6 = 3 };
+
+enum traffic {
+	TRAFFIC_VIP = 0,  // every frame to the VIP
+	TRAFFIC_MIX = 1,  // 1% ARP requests, 1% to a non-VIP address, the rest to the VIP
+	TRAFFIC_VIP6 = 2, // every frame to the IPv6 VIP (FRAME6_LEN bytes)
+};
 
 struct gen_config {
 	__u32 sources;  // clients to cycle through, from the template's source address upwards
-	__u32 mix;      // 0: every frame to the VIP; 1: 1% ARP requests, 1% to a non-VIP address
+	__u32 traffic;  // enum traffic
 	__u64 interval_ns; // 0: flat out; else paced, one frame per interval on each CPU
 	__u64 limit;       // paced: frames to send in all, per CPU
 };
 
 struct frame_template {
-	__u8 bytes[64];
+	__u8 bytes[TEMPLATE_LEN];
 };
 
 struct {
@@ -92,6 +103,7 @@ struct fwd_config {
 	__u32 servers;
 	__u8 own_mac[ETH_ALEN];
 	__u8 pad[2];
+	__be32 vip6[4];
 };
 
 struct server_mac {
@@ -125,6 +137,28 @@ static __always_inline __u16 csum_replace32(__u16 check, __u32 from, __u32 to)
 	return (__u16)~sum;
 }
 
+// A SYN to the IPv6 VIP from `client` past the template's source. The frame must hold
+// FRAME6_LEN bytes: the generator's run was started with that length.
+static __always_inline int write_syn6(void *data, void *data_end, __u32 client)
+{
+	__u32 kind = TEMPLATE_VIP6;
+
+	if (data + FRAME6_LEN > data_end)
+		return XDP_ABORTED;
+	struct frame_template *template = bpf_map_lookup_elem(&gen_templates, &kind);
+	if (!template)
+		return XDP_ABORTED;
+	__builtin_memcpy(data, template->bytes, FRAME6_LEN);
+	struct ipv6hdr *ip = data + sizeof(struct ethhdr);
+	// IPv6 has no header checksum; TCP's covers the source address (RFC 8200 8.1).
+	__u32 from = ip->saddr.in6_u.u6_addr32[3];
+	__u32 to = bpf_htonl(bpf_ntohl(from) + client);
+	ip->saddr.in6_u.u6_addr32[3] = to;
+	__u16 *l4_check = (void *)(ip + 1) + 16;
+	*l4_check = csum_replace32(*l4_check, from, to);
+	return XDP_TX;
+}
+
 SEC("xdp")
 int pps_gen(struct xdp_md *ctx)
 {
@@ -152,9 +186,11 @@ int pps_gen(struct xdp_md *ctx)
 	}
 	__u64 index = *sent;
 	*sent = index + 1;
+	if (config->traffic == TRAFFIC_VIP6)
+		return write_syn6(data, data_end, (__u32)(index % config->sources));
 
 	__u32 kind = TEMPLATE_VIP;
-	if (config->mix) {
+	if (config->traffic == TRAFFIC_MIX) {
 		__u32 slot = index % 100;
 		if (slot == 0)
 			kind = TEMPLATE_ARP;
@@ -204,22 +240,12 @@ int pps_sink(struct xdp_md *ctx)
 	return XDP_DROP;
 }
 
-SEC("xdp")
-int pps_fwd(struct xdp_md *ctx)
+// Sends the frame to the real server of `client` (a client address, or a fold of one).
+static __always_inline int fwd_to_server(struct ethhdr *eth, struct fwd_config *config,
+					 __u32 client)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip = data + sizeof(*eth);
-	__u32 zero = 0;
-
-	if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP))
-		return XDP_PASS;
-	struct fwd_config *config = bpf_map_lookup_elem(&fwd_config, &zero);
-	if (!config || config->servers == 0 || ip->daddr != config->vip)
-		return XDP_PASS;
 	// Multiplicative hash of the client address: source-IP affinity, as jhash gives nftables.
-	__u32 hash = bpf_ntohl(ip->saddr) * 0x9e3779b1u;
+	__u32 hash = client * 0x9e3779b1u;
 	__u32 index = (hash ^ (hash >> 16)) % config->servers;
 	struct server_mac *server = bpf_map_lookup_elem(&fwd_servers, &index);
 	if (!server)
@@ -227,6 +253,39 @@ int pps_fwd(struct xdp_md *ctx)
 	__builtin_memcpy(eth->h_dest, server->mac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, config->own_mac, ETH_ALEN);
 	return XDP_TX;
+}
+
+SEC("xdp")
+int pps_fwd(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u32 zero = 0;
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	struct fwd_config *config = bpf_map_lookup_elem(&fwd_config, &zero);
+	if (!config || config->servers == 0)
+		return XDP_PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end || ip->daddr != config->vip)
+			return XDP_PASS;
+		return fwd_to_server(eth, config, bpf_ntohl(ip->saddr));
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > data_end)
+			return XDP_PASS;
+		__be32 *dst = ip->daddr.in6_u.u6_addr32;
+		__be32 *src = ip->saddr.in6_u.u6_addr32;
+		if (dst[0] != config->vip6[0] || dst[1] != config->vip6[1] ||
+		    dst[2] != config->vip6[2] || dst[3] != config->vip6[3])
+			return XDP_PASS;
+		return fwd_to_server(eth, config, bpf_ntohl(src[0] ^ src[1] ^ src[2] ^ src[3]));
+	}
+	return XDP_PASS;
 }
 
 SEC("xdp")

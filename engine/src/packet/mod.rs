@@ -10,6 +10,7 @@
 //! - [`snapshot`]: the immutable configuration view the packet path reads.
 //! - [`counters`]: per-worker counters, every frame in exactly one.
 //! - [`sync`]: the entries a group of balancers shares, and how they are walked and installed.
+//! - [`testing`]: frames as hosts send them, for the unit tests and the benchmarks.
 
 pub mod counters;
 pub mod dataplane;
@@ -19,3 +20,4 @@ pub mod ipv6;
 pub mod maglev;
 pub mod snapshot;
 pub mod sync;
+pub mod testing;

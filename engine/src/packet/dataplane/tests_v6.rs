@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::packet::snapshot::{AdminState, ServiceIds};
+use crate::packet::testing;
 use etherparse::{Icmpv6Header, Icmpv6Type, PacketBuilder};
 use lbd_config::Config;
 use std::net::Ipv6Addr;
@@ -95,22 +96,9 @@ fn tcp6(src: &str, sport: u16, dport: u16, syn: bool) -> Vec<u8> {
     frame
 }
 
-/// The Neighbor Solicitation a host sends to learn `target`'s MAC: to the solicited-node
-/// multicast address, with its own link-layer address as an option.
+/// The Neighbor Solicitation a host sends to learn `target`'s MAC.
 fn solicitation(target: &str) -> Vec<u8> {
-    let target = v6(target);
-    let mut group = v6("ff02::1:ff00:0");
-    group[13..].copy_from_slice(&target[13..]);
-    let mac = [0x33, 0x33, 0xff, target[13], target[14], target[15]];
-    let builder = PacketBuilder::ethernet2(CLIENT_MAC, mac)
-        .ipv6(v6(CLIENT6), group, 255)
-        .icmpv6(Icmpv6Type::NeighborSolicitation);
-    let mut payload = target.to_vec();
-    payload.extend_from_slice(&[1, 1]);
-    payload.extend_from_slice(&CLIENT_MAC);
-    let mut frame = Vec::new();
-    builder.write(&mut frame, &payload).expect("write");
-    frame
+    testing::neighbor_solicitation(CLIENT_MAC, v6(CLIENT6), v6(target)).expect("write")
 }
 
 /// The ICMPv6 message of a frame with no extension headers: its header (checksum checked
