@@ -3,15 +3,15 @@
 //! serves through lbd once dr-setup has run in its namespace, with each method that can run here.
 //! Applying twice must work and leave one copy of everything.
 //!
-//! The lab is dual-stack: the IPv6 VIP goes through lbd as the IPv4 one does.
-//! firewalld is not run: it needs its daemon on a system D-Bus, which no lab namespace has (and
-//! on the host it would take over the machine's firewall); its exact commands are unit-tested
-//! in ctl/src/dr_setup.rs.
+//! The lab is dual-stack: the IPv6 VIP goes through lbd as the IPv4 one does. firewalld runs
+//! inside rs1's namespace on a D-Bus of its own (a dbus-daemon listening in the lab's state
+//! directory), so it touches neither the host's firewall nor its bus.
 
 mod common;
 
 use common::{Lab, Lbd, VIP, as_unprivileged, lab_allowed, lbctl_for_anyone, lbctl_path, run};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 const VIP6: &str = "2001:2::100";
 
@@ -49,10 +49,87 @@ fn exec_ok(lab: &Lab, namespace_key: &str, line: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Runs `lbctl dr-setup --vip VIP --vip VIP6 --method METHOD --apply` in rs1's namespace.
+/// The lab's private D-Bus for firewalld (`DBUS_SYSTEM_BUS_ADDRESS`).
+fn bus_address(lab: &Lab) -> String {
+    format!("unix:path={}/bus", lab.fact("STATE_DIR"))
+}
+
+/// firewalld in rs1's namespace, on its own D-Bus, with the lab's service ports open in its
+/// zone (as an operator opens them); both stop on drop.
+struct Firewalld {
+    bus: Child,
+    daemon: Child,
+}
+
+impl Firewalld {
+    fn start(lab: &Lab) -> Firewalld {
+        let config = std::path::Path::new(lab.fact("STATE_DIR")).join("bus.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\" \
+                 \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n\
+                 <busconfig><type>system</type><listen>{}</listen><auth>EXTERNAL</auth>\
+                 <policy context=\"default\"><allow user=\"root\"/><allow own=\"*\"/>\
+                 <allow send_destination=\"*\"/><allow receive_sender=\"*\"/></policy>\
+                 <includedir>/usr/share/dbus-1/system.d</includedir></busconfig>\n",
+                bus_address(lab)
+            ),
+        )
+        .expect("write the bus configuration");
+        let in_rs1 = |args: &[&str]| {
+            let mut command = Command::new("ip");
+            command
+                .args(["netns", "exec", lab.fact("NS_RS1"), "env"])
+                .arg(format!("DBUS_SYSTEM_BUS_ADDRESS={}", bus_address(lab)))
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            command
+        };
+        let bus = in_rs1(&["dbus-daemon", "--nofork", "--config-file"])
+            .arg(&config)
+            .spawn()
+            .expect("start dbus-daemon");
+        let daemon = in_rs1(&["firewalld", "--nofork", "--nopid"])
+            .spawn()
+            .expect("start firewalld");
+        let firewalld = Firewalld { bus, daemon };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !firewall_cmd(lab, &["--state"]).status.success() {
+            assert!(Instant::now() < deadline, "firewalld did not start in rs1");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let opened = firewall_cmd(lab, &["--add-port=8088/tcp", "--add-port=1935/tcp"]);
+        assert!(opened.status.success(), "{opened:?}");
+        firewalld
+    }
+}
+
+impl Drop for Firewalld {
+    fn drop(&mut self) {
+        for child in [&mut self.daemon, &mut self.bus] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `firewall-cmd` in rs1's namespace, on the lab's bus.
+fn firewall_cmd(lab: &Lab, args: &[&str]) -> std::process::Output {
+    run(Command::new("ip")
+        .args(["netns", "exec", lab.fact("NS_RS1"), "env"])
+        .arg(format!("DBUS_SYSTEM_BUS_ADDRESS={}", bus_address(lab)))
+        .arg("firewall-cmd")
+        .args(args))
+}
+
+/// Runs `lbctl dr-setup --vip VIP --vip VIP6 --method METHOD --apply` in rs1's namespace (on
+/// the lab's D-Bus, for firewalld).
 fn apply(lab: &Lab, method: &str) -> String {
     let output = run(Command::new("ip")
-        .args(["netns", "exec", lab.fact("NS_RS1")])
+        .args(["netns", "exec", lab.fact("NS_RS1"), "env"])
+        .arg(format!("DBUS_SYSTEM_BUS_ADDRESS={}", bus_address(lab)))
         .arg(lbctl_path())
         .args(["dr-setup", "--vip", VIP, "--vip", VIP6])
         .args(["--method", method, "--apply"]));
@@ -68,8 +145,9 @@ fn apply(lab: &Lab, method: &str) -> String {
 
 /// A bare lab and lbd, shown to serve nothing through either VIP; then dr-setup with `method`,
 /// twice, and both VIPs reach rs1, which sees the client's own address. Returns the lab (and
-/// its lbd, kept running) for the method's own checks; None when the lab may not run.
-fn bare_server_serves_after_dr_setup(method: &str) -> Option<(Lab, Lbd)> {
+/// its lbd, and firewalld for that method, kept running) for the method's own checks; None
+/// when the lab may not run.
+fn bare_server_serves_after_dr_setup(method: &str) -> Option<(Lab, Lbd, Option<Firewalld>)> {
     if !lab_allowed() {
         return None;
     }
@@ -94,6 +172,7 @@ fn bare_server_serves_after_dr_setup(method: &str) -> Option<(Lab, Lbd)> {
         .expect("an IPv6 client")
         .to_owned();
 
+    let firewalld = (method == "firewalld").then(|| Firewalld::start(&lab));
     let before = fetch_through_vip(&lab, &source);
     assert!(
         before.is_err(),
@@ -118,7 +197,7 @@ fn bare_server_serves_after_dr_setup(method: &str) -> Option<(Lab, Lbd)> {
         panic!("no answer through {VIP6} after dr-setup --method {method}: {e}")
     });
     assert!(body.contains(&format!("client={source6} ")), "{body}");
-    Some((lab, lbd))
+    Some((lab, lbd, firewalld))
 }
 
 /// Asserts that exactly `count` lines of `text` contain `needle`.
@@ -132,7 +211,7 @@ fn assert_lines_with(text: &str, needle: &str, count: usize) {
 
 #[test]
 fn loopback_makes_a_bare_server_serve_and_keeps_it_silent_on_arp_and_ndp() {
-    let Some((lab, _lbd)) = bare_server_serves_after_dr_setup("loopback") else {
+    let Some((lab, _lbd, _)) = bare_server_serves_after_dr_setup("loopback") else {
         return;
     };
 
@@ -181,7 +260,7 @@ fn loopback_makes_a_bare_server_serve_and_keeps_it_silent_on_arp_and_ndp() {
 
 #[test]
 fn nftables_makes_a_bare_server_serve_with_one_table() {
-    let Some((lab, _lbd)) = bare_server_serves_after_dr_setup("nftables") else {
+    let Some((lab, _lbd, _)) = bare_server_serves_after_dr_setup("nftables") else {
         return;
     };
     let table = exec_ok(&lab, "NS_RS1", "nft list table inet lbd_dr");
@@ -194,7 +273,7 @@ fn nftables_makes_a_bare_server_serve_with_one_table() {
 
 #[test]
 fn iptables_makes_a_bare_server_serve_with_one_rule_per_vip() {
-    let Some((lab, _lbd)) = bare_server_serves_after_dr_setup("iptables") else {
+    let Some((lab, _lbd, _)) = bare_server_serves_after_dr_setup("iptables") else {
         return;
     };
     for (program, vip) in [("iptables", VIP), ("ip6tables", VIP6)] {
@@ -202,6 +281,27 @@ fn iptables_makes_a_bare_server_serve_with_one_rule_per_vip() {
         assert_lines_with(&rules, "-j REDIRECT", 1);
         assert_lines_with(&rules, &format!("-A PREROUTING -d {vip}/"), 1);
     }
+}
+
+#[test]
+fn firewalld_makes_a_bare_server_serve_with_one_direct_rule_per_vip() {
+    let Some((lab, _lbd, _firewalld)) = bare_server_serves_after_dr_setup("firewalld") else {
+        return;
+    };
+    let rules = firewall_cmd(&lab, &["--direct", "--get-all-rules"]);
+    assert!(rules.status.success(), "{rules:?}");
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert_lines_with(&rules, "REDIRECT", 2);
+    assert_lines_with(
+        &rules,
+        &format!("ipv4 nat PREROUTING 0 -d {VIP} -j REDIRECT"),
+        1,
+    );
+    assert_lines_with(
+        &rules,
+        &format!("ipv6 nat PREROUTING 0 -d {VIP6} -j REDIRECT"),
+        1,
+    );
 }
 
 #[test]

@@ -395,7 +395,9 @@ fn firewalld(vips: Vec<IpAddr>) -> Plan {
         notes: vec![
             REDIRECT_NOTE.to_owned(),
             "firewalld must be running. Its documentation marks the direct interface \
-             deprecated, but no\nother firewalld rule redirects every port of an address."
+             deprecated, but no\nother firewalld rule redirects every port of an address. \
+             The service's ports must be open in\nthe zone too (firewall-cmd --add-port=1935/tcp \
+             --permanent, and without --permanent for now)."
                 .to_owned(),
         ],
         steps,
