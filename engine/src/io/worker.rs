@@ -80,7 +80,7 @@ const MAX_TX_RETRIES: usize = 4;
 pub enum WorkerCommand {
     /// Use this snapshot from the next frame on.
     Snapshot(Arc<Snapshot>),
-    /// Send gratuitous ARP for these VIPs from this MAC.
+    /// Announce these VIPs from this MAC: gratuitous ARP, unsolicited Neighbor Advertisements.
     Announce([u8; 6], Vec<IpAddr>),
     /// Send the DR check's questions (source, VIP) and probes from this MAC.
     Probe {

@@ -325,6 +325,49 @@ fn gratuitous_arp_goes_out_for_every_vip() {
     assert_eq!(worker.dataplane().counters().gratuitous_arps, 2);
 }
 
+#[test]
+fn announcements_questions_and_probes_go_out_and_are_counted_by_kind() {
+    use crate::packet::drcheck::ServerProbe;
+    let mut worker = Worker::new(FakeRings::new(64, 16), dataplane(), settings(8));
+    let vip: std::net::IpAddr = Ipv4Addr::new(198, 18, 0, 100).into();
+    let vip6: std::net::IpAddr = "2001:2::100".parse().expect("address");
+    worker.announce(OWN_MAC, &[vip, vip6]);
+    let source: std::net::IpAddr = Ipv4Addr::new(198, 18, 0, 2).into();
+    let probe = ServerProbe {
+        vip,
+        port: 1935,
+        mac: [2, 0, 0, 0, 0, 0x11],
+        source,
+        our_port: 61000,
+        seq: 7,
+    };
+    worker.probe(OWN_MAC, &[(source, vip)], &[probe]);
+    worker.rings.send(10);
+    let sent = worker.rings.sent.clone();
+    assert_eq!(sent.len(), 4);
+    // A gratuitous ARP, an unsolicited NA (to all nodes), an ARP question, a SYN.
+    assert_eq!(sent[0][12..14], [0x08, 0x06]);
+    assert_eq!(sent[1][0..6], [0x33, 0x33, 0, 0, 0, 1]);
+    assert_eq!(sent[2][28..32], [198, 18, 0, 2]);
+    assert_eq!(sent[3][0..6], [2, 0, 0, 0, 0, 0x11]);
+    worker.poll_once(0);
+    assert_conserved(&worker);
+    let counters = worker.dataplane().counters();
+    assert_eq!(
+        (
+            counters.gratuitous_arps,
+            counters.unsolicited_nas,
+            counters.dr_probes
+        ),
+        (1, 1, 2)
+    );
+    // What a full TX ring sends back is uncounted as what it was.
+    assert_eq!(super::generated(&sent[0]), Sent::GratuitousArp);
+    assert_eq!(super::generated(&sent[1]), Sent::UnsolicitedNa);
+    assert_eq!(super::generated(&sent[2]), Sent::DrProbe);
+    assert_eq!(super::generated(&sent[3]), Sent::DrProbe);
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Arrive(u8, bool),
