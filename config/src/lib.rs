@@ -316,6 +316,9 @@ pub struct Engine {
     /// 0: never. 1000..=3600000.
     #[serde(default = "default_dr_check_interval")]
     pub dr_check_interval_ms: u32,
+    /// Where the HTTP listener serves `/metrics` (`"127.0.0.1:9180"`); none: no listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 fn default_control_socket() -> PathBuf {

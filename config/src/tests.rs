@@ -90,6 +90,7 @@ fn the_documented_example_parses_exactly() {
                 flow_table_size: 262_144,
                 persistence_table_size: 65_536,
                 dr_check_interval_ms: 10_000,
+                http_listen: None,
             },
             ha: None,
             services: vec![Service {

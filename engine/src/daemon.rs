@@ -123,6 +123,9 @@ pub enum DaemonError {
     /// segment, a port lbd may not bind).
     #[error("{0}")]
     Layer7(String),
+    /// The HTTP listener could not listen (`engine.http_listen`).
+    #[error(transparent)]
+    Http(crate::http::HttpError),
     /// A worker did not start, or stopped while lbd ran.
     #[error(
         "worker {worker} (queue {queue}) {what}; lbd stops rather than leave the queue unserved"
@@ -237,6 +240,19 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
             return Err(error.into());
         }
     };
+    let http = match engine
+        .http_listen
+        .map(|address| crate::http::start(address, Arc::clone(&control), Arc::clone(&stop)))
+        .transpose()
+    {
+        Ok(http) => http,
+        Err(error) => {
+            drop(ha);
+            drop(server);
+            stop_workers(threads);
+            return Err(DaemonError::Http(error));
+        }
+    };
     let checker = start_health_checks(&control, &stop);
     tracing::info!(
         interface,
@@ -256,6 +272,9 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     }
     drop(ha);
     drop(server);
+    if let Some(http) = http {
+        let _ = http.join();
+    }
     let _ = checker.join();
     stop_workers(threads);
     if let Ok(mut control) = control.lock() {

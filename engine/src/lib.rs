@@ -10,14 +10,16 @@
 //!   health checks.
 //! - [`ha`]: the active/passive pair: heartbeat, state and configuration sync.
 //! - [`l7`]: the `mode = "snat"` services, through HAProxy.
+//! - [`http`]: the HTTP listener: `/metrics` for Prometheus.
 //! - [`daemon`]: start-up, the workers' threads, signals and shutdown.
 //!
-//! `ha` and `l7` (and the HTTP views to come) sit beside `control`: each reads what the
+//! `ha`, `l7` and `http` sit beside `control`: each reads what the
 //! control plane holds and changes the packet path only through it.
 
 pub mod control;
 pub mod daemon;
 pub mod ha;
+pub mod http;
 pub mod io;
 pub mod l7;
 pub mod packet;

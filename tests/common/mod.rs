@@ -37,6 +37,8 @@ const LAB_PROGRAMS: &[(&str, &str)] = &[
     ("firewalld", "firewalld"),
     ("firewall-cmd", "firewalld"),
     ("dbus-daemon", "dbus-daemon"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
     ("arping", "arping"),
     ("ping", "iputils-ping"),
     ("python3", "python3"),

@@ -1691,6 +1691,7 @@ fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
             "dr_check_interval_ms",
             a.dr_check_interval_ms != b.dr_check_interval_ms,
         ),
+        ("http_listen", a.http_listen != b.http_listen),
     ]
     .into_iter()
     .find(|(_, differs)| *differs)
