@@ -172,6 +172,9 @@ fn prometheus_scrapes_per_server_counters_that_grow_with_traffic() {
         "lbd_real_server_state{ip=\"198.18.0.11\",real_server=\"Wowza Srv 1\",service=\"Wowza GUI\",state=\"up\"} 1",
         "lbd_drops_total{reason=\"not_vip\"}",
         "lbd_worker_received_frames_total{worker=\"0\"}",
+        "lbd_real_server_checks_total{ip=\"198.18.0.12\",real_server=\"Wowza Srv 2\",service=\"Wowza GUI\"}",
+        "lbd_real_server_check_duration_seconds{ip=\"198.18.0.11\"",
+        "lbd_real_server_transitions_total{ip=\"198.18.0.11\",real_server=\"Wowza Srv 1\",service=\"Wowza GUI\",to=\"down\"} 0",
     ] {
         assert!(body.contains(name), "{name} missing from:\n{body}");
     }

@@ -365,6 +365,7 @@ mod tests {
                         mac: Some("02:00:00:00:00:11".into()),
                         check: Some("ok (connected) at 21:04:05 UTC".into()),
                         dr_check: Some("ok".into()),
+                        health: None,
                     },
                     RealServerStatus {
                         label: "Wowza Srv 2".into(),
@@ -376,6 +377,7 @@ mod tests {
                         mac: None,
                         check: None,
                         dr_check: None,
+                        health: None,
                     },
                 ],
             }],

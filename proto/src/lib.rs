@@ -491,6 +491,24 @@ pub struct RealServerStatus {
     /// The DR check's verdict: `ok`, or what is wrong and its likely cause.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dr_check: Option<String>,
+    /// What its health checks did since lbd started (DR services).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCounts>,
+}
+
+/// A real server's health checks, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCounts {
+    /// Checks run.
+    pub checks: u64,
+    /// Checks that failed.
+    pub failed: u64,
+    /// Times it came up.
+    pub went_up: u64,
+    /// Times it went down.
+    pub went_down: u64,
+    /// How long the last check took, in microseconds.
+    pub last_micros: u64,
 }
 
 /// `stats`: counters per worker and summed.

@@ -53,6 +53,8 @@ pub struct CheckResult {
     pub ok: bool,
     /// What was seen: `connected`, `HTTP 200`, `exit 0`, or the error.
     pub detail: String,
+    /// How long the check took.
+    pub took: Duration,
 }
 
 /// A server's health as the checks see it.
@@ -62,6 +64,8 @@ pub struct Health {
     pub up: bool,
     /// The last check's result and when it ended.
     pub last: Option<(SystemTime, CheckResult)>,
+    /// What the checks did so far (for `/metrics`).
+    pub counts: lbd_proto::HealthCounts,
     successes: u32,
     failures: u32,
 }
@@ -72,6 +76,7 @@ impl Default for Health {
         Health {
             up: true,
             last: None,
+            counts: lbd_proto::HealthCounts::default(),
             successes: 0,
             failures: 0,
         }
@@ -94,19 +99,24 @@ impl Tracker {
         at: SystemTime,
     ) -> Option<bool> {
         let health = self.health.entry(key).or_default();
+        health.counts.checks += 1;
+        health.counts.last_micros = u64::try_from(result.took.as_micros()).unwrap_or(u64::MAX);
         if result.ok {
             health.successes = health.successes.saturating_add(1);
             health.failures = 0;
         } else {
+            health.counts.failed += 1;
             health.failures = health.failures.saturating_add(1);
             health.successes = 0;
         }
         health.last = Some((at, result));
         let changed = if health.up && health.failures >= check.fall {
             health.up = false;
+            health.counts.went_down += 1;
             true
         } else if !health.up && health.successes >= check.rise {
             health.up = true;
+            health.counts.went_up += 1;
             true
         } else {
             false
@@ -138,6 +148,7 @@ impl Tracker {
 
 /// Runs one check now.
 pub fn run_check(target: &Target) -> CheckResult {
+    let started = Instant::now();
     let timeout = Duration::from_millis(u64::from(target.check.timeout_ms));
     let address = SocketAddr::from((target.ip, target.port));
     let outcome = match target.check.kind {
@@ -148,9 +159,18 @@ pub fn run_check(target: &Target) -> CheckResult {
         HealthKind::Http => http_check(target, address, timeout),
         HealthKind::External => external_check(target, timeout),
     };
+    let took = started.elapsed();
     match outcome {
-        Ok(detail) => CheckResult { ok: true, detail },
-        Err(detail) => CheckResult { ok: false, detail },
+        Ok(detail) => CheckResult {
+            ok: true,
+            detail,
+            took,
+        },
+        Err(detail) => CheckResult {
+            ok: false,
+            detail,
+            took,
+        },
     }
 }
 
@@ -399,6 +419,7 @@ mod tests {
         CheckResult {
             ok,
             detail: String::new(),
+            took: Duration::from_millis(3),
         }
     }
 
@@ -439,6 +460,17 @@ mod tests {
         assert_eq!(
             tracker.record(key.clone(), &check, result(true), now),
             Some(true)
+        );
+        // Counted for /metrics: 10 checks, 4 failed, down once, up once, 3 ms each.
+        assert_eq!(
+            tracker.get(&key).counts,
+            lbd_proto::HealthCounts {
+                checks: 10,
+                failed: 4,
+                went_up: 1,
+                went_down: 1,
+                last_micros: 3_000,
+            }
         );
     }
 

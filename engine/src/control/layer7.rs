@@ -289,8 +289,10 @@ impl Control {
                     check: stat
                         .filter(|s| !s.check_status.is_empty())
                         .map(|s| format!("{} ({})", s.check_status, s.check_desc)),
-                    // A SNAT server is reached through HAProxy: no DR setup to check.
+                    // A SNAT server is reached through HAProxy: no DR setup to check, and
+                    // HAProxy runs its health checks.
                     dr_check: None,
+                    health: None,
                 }
             })
             .collect();

@@ -1279,6 +1279,11 @@ impl Control {
                             .dr
                             .verdict(&entry.label, &rs.label)
                             .map(|verdict| verdict.describe().to_owned()),
+                        health: Some(
+                            self.health
+                                .get(&(entry.label.clone(), rs.label.clone()))
+                                .counts,
+                        ),
                     })
                     .collect();
                 ServiceStatus {
@@ -2610,6 +2615,7 @@ mod tests {
                 CheckResult {
                     ok: true,
                     detail: "fine".into(),
+                    took: Duration::ZERO,
                 },
             );
         }
@@ -2625,6 +2631,7 @@ mod tests {
                 CheckResult {
                     ok: true,
                     detail: "fine".into(),
+                    took: Duration::ZERO,
                 },
             );
         }

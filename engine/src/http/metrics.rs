@@ -106,6 +106,29 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> prometheus::Result<
         "1 for the state the real server is in, 0 for the others.",
         &["service", "real_server", "ip", "state"],
     )?;
+    let checks = scrape.counter(
+        "lbd_real_server_checks_total",
+        "Health checks run on the real server (DR services; HAProxy checks SNAT ones).",
+        &rs_labels,
+    )?;
+    let failed = scrape.counter(
+        "lbd_real_server_check_failures_total",
+        "Health checks of the real server that failed.",
+        &rs_labels,
+    )?;
+    let transitions = scrape.counter(
+        "lbd_real_server_transitions_total",
+        "Times the checks took the real server up or down.",
+        &["service", "real_server", "ip", "to"],
+    )?;
+    let check_duration = prometheus::GaugeVec::new(
+        Opts::new(
+            "lbd_real_server_check_duration_seconds",
+            "How long the real server's last health check took.",
+        ),
+        &rs_labels,
+    )?;
+    scrape.registry.register(Box::new(check_duration.clone()))?;
     let traffic = &stats.total.services;
     for service in &status.services {
         let port = service.ports.as_str();
@@ -131,6 +154,16 @@ pub fn render(status: &StatusReport, stats: &StatsReport) -> prometheus::Result<
             for state in REAL_SERVER_STATES {
                 let labels = [labels[0], labels[1], labels[2], state];
                 set(&rs_state, &labels, u64::from(rs.state == state))?;
+            }
+            if let Some(health) = rs.health {
+                count(&checks, &labels, health.checks)?;
+                count(&failed, &labels, health.failed)?;
+                for (to, n) in [("up", health.went_up), ("down", health.went_down)] {
+                    count(&transitions, &[labels[0], labels[1], labels[2], to], n)?;
+                }
+                check_duration
+                    .get_metric_with_label_values(&labels)?
+                    .set(health.last_micros as f64 / 1e6);
             }
         }
     }
@@ -294,6 +327,13 @@ mod tests {
                     mac: None,
                     check: None,
                     dr_check: None,
+                    health: Some(lbd_proto::HealthCounts {
+                        checks: 9,
+                        failed: 2,
+                        went_up: 1,
+                        went_down: 1,
+                        last_micros: 1_500,
+                    }),
                 }],
             }],
             ..StatusReport::default()
@@ -340,6 +380,9 @@ mod tests {
             "lbd_drops_total{reason=\"truncated\"} 0",
             "lbd_worker_received_frames_total{worker=\"0\"} 12",
             "# TYPE lbd_real_server_bytes_total counter",
+            "lbd_real_server_checks_total{ip=\"198.18.0.11\",real_server=\"Wowza Srv 1\",service=\"Wowza GUI\"} 9",
+            "lbd_real_server_transitions_total{ip=\"198.18.0.11\",real_server=\"Wowza Srv 1\",service=\"Wowza GUI\",to=\"down\"} 1",
+            "lbd_real_server_check_duration_seconds{ip=\"198.18.0.11\",real_server=\"Wowza Srv 1\",service=\"Wowza GUI\"} 0.0015",
         ] {
             assert!(text.contains(line), "{line} missing from:\n{text}");
         }
