@@ -85,12 +85,13 @@ fn prometheus_scrapes_per_server_counters_that_grow_with_traffic() {
         return;
     }
     let lab = Lab::up(2);
+    // JSON logs too, as a log shipper takes them.
     let config = lab.config(2).replacen(
         "[engine]\n",
-        &format!("[engine]\nhttp_listen = \"{LISTEN}\"\n"),
+        &format!("[engine]\nhttp_listen = \"{LISTEN}\"\nlog_format = \"json\"\n"),
         1,
     );
-    let _lbd = Lbd::start(&lab, &config);
+    let lbd = Lbd::start(&lab, &config);
     let _prometheus = Prometheus::start(&lab);
     let clients = lab.client_ips();
     let traffic = || {
@@ -166,6 +167,21 @@ fn prometheus_scrapes_per_server_counters_that_grow_with_traffic() {
         String::from_utf8_lossy(&checked.stderr)
     );
     let body = String::from_utf8_lossy(&text.stdout);
+    // Every log line is one JSON object, with no terminal colour codes (stderr is a file).
+    let log = lbd.log_text();
+    for line in log.lines() {
+        let entry: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+        assert!(
+            entry["level"].is_string() && entry["fields"].is_object(),
+            "{line}"
+        );
+        assert!(!line.contains('\u{1b}'), "colour codes in {line}");
+    }
+    assert!(
+        log.contains("\"message\":\"HTTP listener ready (/metrics)\""),
+        "{log}"
+    );
     for name in [
         "lbd_build_info",
         "lbd_config_generation",

@@ -319,6 +319,27 @@ pub struct Engine {
     /// Where the HTTP listener serves `/metrics` (`"127.0.0.1:9180"`); none: no listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// How lbd logs: `text` (for people; colour only on a terminal) or `json` (one object a
+    /// line, for log shippers).
+    #[serde(default, skip_serializing_if = "LogFormat::is_text")]
+    pub log_format: LogFormat,
+}
+
+/// `engine.log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Lines for people.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    fn is_text(&self) -> bool {
+        *self == LogFormat::Text
+    }
 }
 
 fn default_control_socket() -> PathBuf {

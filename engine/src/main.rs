@@ -2,7 +2,7 @@
 //! validates the file and exits.
 
 use clap::Parser;
-use lbd_config::Config;
+use lbd_config::{Config, LogFormat};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,15 +21,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-
     let config = match Config::load(&args.config) {
         Ok(config) => config,
         Err(error) => {
@@ -37,6 +28,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never into a file or journal.
+        .with_ansi(std::io::stderr().is_terminal());
+    match config.engine.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
+
     if args.check {
         println!(
             "{}: configuration is valid ({} service(s), {} real server(s))",

@@ -1697,6 +1697,7 @@ fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
             a.dr_check_interval_ms != b.dr_check_interval_ms,
         ),
         ("http_listen", a.http_listen != b.http_listen),
+        ("log_format", a.log_format != b.log_format),
     ]
     .into_iter()
     .find(|(_, differs)| *differs)
