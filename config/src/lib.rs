@@ -316,9 +316,17 @@ pub struct Engine {
     /// 0: never. 1000..=3600000.
     #[serde(default = "default_dr_check_interval")]
     pub dr_check_interval_ms: u32,
-    /// Where the HTTP listener serves `/metrics` (`"127.0.0.1:9180"`); none: no listener.
+    /// Where the HTTP listener serves `/metrics` and the status page (`"127.0.0.1:9180"`);
+    /// none: no listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// Whether the status page offers Drain, Halt and Online (a POST with the token).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http_actions: bool,
+    /// The token a page action must carry: a file of at least 16 bytes, owned by lbd's user,
+    /// mode 600. Required with `http_actions`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_token_file: Option<PathBuf>,
     /// How lbd logs: `text` (for people; colour only on a terminal) or `json` (one object a
     /// line, for log shippers).
     #[serde(default, skip_serializing_if = "LogFormat::is_text")]
@@ -1297,6 +1305,18 @@ impl Engine {
             return Err(ConfigError::new(
                 field("control_group"),
                 format!("{group:?} is not a group name"),
+            ));
+        }
+        if self.http_actions && self.http_listen.is_none() {
+            return Err(ConfigError::new(
+                field("http_actions"),
+                "needs engine.http_listen: the actions are buttons of the status page",
+            ));
+        }
+        if self.http_actions && self.http_token_file.is_none() {
+            return Err(ConfigError::new(
+                field("http_token_file"),
+                "required with http_actions: every action must carry the token it holds",
             ));
         }
         if self.dr_check_interval_ms != 0

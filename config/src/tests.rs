@@ -91,6 +91,8 @@ fn the_documented_example_parses_exactly() {
                 persistence_table_size: 65_536,
                 dr_check_interval_ms: 10_000,
                 http_listen: None,
+                http_actions: false,
+                http_token_file: None,
                 log_format: LogFormat::Text,
             },
             ha: None,

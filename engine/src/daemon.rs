@@ -242,7 +242,13 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     };
     let http = match engine
         .http_listen
-        .map(|address| crate::http::start(address, Arc::clone(&control), Arc::clone(&stop)))
+        .map(|address| {
+            let token = engine
+                .http_token_file
+                .as_deref()
+                .filter(|_| engine.http_actions);
+            crate::http::start(address, token, Arc::clone(&control), Arc::clone(&stop))
+        })
         .transpose()
     {
         Ok(http) => http,

@@ -39,6 +39,7 @@ const LAB_PROGRAMS: &[(&str, &str)] = &[
     ("dbus-daemon", "dbus-daemon"),
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    ("chromium", "chromium"),
     ("arping", "arping"),
     ("ping", "iputils-ping"),
     ("python3", "python3"),

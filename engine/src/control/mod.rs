@@ -1697,6 +1697,8 @@ fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
             a.dr_check_interval_ms != b.dr_check_interval_ms,
         ),
         ("http_listen", a.http_listen != b.http_listen),
+        ("http_actions", a.http_actions != b.http_actions),
+        ("http_token_file", a.http_token_file != b.http_token_file),
         ("log_format", a.log_format != b.log_format),
     ]
     .into_iter()

@@ -11,7 +11,6 @@ use crossbeam::channel::{Receiver, unbounded};
 use lbd_config::{Ha, HaMode};
 use lbd_proto::{HaPeerReport, HaReport, HaSyncReport};
 use std::net::{SocketAddrV4, UdpSocket};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,36 +59,10 @@ pub enum HaError {
 /// configuration the passive one applies (external health checks, which run as root,
 /// included): it must give nobody more than root already has.
 pub fn read_key(path: &Path) -> Result<Vec<u8>, HaError> {
-    let fail = |reason: String| HaError::Key {
+    crate::io::host::read_secret(path, MIN_KEY_BYTES).map_err(|reason| HaError::Key {
         path: path.to_owned(),
         reason,
-    };
-    let metadata = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
-    if !metadata.is_file() {
-        return Err(fail("not a regular file".to_owned()));
-    }
-    let owner = nix::unistd::geteuid().as_raw();
-    if metadata.uid() != owner {
-        return Err(fail(format!(
-            "owned by uid {}, not by lbd's user (uid {owner}): its owner could change it",
-            metadata.uid()
-        )));
-    }
-    if metadata.mode() & 0o077 != 0 {
-        return Err(fail(format!(
-            "mode {:o} lets other users read or change it (chmod 600)",
-            metadata.mode() & 0o777
-        )));
-    }
-    let key = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
-    let key = key.trim_ascii().to_vec();
-    if key.len() < MIN_KEY_BYTES {
-        return Err(fail(format!(
-            "{} bytes; at least {MIN_KEY_BYTES} are needed (head -c 32 /dev/urandom | base64)",
-            key.len()
-        )));
-    }
-    Ok(key)
+    })
 }
 
 /// A running HA node.

@@ -209,6 +209,39 @@ pub fn may_bind_low_ports() -> bool {
     capability || unprivileged
 }
 
+/// Reads a secret (the pair's key, the HTTP actions' token): a regular file of at least
+/// `min_bytes` bytes (surrounding whitespace aside), owned by the user lbd runs as and readable
+/// by nobody else: its holder may act as lbd's own operator. The error says what is wrong.
+pub fn read_secret(path: &std::path::Path, min_bytes: usize) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = fs::metadata(path).map_err(|e| e.to_string())?;
+    if !metadata.is_file() {
+        return Err("not a regular file".to_owned());
+    }
+    let owner = nix::unistd::geteuid().as_raw();
+    if metadata.uid() != owner {
+        return Err(format!(
+            "owned by uid {}, not by lbd's user (uid {owner}): its owner could change it",
+            metadata.uid()
+        ));
+    }
+    if metadata.mode() & 0o077 != 0 {
+        return Err(format!(
+            "mode {:o} lets other users read or change it (chmod 600)",
+            metadata.mode() & 0o777
+        ));
+    }
+    let secret = fs::read(path).map_err(|e| e.to_string())?;
+    let secret = secret.trim_ascii().to_vec();
+    if secret.len() < min_bytes {
+        return Err(format!(
+            "{} bytes; at least {min_bytes} are needed (head -c 32 /dev/urandom | base64)",
+            secret.len()
+        ));
+    }
+    Ok(secret)
+}
+
 /// What the control side needs from the host, in one place that tests can replace.
 pub trait HostFacts: Send {
     /// Every IPv4 and IPv6 address of this host, with its interface (or address label).
