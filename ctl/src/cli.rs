@@ -119,6 +119,16 @@ pub enum Verb {
     /// Make this host a DR real server for the VIPs (needs no lbd): prints the commands and
     /// how to keep them across reboots, or runs them with --apply.
     DrSetup(DrSetupArgs),
+    /// Writes lbctl's man page and shell completions (for the package; needs no lbd).
+    #[command(hide = true)]
+    Generate {
+        /// Where lbctl.1 goes.
+        #[arg(long, value_name = "DIR")]
+        man_dir: PathBuf,
+        /// Where the bash, zsh and fish completions go.
+        #[arg(long, value_name = "DIR")]
+        completions_dir: PathBuf,
+    },
 }
 
 /// `dr-setup`'s options.
@@ -256,8 +266,8 @@ impl Verb {
                 );
             }
             Verb::Protocol(command) => command,
-            Verb::DrSetup(_) => {
-                return Err("dr-setup works on this host and sends nothing to lbd".into());
+            Verb::DrSetup(_) | Verb::Generate { .. } => {
+                return Err("this works on this host and sends nothing to lbd".into());
             }
         })
     }

@@ -50,10 +50,39 @@ fn exchange(socket: &Path, command: Command) -> Result<Reply, String> {
     }
 }
 
+/// Writes lbctl.1 into `man_dir` and lbctl's bash, zsh and fish completions into
+/// `completions_dir`, from the clap definitions.
+fn generate(man_dir: &Path, completions_dir: &Path) -> ExitCode {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    let written = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(man_dir)?;
+        std::fs::create_dir_all(completions_dir)?;
+        let mut page = Vec::new();
+        clap_mangen::Man::new(cli::Cli::command()).render(&mut page)?;
+        std::fs::write(man_dir.join("lbctl.1"), page)?;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            clap_complete::generate_to(shell, &mut cli::Cli::command(), "lbctl", completions_dir)?;
+        }
+        Ok(())
+    })();
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lbctl: generating the man page and completions: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     let command = match cli.command {
         cli::Verb::DrSetup(args) => return dr_setup::run(args, cli.json),
+        cli::Verb::Generate {
+            man_dir,
+            completions_dir,
+        } => return generate(&man_dir, &completions_dir),
         verb => verb.into_command(),
     };
     let command = match command {

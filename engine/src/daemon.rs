@@ -143,7 +143,7 @@ pub enum DaemonError {
 /// Runs the balancer with `config` (read from `config_path`, which `reload` re-reads) until
 /// SIGINT or SIGTERM.
 pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
-    let stop = stop_on_signals()?;
+    let (stop, reload) = stop_on_signals()?;
     let engine = &config.engine;
     let interface = engine.interface.as_str();
     let host = check_host(&config)?;
@@ -267,7 +267,10 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
         "lbd running"
     );
 
-    let failure = serve(&config, &control, &threads, &stop, &host);
+    // systemd (Type=notify): ready now that the VIPs are steered. Nothing to say elsewhere.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let failure = serve(&config, &control, &threads, &stop, &reload, &host);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 
     tracing::info!("stopping");
     stop.store(true, Ordering::Relaxed);
@@ -292,15 +295,19 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     failure.map_or(Ok(()), Err)
 }
 
-/// A flag that SIGINT or SIGTERM raises; a second signal, while stopping, exits at once.
-fn stop_on_signals() -> Result<Arc<AtomicBool>, DaemonError> {
+/// A flag that SIGINT or SIGTERM raises (a second signal, while stopping, exits at once), and
+/// one that SIGHUP raises (reload).
+fn stop_on_signals() -> Result<(Arc<AtomicBool>, Arc<AtomicBool>), DaemonError> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
             .map_err(DaemonError::Signals)?;
         signal_hook::flag::register(signal, Arc::clone(&stop)).map_err(DaemonError::Signals)?;
     }
-    Ok(stop)
+    let reload = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&reload))
+        .map_err(DaemonError::Signals)?;
+    Ok((stop, reload))
 }
 
 /// What lbd learns of the host at start.
@@ -469,6 +476,7 @@ fn serve(
     control: &Mutex<Control>,
     threads: &[(usize, JoinHandle<WorkerExit>)],
     stop: &AtomicBool,
+    reload: &AtomicBool,
     host: &HostAtStart,
 ) -> Option<DaemonError> {
     let engine = &config.engine;
@@ -508,6 +516,18 @@ fn serve(
                 && control.awaiting_macs()
             {
                 control.refresh_neighbours(false);
+            }
+        }
+        // SIGHUP: what `lbctl reload` does (systemd's ExecReload may send either).
+        if reload.swap(false, Ordering::Relaxed)
+            && let Ok(mut control) = control.lock()
+        {
+            let response = control.handle(lbd_proto::Command::Reload, crate::control::Role::Root);
+            match response.outcome {
+                lbd_proto::Outcome::Ok(_) => tracing::info!("SIGHUP: configuration reloaded"),
+                lbd_proto::Outcome::Error(error) => {
+                    tracing::error!(%error, "SIGHUP: reload refused; the running configuration stays")
+                }
             }
         }
         if !dr_interval.is_zero() && now >= next_dr_check {

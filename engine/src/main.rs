@@ -12,19 +12,54 @@ use std::process::ExitCode;
 #[command(name = "lbd", version, about)]
 struct Args {
     /// The configuration file (TOML).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    config: PathBuf,
+    #[arg(
+        long,
+        short = 'c',
+        value_name = "FILE",
+        required_unless_present = "generate_man"
+    )]
+    config: Option<PathBuf>,
     /// Validate the configuration file and exit: 0 when it is good.
     #[arg(long)]
     check: bool,
+    /// Write lbd.8, the man page, into DIR and exit (for the package).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_man: Option<PathBuf>,
+}
+
+/// Writes lbd.8 into `dir` from the clap definitions.
+fn generate_man(dir: &std::path::Path) -> ExitCode {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|()| {
+            clap_mangen::Man::new(Args::command())
+                .section("8")
+                .render(&mut page)
+        })
+        .and_then(|()| std::fs::write(dir.join("lbd.8"), &page));
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lbd: writing the man page: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = match Config::load(&args.config) {
+    if let Some(dir) = &args.generate_man {
+        return generate_man(dir);
+    }
+    let Some(config_path) = args.config else {
+        eprintln!("lbd: --config FILE is required");
+        return ExitCode::from(2);
+    };
+    let config = match Config::load(&config_path) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("lbd: {}: {error}", args.config.display());
+            eprintln!("lbd: {}: {error}", config_path.display());
             return ExitCode::from(2);
         }
     };
@@ -44,7 +79,7 @@ fn main() -> ExitCode {
     if args.check {
         println!(
             "{}: configuration is valid ({} service(s), {} real server(s))",
-            args.config.display(),
+            config_path.display(),
             config.services.len(),
             config
                 .services
@@ -55,7 +90,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     // `lbctl reload` and `config save` use this path later, whatever lbd's directory is then.
-    let path = std::path::absolute(&args.config).unwrap_or(args.config);
+    let path = std::path::absolute(&config_path).unwrap_or(config_path);
     match lbd_engine::daemon::run(config, &path) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

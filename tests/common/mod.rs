@@ -40,6 +40,8 @@ const LAB_PROGRAMS: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     ("chromium", "chromium"),
+    ("dpkg-deb", "dpkg"),
+    ("systemd-analyze", "systemd"),
     ("arping", "arping"),
     ("ping", "iputils-ping"),
     ("python3", "python3"),
@@ -286,6 +288,16 @@ impl Lbd {
     }
 
     /// Sends `signal` (TERM, INT), then returns the exit status and the log.
+    /// Sends `signal` (`HUP`, ...) and returns at once.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let sent = Command::new("kill")
+                .args([&format!("-{signal}"), &child.id().to_string()])
+                .status();
+            assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} lbd");
+        }
+    }
+
     pub fn stop_with(mut self, signal: &str) -> (std::process::ExitStatus, String) {
         let mut child = self.child.take().expect("running");
         let _ = Command::new("kill")
