@@ -179,7 +179,7 @@ fn prometheus_scrapes_per_server_counters_that_grow_with_traffic() {
         assert!(!line.contains('\u{1b}'), "colour codes in {line}");
     }
     assert!(
-        log.contains("\"message\":\"HTTP listener ready (/metrics)\""),
+        log.contains("\"message\":\"HTTP listener ready (/, /metrics)\""),
         "{log}"
     );
     for name in [

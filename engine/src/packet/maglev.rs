@@ -98,8 +98,7 @@ impl MaglevTable {
         (backend != NO_BACKEND).then_some(backend)
     }
 
-    /// All slots.
-    #[cfg(test)]
+    /// All slots (for tests and benchmarks).
     pub fn slots(&self) -> &[u16] {
         &self.slots
     }
