@@ -525,18 +525,7 @@ fn connections_keep_their_server_across_a_failover_after_the_server_set_changed(
     );
     let mut primary = Some(primary);
     let (ok, summary) = keepalive_every(&lab, &clients, &[], 8, 0.02, || {
-        let (added, text) = lbctl(
-            &lab,
-            1,
-            &[
-                "add-rip",
-                "Wowza GUI",
-                "Wowza Srv 2",
-                "--ip",
-                lab.fact("RS2_IP"),
-            ],
-        );
-        assert!(added, "{text}");
+        add_second_gui_server(&lab);
         // The passive node has it within a second...
         let deadline = Instant::now() + Duration::from_secs(1);
         while status_of(&lab, 2).services[0].real_servers.len() < 2 {
@@ -562,6 +551,22 @@ fn connections_keep_their_server_across_a_failover_after_the_server_set_changed(
         sync.entries_installed >= 2 * clients.len() as u64,
         "{sync:?}"
     );
+}
+
+/// Adds rs2 to "Wowza GUI" on the active node (node 1).
+fn add_second_gui_server(lab: &Lab) {
+    let (added, text) = lbctl(
+        lab,
+        1,
+        &[
+            "add-rip",
+            "Wowza GUI",
+            "Wowza Srv 2",
+            "--ip",
+            lab.fact("RS2_IP"),
+        ],
+    );
+    assert!(added, "{text}");
 }
 
 /// The real server (`rs1`, `rs2`) a new HTTP connection from `source` through the VIP reaches.
@@ -780,18 +785,7 @@ fn ipv6_clients_keep_their_server_across_a_failover_after_the_server_set_changed
     for client in &clients {
         assert_eq!(server_for6(client), "rs1");
     }
-    let (added, text) = lbctl(
-        &lab,
-        1,
-        &[
-            "add-rip",
-            "Wowza GUI",
-            "Wowza Srv 2",
-            "--ip",
-            lab.fact("RS2_IP"),
-        ],
-    );
-    assert!(added, "{text}");
+    add_second_gui_server(&lab);
     // New clients (each /64's second address) now spread: Maglev alone would move some of the
     // old ones too.
     let fresh = clients

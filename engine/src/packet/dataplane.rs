@@ -566,7 +566,6 @@ impl Dataplane {
             }
             self.service_sent(&ip, &self.v4, now_ms)?
         };
-        let snapshot = &*self.snapshot;
         let service = snapshot.services.get(usize::from(service_index))?;
         let mac = frame.get(field::ETH_DST)?;
         match service
