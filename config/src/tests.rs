@@ -1065,3 +1065,39 @@ fn ipv6_vips_and_real_servers_are_checked_like_ipv4_ones() {
     );
     assert_rejected(&snat, &format!("{service}.vip6"), "IPv4 VIP only");
 }
+
+#[test]
+fn the_status_pages_actions_need_the_listener_and_a_token() {
+    let with = |engine_lines: &str| {
+        MINIMAL.replacen(
+            "queues = [0]\n",
+            &format!("queues = [0]\n{engine_lines}"),
+            1,
+        )
+    };
+    assert_rejected(
+        &with("http_actions = true\nhttp_token_file = \"/etc/lbd/token\"\n"),
+        "engine.http_actions",
+        "needs engine.http_listen",
+    );
+    assert_rejected(
+        &with("http_listen = \"127.0.0.1:9180\"\nhttp_actions = true\n"),
+        "engine.http_token_file",
+        "required with http_actions",
+    );
+    assert_rejected(
+        &with("http_listen = \"127.0.0.1\"\n"),
+        "engine.http_listen",
+        "",
+    );
+    assert_rejected(&with("log_format = \"xml\"\n"), "engine.log_format", "");
+    let config = Config::from_toml_str(&with(
+        "http_listen = \"127.0.0.1:9180\"\nhttp_actions = true\nhttp_token_file = \"/etc/lbd/token\"\nlog_format = \"json\"\n",
+    ))
+    .expect("valid");
+    assert_eq!(config.engine.log_format, LogFormat::Json);
+    assert_eq!(
+        Config::from_toml_str(&config.to_toml_string()).expect("reads back"),
+        config
+    );
+}
