@@ -17,6 +17,7 @@
 //! gives the same table in any process on any machine, whatever the order in the config file.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Marks a slot that no backend owns (only when no backend has a non-zero weight).
@@ -35,10 +36,15 @@ pub struct Backend {
 }
 
 /// A filled Maglev lookup table: slot -> index into the backend list it was built from.
+///
+/// Cloning one is cheap (its slots are shared): a new snapshot takes the tables of the services
+/// a change did not touch from the one before ([`MaglevTable::build_reusing`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MaglevTable {
-    slots: Box<[u16]>,
+    slots: Arc<[u16]>,
     seed: u64,
+    /// The backends it was built from, in their order.
+    built_from: Arc<[Backend]>,
 }
 
 impl MaglevTable {
@@ -46,46 +52,30 @@ impl MaglevTable {
     /// slots. `size` must be prime (the config guarantees it) and larger than the number of
     /// backends.
     pub fn build(backends: &[Backend], size: u32, seed: u64) -> MaglevTable {
-        let size = size as usize;
-        debug_assert!(backends.len() <= MAX_BACKENDS);
-        let mut slots = vec![NO_BACKEND; size].into_boxed_slice();
-
-        // Fill order is by address so that config order does not matter.
-        let mut order: Vec<usize> = (0..backends.len())
-            .filter(|&i| backends[i].weight > 0)
-            .collect();
-        // IPv4 addresses first, each family by its octets.
-        order.sort_by_key(|&i| backends[i].ip);
-        if order.is_empty() || size == 0 {
-            return MaglevTable { slots, seed };
+        MaglevTable {
+            slots: fill(backends, size, seed).into(),
+            seed,
+            built_from: backends.into(),
         }
+    }
 
-        let quotas = quotas(backends, &order, size);
-        let mut state: Vec<Permutation> = order
-            .iter()
-            .map(|&i| Permutation::new(backends[i].ip, size, seed))
-            .collect();
-        let mut taken = vec![0usize; order.len()];
-        let mut filled = 0usize;
-        'fill: loop {
-            for (turn, &backend) in order.iter().enumerate() {
-                if taken[turn] >= quotas[turn] {
-                    continue;
-                }
-                // Walk this backend's permutation to its next free slot (section 3.4, Pseudocode 1).
-                let mut slot = state[turn].next(size);
-                while slots[slot] != NO_BACKEND {
-                    slot = state[turn].next(size);
-                }
-                slots[slot] = backend as u16;
-                taken[turn] += 1;
-                filled += 1;
-                if filled == size {
-                    break 'fill;
-                }
-            }
-        }
-        MaglevTable { slots, seed }
+    /// [`MaglevTable::build`], or a copy of one of `earlier` that was built from the same
+    /// backends (in the same order), size and seed: the same table, at the cost of a pointer.
+    pub fn build_reusing<'a>(
+        backends: &[Backend],
+        size: u32,
+        seed: u64,
+        earlier: impl IntoIterator<Item = &'a MaglevTable>,
+    ) -> MaglevTable {
+        earlier
+            .into_iter()
+            .find(|table| {
+                table.seed == seed
+                    && table.slots.len() == size as usize
+                    && *table.built_from == *backends
+            })
+            .cloned()
+            .unwrap_or_else(|| MaglevTable::build(backends, size, seed))
     }
 
     /// The backend index owning the slot for `key`, or `None` when the table is empty.
@@ -98,10 +88,85 @@ impl MaglevTable {
         (backend != NO_BACKEND).then_some(backend)
     }
 
+    /// True when both are the same table in memory (one was taken from the other).
+    pub fn is_shared_with(&self, other: &MaglevTable) -> bool {
+        Arc::ptr_eq(&self.slots, &other.slots)
+    }
+
     /// All slots (for tests and benchmarks).
     pub fn slots(&self) -> &[u16] {
         &self.slots
     }
+}
+
+/// Section 3.4's fill: slot -> index into `backends`.
+fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
+    let size = size as usize;
+    debug_assert!(backends.len() <= MAX_BACKENDS);
+    let mut slots = vec![NO_BACKEND; size].into_boxed_slice();
+    // Fill order is by address so that config order does not matter.
+    let mut order: Vec<usize> = (0..backends.len())
+        .filter(|&i| backends[i].weight > 0)
+        .collect();
+    // IPv4 addresses first, each family by its octets.
+    order.sort_by_key(|&i| backends[i].ip);
+    if order.is_empty() || size == 0 {
+        return slots;
+    }
+
+    let quotas = quotas(backends, &order, size);
+    let mut state: Vec<Permutation> = order
+        .iter()
+        .map(|&i| Permutation::new(backends[i].ip, size, seed))
+        .collect();
+    let mut taken = vec![0usize; order.len()];
+    let endgame = endgame_slots(size);
+    let modulus = Modulus::new(size);
+    // The free slots, once there are no more than `endgame` of them.
+    let mut free: Vec<usize> = Vec::new();
+    let mut filled = 0usize;
+    let mut turn = 0;
+    while filled < size {
+        if taken[turn] < quotas[turn] {
+            let permutation = &mut state[turn];
+            let free_slots = size - filled;
+            let slot = if free_slots > endgame {
+                // Walk this backend's permutation to its next free slot (section 3.4,
+                // Pseudocode 1).
+                let mut slot = permutation.next(size);
+                while slots[slot] != NO_BACKEND {
+                    slot = permutation.next(size);
+                }
+                slot
+            } else {
+                // Few free slots left: a walk would mostly meet taken ones (the last 1%
+                // of the table costs more than half of all steps). Every slot this
+                // backend's walk has passed is taken, so its next free slot is the free
+                // one earliest in its permutation: the same slot the walk would reach.
+                if free.is_empty() {
+                    free = (0..size).filter(|&s| slots[s] == NO_BACKEND).collect();
+                }
+                let Some((at, &slot)) = free
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|&(_, &s)| permutation.position(s, &modulus))
+                else {
+                    break; // Not reached: a slot is free while the table is not full.
+                };
+                free.swap_remove(at);
+                permutation.jump_to(slot);
+                slot
+            };
+            slots[slot] = order[turn] as u16;
+            taken[turn] += 1;
+            filled += 1;
+        }
+        turn += 1;
+        if turn == order.len() {
+            turn = 0;
+        }
+    }
+    slots
 }
 
 /// Per-backend slot quotas (in fill order) adding up to exactly `size`: the floor of each
@@ -127,12 +192,21 @@ fn quotas(backends: &[Backend], order: &[usize], size: usize) -> Vec<usize> {
     quotas
 }
 
+/// Below this many free slots, the fill finds each backend's next free slot by its place in
+/// the backend's permutation instead of walking to it: about `sqrt(M / 2)`, where the walk's
+/// expected `M / free` steps cost as much as a look at each free slot.
+fn endgame_slots(size: usize) -> usize {
+    (size / 2).isqrt().max(1)
+}
+
 /// A backend's walk through the table: `offset`, `offset + skip`, ... modulo `M`.
 #[derive(Debug)]
 struct Permutation {
     current: usize,
+    offset: usize,
     skip: usize,
-    started: bool,
+    /// `skip`'s inverse modulo `M`: the step count from `offset` to any slot.
+    inverse_skip: u64,
 }
 
 impl Permutation {
@@ -155,24 +229,79 @@ impl Permutation {
             1
         };
         Permutation {
-            current: offset,
+            // One step before the offset, so that the first step lands on it.
+            current: (offset + size - skip % size) % size,
+            offset,
             skip,
-            started: false,
+            inverse_skip: inverse_modulo(skip as u64, size as u64),
         }
+    }
+
+    /// How many steps from the start of the walk `slot` is.
+    #[inline]
+    fn position(&self, slot: usize, modulus: &Modulus) -> u64 {
+        let mut from_offset = slot + modulus.size - self.offset;
+        if from_offset >= modulus.size {
+            from_offset -= modulus.size;
+        }
+        modulus.reduce(from_offset as u64 * self.inverse_skip)
+    }
+
+    /// Continues the walk from `slot`, as if it had stepped there.
+    fn jump_to(&mut self, slot: usize) {
+        self.current = slot;
     }
 
     #[inline]
     fn next(&mut self, size: usize) -> usize {
-        if self.started {
-            self.current += self.skip;
-            if self.current >= size {
-                self.current -= size;
-            }
-        } else {
-            self.started = true;
-        }
+        // Without a branch: whether a step wraps is a coin toss the CPU would mispredict.
+        let step = self.current + self.skip;
+        self.current = step - size * usize::from(step >= size);
         self.current
     }
+}
+
+/// Reduction modulo the table size without a division (Barrett): a 64-bit `div` costs tens of
+/// cycles on the CPUs lbd runs on, and the end game reduces once per free slot per turn.
+#[derive(Debug)]
+struct Modulus {
+    size: usize,
+    /// `floor((2^64 - 1) / size)`.
+    reciprocal: u64,
+}
+
+impl Modulus {
+    fn new(size: usize) -> Modulus {
+        Modulus {
+            size,
+            reciprocal: u64::MAX / size as u64,
+        }
+    }
+
+    /// `value % size`, for `value` below `2^64 / 2` (the quotient estimate is short by at most
+    /// one then).
+    #[inline]
+    fn reduce(&self, value: u64) -> u64 {
+        let size = self.size as u64;
+        let quotient = ((u128::from(value) * u128::from(self.reciprocal)) >> 64) as u64;
+        let mut rest = value - quotient * size;
+        while rest >= size {
+            rest -= size;
+        }
+        rest
+    }
+}
+
+/// `value`'s inverse modulo the prime `modulus` (extended Euclid); 1 for a modulus of 1.
+fn inverse_modulo(value: u64, modulus: u64) -> u64 {
+    let (mut old_r, mut r) = (i128::from(value), i128::from(modulus));
+    let (mut old_s, mut s) = (1i128, 0i128);
+    while r != 0 {
+        let quotient = old_r / r;
+        (old_r, r) = (r, old_r - quotient * r);
+        (old_s, s) = (s, old_s - quotient * s);
+    }
+    old_s.rem_euclid(i128::from(modulus)) as u64
 }
 
 #[cfg(test)]
@@ -191,6 +320,41 @@ mod tests {
                 weight: weight(i),
             })
             .collect()
+    }
+
+    /// The paper's fill as it reads, one step at a time to each backend's next free slot.
+    fn plain_walk(backends: &[Backend], size: u32, seed: u64) -> Vec<u16> {
+        let size = size as usize;
+        let mut slots = vec![NO_BACKEND; size];
+        let mut order: Vec<usize> = (0..backends.len())
+            .filter(|&i| backends[i].weight > 0)
+            .collect();
+        order.sort_by_key(|&i| backends[i].ip);
+        if order.is_empty() {
+            return slots;
+        }
+        let quotas = quotas(backends, &order, size);
+        let mut walks: Vec<Permutation> = order
+            .iter()
+            .map(|&i| Permutation::new(backends[i].ip, size, seed))
+            .collect();
+        let mut taken = vec![0usize; order.len()];
+        let mut filled = 0;
+        while filled < size {
+            for (turn, &backend) in order.iter().enumerate() {
+                if taken[turn] == quotas[turn] || filled == size {
+                    continue;
+                }
+                let mut slot = walks[turn].next(size);
+                while slots[slot] != NO_BACKEND {
+                    slot = walks[turn].next(size);
+                }
+                slots[slot] = backend as u16;
+                taken[turn] += 1;
+                filled += 1;
+            }
+        }
+        slots
     }
 
     fn counts(table: &MaglevTable, n: usize) -> Vec<usize> {
@@ -297,6 +461,20 @@ mod tests {
             }
             prop_assert!(moved_elsewhere as f64 <= f64::from(M) * 0.01,
                 "{moved_elsewhere} slots of surviving backends moved (n = {n})");
+        }
+
+        /// The end game (free slots found by their place in each permutation) gives exactly
+        /// the table of the plain walk, for tables of any size and any weights.
+        #[test]
+        fn the_fill_is_the_plain_walk(
+            size in prop::sample::select(vec![2u32, 3, 7, 13, 251, 1021, 4093, 65537]),
+            weights in prop::collection::vec(0u16..=300, 1..=60),
+            seed in any::<u64>(),
+        ) {
+            let n = weights.len().min(size as usize - 1);
+            let list = backends(n, |i| weights[i]);
+            let table = MaglevTable::build(&list, size, seed);
+            prop_assert_eq!(table.slots(), &plain_walk(&list, size, seed)[..]);
         }
 
         #[test]
