@@ -364,6 +364,21 @@ impl Snapshot {
         mac_of: impl Fn(IpAddr) -> Option<[u8; 6]>,
         state_of: impl Fn(&str, &str) -> S,
     ) -> Snapshot {
+        Snapshot::build_after(None, config, ids, own_mac, generation, mac_of, state_of)
+    }
+
+    /// [`Snapshot::build`], taking from `previous` the Maglev tables of the services whose
+    /// servers, weights and states did not change: a change costs what it changes, not a
+    /// table per service.
+    pub fn build_after<S: Into<ServerState>>(
+        previous: Option<&Snapshot>,
+        config: &Config,
+        ids: &mut ServiceIds,
+        own_mac: [u8; 6],
+        generation: u64,
+        mac_of: impl Fn(IpAddr) -> Option<[u8; 6]>,
+        state_of: impl Fn(&str, &str) -> S,
+    ) -> Snapshot {
         ids.sync(config);
         let mut vips = HashSet::new();
         let mut by_port = PortMap::default();
@@ -442,6 +457,25 @@ impl Snapshot {
                 backends(RealServerEntry::takes_known_clients, |rs| rs.known_weight);
             let seed = config.engine.hash_seed;
             let id = ids.get(&service.label).unwrap_or(u32::MAX);
+            let earlier: Vec<&MaglevTable> = previous
+                .and_then(|snapshot| {
+                    let index = *snapshot.by_id.get(&id)?;
+                    snapshot.services.get(usize::from(index))
+                })
+                .map(|before| {
+                    std::iter::once(&before.table)
+                        .chain(&before.known_table)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let table = |backends: &[Backend]| {
+                MaglevTable::build_reusing(
+                    backends,
+                    service.table_size,
+                    seed,
+                    earlier.iter().copied(),
+                )
+            };
             by_id.insert(id, index);
             // Peers name a service by its VIP (an IPv6-only one by a fold of it, marked in
             // bit 24, which no IPv4 key sets), protocol and first port.
@@ -465,9 +499,8 @@ impl Snapshot {
                 id,
                 wire_key,
                 persistence_timeout_ms: u64::from(service.persistence_timeout_s) * 1000,
-                table: MaglevTable::build(&new_clients, service.table_size, seed),
-                known_table: (known_clients != new_clients)
-                    .then(|| MaglevTable::build(&known_clients, service.table_size, seed)),
+                table: table(&new_clients),
+                known_table: (known_clients != new_clients).then(|| table(&known_clients)),
                 real_servers,
                 by_ip,
                 fallback: service.fallback.map(|ip| (real_server_key(ip), mac_of(ip))),
@@ -536,6 +569,75 @@ mod tests {
             Some(header(table_mac))
         );
         assert_eq!(servers[2].forward_header, None);
+    }
+
+    /// A change rebuilds the tables of the service it touches; every other service keeps its
+    /// tables, and a rebuilt table is the one a build from nothing gives.
+    #[test]
+    fn a_change_rebuilds_only_the_tables_it_touches() {
+        let text = |weight: u16| {
+            let mut text = String::from("[engine]\ninterface = \"eth0\"\nqueues = [0]\n");
+            for service in 0..3 {
+                text += &format!(
+                    "[[service]]\nlabel = \"s{service}\"\nvip = \"198.18.0.100\"\nports = {}\n\
+                     table_size = 251\n",
+                    1000 + service
+                );
+                for rs in 0..3 {
+                    let weight = if service == 1 && rs == 0 { weight } else { 100 };
+                    text += &format!(
+                        "[[service.real_server]]\nlabel = \"r{rs}\"\nip = \"198.18.0.{}\"\n\
+                         weight = {weight}\n",
+                        11 + rs
+                    );
+                }
+            }
+            Config::from_toml_str(&text).expect("valid")
+        };
+        let mut ids = ServiceIds::default();
+        let state = |drained: Option<&'static str>| {
+            move |service: &str, rs: &str| {
+                if drained == Some(service) && rs == "r2" {
+                    AdminState::Drain
+                } else {
+                    AdminState::Online
+                }
+            }
+        };
+        let mac = |_| Some([2, 0, 0, 0, 0, 0x11]);
+        let first = Snapshot::build(&text(100), &mut ids, [2; 6], 1, mac, state(None));
+        let build = |previous, config: &Config, ids: &mut ServiceIds, drained| {
+            Snapshot::build_after(previous, config, ids, [2; 6], 2, mac, state(drained))
+        };
+        let reweighted = build(Some(&first), &text(50), &mut ids, None);
+        let fresh = build(None, &text(50), &mut ServiceIds::default(), None);
+        for (index, service) in reweighted.services.iter().enumerate() {
+            let before = &first.services[index].table;
+            assert_eq!(
+                service.table.is_shared_with(before),
+                index != 1,
+                "service {index}"
+            );
+            assert_eq!(
+                service.table, fresh.services[index].table,
+                "service {index}"
+            );
+        }
+        // Draining a server changes the new clients' table only: the table of known clients
+        // is the one new clients had.
+        let drained = build(Some(&reweighted), &text(50), &mut ids, Some("s2"));
+        let (before, after) = (&reweighted.services[2], &drained.services[2]);
+        assert!(!after.table.is_shared_with(&before.table));
+        let known = after
+            .known_table
+            .as_ref()
+            .expect("a drained server has known clients");
+        assert!(known.is_shared_with(&before.table));
+        assert!(
+            drained.services[0]
+                .table
+                .is_shared_with(&reweighted.services[0].table)
+        );
     }
 
     #[test]
