@@ -6,6 +6,7 @@
 //! by the reason, so an operator can find the line to fix.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
@@ -960,6 +961,26 @@ impl PortSet {
     }
 }
 
+/// The lowest port of `ports` that `served` (disjoint ranges: start -> (end, service)) holds,
+/// with the service that holds it.
+fn first_served(served: &BTreeMap<u16, (u16, usize)>, ports: &PortSet) -> Option<(u16, usize)> {
+    ports.ranges.iter().find_map(|&(start, end)| {
+        // A served range that begins at or before `start` and reaches it...
+        let covering = served
+            .range(..=start)
+            .next_back()
+            .filter(|(_, (served_end, _))| *served_end >= start)
+            .map(|(_, &(_, service))| (start, service));
+        // ...or the first that begins inside `start..=end`.
+        covering.or_else(|| {
+            served
+                .range(start..=end)
+                .next()
+                .map(|(&served_start, &(_, service))| (served_start, service))
+        })
+    })
+}
+
 impl FromStr for PortSet {
     type Err = String;
 
@@ -1151,6 +1172,15 @@ impl Config {
             ));
         }
         let mut vips = std::collections::HashSet::new();
+        // What the services before this one hold, so that each is checked against them all
+        // in one look-up rather than one comparison per earlier service: a change to a
+        // config of a thousand services is validated in its length, not its square.
+        let mut labels: HashMap<&str, usize> = HashMap::new();
+        // A VIP's mode is its first service's.
+        let mut vip_modes: HashMap<IpAddr, (ServiceMode, usize)> = HashMap::new();
+        // Per VIP and protocol, the port ranges served so far (disjoint): start -> (end,
+        // service).
+        let mut served: HashMap<(IpAddr, Protocol), BTreeMap<u16, (u16, usize)>> = HashMap::new();
         for (i, service) in self.services.iter().enumerate() {
             let path = format!("service[{i}] {:?}", service.label);
             service.check(&path)?;
@@ -1166,40 +1196,42 @@ impl Config {
                     ));
                 }
             }
-            for (j, earlier) in self.services[..i].iter().enumerate() {
-                if earlier.label == service.label {
-                    return Err(ConfigError::new(
-                        format!("{path}.label"),
-                        format!("duplicate label, also used by service[{j}]"),
-                    ));
-                }
+            if let Some(&j) = labels.get(service.label.as_str()) {
+                return Err(ConfigError::new(
+                    format!("{path}.label"),
+                    format!("duplicate label, also used by service[{j}]"),
+                ));
+            }
+            labels.insert(&service.label, i);
+            for vip in service.vips() {
                 // A DR VIP is lbd's (it answers ARP, the XDP program takes its frames); a SNAT
                 // VIP is the host's (HAProxy listens on it).
-                let Some(shared) = service.vips().find(|&vip| earlier.has_vip(vip)) else {
-                    continue;
-                };
-                if earlier.mode != service.mode {
+                let &mut (mode, j) = vip_modes.entry(vip).or_insert((service.mode, i));
+                if mode != service.mode {
+                    let earlier = &self.services[j];
                     return Err(ConfigError::new(
                         format!("{path}.mode"),
                         format!(
-                            "{shared} is the VIP of service[{j}] {:?} in mode {}: a VIP serves \
+                            "{vip} is the VIP of service[{j}] {:?} in mode {}: a VIP serves \
                              one mode, dr or snat",
                             earlier.label, earlier.mode
                         ),
                     ));
                 }
-                if earlier.protocol == service.protocol
-                    && let Some(port) = earlier.ports.first_common(&service.ports)
-                {
+                let ranges = served.entry((vip, service.protocol)).or_default();
+                if let Some((port, j)) = first_served(ranges, &service.ports) {
                     return Err(ConfigError::new(
                         format!("{path}.ports"),
                         format!(
                             "{}:{port}/{} is already served by service[{j}] {:?}",
-                            SocketAddrText(shared),
+                            SocketAddrText(vip),
                             service.protocol,
-                            earlier.label
+                            self.services[j].label
                         ),
                     ));
+                }
+                for &(start, end) in &service.ports.ranges {
+                    ranges.insert(start, (end, i));
                 }
             }
         }
@@ -1482,40 +1514,37 @@ impl Service {
             }
         }
         for (i, rs) in self.real_servers.iter().enumerate() {
-            let rs_path = format!("{path}.real_server[{i}]");
+            // Formatted only for an error: this runs for every server with every change.
+            let rs_path = |field: &str| format!("{path}.real_server[{i}].{field}");
             if let Some(check) = &rs.health_check {
-                check.check(&format!("{rs_path}.health_check"))?;
+                check.check(&rs_path("health_check"))?;
             }
             if rs.label.trim().is_empty() {
-                return Err(ConfigError::new(
-                    format!("{rs_path}.label"),
-                    "must not be empty",
-                ));
+                return Err(ConfigError::new(rs_path("label"), "must not be empty"));
             }
-            check_unicast(rs.ip)
-                .map_err(|reason| ConfigError::new(format!("{rs_path}.ip"), reason))?;
+            check_unicast(rs.ip).map_err(|reason| ConfigError::new(rs_path("ip"), reason))?;
             if self.has_vip(rs.ip) {
                 return Err(ConfigError::new(
-                    format!("{rs_path}.ip"),
+                    rs_path("ip"),
                     "is the service's VIP; a real server needs its own address",
                 ));
             }
             for (j, earlier) in self.real_servers[..i].iter().enumerate() {
                 if earlier.label == rs.label {
                     return Err(ConfigError::new(
-                        format!("{rs_path}.label"),
+                        rs_path("label"),
                         format!("duplicate label {:?}, also real_server[{j}]", rs.label),
                     ));
                 }
                 if earlier.ip == rs.ip {
                     return Err(ConfigError::new(
-                        format!("{rs_path}.ip"),
+                        rs_path("ip"),
                         format!("{} is already real_server[{j}] {:?}", rs.ip, earlier.label),
                     ));
                 }
                 if real_server_key(earlier.ip) == real_server_key(rs.ip) {
                     return Err(ConfigError::new(
-                        format!("{rs_path}.ip"),
+                        rs_path("ip"),
                         format!(
                             "{} and real_server[{j}] {:?} ({}) share the packet path's 32-bit \
                              key for a server; give one another address",
@@ -1526,7 +1555,7 @@ impl Service {
             }
             if rs.max_connections != 0 && rs.min_connections > rs.max_connections {
                 return Err(ConfigError::new(
-                    format!("{rs_path}.min_connections"),
+                    rs_path("min_connections"),
                     format!(
                         "{} is above max_connections ({})",
                         rs.min_connections, rs.max_connections
@@ -1537,7 +1566,7 @@ impl Service {
                 && (mac[0] & 1 != 0 || mac == [0; 6])
             {
                 return Err(ConfigError::new(
-                    format!("{rs_path}.mac"),
+                    rs_path("mac"),
                     format!("{} is not a unicast address", MacAddr(mac)),
                 ));
             }
@@ -1578,13 +1607,16 @@ fn is_prime(n: u32) -> bool {
     if n < 2 {
         return false;
     }
-    let n = u64::from(n);
-    let mut d = 2u64;
-    while d * d <= n {
+    // Odd divisors in 32 bits: checked for every service with every change.
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let mut d = 3u32;
+    while u64::from(d) * u64::from(d) <= u64::from(n) {
         if n.is_multiple_of(d) {
             return false;
         }
-        d += 1;
+        d += 2;
     }
     true
 }

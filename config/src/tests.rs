@@ -419,6 +419,42 @@ fn overlapping_services_are_rejected_naming_both() {
     );
 }
 
+/// Overlaps are found against every earlier service on the VIP, at the first shared port,
+/// whichever range of either side it falls in.
+#[test]
+fn the_first_shared_port_is_named_with_its_service() {
+    let services = |ports: &[&str]| {
+        let mut text = String::from("[engine]\ninterface = \"eth0\"\nqueues = [0]\n");
+        for (i, ports) in ports.iter().enumerate() {
+            text += &format!(
+                "[[service]]\nlabel = \"s{i}\"\nvip = \"198.18.0.100\"\nports = \"{ports}\"\n"
+            );
+        }
+        text
+    };
+    // Neighbours that touch but do not overlap are fine.
+    Config::from_toml_str(&services(&["1000-1010", "1011", "990-999,1012-2000", "80"]))
+        .expect("disjoint");
+    for (ports, port, owner) in [
+        ("1005", 1005, "s0"),
+        ("900-1000", 990, "s2"),
+        ("1001-1002", 1001, "s0"),
+        ("1011-1011", 1011, "s1"),
+        ("2000-3000", 2000, "s2"),
+        ("1-79,995", 995, "s2"),
+        ("81-90,1500,1010", 1010, "s0"),
+    ] {
+        assert_rejected(
+            &services(&["1000-1010", "1011", "990-999,1012-2000", ports]),
+            "service[3] \"s3\".ports",
+            &format!(
+                "198.18.0.100:{port}/tcp is already served by service[{}] \"{owner}\"",
+                &owner[1..]
+            ),
+        );
+    }
+}
+
 #[test]
 fn port_sets_parse_merge_and_print() {
     let parse = |s: &str| s.parse::<PortSet>().expect("valid");
