@@ -1,19 +1,29 @@
-//! Criterion benchmark of a live change reaching the packet path: the time from publishing a new
-//! snapshot (what every `lbctl` change ends with) until every worker reports using it, which is
-//! when lbd acknowledges the change.
+//! Criterion benchmarks of a live change (`cargo bench -p lbd-engine --bench control`):
 //!
-//! `cargo bench -p lbd-engine --bench control` runs one and then two workers over in-memory
-//! rings that never sleep, as workers under load do: a busy worker checks its commands between
-//! batches. An idle worker sleeps in poll() on its socket for at most 10 ms and
-//! takes the change when it wakes, so that is the worst case on an idle balancer.
+//! - `change_acknowledged_by_N_busy_workers`: the time from publishing a new snapshot (what
+//!   every `lbctl` change ends with) until every worker reports using it, which is when lbd
+//!   acknowledges the change; one and then two workers over in-memory rings that never sleep,
+//!   as workers under load do (a busy worker checks its commands between batches). An idle
+//!   worker sleeps in poll() on its socket for at most 10 ms and takes the change when it
+//!   wakes, so that is the worst case on an idle balancer.
+//! - `set_weight_with_N_services`: a whole `lbctl set-weight` as the control socket hands it
+//!   to lbd's control (validation, this host's addresses read over netlink, the snapshot, the
+//!   busy worker's acknowledgement), with 1, 100 and 1000 services of 10 real servers each
+//!   (table_size 65537). The change touches one service, so it should cost the same whatever
+//!   the number of services.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use crossbeam::channel::unbounded;
 use lbd_config::Config;
-use lbd_engine::control::{WorkerLink, publish};
+use lbd_engine::control::{Control, Doors, Role, SystemClock, WorkerLink, publish};
+use lbd_engine::io::host::SystemHost;
+use lbd_engine::io::steer::{SteerError, VipSteering};
 use lbd_engine::io::worker::{Rings, Worker, WorkerSettings};
+use lbd_engine::l7::Haproxy;
 use lbd_engine::packet::dataplane::{Dataplane, TableSizes};
 use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
+use lbd_proto::{Command, Outcome, Reply, WeightChange};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -115,5 +125,110 @@ fn change_to(c: &mut Criterion, workers: u32) {
     }
 }
 
-criterion_group!(benches, change_to_workers);
+/// The steering map's part: nothing to steer outside a real interface (the daemon's map
+/// update is one BPF syscall per VIP that arrives or leaves, and this change moves none).
+#[derive(Debug)]
+struct NoSteering;
+
+impl VipSteering for NoSteering {
+    fn add_vip(&mut self, _vip: IpAddr, _answer_arp: bool) -> Result<(), SteerError> {
+        Ok(())
+    }
+    fn remove_vip(&mut self, _vip: IpAddr) -> Result<(), SteerError> {
+        Ok(())
+    }
+    fn set_probe_sources(&mut self, _sources: &[IpAddr]) -> Result<(), SteerError> {
+        Ok(())
+    }
+}
+
+/// `services` services of 10 real servers each (the same pool behind every VIP, MACs pinned
+/// so that every server takes clients), on 1000 ports of each of as many VIPs as it takes.
+fn large_config(services: usize) -> Config {
+    let mut text = String::from("[engine]\ninterface = \"lo\"\nqueues = [0]\n");
+    for service in 0..services {
+        text += &format!(
+            "\n[[service]]\nlabel = \"s{service}\"\nvip = \"198.18.{}.100\"\nports = {}\n\
+             table_size = 65537\n",
+            service / 1000,
+            1000 + service % 1000
+        );
+        for rs in 0..10 {
+            text += &format!(
+                "[[service.real_server]]\nlabel = \"r{rs}\"\nip = \"198.19.0.{}\"\n\
+                 mac = \"02:00:00:00:01:{rs:02x}\"\n",
+                11 + rs
+            );
+        }
+    }
+    Config::from_toml_str(&text).expect("bench config is valid")
+}
+
+fn change_latency(c: &mut Criterion) {
+    let mut group = c.benchmark_group("change_latency");
+    for services in [1, 100, 1000] {
+        set_weight_with(&mut group, services);
+    }
+    group.finish();
+}
+
+fn set_weight_with(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    services: usize,
+) {
+    let config = large_config(services);
+    let path = std::env::temp_dir().join(format!("lbd-bench-control-{}.toml", std::process::id()));
+    let mut control = Control::new(
+        config.clone(),
+        path,
+        [2, 0, 0, 0, 0, 2],
+        Default::default(),
+        Doors {
+            steering: Box::new(NoSteering),
+            host: Box::new(SystemHost {
+                interface: "lo".into(),
+            }),
+            clock: Box::new(SystemClock),
+            // No SNAT service: HAProxy is never started.
+            layer7: Box::new(Haproxy::new(&config)),
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (commands, receiver) = unbounded();
+    let applied = Arc::new(AtomicU64::new(0));
+    let dataplane = Dataplane::new(Arc::clone(control.snapshot()), TableSizes::default());
+    let worker = {
+        let (stop, seen) = (Arc::clone(&stop), Arc::clone(&applied));
+        std::thread::spawn(move || {
+            let mut worker = Worker::new(BusyRings, dataplane, WorkerSettings::default());
+            worker.run(&stop, &receiver, &seen);
+        })
+    };
+    control.attach_workers(vec![WorkerLink {
+        queue: 0,
+        commands,
+        applied,
+    }]);
+    let mut weight = 100;
+    group.bench_function(format!("set_weight_with_{services}_services"), |b| {
+        b.iter(|| {
+            // The first service's first server, 100 <-> 101: one table to build.
+            weight = 201 - weight;
+            let change = Command::SetWeight(WeightChange {
+                service: "s0".into(),
+                label: "r0".into(),
+                weight,
+            });
+            let response = control.handle(change, Role::Root);
+            assert!(
+                matches!(response.outcome, Outcome::Ok(Reply::Done { .. })),
+                "{response:?}"
+            );
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    let _ = worker.join();
+}
+
+criterion_group!(benches, change_to_workers, change_latency);
 criterion_main!(benches);

@@ -129,6 +129,11 @@ impl Tracker {
         self.health.get(key).cloned().unwrap_or_default()
     }
 
+    /// Whether a server takes traffic (servers start up), without a copy of its last result.
+    pub fn is_up(&self, key: &(String, String)) -> bool {
+        self.health.get(key).is_none_or(|health| health.up)
+    }
+
     /// Sets a server up or down, as another node's checks found it: the next results count
     /// from there.
     pub fn set(&mut self, key: (String, String), up: bool) {

@@ -136,26 +136,36 @@ impl OperatorStates {
 
     /// Remembers the weight of each server that `new` gives weight 0 and `old` did not.
     fn note_weights(&mut self, old: &Config, new: &Config) {
-        let old_weights: HashMap<(&str, &str), u16> = old
-            .services
-            .iter()
-            .flat_map(|s| {
-                s.real_servers
-                    .iter()
-                    .map(move |rs| ((s.label.as_str(), rs.label.as_str()), rs.weight))
-            })
-            .collect();
+        fn weights(config: &Config) -> HashMap<(&str, &str), u16> {
+            config
+                .services
+                .iter()
+                .flat_map(|s| {
+                    s.real_servers
+                        .iter()
+                        .map(move |rs| ((s.label.as_str(), rs.label.as_str()), rs.weight))
+                })
+                .collect()
+        }
+        // Only servers at weight 0 need a look at the old config (usually none): this runs
+        // with every change, whatever the number of servers.
+        if !self.weight_before_zero.is_empty() {
+            let new_weights = weights(new);
+            self.weight_before_zero.retain(|(service, rs), _| {
+                new_weights
+                    .get(&(service.as_str(), rs.as_str()))
+                    .is_none_or(|&weight| weight == 0)
+            });
+        }
+        let mut old_weights = None;
         for service in &new.services {
-            for rs in &service.real_servers {
-                let key = (service.label.clone(), rs.label.clone());
-                match old_weights.get(&(service.label.as_str(), rs.label.as_str())) {
-                    _ if rs.weight > 0 => {
-                        self.weight_before_zero.remove(&key);
-                    }
-                    Some(&before) if before > 0 => {
-                        self.weight_before_zero.insert(key, before);
-                    }
-                    _ => {}
+            for rs in service.real_servers.iter().filter(|rs| rs.weight == 0) {
+                let old_weights = old_weights.get_or_insert_with(|| weights(old));
+                if let Some(&before) = old_weights.get(&(service.label.as_str(), rs.label.as_str()))
+                    && before > 0
+                {
+                    self.weight_before_zero
+                        .insert((service.label.clone(), rs.label.clone()), before);
                 }
             }
         }
@@ -930,9 +940,20 @@ impl Control {
         self.operator = operator;
         self.ids = ids;
         self.snapshot = snapshot;
-        let checked: BTreeSet<(String, String)> =
-            self.health_targets().iter().map(Target::key).collect();
-        self.health.retain(|key| checked.contains(key));
+        // Forget the health of servers no longer checked (borrowed look-ups: no copy of every
+        // server's name per change).
+        let checked: HashMap<&str, &lbd_config::Service> = self
+            .config
+            .services
+            .iter()
+            .filter(|service| layer7::is_dr(service))
+            .map(|service| (service.label.as_str(), service))
+            .collect();
+        self.health.retain(|(service, rs)| {
+            checked
+                .get(service.as_str())
+                .is_some_and(|service| service.real_servers.iter().any(|r| &r.label == rs))
+        });
         if !lagging.is_empty() {
             tracing::error!(
                 generation = self.snapshot.generation,
@@ -974,7 +995,8 @@ impl Control {
         ids: &mut ServiceIds,
         generation: u64,
     ) -> Snapshot {
-        let mut snapshot = Snapshot::build(
+        let mut snapshot = Snapshot::build_after(
+            Some(&self.snapshot),
             config,
             ids,
             self.own_mac,
@@ -983,7 +1005,7 @@ impl Control {
             |service, rs| {
                 let key = (service.to_owned(), rs.to_owned());
                 ServerState {
-                    healthy: self.health.get(&key).up,
+                    healthy: self.health.is_up(&key),
                     full: self.full.contains(&key),
                     ..operator.state_of(&key)
                 }

@@ -110,7 +110,7 @@ impl Control {
                     let key = (service.label.clone(), rs.label.clone());
                     let state = self.operator.state_of(&key);
                     ServerReplica {
-                        healthy: self.health.get(&key).up,
+                        healthy: self.health.is_up(&key),
                         full: self.full.contains(&key),
                         admin: admin_name(state.admin).to_owned(),
                         weight_before_zero: state.weight_before_zero,
