@@ -5,7 +5,10 @@
 //! spread over the tables; after the first pass every connection is in the flow and
 //! persistence tables: the warm path) and for the ARP path (requests for the VIP answered),
 //! then the same two for IPv6: forwarding to the service's IPv6 VIP (IPv6 has tables of its
-//! own) and Neighbor Solicitations for it answered.
+//! own) and Neighbor Solicitations for it answered. Those forwarding rows send SYNs; one more
+//! row sends what an established connection carries, from 65536 clients (a flow table larger
+//! than the CPU's caches): ACKs and 1000-byte data segments on connections whose handshake
+//! completed in the warm-up, 4096 of them per iteration, a different 4096 each time.
 //! The frames sit in one buffer of 2048-byte frames, as in the worker's UMEM. Every verdict is
 //! checked: a change that drops frames fails the benchmark instead of speeding it up.
 
@@ -23,6 +26,8 @@ use std::time::{Duration, Instant};
 const OWN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const CLIENTS: usize = 4096;
+/// Clients of the established-traffic row: all of 198.19.0.0/16.
+const MANY_CLIENTS: usize = 65_536;
 /// 2001:2::/48 is IPv6's benchmarking range (RFC 5180), as 198.18.0.0/15 is IPv4's.
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 2, 0, 0, 0, 0, 0, 0x100);
 
@@ -73,6 +78,32 @@ fn syn_frames(
         .collect()
 }
 
+/// Client `i`'s connection as it runs after the handshake: even clients send a bare ACK,
+/// odd ones an ACK with 1000 bytes of data (PSH), as a stream's uplink and an upload do.
+fn established_frames() -> Vec<Vec<u8>> {
+    (0..MANY_CLIENTS)
+        .map(|i| {
+            let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+                .ipv4([198, 19, (i >> 8) as u8, i as u8], [198, 18, 0, 100], 64)
+                .tcp(40000 + (i % 20000) as u16, 1935, 2, 64240)
+                .ack(1);
+            let payload = if i % 2 == 1 {
+                vec![0x5a; 1000]
+            } else {
+                Vec::new()
+            };
+            let builder = if payload.is_empty() {
+                builder
+            } else {
+                builder.psh()
+            };
+            let mut frame = Vec::new();
+            builder.write(&mut frame, &payload).expect("write");
+            frame
+        })
+        .collect()
+}
+
 fn arp_frames() -> Vec<Vec<u8>> {
     (0..CLIENTS)
         .map(|i| {
@@ -115,12 +146,25 @@ const FRAME_SIZE: usize = 2048;
 /// the start, so connection timeouts move on as they do under real traffic. One pass before
 /// timing fills the tables; every frame must be sent, in that pass and in every iteration.
 fn bench_path(c: &mut Criterion, name: &str, frames: Vec<Vec<u8>>) {
+    bench_window(c, name, &[], frames, CLIENTS);
+}
+
+/// [`bench_path`] after `setup` (processed once, each frame sent), `per_iteration` frames an
+/// iteration: the next ones in `frames` each time, round.
+fn bench_window(
+    c: &mut Criterion,
+    name: &str,
+    setup: &[Vec<u8>],
+    frames: Vec<Vec<u8>>,
+    per_iteration: usize,
+) {
     let mut dp = dataplane();
     let epoch = Instant::now();
-    for (index, frame) in frames.iter().enumerate() {
+    for (index, frame) in setup.iter().chain(&frames).enumerate() {
         let verdict = dp.process(&mut frame.clone(), 1_000);
         assert_eq!(verdict, Verdict::Transmit, "{name}: frame {index}");
     }
+    assert_eq!(frames.len() % per_iteration, 0, "{name}: whole windows");
     // The frames as received, laid out as in the UMEM, and their lengths (what the RX
     // descriptors give); restoring is then a copy between two buffers of the same layout.
     let mut pristine = vec![0u8; frames.len() * FRAME_SIZE];
@@ -129,16 +173,23 @@ fn bench_path(c: &mut Criterion, name: &str, frames: Vec<Vec<u8>>) {
     }
     let lens: Vec<usize> = frames.iter().map(Vec::len).collect();
     let mut umem = pristine.clone();
+    let windows = frames.len() / per_iteration;
+    let mut window = 0;
     let mut group = c.benchmark_group("dataplane");
-    group.throughput(Throughput::Elements(frames.len() as u64));
+    group.throughput(Throughput::Elements(per_iteration as u64));
     group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut timed = Duration::ZERO;
             for _ in 0..iters {
+                let bytes =
+                    window * per_iteration * FRAME_SIZE..(window + 1) * per_iteration * FRAME_SIZE;
+                let lens = &lens[window * per_iteration..(window + 1) * per_iteration];
+                window = (window + 1) % windows;
+                let umem = &mut umem[bytes.clone()];
                 for ((slot, copy), &len) in umem
                     .chunks_exact_mut(FRAME_SIZE)
-                    .zip(pristine.chunks_exact(FRAME_SIZE))
-                    .zip(&lens)
+                    .zip(pristine[bytes].chunks_exact(FRAME_SIZE))
+                    .zip(lens)
                 {
                     slot[..len].copy_from_slice(&copy[..len]);
                 }
@@ -146,7 +197,7 @@ fn bench_path(c: &mut Criterion, name: &str, frames: Vec<Vec<u8>>) {
                 let start = Instant::now();
                 // Counted without a branch, checked after the clock stops.
                 let mut sent = 0;
-                for (slot, &len) in umem.chunks_exact_mut(FRAME_SIZE).zip(&lens) {
+                for (slot, &len) in umem.chunks_exact_mut(FRAME_SIZE).zip(lens) {
                     let verdict = dp.process(black_box(&mut slot[..len]), now_ms);
                     sent += usize::from(verdict == Verdict::Transmit);
                 }
@@ -165,6 +216,30 @@ fn forwarding(c: &mut Criterion) {
     bench_path(c, "forward_warm_flow_table", frames);
 }
 
+fn established(c: &mut Criterion) {
+    let many = |i: usize| [198, 19, (i >> 8) as u8, i as u8];
+    // The handshakes' SYNs, from the same ports as the segments after them.
+    let syns: Vec<Vec<u8>> = (0..MANY_CLIENTS)
+        .map(|i| {
+            let mut frame = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+                .ipv4(many(i), [198, 18, 0, 100], 64)
+                .tcp(40000 + (i % 20000) as u16, 1935, 1, 64240)
+                .syn()
+                .write(&mut frame, &[])
+                .expect("write");
+            frame
+        })
+        .collect();
+    bench_window(
+        c,
+        "forward_established_65536_clients",
+        &syns,
+        established_frames(),
+        CLIENTS,
+    );
+}
+
 fn arp(c: &mut Criterion) {
     bench_path(c, "arp_reply", arp_frames());
 }
@@ -181,6 +256,7 @@ fn neighbor_solicitation(c: &mut Criterion) {
 criterion_group!(
     benches,
     forwarding,
+    established,
     arp,
     forwarding_v6,
     neighbor_solicitation
