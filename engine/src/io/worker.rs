@@ -229,6 +229,11 @@ impl<R: Rings> Worker<R> {
         &self.rings
     }
 
+    /// The rings, for a harness that plays the kernel's side of them (benchmarks).
+    pub fn rings_mut(&mut self) -> &mut R {
+        &mut self.rings
+    }
+
     /// True when free + lent for RX + in flight on TX is exactly the UMEM's frame count.
     pub fn frames_accounted(&self) -> bool {
         self.free.len() + self.in_fill + self.in_tx == self.total_frames

@@ -1,0 +1,269 @@
+//! Criterion benchmark of lbd's whole userspace path per frame, without a kernel: the worker
+//! loop ([`Worker::poll_once`]: completion reclaim, RX, the dataplane, TX, fill-ring refill)
+//! over AF_XDP-shaped rings in plain memory, beside the dataplane core alone on the same frames.
+//!
+//! `cargo bench -p lbd-engine --bench worker`. The UMEM, ring sizes and batch are lbd's
+//! defaults (8192 frames of 4096 bytes, rings of 2048, batches of 64). The frames are the
+//! dataplane bench's warm path: TCP segments of 4096 connections from 4096 clients, in the flow
+//! and persistence tables after a first pass. Between batches, untimed, the bench plays the
+//! NIC: it takes frames off the fill ring, writes a received frame into each and posts them on
+//! RX, and moves what the worker queued on TX to the completion ring. What is timed is the
+//! worker's part alone, so the figure bounds lbd on a zero-copy NIC, where the kernel's share
+//! of a frame is a descriptor write. Every frame must come out on TX.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use etherparse::PacketBuilder;
+use lbd_config::Config;
+use lbd_engine::io::worker::{Rings, Worker, WorkerSettings};
+use lbd_engine::packet::dataplane::{Dataplane, TableSizes, Verdict};
+use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
+use std::collections::VecDeque;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const OWN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const CLIENTS: usize = 4096;
+/// lbd's defaults: `frame_size`, `frame_count`, `ring_size`.
+const FRAME_SIZE: usize = 4096;
+const FRAME_COUNT: usize = 8192;
+const RING_SIZE: usize = 2048;
+/// Batches per timed iteration: 4096 frames at the default batch of 64.
+const BATCHES: usize = CLIENTS / 64;
+
+/// A UMEM frame: its offset in the UMEM and the length of what it holds. Owned, like the
+/// daemon's, so the worker cannot hand one out twice.
+#[derive(Debug)]
+struct Frame {
+    offset: usize,
+    len: usize,
+}
+
+/// Four bounded rings and a UMEM in memory, as an AF_XDP socket lays them out.
+#[derive(Debug)]
+struct MemoryRings {
+    umem: Vec<u8>,
+    fill: VecDeque<Frame>,
+    rx: VecDeque<Frame>,
+    tx: VecDeque<Frame>,
+    completion: VecDeque<Frame>,
+}
+
+impl MemoryRings {
+    fn new() -> MemoryRings {
+        MemoryRings {
+            umem: vec![0; FRAME_SIZE * FRAME_COUNT],
+            fill: VecDeque::with_capacity(RING_SIZE),
+            rx: VecDeque::with_capacity(RING_SIZE),
+            tx: VecDeque::with_capacity(RING_SIZE),
+            completion: VecDeque::with_capacity(RING_SIZE),
+        }
+    }
+
+    /// The NIC receives `frames` into fill-ring frames; returns how many found one.
+    fn arrive<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]>) -> usize {
+        let mut arrived = 0;
+        for bytes in frames {
+            if self.rx.len() == RING_SIZE {
+                break;
+            }
+            let Some(mut frame) = self.fill.pop_front() else {
+                break;
+            };
+            self.umem[frame.offset..frame.offset + bytes.len()].copy_from_slice(bytes);
+            frame.len = bytes.len();
+            self.rx.push_back(frame);
+            arrived += 1;
+        }
+        arrived
+    }
+
+    /// The NIC sends everything on TX; returns how many frames.
+    fn send_all(&mut self) -> usize {
+        let sent = self.tx.len();
+        self.completion.extend(self.tx.drain(..));
+        sent
+    }
+}
+
+impl Rings for MemoryRings {
+    type Frame = Frame;
+
+    fn take_frames(&mut self) -> Vec<Frame> {
+        (0..FRAME_COUNT)
+            .map(|i| Frame {
+                offset: i * FRAME_SIZE,
+                len: 0,
+            })
+            .collect()
+    }
+
+    fn reclaim(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
+        let n = max.min(self.completion.len());
+        out.extend(self.completion.drain(..n));
+        n
+    }
+
+    fn fill(&mut self, frames: &mut Vec<Frame>, max: usize) -> usize {
+        let n = max.min(RING_SIZE - self.fill.len()).min(frames.len());
+        self.fill.extend(frames.drain(frames.len() - n..));
+        n
+    }
+
+    fn receive(&mut self, out: &mut Vec<Frame>, max: usize) -> usize {
+        let n = max.min(self.rx.len());
+        out.extend(self.rx.drain(..n));
+        n
+    }
+
+    fn with_payload<R>(&mut self, frame: &mut Frame, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        f(&mut self.umem[frame.offset..frame.offset + frame.len])
+    }
+
+    fn write(&mut self, frame: &mut Frame, bytes: &[u8]) {
+        self.umem[frame.offset..frame.offset + bytes.len()].copy_from_slice(bytes);
+        frame.len = bytes.len();
+    }
+
+    fn transmit(&mut self, frames: &mut Vec<Frame>) -> usize {
+        let n = (RING_SIZE - self.tx.len()).min(frames.len());
+        self.tx.extend(frames.drain(..n));
+        n
+    }
+
+    // A zero-copy NIC needs no wakeup to send, and the bench never waits.
+    fn kick(&mut self) {}
+
+    fn wait_for_rx(&mut self, _timeout_ms: i32) {}
+}
+
+/// The dataplane bench's service: 10 real servers with pinned MACs behind VIP:1935.
+fn dataplane() -> Dataplane {
+    let mut text = String::from(
+        "[engine]\ninterface = \"eth0\"\nqueues = [0]\n\n[[service]]\nlabel = \"Wowza Streaming\"\n\
+         vip = \"198.18.0.100\"\nports = \"1935\"\n",
+    );
+    for i in 0..10u8 {
+        text += &format!(
+            "\n[[service.real_server]]\nlabel = \"rs{i}\"\nip = \"198.18.0.{}\"\nmac = \"02:00:00:00:01:{i:02x}\"\n",
+            11 + i
+        );
+    }
+    let config = Config::from_toml_str(&text).expect("bench config is valid");
+    let snapshot = Snapshot::build(
+        &config,
+        &mut ServiceIds::default(),
+        OWN_MAC,
+        1,
+        |_| None,
+        |_, _| AdminState::Online,
+    );
+    Dataplane::new(Arc::new(snapshot), TableSizes::default())
+}
+
+/// One TCP segment to VIP:1935 from each client.
+fn frames() -> Vec<Vec<u8>> {
+    (0..CLIENTS)
+        .map(|i| {
+            let mut frame = Vec::new();
+            PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+                .ipv4([198, 19, (i >> 8) as u8, i as u8], [198, 18, 0, 100], 64)
+                .tcp(40000 + i as u16, 1935, 1, 64240)
+                .syn()
+                .write(&mut frame, &[])
+                .expect("write");
+            frame
+        })
+        .collect()
+}
+
+/// The worker loop, timed batch by batch; the NIC's part between batches is not.
+fn worker_loop(c: &mut Criterion) {
+    let frames = frames();
+    let mut worker = Worker::new(MemoryRings::new(), dataplane(), WorkerSettings::default());
+    let epoch = Instant::now();
+    let mut next = frames.iter().map(Vec::as_slice).cycle();
+    // Two passes before timing: every connection in the tables, the rings in their steady
+    // state.
+    for _ in 0..2 * BATCHES {
+        worker.rings_mut().arrive(next.by_ref().take(64));
+        assert_eq!(worker.poll_once(1_000), 64);
+        worker.rings_mut().send_all();
+    }
+    let mut group = c.benchmark_group("worker");
+    group.throughput(Throughput::Elements(CLIENTS as u64));
+    group.bench_function("loop_over_memory_rings", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                let now_ms = 1_000 + epoch.elapsed().as_millis() as u64;
+                let mut sent = 0;
+                for _ in 0..BATCHES {
+                    let arrived = worker.rings_mut().arrive(next.by_ref().take(64));
+                    let start = Instant::now();
+                    let received = black_box(worker.poll_once(now_ms));
+                    timed += start.elapsed();
+                    assert_eq!(
+                        received, arrived,
+                        "the worker takes every frame that arrived"
+                    );
+                    sent += worker.rings_mut().send_all();
+                }
+                assert_eq!(sent, CLIENTS, "every frame forwarded");
+            }
+            timed
+        })
+    });
+    group.finish();
+    assert!(worker.frames_accounted(), "no UMEM frame lost");
+}
+
+/// The dataplane core on the same frames in the same UMEM layout, for the ratio.
+fn core_alone(c: &mut Criterion) {
+    let frames = frames();
+    let mut dp = dataplane();
+    let mut umem = vec![0u8; FRAME_SIZE * CLIENTS];
+    for (slot, frame) in umem.chunks_exact_mut(FRAME_SIZE).zip(&frames) {
+        slot[..frame.len()].copy_from_slice(frame);
+    }
+    let pristine = umem.clone();
+    let len = frames[0].len();
+    for slot in umem.chunks_exact_mut(FRAME_SIZE) {
+        assert_eq!(dp.process(&mut slot[..len], 1_000), Verdict::Transmit);
+    }
+    let epoch = Instant::now();
+    let mut group = c.benchmark_group("worker");
+    group.throughput(Throughput::Elements(CLIENTS as u64));
+    group.bench_function("dataplane_core_alone", |b| {
+        b.iter_custom(|iters| {
+            let mut timed = Duration::ZERO;
+            for _ in 0..iters {
+                for (slot, copy) in umem
+                    .chunks_exact_mut(FRAME_SIZE)
+                    .zip(pristine.chunks_exact(FRAME_SIZE))
+                {
+                    slot[..len].copy_from_slice(&copy[..len]);
+                }
+                let now_ms = 1_000 + epoch.elapsed().as_millis() as u64;
+                // Timed per batch of 64, as the worker loop is, so both carry the same clock
+                // reads.
+                let mut sent = 0;
+                for batch in umem.chunks_exact_mut(FRAME_SIZE * 64) {
+                    let start = Instant::now();
+                    for slot in batch.chunks_exact_mut(FRAME_SIZE) {
+                        let verdict = dp.process(black_box(&mut slot[..len]), now_ms);
+                        sent += usize::from(verdict == Verdict::Transmit);
+                    }
+                    timed += start.elapsed();
+                }
+                assert_eq!(sent, CLIENTS, "every frame forwarded");
+            }
+            timed
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, core_alone, worker_loop);
+criterion_main!(benches);
