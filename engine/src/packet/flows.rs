@@ -811,6 +811,15 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         self.len
     }
 
+    /// Bytes of one slot: its key and value, and its tag. A table is at most half full and
+    /// doubles as it fills, so an entry costs two to four slots.
+    pub const SLOT_BYTES: usize = std::mem::size_of::<Slot<K, V>>() + 1;
+
+    /// Bytes the table's slots take now.
+    pub fn memory_bytes(&self) -> usize {
+        self.slots.len() * Self::SLOT_BYTES
+    }
+
     /// Slots a lookup of `key` looks at.
     #[cfg(test)]
     fn probe_length(&self, key: &K) -> usize {
@@ -895,6 +904,31 @@ pub type PersistenceTable<A = u32> = ExpiringTable<PersistKey<A>, PersistEntry>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a connection and a client cost (the README's memory figures): one slot each, two
+    /// to four slots per entry, and a full default table's slots.
+    #[test]
+    fn bytes_per_entry() {
+        let sizes = [
+            ("IPv4 flow", FlowTable::<u32>::SLOT_BYTES),
+            ("IPv6 flow", FlowTable::<u128>::SLOT_BYTES),
+            ("IPv4 client", PersistenceTable::<u32>::SLOT_BYTES),
+            ("IPv6 client", PersistenceTable::<u128>::SLOT_BYTES),
+        ];
+        for (what, bytes) in sizes {
+            println!("{what}: {bytes} bytes a slot");
+        }
+        // A table never holds more than half its slots: fill one to capacity and look.
+        let capacity = 10_000;
+        let mut table = FlowTable::<u32>::new(capacity);
+        for port in 0..capacity as u16 {
+            assert!(table.insert(key(port), entry(u64::MAX), 0));
+        }
+        let slots = table.memory_bytes() / FlowTable::<u32>::SLOT_BYTES;
+        assert!(slots >= 2 * capacity && slots <= 4 * capacity, "{slots} slots");
+        let bytes: Vec<usize> = sizes.iter().map(|&(_, bytes)| bytes).collect();
+        assert_eq!(bytes, [49, 81, 33, 49], "the README's figures");
+    }
 
     fn key(port: u16) -> FlowKey {
         FlowKey {
