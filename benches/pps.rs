@@ -7,38 +7,67 @@
 //!   IPv4 and an IPv6 VIP);
 //! - the kernel's netdev ingress path: an nftables `netdev` chain that rewrites both MACs from
 //!   a `jhash ip saddr` map and `fwd`s the frame back out (this kernel has no IPVS);
-//! - an in-kernel XDP program doing the same rewrite and XDP_TX: the ceiling on this topology.
+//! - an in-kernel XDP program doing the same rewrite and sending the frame back: the ceiling
+//!   on this topology;
+//! - the smallest AF_XDP forwarder: lbd's own rings (`XskRings`, the same settings parsed from
+//!   the same config) driven by lbd's worker loop shape with a fixed MAC rewrite and nothing
+//!   else, on core 1 like lbd's worker: the ceiling of any AF_XDP copy-mode program here.
 //!
 //! Traffic: TCP SYNs (60-byte frames) to VIP:1935 from 4096 client addresses, written by an XDP
 //! generator run with `BPF_PROG_TEST_RUN` in live-frames mode on `sw0`, pinned to core 0; it
-//! sends as fast as the kernel takes frames, so every contender runs saturated. A sink XDP
-//! program on `sw0` counts what comes back per destination MAC (one counter per real server)
-//! and drops it: the rate is what arrives at the real servers, not what the generator claims.
-//! Each round measures every contender once (the order rotates) over a fixed window after a
-//! warm-up; the table gives medians over the rounds.
+//! sends as fast as the kernel takes frames, so every contender runs saturated. The generator
+//! needs no program attached to `sw0`: test_run runs it, and its XDP_TX goes out through
+//! `sw0`'s `ndo_xdp_xmit` to `lb0`, which runs XDP in every contender.
+//!
+//! Two sinks on `sw0` count what comes back per destination MAC (one counter per real server)
+//! and drop it: the rate is what arrives at the real servers. Every contender runs with both:
+//! - the fair sink (the headline): a tc ingress program (TCX), no XDP on `sw0`, GRO on (so that
+//!   `sw0` has the NAPI that frames sent by XDP need). A veth whose peer runs XDP copies every
+//!   skb with less than 256 bytes of headroom into a new page first, which AF_XDP copy mode's
+//!   skbs are and the nftables path's are not; without XDP on `sw0` nobody pays that copy. XDP_TX
+//!   to a veth peer without XDP is never flushed (veth_xdp_flush schedules the peer's NAPI only
+//!   when the peer runs XDP), so with this sink the XDP contender sends by XDP_REDIRECT to its
+//!   own device, which is;
+//! - the XDP sink: an XDP program on `sw0`, cheapest for the XDP contender's XDP_TX and dearest
+//!   for the AF_XDP ones (the copy above).
+//!
+//! Each round measures every contender once per sink (the order rotates) over a fixed window
+//! after a warm-up; the tables give medians over the rounds.
 //!
 //! Also measured: lbd with 2 workers on 2 queues (a generator thread on each core; veth picks
 //! the receive queue by the sending core) against 1 worker; a mix with 1% ARP requests for the
-//! VIP and 1% frames to a non-VIP address; IPv6: the three contenders again with 74-byte TCP
+//! VIP and 1% frames to a non-VIP address; IPv6: lbd, nftables and XDP again with 74-byte TCP
 //! SYNs to the service's IPv6 VIP (2001:2::/48, RFC 5180's benchmarking range), the nftables
-//! rule matching `ip6 daddr` and hashing `ip6 saddr`; and a 10-million-frame run paced below
-//! saturation that checks lbd's frame accounting and that every frame lbd forwarded arrived.
-//! The namespace holds no addresses of either family: the frames are written by XDP and
-//! forwarded by XDP, AF_XDP or the netdev ingress hook, none of which needs one.
+//! rule matching `ip6 daddr` and hashing `ip6 saddr`; lbd with several `engine.tx_skb_budget`
+//! values (fair sink); a 10-million-frame run paced at half lbd's rate (fair sink) that checks
+//! lbd's frame accounting and that every frame lbd forwarded arrived; and lbd's idle CPU with
+//! the default settings, its health checks answered from a second namespace (`lbdpps-rs`,
+//! behind the veth pair `hc0`/`hc1`) that exists only for that run. Otherwise the namespace
+//! holds no addresses of either family: the frames are written by XDP and forwarded by XDP,
+//! AF_XDP or the netdev ingress hook, none of which needs one.
 //!
-//! Options (after `--`): `--rounds N` (5; 0 runs only the long run), `--window-ms MS` (2000), `--long-frames N`
-//! (10000000; 0 skips the long run), `--long-rate PPS` (default: half lbd's median rate),
-//! `--engine 'KEY = VALUE'` (repeatable: extra `[engine]` settings for lbd, e.g. `polling = "busy"`).
-//! The generator and every contender share this machine's cores: the table prints how many
-//! cores were busy during each measurement.
+//! Options (after `--`): `--rounds N` (5; 0 runs only the long run), `--window-ms MS` (2000),
+//! `--long-frames N` (10000000; 0 skips the long run), `--long-rate PPS` (default: half lbd's
+//! median rate with the fair sink), `--engine 'KEY = VALUE'` (repeatable: extra `[engine]`
+//! settings for lbd and the minimal forwarder, e.g. `polling = "busy"`), `--sinks tc,xdp`,
+//! `--tx-budgets 0,64,...` (the budget rows; empty: none), `--only TEXT` (only the rows whose
+//! name contains it), `--idle-secs N` (10; 0 skips the idle run). The generator and every
+//! contender share this machine's cores: the table prints how many cores were busy during
+//! each measurement.
 
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
-use aya::programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode, xdp::XdpLinkId};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, XskMap};
+use aya::programs::{
+    SchedClassifier, TcAttachType, TestRun, TestRunAttrs, TestRunOptions, Xdp, XdpMode,
+    tc::SchedClassifierLinkId, xdp::XdpLinkId,
+};
 use aya::{Ebpf, include_bytes_aligned};
 use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep};
+use lbd_engine::io::sys::{CopyMode, Frame, XskRings, XskSettings};
+use lbd_engine::io::worker::Rings;
 use lbd_proto::{Command as CtlCommand, Outcome, Reply, Request, StatsReport};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -73,6 +102,10 @@ const TEMPLATE_LEN: usize = 80;
 /// one (an RCU grace period: milliseconds of silence). A signal (SIGUSR1) ends a call.
 const FLOOD_CHUNK: u32 = 1 << 30;
 const STATE_DIR: &str = "/tmp/lbdpps";
+/// The real servers' namespace of the idle run, which health checks reach through `hc0`.
+const SERVERS_NAMESPACE: &str = "lbdpps-rs";
+/// `engine.tx_skb_budget` values measured side by side by default (0: the kernel's 32).
+const DEFAULT_TX_BUDGETS: [u32; 5] = [0, 64, 128, 256, 4096];
 
 fn real_server_mac(index: usize) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x01, 0x10 + index as u8]
@@ -91,6 +124,14 @@ struct Options {
     long_rate: Option<u64>,
     /// Extra `[engine]` lines for lbd's config (e.g. `polling = "busy"`, `batch_size = 256`).
     engine: Vec<String>,
+    /// `engine.tx_skb_budget` values to measure lbd with, side by side (fair sink only).
+    tx_budgets: Vec<u32>,
+    /// The sinks every contender runs with, in this order.
+    sinks: Vec<Sink>,
+    /// Only the rows whose name contains this (for quick iterations).
+    only: Option<String>,
+    /// Seconds of the idle measurement; 0 skips it.
+    idle_secs: u64,
 }
 
 impl Options {
@@ -101,6 +142,10 @@ impl Options {
             long_frames: 10_000_000,
             long_rate: None,
             engine: Vec::new(),
+            tx_budgets: DEFAULT_TX_BUDGETS.to_vec(),
+            sinks: vec![Sink::Tc, Sink::Xdp],
+            only: None,
+            idle_secs: 10,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -116,6 +161,28 @@ impl Options {
                 "--engine" => options
                     .engine
                     .push(args.next().ok_or("--engine needs a TOML line")?),
+                "--idle-secs" => options.idle_secs = value()?,
+                "--only" => options.only = Some(args.next().ok_or("--only needs a name")?),
+                "--sinks" => {
+                    let list = args.next().ok_or("--sinks needs tc, xdp or tc,xdp")?;
+                    options.sinks = list
+                        .split(',')
+                        .map(|name| match name.trim() {
+                            "tc" => Ok(Sink::Tc),
+                            "xdp" => Ok(Sink::Xdp),
+                            other => Err(format!("--sinks: {other} is not tc or xdp")),
+                        })
+                        .collect::<Result<_, _>>()?;
+                }
+                "--tx-budgets" => {
+                    let list = args.next().ok_or("--tx-budgets needs a list")?;
+                    options.tx_budgets = list
+                        .split(',')
+                        .filter(|v| !v.trim().is_empty())
+                        .map(|v| v.trim().parse())
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| format!("--tx-budgets {list}: {e}"))?;
+                }
                 // cargo bench passes --bench; criterion-style filters are not used here.
                 _ => {}
             }
@@ -196,10 +263,39 @@ impl Wire {
 impl Drop for Wire {
     fn drop(&mut self) {
         // The namespace (and the veth pair in it) goes away with the last process inside.
-        let _ = Command::new("ip")
-            .args(["netns", "del", NAMESPACE])
-            .status();
+        for namespace in [SERVERS_NAMESPACE, NAMESPACE] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", namespace])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
+}
+
+/// The real servers' namespace: their addresses on `hc1`, reached from the wire's namespace
+/// (this thread's) through `hc0` (198.18.1.1).
+fn servers_namespace() -> BenchResult<()> {
+    let _ = Command::new("ip")
+        .args(["netns", "del", SERVERS_NAMESPACE])
+        .stderr(Stdio::null())
+        .status();
+    sh("ip", &["netns", "add", SERVERS_NAMESPACE])?;
+    let peer = [
+        "link", "add", "hc0", "type", "veth", "peer", "name", "hc1", "netns",
+    ];
+    sh("ip", &[&peer[..], &[SERVERS_NAMESPACE]].concat())?;
+    sh("ip", &["addr", "add", "198.18.1.1/24", "dev", "hc0"])?;
+    sh("ip", &["link", "set", "hc0", "up"])?;
+    let inside = |args: &[&str]| sh("ip", &[&["-n", SERVERS_NAMESPACE][..], args].concat());
+    for index in 0..REAL_SERVERS {
+        let ip = real_server_ip(index).to_string();
+        sh("ip", &["route", "add", &format!("{ip}/32"), "dev", "hc0"])?;
+        inside(&["addr", "add", &format!("{ip}/32"), "dev", "hc1"])?;
+    }
+    inside(&["link", "set", "hc1", "up"])?;
+    inside(&["link", "set", "lo", "up"])?;
+    inside(&["route", "add", "198.18.1.0/24", "dev", "hc1"])?;
+    Ok(())
 }
 
 fn ifindex(interface: &str) -> BenchResult<u32> {
@@ -260,6 +356,10 @@ enum Contender {
     Nftables,
     /// In-kernel XDP rewrite + XDP_TX.
     XdpKernel,
+    /// The smallest AF_XDP forwarder: lbd's socket setup and loop shape, a fixed MAC rewrite.
+    MinimalXsk,
+    /// lbd, 1 worker, with this `engine.tx_skb_budget`.
+    LbdBudget(u32),
 }
 
 impl Contender {
@@ -269,6 +369,29 @@ impl Contender {
             Contender::Lbd { workers } => format!("lbd, {workers} workers on {workers} queues"),
             Contender::Nftables => "nftables netdev: MAC rewrite + fwd".to_owned(),
             Contender::XdpKernel => "XDP in kernel: MAC rewrite + XDP_TX".to_owned(),
+            Contender::MinimalXsk => "minimal AF_XDP forwarder (lbd's rings)".to_owned(),
+            Contender::LbdBudget(0) => "lbd, 1 worker, tx_skb_budget = 0 (32)".to_owned(),
+            Contender::LbdBudget(budget) => format!("lbd, 1 worker, tx_skb_budget = {budget}"),
+        }
+    }
+}
+
+/// What takes the frames back on `sw0` and counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sink {
+    /// tc ingress (TCX) BPF on `sw0`, GRO on: no XDP on the wire's side, so a frame the
+    /// forwarder sends is not copied again on arrival (the fair sink).
+    Tc,
+    /// XDP on `sw0`: veth copies every skb with under 256 bytes of headroom into a new page
+    /// before running it, which AF_XDP copy mode's skbs are and nftables's are not.
+    Xdp,
+}
+
+impl Sink {
+    fn name(self) -> &'static str {
+        match self {
+            Sink::Tc => "tc ingress sink on sw0 (no XDP on sw0, GRO on): the fair sink",
+            Sink::Xdp => "XDP sink on sw0 (veth re-copies skbs with little headroom)",
         }
     }
 }
@@ -309,6 +432,25 @@ impl Traffic {
     }
 }
 
+/// The in-kernel XDP contender's program for `sink`: XDP_TX frames reach a veth peer without
+/// XDP only by redirect (see pps.c).
+fn xdp_program(sink: Sink) -> &'static str {
+    match sink {
+        Sink::Tc => "pps_fwd_redirect",
+        Sink::Xdp => "pps_fwd",
+    }
+}
+
+/// A row's name with `sink`: the tc sink's XDP contender redirects instead of XDP_TX.
+fn row_label(contender: Contender, traffic: Traffic, sink: Sink) -> String {
+    let name = label(contender, traffic);
+    if contender == Contender::XdpKernel && sink == Sink::Tc {
+        name.replace("XDP_TX", "XDP_REDIRECT")
+    } else {
+        name
+    }
+}
+
 /// A row's name: the contender, and the traffic when it is not IPv4's plain SYNs.
 fn label(contender: Contender, traffic: Traffic) -> String {
     match traffic {
@@ -338,6 +480,7 @@ struct Sample {
 struct Measurement {
     contender: Contender,
     traffic: Traffic,
+    sink: Sink,
     /// Frames per second arriving at the real servers.
     forwarded_pps: f64,
     generated_pps: f64,
@@ -365,29 +508,91 @@ struct Bench<'w> {
     ebpf: Ebpf,
     lbd_config: PathBuf,
     engine_extra: String,
+    /// The sink attached to `sw0` now.
+    sink: Option<(Sink, SinkLink)>,
+}
+
+enum SinkLink {
+    Tc(SchedClassifierLinkId),
+    Xdp(XdpLinkId),
 }
 
 impl<'w> Bench<'w> {
     fn load(wire: &'w Wire) -> BenchResult<Bench<'w>> {
         let mut ebpf = Ebpf::load(PPS_OBJECT)?;
-        for name in ["pps_gen", "pps_sink", "pps_fwd", "pps_pass"] {
+        for name in [
+            "pps_gen",
+            "pps_sink",
+            "pps_fwd",
+            "pps_fwd_redirect",
+            "pps_pass",
+            "pps_xsk",
+        ] {
             let program: &mut Xdp = ebpf
                 .program_mut(name)
                 .ok_or(format!("no program {name}"))?
                 .try_into()?;
             program.load()?;
         }
+        let tc_sink: &mut SchedClassifier = ebpf
+            .program_mut("pps_sink_tc")
+            .ok_or("no program pps_sink_tc")?
+            .try_into()?;
+        tc_sink.load()?;
         let mut bench = Bench {
             wire,
             ebpf,
             lbd_config: PathBuf::from(STATE_DIR).join("lbd.toml"),
             engine_extra: String::new(),
+            sink: None,
         };
         bench.write_maps()?;
-        let sink = bench.xdp("pps_sink")?;
-        // Attached for the whole run: the link goes with the loaded object.
-        sink.attach(WIRE_IF, XdpMode::Driver)?;
+        // The generator needs no program attached to sw0: BPF_PROG_TEST_RUN runs it, and its
+        // XDP_TX goes out through sw0's ndo_xdp_xmit to lb0, which has a program (and so the
+        // NAPI that takes such frames) in every contender.
+        bench.set_sink(Sink::Tc)?;
         Ok(bench)
+    }
+
+    /// Puts `sink` on sw0 in place of the one there. The tc sink needs GRO on sw0: without
+    /// XDP or GRO a veth has no NAPI for frames that arrive by XDP_TX (in-kernel XDP's) and
+    /// drops them; the XDP sink runs with veth's default (GRO off).
+    fn set_sink(&mut self, sink: Sink) -> BenchResult<()> {
+        if self.sink.as_ref().is_some_and(|(now, _)| *now == sink) {
+            return Ok(());
+        }
+        match self.sink.take() {
+            Some((_, SinkLink::Tc(link))) => self.tc_sink()?.detach(link)?,
+            Some((_, SinkLink::Xdp(link))) => self.xdp("pps_sink")?.detach(link)?,
+            None => {}
+        }
+        let link = match sink {
+            Sink::Tc => {
+                sh("ethtool", &["-K", WIRE_IF, "gro", "on"])?;
+                // TCX on this kernel (6.6+): the same ingress hook as clsact, no qdisc.
+                SinkLink::Tc(self.tc_sink()?.attach(WIRE_IF, TcAttachType::Ingress)?)
+            }
+            Sink::Xdp => {
+                sh("ethtool", &["-K", WIRE_IF, "gro", "off"])?;
+                SinkLink::Xdp(self.xdp("pps_sink")?.attach(WIRE_IF, XdpMode::Driver)?)
+            }
+        };
+        self.sink = Some((sink, link));
+        // The veth's NAPI comes and goes with XDP/GRO: let it settle.
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(())
+    }
+
+    fn tc_sink(&mut self) -> BenchResult<&mut SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program_mut("pps_sink_tc")
+            .ok_or("no program pps_sink_tc")?
+            .try_into()?)
+    }
+
+    fn sink_now(&self) -> Sink {
+        self.sink.as_ref().map_or(Sink::Tc, |(sink, _)| *sink)
     }
 
     fn xdp(&mut self, name: &str) -> BenchResult<&mut Xdp> {
@@ -490,61 +695,162 @@ impl<'w> Bench<'w> {
             Contender::Lbd { workers: 1 },
             Contender::Nftables,
             Contender::XdpKernel,
+            Contender::MinimalXsk,
+        ];
+        let main6 = [
+            Contender::Lbd { workers: 1 },
+            Contender::Nftables,
+            Contender::XdpKernel,
         ];
         let mut results: Vec<Measurement> = Vec::new();
         for round in 0..options.rounds {
-            let mut order: Vec<(Contender, Traffic)> = main.map(|c| (c, Traffic::Vip)).to_vec();
-            order.rotate_left(round % main.len());
-            // The scaling and mix runs are lbd only; they follow IPv4's main three.
-            order.push((Contender::Lbd { workers: 2 }, Traffic::Vip));
-            order.push((Contender::Lbd { workers: 1 }, Traffic::Mix));
-            // Then IPv6's three, rotating the same way.
-            let mut v6 = main.map(|c| (c, Traffic::Vip6));
-            v6.rotate_left(round % main.len());
-            order.extend(v6);
-            for (contender, traffic) in order {
-                let measurement = self.measure(contender, traffic, options.window)?;
-                eprintln!("round {}: {}", round + 1, line(&measurement));
-                results.push(measurement);
+            for &sink in &options.sinks {
+                self.set_sink(sink)?;
+                let mut order: Vec<(Contender, Traffic)> = main.map(|c| (c, Traffic::Vip)).to_vec();
+                order.rotate_left(round % main.len());
+                // The scaling and mix runs are lbd only; they follow IPv4's main four.
+                order.push((Contender::Lbd { workers: 2 }, Traffic::Vip));
+                order.push((Contender::Lbd { workers: 1 }, Traffic::Mix));
+                // Then IPv6's three, rotating the same way.
+                let mut v6 = main6.map(|c| (c, Traffic::Vip6));
+                v6.rotate_left(round % main6.len());
+                order.extend(v6);
+                if sink == Sink::Tc {
+                    let mut budgets: Vec<(Contender, Traffic)> = options
+                        .tx_budgets
+                        .iter()
+                        .map(|&b| (Contender::LbdBudget(b), Traffic::Vip))
+                        .collect();
+                    let shift = round % budgets.len().max(1);
+                    budgets.rotate_left(shift);
+                    order.extend(budgets);
+                }
+                let wanted = |(contender, traffic): &(Contender, Traffic)| {
+                    options
+                        .only
+                        .as_ref()
+                        .is_none_or(|only| label(*contender, *traffic).contains(only.as_str()))
+                };
+                for (contender, traffic) in order.into_iter().filter(wanted) {
+                    let measurement = self.measure(contender, traffic, options.window)?;
+                    eprintln!("round {}: {}", round + 1, line(&measurement));
+                    results.push(measurement);
+                }
             }
         }
-        let mut report = table(&results);
+        let mut report = String::new();
+        for sink in [Sink::Tc, Sink::Xdp] {
+            report += &table(&results, sink);
+        }
+        if !results.is_empty() {
+            report += LEGEND;
+        }
+        report += &budget_table(&results, &options.tx_budgets);
+        // The long run and the idle run use the fair sink.
+        self.set_sink(Sink::Tc)?;
         if options.long_frames > 0 {
-            let lbd = median_of(&results, Contender::Lbd { workers: 1 }, Traffic::Vip)
-                .map_or(0.0, |m| m.forwarded_pps);
+            let lbd = median_of(
+                &results,
+                Sink::Tc,
+                Contender::Lbd { workers: 1 },
+                Traffic::Vip,
+            )
+            .map_or(0.0, |m| m.forwarded_pps);
             // Half the saturated rate: a load lbd is expected to carry without any loss.
             let half = if lbd > 0.0 { lbd / 2.0 } else { 300_000.0 };
             let rate = options.long_rate.unwrap_or(half as u64).max(10_000);
             report += &self.long_run(options.long_frames, rate)?;
         }
-        report += &self.idle_cost(Duration::from_secs(10))?;
+        if options.idle_secs > 0 {
+            report += &self.idle_cost(Duration::from_secs(options.idle_secs))?;
+        }
         report += &machine();
         Ok(report)
     }
 
-    /// CPU used by an lbd (one worker) with no traffic at all, adaptive polling.
+    /// CPU used by an lbd (one worker) with no traffic at all, with the default settings:
+    /// adaptive polling, gratuitous ARP at start, the DR check, and a TCP health check of each
+    /// real server every second. The real servers' addresses live for the run in a namespace of
+    /// their own behind a second veth pair (`hc0`, 198.18.1.1, to `hc1`), where a listener of
+    /// the bench's accepts each check (and counts it): lbd refuses a real server whose address
+    /// is its own host's.
     fn idle_cost(&mut self, window: Duration) -> BenchResult<String> {
-        let lbd = LbdProcess::start(&self.lbd_config, 1, &self.engine_extra)?;
-        // Past start-up and the spin window after the last frame.
-        std::thread::sleep(Duration::from_secs(1));
+        let result = servers_namespace().and_then(|()| self.idle_with_checks(window));
+        let _ = Command::new("ip")
+            .args(["netns", "del", SERVERS_NAMESPACE])
+            .status();
+        result
+    }
+
+    fn idle_with_checks(&mut self, window: Duration) -> BenchResult<String> {
+        let stop = AtomicBool::new(false);
+        let accepted = std::sync::atomic::AtomicU64::new(0);
+        let (listening, listening_rx) = std::sync::mpsc::channel();
+        let (share, _log) = std::thread::scope(|scope| {
+            // Bounded by `stop`, set when the measurement ends whatever its result.
+            scope.spawn(|| {
+                let listener = (|| -> BenchResult<std::net::TcpListener> {
+                    let handle = std::fs::File::open(format!("/run/netns/{SERVERS_NAMESPACE}"))?;
+                    // This thread only: the bench's other threads stay in the wire's namespace.
+                    nix::sched::setns(handle, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                    let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT))?;
+                    listener.set_nonblocking(true)?;
+                    Ok(listener)
+                })();
+                let listener = match listener {
+                    Ok(listener) => {
+                        let _ = listening.send(Ok(()));
+                        listener
+                    }
+                    Err(error) => {
+                        let _ = listening.send(Err(error.to_string()));
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok(_) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    }
+                }
+            });
+            let result = match listening_rx.recv() {
+                Ok(Ok(())) => self.idle_window(window),
+                Ok(Err(error)) => Err(format!("the real servers' listener: {error}").into()),
+                Err(_) => Err("the real servers' listener did not start".into()),
+            };
+            stop.store(true, Ordering::Relaxed);
+            result
+        })?;
+        Ok(format!(
+            "\nIdle: lbd with 1 worker, default settings (adaptive polling, {} gratuitous ARP \
+             rounds, DR check every 10 s, TCP health check of each of {REAL_SERVERS} real servers \
+             every 1 s, answered from a namespace of their own: {} checks accepted), no traffic: \
+             {share:.2}% of one core over {} s (utime + stime)\n",
+            3,
+            accepted.load(Ordering::Relaxed),
+            window.as_secs(),
+        ))
+    }
+
+    /// Starts lbd with the default settings, waits past its start, and measures its CPU use
+    /// over `window`: (% of one core, its log).
+    fn idle_window(&mut self, window: Duration) -> BenchResult<(f64, String)> {
+        let text = lbd_config_defaults(&LbdProcess::socket_path(), &self.engine_extra);
+        let lbd = LbdProcess::start_with(&self.lbd_config, &text)?;
+        // Past start-up (the gratuitous ARP rounds go at 0.5 s intervals) and the first checks.
+        std::thread::sleep(Duration::from_secs(2));
         let before = (Instant::now(), process_cpu_ticks(lbd.child.id())?);
         std::thread::sleep(window);
         let after = (Instant::now(), process_cpu_ticks(lbd.child.id())?);
-        lbd.stop()?;
+        let log = lbd.stop()?;
         let ticks_per_second =
             nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.ok_or("no CLK_TCK")? as f64;
         let used = (after.1 - before.1) as f64 / ticks_per_second;
         let share = used / after.0.duration_since(before.0).as_secs_f64() * 100.0;
-        Ok(format!(
-            "\nIdle: lbd with 1 worker and no traffic used {share:.2}% of one core over {} s \
-             (utime + stime, {} polling)\n",
-            window.as_secs(),
-            if self.engine_extra.contains("busy") {
-                "busy"
-            } else {
-                "adaptive"
-            }
-        ))
+        Ok((share, log))
     }
 
     /// One window of one contender, saturated: warm-up, then counters before and after.
@@ -573,7 +879,13 @@ impl<'w> Bench<'w> {
             },
         )?;
         self.stop(contender, setup)?;
-        Ok(measure_between(contender, traffic, &before, &after))
+        Ok(measure_between(
+            contender,
+            traffic,
+            self.sink_now(),
+            &before,
+            &after,
+        ))
     }
 
     fn gen_program(&self) -> BenchResult<&Xdp> {
@@ -596,8 +908,37 @@ impl<'w> Bench<'w> {
                 Ok(Setup::Xdp(link))
             }
             Contender::XdpKernel => {
-                let link = self.xdp("pps_fwd")?.attach(LB_IF, XdpMode::Driver)?;
+                let program = xdp_program(self.sink_now());
+                let link = self.xdp(program)?.attach(LB_IF, XdpMode::Driver)?;
                 Ok(Setup::Xdp(link))
+            }
+            Contender::LbdBudget(budget) => {
+                let extra = format!("{}tx_skb_budget = {budget}\n", self.engine_extra);
+                Ok(Setup::Lbd(LbdProcess::start(&self.lbd_config, 1, &extra)?))
+            }
+            Contender::MinimalXsk => {
+                // lbd's own config, parsed by lbd's own code: the same socket settings.
+                let text = lbd_config(1, Path::new("/dev/null"), &self.engine_extra);
+                let engine = lbd_config::Config::from_toml_str(&text)?.engine;
+                let settings = XskSettings {
+                    frame_size: engine.frame_size,
+                    frame_count: engine.frame_count,
+                    ring_size: engine.ring_size,
+                    mode: CopyMode::Copy,
+                    tx_skb_budget: engine.tx_skb_budget,
+                };
+                let batch_size = engine.batch_size as usize;
+                let rings = XskRings::open(LB_IF, 0, settings)?;
+                let mut sockets: XskMap<&mut MapData> =
+                    XskMap::try_from(self.ebpf.map_mut("xsks").ok_or("xsks")?)?;
+                sockets.set(0, rings.as_raw_fd(), 0)?;
+                let link = self.xdp("pps_xsk")?.attach(LB_IF, XdpMode::Driver)?;
+                let stop = std::sync::Arc::new(AtomicBool::new(false));
+                let thread = {
+                    let stop = stop.clone();
+                    std::thread::spawn(move || forward_minimal(rings, batch_size, &stop))
+                };
+                Ok(Setup::Minimal { link, stop, thread })
             }
         }
     }
@@ -608,7 +949,22 @@ impl<'w> Bench<'w> {
         }
         match (contender, setup) {
             (Contender::Nftables, Setup::Xdp(link)) => self.xdp("pps_pass")?.detach(link)?,
-            (Contender::XdpKernel, Setup::Xdp(link)) => self.xdp("pps_fwd")?.detach(link)?,
+            (Contender::XdpKernel, Setup::Xdp(link)) => {
+                let program = xdp_program(self.sink_now());
+                self.xdp(program)?.detach(link)?
+            }
+            (Contender::MinimalXsk, Setup::Minimal { link, stop, thread }) => {
+                stop.store(true, Ordering::Relaxed);
+                let (forwarded, stats) = thread
+                    .join()
+                    .map_err(|_| "the minimal forwarder panicked")??;
+                self.xdp("pps_xsk")?.detach(link)?;
+                let mut sockets: XskMap<&mut MapData> =
+                    XskMap::try_from(self.ebpf.map_mut("xsks").ok_or("xsks")?)?;
+                // Gone with the socket already, as a rule.
+                let _ = sockets.unset(0);
+                eprintln!("    minimal forwarder: forwarded={forwarded} socket {stats:?}");
+            }
             (_, Setup::Lbd(lbd)) => {
                 let log = lbd.stop()?;
                 for line in log.lines().filter(|l| {
@@ -694,6 +1050,81 @@ impl<'w> Bench<'w> {
 enum Setup {
     Lbd(LbdProcess),
     Xdp(XdpLinkId),
+    Minimal {
+        link: XdpLinkId,
+        stop: std::sync::Arc<AtomicBool>,
+        thread: std::thread::JoinHandle<BenchResult<(u64, Option<lbd_proto::SocketStats>)>>,
+    },
+}
+
+/// The minimal AF_XDP forwarder, until `stop`: lbd's worker loop (`Worker::poll_once`: reclaim
+/// at most 4 batches, receive a batch, transmit it with the same wake-and-retry on a full TX
+/// ring, refill the fill ring keeping a batch back) with a fixed MAC rewrite in place of the
+/// dataplane, on lbd's rings, pinned to core 1 as lbd's worker is. Returns frames forwarded.
+fn forward_minimal(
+    mut rings: XskRings,
+    batch_size: usize,
+    stop: &AtomicBool,
+) -> BenchResult<(u64, Option<lbd_proto::SocketStats>)> {
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: 1 }) {
+        return Err("cannot pin the minimal forwarder to core 1".into());
+    }
+    // Destination and source MAC per real server, chosen by the source address's last byte
+    // (offset 29 of an IPv4 frame): the sink's shares stay meaningful.
+    let headers: Vec<[u8; 12]> = (0..REAL_SERVERS)
+        .map(|i| {
+            let mut header = [0u8; 12];
+            header[..6].copy_from_slice(&real_server_mac(i));
+            header[6..].copy_from_slice(&LB_MAC);
+            header
+        })
+        .collect();
+    let rewrite = |bytes: &mut [u8]| {
+        if let Some(&last) = bytes.get(29) {
+            bytes[..12].copy_from_slice(&headers[usize::from(last) % REAL_SERVERS]);
+        }
+    };
+    let mut free: Vec<Frame> = rings.take_frames();
+    let mut batch: Vec<Frame> = Vec::with_capacity(batch_size);
+    let mut in_tx = 0usize;
+    let mut forwarded = 0u64;
+    let refill = |rings: &mut XskRings, free: &mut Vec<Frame>| {
+        let lendable = free.len().saturating_sub(batch_size);
+        if lendable > 0 {
+            rings.fill(free, lendable);
+        }
+    };
+    refill(&mut rings, &mut free);
+    while !stop.load(Ordering::Relaxed) {
+        if in_tx > 0 {
+            in_tx -= rings.reclaim(&mut free, in_tx.min(batch_size * 4));
+        }
+        if rings.receive(&mut batch, batch_size) == 0 {
+            if in_tx > 0 {
+                rings.kick();
+            }
+            continue;
+        }
+        for frame in batch.iter_mut() {
+            rings.with_payload(frame, rewrite);
+        }
+        let received = batch.len();
+        in_tx += rings.transmit(&mut batch);
+        let mut tries = 0;
+        while !batch.is_empty() && tries < 4 {
+            rings.kick();
+            in_tx -= rings.reclaim(&mut free, in_tx.min(batch_size * 4));
+            in_tx += rings.transmit(&mut batch);
+            tries += 1;
+        }
+        if in_tx > 0 {
+            rings.kick();
+        }
+        forwarded += (received - batch.len()) as u64;
+        free.append(&mut batch);
+        refill(&mut rings, &mut free);
+    }
+    Ok((forwarded, rings.kernel_stats()))
 }
 
 /// Runs the generator on `core` until `stop` is set and a signal ends the current run; its
@@ -775,6 +1206,7 @@ fn with_generators<T>(
 fn measure_between(
     contender: Contender,
     traffic: Traffic,
+    sink: Sink,
     before: &Sample,
     after: &Sample,
 ) -> Measurement {
@@ -789,6 +1221,7 @@ fn measure_between(
     Measurement {
         contender,
         traffic,
+        sink,
         forwarded_pps: forwarded as f64 / seconds,
         generated_pps: (after.generated - before.generated) as f64 / seconds,
         entered_pps: (after.entered - before.entered) as f64 / seconds,
@@ -800,8 +1233,9 @@ fn measure_between(
 
 fn line(m: &Measurement) -> String {
     format!(
-        "{:<44} {:>10.0} pps forwarded, generated {:>10.0}, entered lb0 {:>10.0}, loss {:>5.1}%, busy cores {:.2}",
-        label(m.contender, m.traffic),
+        "{:<3} {:<48} {:>10.0} pps forwarded, generated {:>10.0}, entered lb0 {:>10.0}, loss {:>5.1}%, busy cores {:.2}",
+        if m.sink == Sink::Tc { "tc" } else { "xdp" },
+        row_label(m.contender, m.traffic, m.sink),
         m.forwarded_pps,
         m.generated_pps,
         m.entered_pps,
@@ -812,12 +1246,13 @@ fn line(m: &Measurement) -> String {
 
 fn median_of(
     results: &[Measurement],
+    sink: Sink,
     contender: Contender,
     traffic: Traffic,
 ) -> Option<Measurement> {
     let mut runs: Vec<&Measurement> = results
         .iter()
-        .filter(|m| m.contender == contender && m.traffic == traffic)
+        .filter(|m| m.sink == sink && m.contender == contender && m.traffic == traffic)
         .collect();
     if runs.is_empty() {
         return None;
@@ -826,31 +1261,38 @@ fn median_of(
     Some(runs[runs.len() / 2].clone())
 }
 
-fn table(results: &[Measurement]) -> String {
+/// One sink's table: medians over the rounds, lbd's ratio to each other contender.
+fn table(results: &[Measurement], sink: Sink) -> String {
     let main = Contender::Lbd { workers: 1 };
     let rows = [
         (main, Traffic::Vip),
         (Contender::Nftables, Traffic::Vip),
         (Contender::XdpKernel, Traffic::Vip),
+        (Contender::MinimalXsk, Traffic::Vip),
         (Contender::Lbd { workers: 2 }, Traffic::Vip),
         (main, Traffic::Mix),
         (main, Traffic::Vip6),
         (Contender::Nftables, Traffic::Vip6),
         (Contender::XdpKernel, Traffic::Vip6),
     ];
-    let lbd_pps =
-        |traffic| median_of(results, main, traffic).map_or(0.0, |m: Measurement| m.forwarded_pps);
+    let lbd_pps = |traffic| {
+        median_of(results, sink, main, traffic).map_or(0.0, |m: Measurement| m.forwarded_pps)
+    };
     let rounds = results
         .iter()
-        .filter(|m| m.contender == main && m.traffic == Traffic::Vip)
+        .filter(|m| m.sink == sink && m.contender == main && m.traffic == Traffic::Vip)
         .count();
+    if rounds == 0 {
+        return String::new();
+    }
     let mut out = format!(
-        "\nForwarded frames per second, median of {rounds} rounds (60-byte TCP SYNs to one VIP \
+        "\n{}\nForwarded frames per second, median of {rounds} rounds (60-byte TCP SYNs to one VIP \
          from {CLIENTS} clients, {REAL_SERVERS} real servers; IPv6 rows: 74-byte TCP SYNs to \
-         the service's IPv6 VIP {VIP6})\n"
+         the service's IPv6 VIP {VIP6})\n",
+        sink.name()
     );
     out += &format!(
-        "{:<44} {:>10} {:>21} {:>9} {:>6} {:>6}  {}\n",
+        "{:<48} {:>10} {:>21} {:>9} {:>6} {:>6}  {}\n",
         "contender",
         "median pps",
         "range over rounds",
@@ -860,12 +1302,12 @@ fn table(results: &[Measurement]) -> String {
         "share per real server, %"
     );
     for (contender, traffic) in rows {
-        let Some(m) = median_of(results, contender, traffic) else {
+        let Some(m) = median_of(results, sink, contender, traffic) else {
             continue;
         };
         let runs: Vec<f64> = results
             .iter()
-            .filter(|r| r.contender == contender && r.traffic == traffic)
+            .filter(|r| r.sink == sink && r.contender == contender && r.traffic == traffic)
             .map(|r| r.forwarded_pps)
             .collect();
         let low = runs.iter().copied().fold(f64::INFINITY, f64::min);
@@ -873,7 +1315,7 @@ fn table(results: &[Measurement]) -> String {
         // The ratio is lbd against the kernel's paths on the same traffic; lbd's other rows
         // have their own lines.
         let ratio = match contender {
-            Contender::Nftables | Contender::XdpKernel => {
+            Contender::Nftables | Contender::XdpKernel | Contender::MinimalXsk => {
                 format!("{:.2}", lbd_pps(traffic) / m.forwarded_pps.max(1.0))
             }
             _ => "-".to_owned(),
@@ -886,8 +1328,8 @@ fn table(results: &[Measurement]) -> String {
             .collect::<Vec<_>>()
             .join(" ");
         out += &format!(
-            "{:<44} {:>10.0} {:>10.0}-{:<10.0} {:>9} {:>5.1}% {:>6.2}  {}\n",
-            label(contender, traffic),
+            "{:<48} {:>10.0} {:>10.0}-{:<10.0} {:>9} {:>5.1}% {:>6.2}  {}\n",
+            row_label(contender, traffic, sink),
             m.forwarded_pps,
             low,
             high,
@@ -898,14 +1340,20 @@ fn table(results: &[Measurement]) -> String {
         );
         if traffic == Traffic::Mix {
             out += &format!(
-                "{:<44} {:>10.0} ARP replies per second, from 1% ARP requests\n",
+                "{:<48} {:>10.0} ARP replies per second, from 1% ARP requests\n",
                 "", m.other_pps
             );
         }
     }
+    if let Some(minimal) = median_of(results, sink, Contender::MinimalXsk, Traffic::Vip) {
+        out += &format!(
+            "lbd / minimal AF_XDP forwarder: {:.2}x\n",
+            lbd_pps(Traffic::Vip) / minimal.forwarded_pps.max(1.0)
+        );
+    }
     if let (Some(one), Some(two)) = (
-        median_of(results, main, Traffic::Vip),
-        median_of(results, Contender::Lbd { workers: 2 }, Traffic::Vip),
+        median_of(results, sink, main, Traffic::Vip),
+        median_of(results, sink, Contender::Lbd { workers: 2 }, Traffic::Vip),
     ) {
         out += &format!(
             "lbd, 2 workers / 1 worker: {:.2}x\n",
@@ -918,11 +1366,43 @@ fn table(results: &[Measurement]) -> String {
             lbd_pps(Traffic::Vip6) / lbd_pps(Traffic::Vip).max(1.0)
         );
     }
-    out += "loss: VIP frames generated but not received by a real server (the generator sends \
-            flat out, so this is what the forwarder could not take). cores: busy cores of the \
-            whole machine during the window, generator and sink included.\n";
     out
 }
+
+/// lbd with each `engine.tx_skb_budget`, from the same rounds (fair sink).
+fn budget_table(results: &[Measurement], budgets: &[u32]) -> String {
+    let median = |budget| {
+        median_of(
+            results,
+            Sink::Tc,
+            Contender::LbdBudget(budget),
+            Traffic::Vip,
+        )
+    };
+    let Some(base) = budgets.first().and_then(|&b| median(b)) else {
+        return String::new();
+    };
+    let mut out = format!(
+        "\nAF_XDP TX skb budget (frames per sendto in copy mode), lbd 1 worker, fair sink, same \
+         rounds; x: against tx_skb_budget = {}\n",
+        budgets[0]
+    );
+    for &budget in budgets {
+        let Some(m) = median(budget) else { continue };
+        out += &format!(
+            "{:<48} {:>10.0} pps  x{:.2}  loss {:>5.1}%\n",
+            Contender::LbdBudget(budget).name(),
+            m.forwarded_pps,
+            m.forwarded_pps / base.forwarded_pps.max(1.0),
+            m.loss() * 100.0
+        );
+    }
+    out
+}
+
+const LEGEND: &str = "loss: VIP frames generated but not received by a real server (the \
+    generator sends flat out, so this is what the forwarder could not take). cores: busy cores \
+    of the whole machine during the window, generator and sink included.\n";
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -1038,10 +1518,20 @@ struct LbdProcess {
 
 impl LbdProcess {
     fn start(config_path: &Path, workers: usize, engine_extra: &str) -> BenchResult<LbdProcess> {
-        let socket = PathBuf::from(STATE_DIR).join("lbd.sock");
+        let text = lbd_config(workers, &Self::socket_path(), engine_extra);
+        Self::start_with(config_path, &text)
+    }
+
+    fn socket_path() -> PathBuf {
+        PathBuf::from(STATE_DIR).join("lbd.sock")
+    }
+
+    /// lbd with the config `text`, written to `config_path`.
+    fn start_with(config_path: &Path, text: &str) -> BenchResult<LbdProcess> {
+        let socket = Self::socket_path();
         let log = PathBuf::from(STATE_DIR).join("lbd.log");
         let _ = std::fs::remove_file(&socket);
-        std::fs::write(config_path, lbd_config(workers, &socket, engine_extra))?;
+        std::fs::write(config_path, text)?;
         let child = Command::new("ip")
             .args(["netns", "exec", NAMESPACE, LBD, "--config"])
             .arg(config_path)
@@ -1105,6 +1595,28 @@ impl Drop for LbdProcess {
             let _ = self.child.wait();
         }
     }
+}
+
+/// lbd's config for the idle run: every setting at its default but the interface, the queue,
+/// the core, copy mode and the control socket; a TCP health check (the default kind) of
+/// each real server on the service's port.
+fn lbd_config_defaults(socket: &Path, engine_extra: &str) -> String {
+    let mut text = format!(
+        "[engine]\ninterface = \"{LB_IF}\"\nqueues = [0]\ncores = [1]\nxdp_mode = \"copy\"\n\
+         control_socket = \"{}\"\n{engine_extra}\n\
+         [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nvip6 = \"{VIP6}\"\nports = \"{PORT}\"\n\
+         protocol = \"tcp\"\npersistence = \"source-ip\"\n",
+        socket.display()
+    );
+    for index in 0..REAL_SERVERS {
+        text += &format!(
+            "\n[[service.real_server]]\nlabel = \"Wowza Srv {}\"\nip = \"{}\"\nmac = \"{}\"\n",
+            index + 1,
+            real_server_ip(index),
+            mac_text(real_server_mac(index))
+        );
+    }
+    text
 }
 
 fn lbd_config(workers: usize, socket: &Path, engine_extra: &str) -> String {

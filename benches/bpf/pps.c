@@ -7,16 +7,24 @@
 //             (IPv4, or the last 32 bits of an IPv6 address).
 //   pps_sink  on the wire's far end: counts every frame the forwarder sends, per destination
 //             MAC (one slot per real server, slot 0 for anything else), and drops it.
+//   pps_sink_tc  the same count and drop at tc ingress of the wire's far end, for the sink
+//             without XDP: a veth whose peer runs XDP copies every skb with less than 256
+//             bytes of headroom, which AF_XDP copy mode's skbs are; a NIC does not.
 //   pps_fwd   the in-kernel XDP contender: the same DR rewrite as lbd (destination MAC from a
 //             hash of the source address, source MAC = own), then XDP_TX; IPv4 and IPv6.
+//   pps_fwd_redirect  the same, sent with XDP_REDIRECT to the receiving device: the XDP
+//             contender with the tc sink (see the program).
 //   pps_pass  XDP_PASS only: in front of the nftables contender, so that every contender's
 //             frames arrive through the same veth XDP receive path.
+//   pps_xsk   steering for the minimal AF_XDP forwarder: every frame to the socket of its
+//             queue.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -220,11 +228,9 @@ int pps_gen(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
-SEC("xdp")
-int pps_sink(struct xdp_md *ctx)
+// Counts one frame in the slot of its destination MAC.
+static __always_inline void sink_count(void *data, void *data_end)
 {
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
 	__u64 mac = 0;
 	__u32 slot = 0;
 
@@ -237,7 +243,34 @@ int pps_sink(struct xdp_md *ctx)
 	__u64 *count = bpf_map_lookup_elem(&sink_counts, &slot);
 	if (count)
 		*count += 1;
+}
+
+SEC("xdp")
+int pps_sink(struct xdp_md *ctx)
+{
+	sink_count((void *)(long)ctx->data, (void *)(long)ctx->data_end);
 	return XDP_DROP;
+}
+
+SEC("classifier")
+int pps_sink_tc(struct __sk_buff *skb)
+{
+	// The Ethernet header is in the linear part of every skb that reaches tc ingress.
+	sink_count((void *)(long)skb->data, (void *)(long)skb->data_end);
+	return TC_ACT_SHOT;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_XSKMAP);
+	__uint(max_entries, 4);
+	__type(key, __u32);
+	__type(value, __u32);
+} xsks SEC(".maps");
+
+SEC("xdp")
+int pps_xsk(struct xdp_md *ctx)
+{
+	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_DROP);
 }
 
 // Sends the frame to the real server of `client` (a client address, or a fold of one).
@@ -255,8 +288,7 @@ static __always_inline int fwd_to_server(struct ethhdr *eth, struct fwd_config *
 	return XDP_TX;
 }
 
-SEC("xdp")
-int pps_fwd(struct xdp_md *ctx)
+static __always_inline int fwd(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -286,6 +318,24 @@ int pps_fwd(struct xdp_md *ctx)
 		return fwd_to_server(eth, config, bpf_ntohl(src[0] ^ src[1] ^ src[2] ^ src[3]));
 	}
 	return XDP_PASS;
+}
+
+SEC("xdp")
+int pps_fwd(struct xdp_md *ctx)
+{
+	return fwd(ctx);
+}
+
+// XDP_TX to a veth schedules the peer's NAPI only when the peer runs XDP itself
+// (veth_xdp_flush), so with the tc sink the frames would wait in sw0's ring for good. A
+// redirect to the same device goes through ndo_xdp_xmit, which flushes whenever the peer has
+// NAPI (here: GRO).
+SEC("xdp")
+int pps_fwd_redirect(struct xdp_md *ctx)
+{
+	int action = fwd(ctx);
+
+	return action == XDP_TX ? bpf_redirect(ctx->ingress_ifindex, 0) : action;
 }
 
 SEC("xdp")

@@ -82,9 +82,10 @@ fn the_documented_example_parses_exactly() {
                 control_socket: "/run/lbd/lbd.sock".into(),
                 hash_seed: DEFAULT_HASH_SEED,
                 frame_size: 4096,
-                frame_count: 8192,
-                ring_size: 2048,
+                frame_count: 16384,
+                ring_size: 4096,
                 batch_size: 64,
+                tx_skb_budget: 64,
                 gratuitous_arp_count: 3,
                 control_group: None,
                 flow_table_size: 262_144,
@@ -593,7 +594,9 @@ fn ring_and_frame_bounds_are_enforced() {
         ("ring_size = 32", "engine.ring_size"),
         ("ring_size = 32768\nframe_count = 65536", "engine.ring_size"),
         ("frame_count = 6000", "engine.frame_count"),
-        ("batch_size = 2049", "engine.batch_size"),
+        ("batch_size = 4097", "engine.batch_size"),
+        ("tx_skb_budget = 31", "engine.tx_skb_budget"),
+        ("tx_skb_budget = 8192", "engine.tx_skb_budget"),
         ("interface = \"eth 0\"", "engine.interface"),
         ("interface = \"eth0:1\"", "engine.interface"),
         ("interface = \"..\"", "engine.interface"),
@@ -607,12 +610,13 @@ fn ring_and_frame_bounds_are_enforced() {
     }
     // The edges themselves are fine.
     let config = Config::from_toml_str(&engine(
-        "ring_size = 64\nframe_count = 128\nbatch_size = 64",
+        "ring_size = 64\nframe_count = 128\nbatch_size = 64\ntx_skb_budget = 64",
     ))
     .expect("smallest rings");
     assert_eq!(config.engine.ring_size, 64);
     Config::from_toml_str(&engine(
         "ring_size = 16384\nframe_count = 32768\nbatch_size = 1\nframe_size = 2048\n\
+         tx_skb_budget = 32\n\
          gratuitous_arp_count = 0\nhash_seed = 7",
     ))
     .expect("largest rings");

@@ -613,6 +613,7 @@ fn open_socket(
         frame_count: engine.frame_count,
         ring_size: engine.ring_size,
         mode,
+        tx_skb_budget: engine.tx_skb_budget,
     };
     let interface = engine.interface.as_str();
     match engine.xdp_mode {

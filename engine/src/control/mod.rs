@@ -1709,6 +1709,7 @@ fn engine_difference(running: &Config, new: &Config) -> Option<&'static str> {
         ("frame_count", a.frame_count != b.frame_count),
         ("ring_size", a.ring_size != b.ring_size),
         ("batch_size", a.batch_size != b.batch_size),
+        ("tx_skb_budget", a.tx_skb_budget != b.tx_skb_budget),
         ("flow_table_size", a.flow_table_size != b.flow_table_size),
         (
             "persistence_table_size",

@@ -9,12 +9,13 @@
 //! `Clone`, so it is in one place at a time by Rust's own rules; each frame carries the id of
 //! the socket it belongs to, and a socket refuses (panics on) a frame of another one.
 //!
-//! It also holds the one socket option nix does not wrap: the peer's supplementary groups on
-//! a unix socket (`SO_PEERGROUPS`), which the control socket checks; and the hook that ties a
-//! child process (HAProxy) to the thread that started it.
+//! It also holds the socket options nix does not wrap: AF_XDP's TX skb budget, and the peer's
+//! supplementary groups on a unix socket (`SO_PEERGROUPS`), which the control socket checks;
+//! and the hook that ties a child process (HAProxy) to the thread that started it.
 #![expect(
     unsafe_code,
-    reason = "xsk-rs ring and UMEM calls, getsockopt(SO_PEERGROUPS), a child's pre-exec hook"
+    reason = "xsk-rs ring and UMEM calls, setsockopt(XDP_MAX_TX_SKB_BUDGET) through nix's \
+              macro, getsockopt(SO_PEERGROUPS), a child's pre-exec hook"
 )]
 
 use crate::io::worker::{Rings, SocketStats};
@@ -57,6 +58,9 @@ pub struct XskSettings {
     pub ring_size: u32,
     /// Copy or zero-copy.
     pub mode: CopyMode,
+    /// Frames one `sendto` turns into skbs in copy mode (`XDP_MAX_TX_SKB_BUDGET`); 0: the
+    /// kernel's default (32).
+    pub tx_skb_budget: u32,
 }
 
 /// Why a socket could not be opened.
@@ -130,6 +134,9 @@ impl XskRings {
             .map_err(|e| fail(format!("binding: {e}")))?;
         let (fill, completion) = rings
             .ok_or_else(|| fail("the UMEM's fill and completion rings were missing".into()))?;
+        if settings.tx_skb_budget > 0 {
+            set_tx_skb_budget(&rx, settings.tx_skb_budget);
+        }
         Ok(XskRings {
             id: NEXT_SOCKET_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             umem,
@@ -298,6 +305,43 @@ impl Rings for XskRings {
             tx_invalid: stats.tx_invalid_descs(),
             tx_ring_empty: stats.tx_ring_empty_descs(),
         })
+    }
+}
+
+/// `XDP_MAX_TX_SKB_BUDGET` (Linux 6.17, linux/if_xdp.h; libc does not export it yet).
+const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
+
+// The macro calls itself and `setsockopt_impl!` by their bare names.
+use nix::{setsockopt_impl, sockopt_impl};
+sockopt_impl!(
+    /// How many frames one `sendto` turns into skbs in copy mode: 32 (the kernel's
+    /// `TX_BATCH_SIZE`) up to the TX ring's size.
+    TxSkbBudget,
+    SetOnly,
+    libc::SOL_XDP,
+    XDP_MAX_TX_SKB_BUDGET,
+    libc::c_int
+);
+
+/// Sets the socket's TX skb budget. A kernel before 6.17 does not know the option
+/// (ENOPROTOOPT) and keeps sending 32 frames per call, which works as well, only slower: that
+/// is logged at debug and nothing else.
+fn set_tx_skb_budget(rx: &RxQueue, budget: u32) {
+    let value = libc::c_int::try_from(budget).unwrap_or(libc::c_int::MAX);
+    // SAFETY: the descriptor is the socket's own, open for as long as `rx` lives, which
+    // outlasts this borrow (xsk-rs's `Fd` has no `AsFd` of its own).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(rx.fd().as_raw_fd()) };
+    match nix::sys::socket::setsockopt(&fd, TxSkbBudget, &value) {
+        Ok(()) => tracing::debug!(budget, "AF_XDP TX skb budget set"),
+        Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => {
+            tracing::debug!(
+                budget,
+                "this kernel has no XDP_MAX_TX_SKB_BUDGET; keeping its 32"
+            );
+        }
+        Err(error) => {
+            tracing::warn!(budget, %error, "XDP_MAX_TX_SKB_BUDGET refused; keeping the kernel's");
+        }
     }
 }
 
