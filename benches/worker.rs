@@ -3,17 +3,20 @@
 //! over AF_XDP-shaped rings in plain memory, beside the dataplane core alone on the same frames.
 //!
 //! `cargo bench -p lbd-engine --bench worker`. The UMEM, ring sizes and batch are lbd's
-//! defaults (8192 frames of 4096 bytes, rings of 2048, batches of 64). The frames are the
-//! dataplane bench's warm path: TCP segments of 4096 connections from 4096 clients, in the flow
-//! and persistence tables after a first pass. Between batches, untimed, the bench plays the
-//! NIC: it takes frames off the fill ring, writes a received frame into each and posts them on
-//! RX, and moves what the worker queued on TX to the completion ring. What is timed is the
-//! worker's part alone, so the figure bounds lbd on a zero-copy NIC, where the kernel's share
-//! of a frame is a descriptor write. Every frame must come out on TX.
+//! defaults, as the config gives them (`frame_count`, `frame_size`, `ring_size`,
+//! `batch_size`). The frames are the dataplane bench's warm path: TCP segments of 4096
+//! connections from 4096 clients, in the flow and persistence tables after a first pass.
+//! Between batches, untimed, the bench plays the NIC: it takes frames off the fill ring, writes
+//! a received frame into each and posts them on RX, and moves what the worker queued on TX to
+//! the completion ring. What is timed is the worker's part alone, so the figure bounds lbd on
+//! a zero-copy NIC, where the kernel's share of a frame is a descriptor write. Every frame must
+//! come out on TX. The core row processes the same frames the same way: each batch written
+//! into UMEM frames (the next ones round the UMEM, as the fill ring hands them out) just before
+//! it is timed.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
-use lbd_config::Config;
+use lbd_config::{Config, Engine};
 use lbd_engine::io::worker::{Rings, Worker, WorkerSettings};
 use lbd_engine::packet::dataplane::{Dataplane, TableSizes, Verdict};
 use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
@@ -25,12 +28,6 @@ use std::time::{Duration, Instant};
 const OWN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 const CLIENTS: usize = 4096;
-/// lbd's defaults: `frame_size`, `frame_count`, `ring_size`.
-const FRAME_SIZE: usize = 4096;
-const FRAME_COUNT: usize = 8192;
-const RING_SIZE: usize = 2048;
-/// Batches per timed iteration: 4096 frames at the default batch of 64.
-const BATCHES: usize = CLIENTS / 64;
 
 /// A UMEM frame: its offset in the UMEM and the length of what it holds. Owned, like the
 /// daemon's, so the worker cannot hand one out twice.
@@ -43,6 +40,9 @@ struct Frame {
 /// Four bounded rings and a UMEM in memory, as an AF_XDP socket lays them out.
 #[derive(Debug)]
 struct MemoryRings {
+    frame_size: usize,
+    frame_count: usize,
+    ring_size: usize,
     umem: Vec<u8>,
     fill: VecDeque<Frame>,
     rx: VecDeque<Frame>,
@@ -51,13 +51,17 @@ struct MemoryRings {
 }
 
 impl MemoryRings {
-    fn new() -> MemoryRings {
+    fn new(engine: &Engine) -> MemoryRings {
+        let ring_size = engine.ring_size as usize;
         MemoryRings {
-            umem: vec![0; FRAME_SIZE * FRAME_COUNT],
-            fill: VecDeque::with_capacity(RING_SIZE),
-            rx: VecDeque::with_capacity(RING_SIZE),
-            tx: VecDeque::with_capacity(RING_SIZE),
-            completion: VecDeque::with_capacity(RING_SIZE),
+            frame_size: engine.frame_size as usize,
+            frame_count: engine.frame_count as usize,
+            ring_size,
+            umem: vec![0; engine.frame_size as usize * engine.frame_count as usize],
+            fill: VecDeque::with_capacity(ring_size),
+            rx: VecDeque::with_capacity(ring_size),
+            tx: VecDeque::with_capacity(ring_size),
+            completion: VecDeque::with_capacity(ring_size),
         }
     }
 
@@ -65,7 +69,7 @@ impl MemoryRings {
     fn arrive<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]>) -> usize {
         let mut arrived = 0;
         for bytes in frames {
-            if self.rx.len() == RING_SIZE {
+            if self.rx.len() == self.ring_size {
                 break;
             }
             let Some(mut frame) = self.fill.pop_front() else {
@@ -91,9 +95,9 @@ impl Rings for MemoryRings {
     type Frame = Frame;
 
     fn take_frames(&mut self) -> Vec<Frame> {
-        (0..FRAME_COUNT)
+        (0..self.frame_count)
             .map(|i| Frame {
-                offset: i * FRAME_SIZE,
+                offset: i * self.frame_size,
                 len: 0,
             })
             .collect()
@@ -106,7 +110,7 @@ impl Rings for MemoryRings {
     }
 
     fn fill(&mut self, frames: &mut Vec<Frame>, max: usize) -> usize {
-        let n = max.min(RING_SIZE - self.fill.len()).min(frames.len());
+        let n = max.min(self.ring_size - self.fill.len()).min(frames.len());
         self.fill.extend(frames.drain(frames.len() - n..));
         n
     }
@@ -127,7 +131,7 @@ impl Rings for MemoryRings {
     }
 
     fn transmit(&mut self, frames: &mut Vec<Frame>) -> usize {
-        let n = (RING_SIZE - self.tx.len()).min(frames.len());
+        let n = (self.ring_size - self.tx.len()).min(frames.len());
         self.tx.extend(frames.drain(..n));
         n
     }
@@ -138,8 +142,9 @@ impl Rings for MemoryRings {
     fn wait_for_rx(&mut self, _timeout_ms: i32) {}
 }
 
-/// The dataplane bench's service: 10 real servers with pinned MACs behind VIP:1935.
-fn dataplane() -> Dataplane {
+/// The dataplane bench's service: 10 real servers with pinned MACs behind VIP:1935; every
+/// engine setting at its default.
+fn config() -> Config {
     let mut text = String::from(
         "[engine]\ninterface = \"eth0\"\nqueues = [0]\n\n[[service]]\nlabel = \"Wowza Streaming\"\n\
          vip = \"198.18.0.100\"\nports = \"1935\"\n",
@@ -150,9 +155,12 @@ fn dataplane() -> Dataplane {
             11 + i
         );
     }
-    let config = Config::from_toml_str(&text).expect("bench config is valid");
+    Config::from_toml_str(&text).expect("bench config is valid")
+}
+
+fn dataplane(config: &Config) -> Dataplane {
     let snapshot = Snapshot::build(
-        &config,
+        config,
         &mut ServiceIds::default(),
         OWN_MAC,
         1,
@@ -180,15 +188,23 @@ fn frames() -> Vec<Vec<u8>> {
 
 /// The worker loop, timed batch by batch; the NIC's part between batches is not.
 fn worker_loop(c: &mut Criterion) {
+    let config = config();
+    let batch = config.engine.batch_size as usize;
+    let batches = CLIENTS / batch;
+    let settings = WorkerSettings {
+        batch_size: batch,
+        ..WorkerSettings::default()
+    };
+    let rings = MemoryRings::new(&config.engine);
+    let mut worker = Worker::new(rings, dataplane(&config), settings);
     let frames = frames();
-    let mut worker = Worker::new(MemoryRings::new(), dataplane(), WorkerSettings::default());
     let epoch = Instant::now();
     let mut next = frames.iter().map(Vec::as_slice).cycle();
     // Two passes before timing: every connection in the tables, the rings in their steady
     // state.
-    for _ in 0..2 * BATCHES {
-        worker.rings_mut().arrive(next.by_ref().take(64));
-        assert_eq!(worker.poll_once(1_000), 64);
+    for _ in 0..2 * batches {
+        worker.rings_mut().arrive(next.by_ref().take(batch));
+        assert_eq!(worker.poll_once(1_000), batch);
         worker.rings_mut().send_all();
     }
     let mut group = c.benchmark_group("worker");
@@ -199,8 +215,8 @@ fn worker_loop(c: &mut Criterion) {
             for _ in 0..iters {
                 let now_ms = 1_000 + epoch.elapsed().as_millis() as u64;
                 let mut sent = 0;
-                for _ in 0..BATCHES {
-                    let arrived = worker.rings_mut().arrive(next.by_ref().take(64));
+                for _ in 0..batches {
+                    let arrived = worker.rings_mut().arrive(next.by_ref().take(batch));
                     let start = Instant::now();
                     let received = black_box(worker.poll_once(now_ms));
                     timed += start.elapsed();
@@ -219,19 +235,21 @@ fn worker_loop(c: &mut Criterion) {
     assert!(worker.frames_accounted(), "no UMEM frame lost");
 }
 
-/// The dataplane core on the same frames in the same UMEM layout, for the ratio.
+/// The dataplane core on the same frames, batch by batch in the same UMEM, for the ratio.
 fn core_alone(c: &mut Criterion) {
+    let config = config();
+    let (frame_size, frame_count) = (
+        config.engine.frame_size as usize,
+        config.engine.frame_count as usize,
+    );
+    let batch = config.engine.batch_size as usize;
     let frames = frames();
-    let mut dp = dataplane();
-    let mut umem = vec![0u8; FRAME_SIZE * CLIENTS];
-    for (slot, frame) in umem.chunks_exact_mut(FRAME_SIZE).zip(&frames) {
-        slot[..frame.len()].copy_from_slice(frame);
+    let mut dp = dataplane(&config);
+    for frame in &frames {
+        assert_eq!(dp.process(&mut frame.clone(), 1_000), Verdict::Transmit);
     }
-    let pristine = umem.clone();
-    let len = frames[0].len();
-    for slot in umem.chunks_exact_mut(FRAME_SIZE) {
-        assert_eq!(dp.process(&mut slot[..len], 1_000), Verdict::Transmit);
-    }
+    let mut umem = vec![0u8; frame_size * frame_count];
+    let mut next_frame = 0;
     let epoch = Instant::now();
     let mut group = c.benchmark_group("worker");
     group.throughput(Throughput::Elements(CLIENTS as u64));
@@ -239,20 +257,20 @@ fn core_alone(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut timed = Duration::ZERO;
             for _ in 0..iters {
-                for (slot, copy) in umem
-                    .chunks_exact_mut(FRAME_SIZE)
-                    .zip(pristine.chunks_exact(FRAME_SIZE))
-                {
-                    slot[..len].copy_from_slice(&copy[..len]);
-                }
                 let now_ms = 1_000 + epoch.elapsed().as_millis() as u64;
-                // Timed per batch of 64, as the worker loop is, so both carry the same clock
-                // reads.
                 let mut sent = 0;
-                for batch in umem.chunks_exact_mut(FRAME_SIZE * 64) {
+                for received in frames.chunks(batch) {
+                    // The NIC's part: the batch lands in the next UMEM frames.
+                    let mut slots = Vec::with_capacity(batch);
+                    for bytes in received {
+                        let offset = next_frame * frame_size;
+                        next_frame = (next_frame + 1) % frame_count;
+                        umem[offset..offset + bytes.len()].copy_from_slice(bytes);
+                        slots.push(offset..offset + bytes.len());
+                    }
                     let start = Instant::now();
-                    for slot in batch.chunks_exact_mut(FRAME_SIZE) {
-                        let verdict = dp.process(black_box(&mut slot[..len]), now_ms);
+                    for slot in slots {
+                        let verdict = dp.process(black_box(&mut umem[slot]), now_ms);
                         sent += usize::from(verdict == Verdict::Transmit);
                     }
                     timed += start.elapsed();

@@ -959,20 +959,6 @@ impl PortSet {
     pub fn first(&self) -> u16 {
         self.ranges.first().map_or(0, |r| r.0)
     }
-
-    /// The first port both sets contain.
-    pub fn first_common(&self, other: &PortSet) -> Option<u16> {
-        let mut common = None;
-        for &(a0, a1) in &self.ranges {
-            for &(b0, b1) in &other.ranges {
-                let (start, end) = (a0.max(b0), a1.min(b1));
-                if start <= end {
-                    common = Some(common.map_or(start, |c: u16| c.min(start)));
-                }
-            }
-        }
-        common
-    }
 }
 
 /// The lowest port of `ports` that `served` (disjoint ranges: start -> (end, service)) holds,
