@@ -925,7 +925,10 @@ mod tests {
             assert!(table.insert(key(port), entry(u64::MAX), 0));
         }
         let slots = table.memory_bytes() / FlowTable::<u32>::SLOT_BYTES;
-        assert!(slots >= 2 * capacity && slots <= 4 * capacity, "{slots} slots");
+        assert!(
+            slots >= 2 * capacity && slots <= 4 * capacity,
+            "{slots} slots"
+        );
         let bytes: Vec<usize> = sizes.iter().map(|&(_, bytes)| bytes).collect();
         assert_eq!(bytes, [49, 81, 33, 49], "the README's figures");
     }
