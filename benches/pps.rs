@@ -1601,22 +1601,28 @@ impl Drop for LbdProcess {
 /// the core, copy mode and the control socket; a TCP health check (the default kind) of
 /// each real server on the service's port.
 fn lbd_config_defaults(socket: &Path, engine_extra: &str) -> String {
-    let mut text = format!(
+    let text = format!(
         "[engine]\ninterface = \"{LB_IF}\"\nqueues = [0]\ncores = [1]\nxdp_mode = \"copy\"\n\
          control_socket = \"{}\"\n{engine_extra}\n\
          [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nvip6 = \"{VIP6}\"\nports = \"{PORT}\"\n\
          protocol = \"tcp\"\npersistence = \"source-ip\"\n",
         socket.display()
     );
-    for index in 0..REAL_SERVERS {
-        text += &format!(
-            "\n[[service.real_server]]\nlabel = \"Wowza Srv {}\"\nip = \"{}\"\nmac = \"{}\"\n",
-            index + 1,
-            real_server_ip(index),
-            mac_text(real_server_mac(index))
-        );
-    }
-    text
+    text + &real_server_tables()
+}
+
+/// The bench's real servers as `[[service.real_server]]` tables, MACs pinned.
+fn real_server_tables() -> String {
+    (0..REAL_SERVERS)
+        .map(|index| {
+            format!(
+                "\n[[service.real_server]]\nlabel = \"Wowza Srv {}\"\nip = \"{}\"\nmac = \"{}\"\n",
+                index + 1,
+                real_server_ip(index),
+                mac_text(real_server_mac(index))
+            )
+        })
+        .collect()
 }
 
 fn lbd_config(workers: usize, socket: &Path, engine_extra: &str) -> String {
@@ -1624,7 +1630,7 @@ fn lbd_config(workers: usize, socket: &Path, engine_extra: &str) -> String {
     // Worker 0 on core 1, away from the single generator on core 0; with 2 workers each
     // core has a generator thread and a worker.
     let cores: Vec<String> = (0..workers).map(|q| ((q + 1) % 2).to_string()).collect();
-    let mut text = format!(
+    let text = format!(
         "[engine]\ninterface = \"{LB_IF}\"\nqueues = [{}]\ncores = [{}]\nxdp_mode = \"copy\"\n\
          control_socket = \"{}\"\ngratuitous_arp_count = 0\n{engine_extra}\n\
          [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nvip6 = \"{VIP6}\"\nports = \"{PORT}\"\n\
@@ -1633,13 +1639,5 @@ fn lbd_config(workers: usize, socket: &Path, engine_extra: &str) -> String {
         cores.join(", "),
         socket.display()
     );
-    for index in 0..REAL_SERVERS {
-        text += &format!(
-            "\n[[service.real_server]]\nlabel = \"Wowza Srv {}\"\nip = \"{}\"\nmac = \"{}\"\n",
-            index + 1,
-            real_server_ip(index),
-            mac_text(real_server_mac(index))
-        );
-    }
-    text
+    text + &real_server_tables()
 }
