@@ -13,6 +13,10 @@
 //! come out on TX. The core row processes the same frames the same way: each batch written
 //! into UMEM frames (the next ones round the UMEM, as the fill ring hands them out) just before
 //! it is timed.
+//!
+//! The report row times [`Worker::report`] (what `lbctl status`, the metrics and the
+//! `max_connections` check ask every worker for, every 200 ms while a limit is set) with 65,536
+//! established connections in the flow table: its per-server connection counts.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
@@ -283,5 +287,49 @@ fn core_alone(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, core_alone, worker_loop);
+/// Established connections of the report row: one per client of 198.19.0.0/16.
+const CONNECTIONS: usize = 65_536;
+
+/// A SYN or the ACK that completes its handshake, from client `i` to VIP:1935.
+fn handshake_frame(i: usize, ack: bool) -> Vec<u8> {
+    let mut frame = Vec::new();
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, OWN_MAC)
+        .ipv4([198, 19, (i >> 8) as u8, i as u8], [198, 18, 0, 100], 64)
+        .tcp(40000, 1935, 1, 64240);
+    let builder = if ack { builder.ack(1) } else { builder.syn() };
+    builder.write(&mut frame, &[]).expect("write");
+    frame
+}
+
+/// A worker's report with [`CONNECTIONS`] established connections on 10 real servers.
+fn report(c: &mut Criterion) {
+    let config = config();
+    let batch = config.engine.batch_size as usize;
+    let settings = WorkerSettings {
+        batch_size: batch,
+        ..WorkerSettings::default()
+    };
+    let mut worker = Worker::new(
+        MemoryRings::new(&config.engine),
+        dataplane(&config),
+        settings,
+    );
+    for ack in [false, true] {
+        let frames: Vec<Vec<u8>> = (0..CONNECTIONS).map(|i| handshake_frame(i, ack)).collect();
+        for chunk in frames.chunks(batch) {
+            worker.rings_mut().arrive(chunk.iter().map(Vec::as_slice));
+            assert_eq!(worker.poll_once(1_000), chunk.len());
+            assert_eq!(worker.rings_mut().send_all(), chunk.len());
+        }
+    }
+    let counted: u64 = worker.report(1_000).connections.iter().flatten().sum();
+    assert_eq!(counted, CONNECTIONS as u64, "every connection counted");
+    let mut group = c.benchmark_group("worker");
+    group.bench_function("report_with_65536_connections", |b| {
+        b.iter(|| black_box(worker.report(black_box(1_000))))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, core_alone, worker_loop, report);
 criterion_main!(benches);
