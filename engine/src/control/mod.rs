@@ -1176,7 +1176,8 @@ impl Control {
     /// Applies the connection limits: a server with `max_connections` set stops taking new
     /// connections when its tracked connections reach it and takes them again below
     /// `min_connections` (or, unset, 3/4 of the maximum), as IPVS's -x/-y do. Counts come
-    /// from the workers' flow tables, so the limit holds within one refresh of the caller.
+    /// from the workers' connection census ([`crate::packet::flows::ConnectionCensus`]), so
+    /// the limit holds within one refresh of the caller.
     pub fn enforce_limits(&mut self) {
         // A passive node uses the active one's limits.
         if self.following.is_some() {

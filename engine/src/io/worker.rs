@@ -17,7 +17,7 @@ use crate::packet::counters::{Counters, DropReason, Sent};
 use crate::packet::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
 use crate::packet::drcheck::{self, Claim, PROBE_FRAME_LEN, ProbeAnswer, ServerProbe};
 use crate::packet::ipv6::{UNSOLICITED_NA_LEN, write_unsolicited_na};
-use crate::packet::snapshot::{Snapshot, service_key};
+use crate::packet::snapshot::Snapshot;
 use crate::packet::sync::{Installed, OutboxCounters, SyncEntry};
 use crossbeam::channel::{Receiver, Sender};
 /// What the kernel counts for an AF_XDP socket (`XDP_STATISTICS`), as `lbctl stats` shows it.
@@ -284,7 +284,7 @@ impl<R: Rings> Worker<R> {
             } => self.probe(mac, &questions, &probes),
             WorkerCommand::Report(reply) => {
                 // The asker may have given up waiting; nothing to do then.
-                let _ = reply.send(self.report(now_ms));
+                let _ = reply.send(self.report());
             }
             WorkerCommand::Install(entries) => {
                 self.installed += self.dataplane.install(&entries, now_ms);
@@ -293,42 +293,9 @@ impl<R: Rings> Worker<R> {
     }
 
     /// Counters and table figures now.
-    pub fn report(&self, now_ms: u64) -> WorkerReport {
+    pub fn report(&self) -> WorkerReport {
         let dataplane = &self.dataplane;
         let snapshot = dataplane.snapshot();
-        let mut connections: Vec<Vec<u64>> = snapshot
-            .services
-            .iter()
-            .map(|s| vec![0; s.real_servers.len()])
-            .collect();
-        let v4 = dataplane.flows().live(now_ms).map(|(key, entry)| {
-            let service = snapshot
-                .by_port
-                .get(&service_key(key.dst, key.protocol, key.ports as u16))
-                .copied();
-            (service, entry)
-        });
-        let v6 = dataplane
-            .tables_v6()
-            .flows
-            .live(now_ms)
-            .map(|(key, entry)| {
-                let service = snapshot
-                    .by_port6
-                    .get(&(key.dst, key.protocol, key.ports as u16))
-                    .copied();
-                (service, entry)
-            });
-        for (service, entry) in v4.chain(v6) {
-            let Some(service) = service.filter(|_| entry.state.is_active()) else {
-                continue;
-            };
-            let service = usize::from(service);
-            let Some(&rs) = snapshot.services[service].by_ip.get(&entry.real_server) else {
-                continue;
-            };
-            connections[service][usize::from(rs)] += 1;
-        }
         let v6_tables = dataplane.tables_v6();
         WorkerReport {
             generation: snapshot.generation,
@@ -343,7 +310,7 @@ impl<R: Rings> Worker<R> {
             },
             flow_evictions: dataplane.flows().evictions + v6_tables.flows.evictions,
             socket: self.rings.kernel_stats(),
-            connections,
+            connections: dataplane.connections(),
             shared: SharedCounters {
                 outbox: dataplane.outbox_counters().unwrap_or_default(),
                 installed: self.installed,
@@ -374,6 +341,7 @@ impl<R: Rings> Worker<R> {
             }
             // In a group: a step of the walk that offers the tables to the peers, when due.
             self.dataplane.share(now_ms);
+            self.dataplane.sweep_expired(now_ms);
             if self.poll_once(now_ms) > 0 {
                 self.idle_polls = 0;
                 last_traffic_ms = Some(now_ms);

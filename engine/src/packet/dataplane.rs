@@ -51,8 +51,9 @@
 use crate::packet::counters::{Counters, DropReason, Sent};
 use crate::packet::drcheck::{self, ClaimKind, DrWatch, PROBE_PORTS, ProbeAnswer};
 use crate::packet::flows::{
-    Address, FRAGMENT_TIMEOUT_MS, FlowEntry, FlowKey, FlowState, FlowTable, FragmentEntry,
-    FragmentKey, FragmentTable, NO_FLAGS, PersistEntry, PersistenceTable, tcp_flags,
+    Address, Census, ConnectionCensus, FRAGMENT_TIMEOUT_MS, FlowEntry, FlowKey, FlowState,
+    FlowTable, FragmentEntry, FragmentKey, FragmentTable, NO_FLAGS, PersistEntry, PersistenceTable,
+    SWEEP_PASS_MS, tcp_flags,
 };
 use crate::packet::ipv6::{self, Icmpv6};
 use crate::packet::maglev::MaglevTable;
@@ -155,6 +156,12 @@ impl<A: Address> Tables<A> {
             persistence: PersistenceTable::new(sizes.persistent_clients),
             fragments: FragmentTable::new(FRAGMENT_TABLE_SIZE),
         }
+    }
+
+    fn sweep_gradually(&mut self, now_ms: u64) {
+        self.flows.sweep_gradually(now_ms, SWEEP_PASS_MS);
+        self.persistence.sweep_gradually(now_ms, SWEEP_PASS_MS);
+        self.fragments.sweep_gradually(now_ms, SWEEP_PASS_MS);
     }
 }
 
@@ -424,6 +431,46 @@ impl Dataplane {
             next = Some(position);
         }
         outbox.walked(next, now_ms);
+    }
+
+    /// One step of the sweep that removes expired entries from every table, a whole pass
+    /// every [`SWEEP_PASS_MS`]: call it once per loop. An expired connection leaves its
+    /// server's count ([`Dataplane::connections`]) when it is swept.
+    pub fn sweep_expired(&mut self, now_ms: u64) {
+        self.v4.sweep_gradually(now_ms);
+        self.v6.sweep_gradually(now_ms);
+    }
+
+    /// Active connections ([`FlowState::is_active`]) per service and real server of the
+    /// snapshot in use, as the flow tables' census counts them: a connection counts for the
+    /// service at its VIP and port, and for its server while that server is in the service.
+    pub fn connections(&self) -> Vec<Vec<u64>> {
+        let snapshot = &*self.snapshot;
+        let mut connections: Vec<Vec<u64>> = snapshot
+            .services
+            .iter()
+            .map(|s| vec![0; s.real_servers.len()])
+            .collect();
+        let v4 = self.v4.flows.census().counts().map(|(served, count)| {
+            let key = service_key(served.vip, served.protocol, served.port);
+            (snapshot.by_port.get(&key), served.real_server, count)
+        });
+        let v6 = self.v6.flows.census().counts().map(|(served, count)| {
+            let key = (served.vip, served.protocol, served.port);
+            (snapshot.by_port6.get(&key), served.real_server, count)
+        });
+        for (service, real_server, count) in v4.chain(v6) {
+            let Some(&service) = service else {
+                continue;
+            };
+            let service = usize::from(service);
+            if let Some(rs) = snapshot.services[service].by_ip.get(&real_server)
+                && let Some(slot) = connections[service].get_mut(usize::from(*rs))
+            {
+                *slot += count;
+            }
+        }
+        connections
     }
 
     /// Installs entries a peer shared: a connection or client this node does not carry
@@ -853,7 +900,7 @@ impl Dataplane {
         let snapshot = &**snapshot;
         // The connection is looked up before the service (a lookup changes nothing): the key's
         // parts are done with early, which keeps the rest of the path in registers.
-        let entry = flows.get_mut(&key, now_ms);
+        let (entry, census) = flows.get_mut_and_census(&key, now_ms);
         let Some(service_index) = A::service(snapshot, ip.dst, ip.protocol, ports as u16) else {
             return (self.unserved(frame, ip), None);
         };
@@ -862,6 +909,7 @@ impl Dataplane {
             && let Some(entry) = entry
             && let Some(backend) = known_backend(
                 entry,
+                census,
                 persistence,
                 snapshot,
                 service,
@@ -1603,6 +1651,7 @@ impl HashKey {
 #[inline(always)]
 fn known_backend<A: Family>(
     entry: &mut FlowEntry,
+    census: &mut ConnectionCensus<A>,
     persistence: &mut PersistenceTable<A>,
     snapshot: &Snapshot,
     service: &ServiceEntry,
@@ -1622,7 +1671,8 @@ fn known_backend<A: Family>(
         // A peer's entry is installed with generation 0, so it always comes this way the first
         // time this node carries it: from now on it is this node's, and offered as such.
         if entry.foreign {
-            change_state(entry, state, now_ms + timeout, key, service, now_ms, outbox);
+            let next = (state, now_ms + timeout);
+            change_state(entry, census, next, key, service, now_ms, outbox);
         }
         index
     };
@@ -1632,7 +1682,15 @@ fn known_backend<A: Family>(
     // dropped from the cache for free instead of being written back.
     let expires_ms = now_ms + timeout;
     if entry.state != state {
-        change_state(entry, state, expires_ms, key, service, now_ms, outbox);
+        change_state(
+            entry,
+            census,
+            (state, expires_ms),
+            key,
+            service,
+            now_ms,
+            outbox,
+        );
     } else if entry.expires_ms != expires_ms {
         entry.expires_ms = expires_ms;
     }
@@ -1744,22 +1802,24 @@ fn persist_offer_at<A: Family>(
     ))
 }
 
-/// A known connection's new state, or a peer's connection carried here from now on (this node
-/// offers it from now on): recorded, and offered to the peers.
+/// A known connection's new state and expiry, or a peer's connection carried here from now on
+/// (this node offers it from now on): recorded, counted, and offered to the peers.
 #[cold]
 #[inline(never)]
 fn change_state<A: Family>(
     entry: &mut FlowEntry,
-    state: FlowState,
-    expires_ms: u64,
+    census: &mut ConnectionCensus<A>,
+    (state, expires_ms): (FlowState, u64),
     key: &FlowKey<A>,
     service: &ServiceEntry,
     now_ms: u64,
     outbox: &mut Option<Box<Outbox>>,
 ) {
-    entry.state = state;
-    entry.foreign = false;
-    entry.expires_ms = expires_ms;
+    census.update(key, entry, |entry| {
+        entry.state = state;
+        entry.foreign = false;
+        entry.expires_ms = expires_ms;
+    });
     if let Some(outbox) = outbox {
         offer_change(outbox, *key, key.src, entry, service, CHANGED_FLOW, now_ms);
     }

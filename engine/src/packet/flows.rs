@@ -20,6 +20,12 @@
 //! datagram creates a connection entry, so spoofed mid-connection packets cannot fill the
 //! table, and a SYN flood only pushes out other half-open connections. Time is milliseconds
 //! given by the caller.
+//!
+//! The flow table keeps a census as entries come and go ([`ConnectionCensus`]): the active
+//! connections per real server that `max_connections` and `lbctl status` read, counted where
+//! an entry is stored, changes state or is removed, so that no one walks the table to count.
+//! An expired entry counts until it is swept; the worker sweeps its tables gradually
+//! ([`ExpiringTable::sweep_gradually`]), a whole pass every [`SWEEP_PASS_MS`].
 
 use std::hash::BuildHasher;
 use std::marker::PhantomData;
@@ -48,6 +54,9 @@ const SWEEP_INTERVAL_MS: u64 = 1_000;
 pub const FRAGMENT_TIMEOUT_MS: u64 = 5_000;
 /// Slots a full table looks at, from a new key's home slot on, for an entry that may give way.
 const EVICTION_WINDOW: usize = 64;
+/// A gradual sweep passes over a whole table in this time: an expired connection leaves its
+/// server's count within it.
+pub const SWEEP_PASS_MS: u64 = 1_000;
 
 /// A connection as the balancer sees it; `A` is its address family ([`Address`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -271,7 +280,7 @@ const STEPS: [[Step; FLAG_CLASSES]; 5] = {
 /// (8 KB for 8192 slots: it stays in the cache) holds a tag of its key's hash, which lookups
 /// walk instead of the slots.
 #[derive(Debug)]
-pub struct ExpiringTable<K: TableKey, V> {
+pub struct ExpiringTable<K: TableKey, V, C = NoCensus> {
     /// Packed keys ([`TableKey::pack`]) and their values.
     slots: Box<[Slot<K, V>]>,
     /// Per slot: 0 when free, else [`tag`] of its key's hash.
@@ -285,6 +294,9 @@ pub struct ExpiringTable<K: TableKey, V> {
     seeds: Seeds,
     capacity: usize,
     last_sweep_ms: u64,
+    /// Where the gradual sweep goes on, and when it last did.
+    gradual: (usize, u64),
+    census: C,
     /// Entries that could not be recorded because the table was full of live entries.
     pub full_misses: u64,
     /// Live entries that gave way to a new one in a full table.
@@ -615,10 +627,101 @@ impl Expires for PersistEntry {
     }
 }
 
+/// What a table keeps count of as its entries come and go: every path that stores, replaces or
+/// removes an entry tells it, and so must whoever changes an entry in place
+/// ([`Census::update`]).
+pub trait Census<K, V>: Default {
+    /// `value` is now stored under `key`.
+    fn enter(&mut self, key: &K, value: &V);
+
+    /// `value`, stored under `key`, is removed or replaced.
+    fn leave(&mut self, key: &K, value: &V);
+
+    /// Changes the stored `value` of `key` in place, and counts the change.
+    fn update(&mut self, key: &K, value: &mut V, change: impl FnOnce(&mut V)) {
+        self.leave(key, value);
+        change(value);
+        self.enter(key, value);
+    }
+}
+
+/// Counts nothing: the persistence and fragment tables.
+#[derive(Debug, Default)]
+pub struct NoCensus;
+
+impl<K, V> Census<K, V> for NoCensus {
+    #[inline(always)]
+    fn enter(&mut self, _: &K, _: &V) {}
+
+    #[inline(always)]
+    fn leave(&mut self, _: &K, _: &V) {}
+}
+
+/// What a connection counts for: a real server of the service at a VIP, protocol and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ServedBy<A> {
+    /// VIP.
+    pub vip: A,
+    /// IP protocol.
+    pub protocol: u8,
+    /// Destination port.
+    pub port: u16,
+    /// The real server's address ([`FlowEntry::real_server`]).
+    pub real_server: u32,
+}
+
+/// The flow table's active connections ([`FlowState::is_active`]) per [`ServedBy`]: what a
+/// real server's connection count is made of. Keyed by address and port, not by snapshot
+/// index, so it stays true across snapshots; the report maps it onto the snapshot in use, as
+/// a walk of the table would. A key leaves the map with its last connection.
+#[derive(Debug, Default)]
+pub struct ConnectionCensus<A> {
+    counts: hashbrown::HashMap<ServedBy<A>, u64>,
+}
+
+impl<A: Address> ConnectionCensus<A> {
+    /// Active connections per VIP, protocol, port and real server.
+    pub fn counts(&self) -> impl Iterator<Item = (ServedBy<A>, u64)> + '_ {
+        self.counts.iter().map(|(&served, &count)| (served, count))
+    }
+
+    fn served_by(key: &FlowKey<A>, entry: &FlowEntry) -> ServedBy<A> {
+        ServedBy {
+            vip: key.dst,
+            protocol: key.protocol,
+            port: key.ports as u16,
+            real_server: entry.real_server,
+        }
+    }
+}
+
+impl<A: Address> Census<FlowKey<A>, FlowEntry> for ConnectionCensus<A> {
+    #[inline]
+    fn enter(&mut self, key: &FlowKey<A>, entry: &FlowEntry) {
+        if entry.state.is_active() {
+            *self.counts.entry(Self::served_by(key, entry)).or_default() += 1;
+        }
+    }
+
+    #[inline]
+    fn leave(&mut self, key: &FlowKey<A>, entry: &FlowEntry) {
+        if !entry.state.is_active() {
+            return;
+        }
+        let served = Self::served_by(key, entry);
+        if let Some(count) = self.counts.get_mut(&served) {
+            *count -= 1;
+            if *count == 0 {
+                self.counts.remove(&served);
+            }
+        }
+    }
+}
+
 /// Slots of a new table; it doubles from there.
 const MIN_SLOTS: usize = 16;
 
-impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
+impl<K: TableKey, V: Expires + Copy, C: Census<K, V>> ExpiringTable<K, V, C> {
     /// An empty table of at most `capacity` entries (memory is reserved as it fills).
     pub fn new(capacity: usize) -> Self {
         ExpiringTable {
@@ -631,6 +734,8 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
             seeds: Seeds::random(),
             capacity: capacity.max(1),
             last_sweep_ms: 0,
+            gradual: (0, 0),
+            census: C::default(),
             full_misses: 0,
             evictions: 0,
         }
@@ -686,12 +791,27 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         (v.expires_ms() > now_ms).then_some(*v)
     }
 
-    /// The live entry for `key`, to update in place.
+    /// The live entry for `key`, to update in place where the census does not look.
     #[inline(always)]
     pub fn get_mut(&mut self, key: &K, now_ms: u64) -> Option<&mut V> {
-        let i = self.find(key.pack())?;
-        let (_, v) = self.slots.get_mut(i)?.as_mut()?;
-        (v.expires_ms() > now_ms).then_some(v)
+        self.get_mut_and_census(key, now_ms).0
+    }
+
+    /// The live entry for `key`, and the census that counts what changes in it
+    /// ([`Census::update`]).
+    #[inline(always)]
+    pub fn get_mut_and_census(&mut self, key: &K, now_ms: u64) -> (Option<&mut V>, &mut C) {
+        let entry = self
+            .find(key.pack())
+            .and_then(|i| self.slots.get_mut(i)?.as_mut())
+            .map(|(_, v)| v)
+            .filter(|v| v.expires_ms() > now_ms);
+        (entry, &mut self.census)
+    }
+
+    /// What the census counts.
+    pub fn census(&self) -> &C {
+        &self.census
     }
 
     /// Records or replaces the entry for `key`; false when the table is full of live entries.
@@ -717,7 +837,11 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
             self.len += 1;
         }
         if let Some(slot) = self.slots.get_mut(i) {
+            if let Some((_, replaced)) = slot {
+                self.census.leave(&key, replaced);
+            }
             *slot = Some((packed, value));
+            self.census.enter(&key, &value);
         }
         if let Some(t) = self.tags.get_mut(i) {
             *t = tag(K::hash(&packed, &self.seeds));
@@ -766,6 +890,39 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
         }
     }
 
+    /// One step of a sweep that passes over the whole table every `pass_ms`: removes the
+    /// expired entries of as many slots as the time since the last step is worth. Call it as
+    /// often as you like; an empty table's step is a subtraction.
+    pub fn sweep_gradually(&mut self, now_ms: u64, pass_ms: u64) {
+        let (mut i, last_ms) = self.gradual;
+        let slots = self.slots.len() as u64;
+        let pass_ms = u128::from(pass_ms.max(1));
+        let worth = u128::from(now_ms.saturating_sub(last_ms)) * u128::from(slots);
+        let due = (worth / pass_ms).min(u128::from(slots)) as u64;
+        if due == 0 {
+            return;
+        }
+        // The time a step does not use counts for the next, unless a whole pass was due.
+        let unused_ms = if due < slots {
+            (worth % pass_ms / u128::from(slots)) as u64
+        } else {
+            0
+        };
+        let mut passed = 0;
+        i &= self.mask;
+        while passed < due {
+            match self.slots[i] {
+                // The slot is refilled from later in its run: look at it again.
+                Some((_, v)) if v.expires_ms() <= now_ms => self.remove_at(i),
+                _ => {
+                    i = (i + 1) & self.mask;
+                    passed += 1;
+                }
+            }
+        }
+        self.gradual = (i, now_ms - unused_ms);
+    }
+
     /// Removes expired entries.
     pub fn sweep(&mut self, now_ms: u64) {
         self.last_sweep_ms = now_ms;
@@ -782,7 +939,9 @@ impl<K: TableKey, V: Expires + Copy> ExpiringTable<K, V> {
     /// Empties slot `i` and moves back the later entries of its run that may no longer be
     /// found past the gap (Knuth's algorithm R): no tombstones, probes stay short.
     fn remove_at(&mut self, mut gap: usize) {
-        self.slots[gap] = None;
+        if let Some((packed, removed)) = self.slots[gap].take() {
+            self.census.leave(&K::unpack(packed), &removed);
+        }
         self.tags[gap] = 0;
         self.len -= 1;
         let mut j = gap;
@@ -890,8 +1049,8 @@ impl Expires for FragmentEntry {
 /// The fragment table.
 pub type FragmentTable<A = u32> = ExpiringTable<FragmentKey<A>, FragmentEntry>;
 
-/// The flow table.
-pub type FlowTable<A = u32> = ExpiringTable<FlowKey<A>, FlowEntry>;
+/// The flow table, with its census of active connections.
+pub type FlowTable<A = u32> = ExpiringTable<FlowKey<A>, FlowEntry, ConnectionCensus<A>>;
 
 /// Persistence key: client address (IPv6: its leading `persistence_prefix_v6` bits) and the
 /// service's stable id ([`crate::packet::snapshot::ServiceEntry::id`]), which survives edits of
@@ -1101,6 +1260,38 @@ mod tests {
         assert_eq!(table.live(600).count(), 333);
     }
 
+    #[test]
+    fn a_gradual_sweep_passes_over_the_table_in_its_time() {
+        let mut table = FlowTable::new(1_000);
+        for port in 0..1_000u16 {
+            let expires_ms = if port % 2 == 0 { 5_000 } else { u64::MAX };
+            assert!(table.insert(key(port), entry(expires_ms), 0));
+        }
+        // A step after a long while passes over the whole table once, and no further.
+        table.sweep_gradually(4_000, SWEEP_PASS_MS);
+        assert_eq!(table.entries(), 1_000);
+        assert_eq!(table.gradual.1, 4_000);
+        let mut now = 4_000;
+        let mut halfway = 0;
+        // A pass after they expire, and a step or two for rounding.
+        while now < 5_000 + SWEEP_PASS_MS + 20 {
+            now += 7;
+            table.sweep_gradually(now, SWEEP_PASS_MS);
+            if now <= 5_500 {
+                halfway = table.entries();
+            }
+        }
+        assert!(halfway > 500 && halfway < 1_000, "{halfway} left halfway");
+        assert_eq!(
+            table.entries(),
+            500,
+            "every expired entry swept within a pass"
+        );
+        // Every established connection counted, and only those still stored.
+        let counted: u64 = table.census().counts().map(|(_, n)| n).sum();
+        assert_eq!(counted, 500);
+    }
+
     mod model {
         //! The table against a plain map with the same rules, over random operations.
         use super::*;
@@ -1109,21 +1300,54 @@ mod tests {
 
         #[derive(Debug, Clone)]
         enum Op {
-            Insert(u16, u64),
+            Insert(u16, u64, FlowState, u32),
             Get(u16),
             Touch(u16),
+            Restate(u16, FlowState),
             Sweep,
+            SweepGradually,
             Wait(u64),
+        }
+
+        fn state() -> impl Strategy<Value = FlowState> {
+            prop::sample::select(vec![
+                FlowState::SynSent,
+                FlowState::Established,
+                FlowState::Closing,
+                FlowState::Reset,
+                FlowState::Datagram,
+            ])
         }
 
         fn op() -> impl Strategy<Value = Op> {
             prop_oneof![
-                4 => (0..48u16, 0..3_000u64).prop_map(|(k, ttl)| Op::Insert(k, ttl)),
+                4 => (0..48u16, 0..3_000u64, state(), 11..14u32)
+                    .prop_map(|(k, ttl, state, rs)| Op::Insert(k, ttl, state, rs)),
                 3 => (0..48u16).prop_map(Op::Get),
                 1 => (0..48u16).prop_map(Op::Touch),
+                1 => (0..48u16, state()).prop_map(|(k, state)| Op::Restate(k, state)),
                 1 => Just(Op::Sweep),
+                2 => Just(Op::SweepGradually),
                 2 => (0..700u64).prop_map(Op::Wait),
             ]
+        }
+
+        /// The census's counts, sorted.
+        fn census(table: &FlowTable) -> Vec<(ServedBy<u32>, u64)> {
+            let mut counts: Vec<_> = table.census().counts().collect();
+            counts.sort_by_key(|(served, _)| served.real_server);
+            counts
+        }
+
+        /// The active connections among every stored entry, expired or not, counted by walking.
+        fn recount(model: &HashMap<FlowKey, FlowEntry>) -> Vec<(ServedBy<u32>, u64)> {
+            let mut counts: HashMap<ServedBy<u32>, u64> = HashMap::new();
+            for (k, v) in model.iter().filter(|(_, v)| v.state.is_active()) {
+                *counts.entry(ConnectionCensus::served_by(k, v)).or_default() += 1;
+            }
+            let mut counts: Vec<_> = counts.into_iter().collect();
+            counts.sort_by_key(|(served, _)| served.real_server);
+            counts
         }
 
         proptest! {
@@ -1139,15 +1363,34 @@ mod tests {
                 let mut now = 0u64;
                 for op in ops {
                     match op {
-                        Op::Insert(k, ttl) => {
-                            let value = entry(now + ttl);
+                        Op::Insert(k, ttl, state, real_server) => {
+                            let value = FlowEntry {
+                                state,
+                                real_server,
+                                ..entry(now + ttl)
+                            };
+                            let evictions = table.evictions;
+                            let inserted = table.insert(key(k), value, now);
                             let mut recorded = true;
                             if model.len() >= capacity && !model.contains_key(&key(k)) {
                                 if now - model_last_sweep >= SWEEP_INTERVAL_MS {
                                     model_last_sweep = now;
                                     model.retain(|_, v| v.expires_ms > now);
                                 }
-                                if model.len() >= capacity {
+                                if model.len() >= capacity && table.evictions > evictions {
+                                    // Which entry gave way depends on the hash: the one the
+                                    // table lost, which must be one that may.
+                                    let gone: Vec<FlowKey> = model
+                                        .iter()
+                                        .filter(|(k, _)| table.find(k.pack()).is_none())
+                                        .map(|(k, v)| {
+                                            assert!(v.evictable(), "{v:?} gave way");
+                                            *k
+                                        })
+                                        .collect();
+                                    prop_assert_eq!(gone.len(), 1);
+                                    model.remove(&gone[0]);
+                                } else if model.len() >= capacity {
                                     model_misses += 1;
                                     recorded = false;
                                 }
@@ -1155,7 +1398,7 @@ mod tests {
                             if recorded {
                                 model.insert(key(k), value);
                             }
-                            prop_assert_eq!(table.insert(key(k), value, now), recorded);
+                            prop_assert_eq!(inserted, recorded);
                         }
                         Op::Get(k) => {
                             let expected = model.get(&key(k)).copied().filter(|v| v.expires_ms > now);
@@ -1170,15 +1413,34 @@ mod tests {
                                 expected.expires_ms += 100;
                             }
                         }
+                        Op::Restate(k, state) => {
+                            let expected = model.get_mut(&key(k)).filter(|v| v.expires_ms > now);
+                            let (found, census) = table.get_mut_and_census(&key(k), now);
+                            prop_assert_eq!(found.is_some(), expected.is_some());
+                            if let (Some(found), Some(expected)) = (found, expected) {
+                                census.update(&key(k), found, |v| v.state = state);
+                                expected.state = state;
+                            }
+                        }
                         Op::Sweep => {
                             model_last_sweep = now;
                             model.retain(|_, v| v.expires_ms > now);
                             table.sweep(now);
                         }
+                        Op::SweepGradually => {
+                            table.sweep_gradually(now, 1_000);
+                            // Some slots were swept: the model loses what the table lost,
+                            // which must all have expired.
+                            let mut removed = model.clone();
+                            removed.retain(|k, _| table.find(k.pack()).is_none());
+                            prop_assert!(removed.values().all(|v| v.expires_ms <= now));
+                            model.retain(|k, _| !removed.contains_key(k));
+                        }
                         Op::Wait(ms) => now += ms,
                     }
                     prop_assert_eq!(table.entries(), model.len());
                     prop_assert_eq!(table.full_misses, model_misses);
+                    prop_assert_eq!(census(&table), recount(&model));
                 }
                 let mut live: Vec<_> = table.live(now).map(|(k, v)| (k.ports, v)).collect();
                 let mut expected: Vec<_> = model

@@ -1763,3 +1763,178 @@ mod dr_check {
         );
     }
 }
+
+mod census {
+    //! Connection counts kept as connections open, change and close, against a walk of the
+    //! flow table, over random traffic, time, snapshot changes and peers' entries.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// A TCP segment from client, source port, to port, with flags.
+        Tcp(u8, u16, u16, u8),
+        Udp(u8, u16),
+        Wait(u64),
+        /// The config as is, rs2 drained, rs2 halted, or the GUI moved to port 8089.
+        Change(u8),
+        /// A peer's connection to rs1 or rs2.
+        Install(u8, u16, bool, FlowState),
+        /// Sweep everything expired and compare.
+        Check,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        use tcp_flags::*;
+        let flags = prop::sample::select(vec![SYN, ACK, FIN | ACK, RST, RST | ACK, SYN | ACK]);
+        let state = prop::sample::select(vec![
+            FlowState::SynSent,
+            FlowState::Established,
+            FlowState::Closing,
+        ]);
+        prop_oneof![
+            8 => (0..6u8, 0..3u16, prop::sample::select(vec![1935u16, 8088, 8089]), flags)
+                .prop_map(|(c, s, d, f)| Op::Tcp(c, s, d, f)),
+            2 => (0..6u8, 5000..5003u16).prop_map(|(c, d)| Op::Udp(c, d)),
+            3 => prop::sample::select(vec![500u64, 9_000, 50_000, 110_000, 290_000, 890_000])
+                .prop_map(Op::Wait),
+            1 => (0..4u8).prop_map(Op::Change),
+            1 => (0..6u8, 0..3u16, any::<bool>(), state)
+                .prop_map(|(c, s, rs2, st)| Op::Install(c, s, rs2, st)),
+            2 => Just(Op::Check),
+        ]
+    }
+
+    fn tcp(client: u8, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+        let mut frame = tcp_frame([198, 18, 1, client], VIP, 40000 + sport, dport);
+        // Ethernet 14 + IPv4 20 + 13: the flags byte; the dataplane reads no TCP checksum.
+        frame[14 + 20 + 13] = flags;
+        frame
+    }
+
+    fn snapshot(variant: u8, generation: u64, ids: &mut ServiceIds) -> Arc<Snapshot> {
+        let text = if variant == 3 {
+            CONFIG.replace("ports = \"8088\"", "ports = \"8089\"")
+        } else {
+            CONFIG.to_string()
+        };
+        let config = Config::from_toml_str(&text).expect("valid");
+        let admin = match variant {
+            1 => AdminState::Drain,
+            2 => AdminState::Halt,
+            _ => AdminState::Online,
+        };
+        Arc::new(Snapshot::build(
+            &config,
+            ids,
+            OWN_MAC,
+            generation,
+            |ip| (ip == Ipv4Addr::new(198, 18, 0, 11)).then_some(RS1_MAC),
+            |_, rs| {
+                if rs == "rs2" {
+                    admin
+                } else {
+                    AdminState::Online
+                }
+            },
+        ))
+    }
+
+    /// What the report gave before the census: a walk of every live connection.
+    fn walked(dp: &Dataplane, now_ms: u64) -> Vec<Vec<u64>> {
+        let snapshot = dp.snapshot();
+        let mut counts: Vec<Vec<u64>> = snapshot
+            .services
+            .iter()
+            .map(|s| vec![0; s.real_servers.len()])
+            .collect();
+        for (key, entry) in dp.flows().live(now_ms) {
+            let Some(&service) =
+                snapshot
+                    .by_port
+                    .get(&service_key(key.dst, key.protocol, key.ports as u16))
+            else {
+                continue;
+            };
+            let service = usize::from(service);
+            if let Some(&rs) = snapshot.services[service].by_ip.get(&entry.real_server)
+                && entry.state.is_active()
+            {
+                counts[service][usize::from(rs)] += 1;
+            }
+        }
+        counts
+    }
+
+    proptest! {
+        #[test]
+        fn counts_match_a_walk_of_the_live_connections(
+            ops in prop::collection::vec(op(), 1..200),
+        ) {
+            let mut ids = ServiceIds::default();
+            let mut dp = Dataplane::new(snapshot(0, 1, &mut ids), TableSizes::default());
+            let mut generation = 1;
+            let mut now = 1_000u64;
+            for op in ops.into_iter().chain([Op::Check]) {
+                match op {
+                    Op::Tcp(c, s, d, f) => {
+                        dp.process(&mut tcp(c, s, d, f), now);
+                    }
+                    Op::Udp(c, d) => {
+                        dp.process(&mut udp_frame([198, 18, 1, c], [198, 18, 0, 101], 40000, d), now);
+                    }
+                    Op::Wait(ms) => now += ms,
+                    Op::Change(variant) => {
+                        generation += 1;
+                        dp.set_snapshot(snapshot(variant, generation, &mut ids));
+                    }
+                    Op::Install(c, s, rs2, state) => {
+                        let entry = SyncEntry::Flow {
+                            key: FlowKey {
+                                src: u32::from_be_bytes([198, 18, 1, c]),
+                                dst: u32::from_be_bytes(VIP),
+                                ports: u32::from(40000 + s) << 16 | 1935,
+                                protocol: 6,
+                            },
+                            real_server: u32::from_be_bytes([198, 18, 0, 11 + u8::from(rs2)]),
+                            state,
+                            remaining_ms: 600_000,
+                        };
+                        dp.install(&[entry], now);
+                    }
+                    Op::Check => {
+                        dp.v4.flows.sweep(now);
+                        prop_assert_eq!(dp.connections(), walked(&dp, now));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_connection_counts_from_its_handshake_to_its_fin_and_an_idle_one_until_it_is_swept() {
+        use tcp_flags::*;
+        let mut dp = Dataplane::new(
+            snapshot(0, 1, &mut ServiceIds::default()),
+            TableSizes::default(),
+        );
+        let streaming = |dp: &Dataplane| dp.connections()[0].iter().sum::<u64>();
+        dp.process(&mut tcp(1, 0, 1935, SYN), 1_000);
+        assert_eq!(streaming(&dp), 0, "a bare SYN is no connection yet");
+        dp.process(&mut tcp(1, 0, 1935, ACK), 1_001);
+        dp.process(&mut tcp(2, 0, 1935, SYN), 1_002);
+        dp.process(&mut tcp(2, 0, 1935, ACK), 1_003);
+        assert_eq!(streaming(&dp), 2);
+        dp.process(&mut tcp(1, 0, 1935, FIN | ACK), 2_000);
+        assert_eq!(streaming(&dp), 1, "a closing connection no longer counts");
+        // The other goes idle: it counts until the sweep after its 900 s expiry.
+        let expired = 1_003 + 900_000;
+        dp.sweep_expired(expired - 1);
+        let mut now = expired - 1;
+        while now < expired + SWEEP_PASS_MS + 20 {
+            now += 10;
+            dp.sweep_expired(now);
+        }
+        assert_eq!(streaming(&dp), 0, "swept within a pass of its expiry");
+    }
+}
