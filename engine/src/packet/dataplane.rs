@@ -136,6 +136,8 @@ pub struct Dataplane {
     outbox: Option<Box<Outbox>>,
     /// What the DR check saw.
     dr: Box<DrWatch>,
+    /// When the last step of the sweep of expired entries ran.
+    swept_ms: u64,
 }
 
 /// One address family's connection, persistence and fragment tables.
@@ -360,6 +362,7 @@ impl Dataplane {
             v6: Box::new(Tables::new(sizes)),
             outbox: None,
             dr: Box::default(),
+            swept_ms: 0,
         }
     }
 
@@ -437,6 +440,11 @@ impl Dataplane {
     /// every [`SWEEP_PASS_MS`]: call it once per loop. An expired connection leaves its
     /// server's count ([`Dataplane::connections`]) when it is swept.
     pub fn sweep_expired(&mut self, now_ms: u64) {
+        // A busy worker loops many times a millisecond: one step per tick of the clock.
+        if now_ms == self.swept_ms {
+            return;
+        }
+        self.swept_ms = now_ms;
         self.v4.sweep_gradually(now_ms);
         self.v6.sweep_gradually(now_ms);
     }

@@ -896,15 +896,17 @@ impl<K: TableKey, V: Expires + Copy, C: Census<K, V>> ExpiringTable<K, V, C> {
     pub fn sweep_gradually(&mut self, now_ms: u64, pass_ms: u64) {
         let (mut i, last_ms) = self.gradual;
         let slots = self.slots.len() as u64;
-        let pass_ms = u128::from(pass_ms.max(1));
-        let worth = u128::from(now_ms.saturating_sub(last_ms)) * u128::from(slots);
-        let due = (worth / pass_ms).min(u128::from(slots)) as u64;
+        let pass_ms = pass_ms.max(1);
+        // Capped at a pass: slots (2^26 at most) times a pass in ms stays well within a u64.
+        let elapsed_ms = now_ms.saturating_sub(last_ms).min(pass_ms);
+        let worth = elapsed_ms * slots;
+        let due = worth / pass_ms;
         if due == 0 {
             return;
         }
         // The time a step does not use counts for the next, unless a whole pass was due.
         let unused_ms = if due < slots {
-            (worth % pass_ms / u128::from(slots)) as u64
+            worth % pass_ms / slots
         } else {
             0
         };
