@@ -5,12 +5,14 @@
 //! names the field it is about as a path, `service[1] "Wowza GUI".real_server[0].ip`, followed
 //! by the reason, so an operator can find the line to fix.
 
+use hashbrown::{HashMap, HashSet};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// The Maglev hash seed when the config sets none. Fixed, never random: two balancers with
 /// the same config (a restarted one, or an HA peer) must send a client to the same server.
@@ -62,9 +64,12 @@ pub struct Config {
     /// `[ha]`: this node's part in an active/passive pair; none: a standalone balancer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha: Option<Ha>,
-    /// `[[service]]`: the virtual services. None is fine: a balancer can start empty.
+    /// `[[service]]`: the virtual services. None is fine: a balancer can start empty. Each
+    /// is shared between the configs a change makes (`Arc::make_mut` to edit one): copying
+    /// a config copies none, and a service the change did not touch need not be checked or
+    /// rebuilt again ([`Config::validate_after`]).
     #[serde(rename = "service", default)]
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
 }
 
 /// `[ha]`: an active/passive pair of balancers on one segment. Both nodes run the same
@@ -1138,6 +1143,18 @@ impl Config {
     /// Checks a config built or changed in code (by the control socket) exactly as a file's
     /// config is checked when read.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_after(None)
+    }
+
+    /// [`Config::validate`] for a config made from `previous`, a valid one: the services it
+    /// still shares with `previous` (the same `Arc`) passed their own checks there and are
+    /// only checked against the others again. A change to one of a thousand services checks
+    /// one service, and the thousand against each other through maps.
+    pub fn validate_after(&self, previous: Option<&Config>) -> Result<(), ConfigError> {
+        let count = self.services.len();
+        let checked: HashSet<*const Service> = previous
+            .map(|previous| previous.services.iter().map(Arc::as_ptr).collect())
+            .unwrap_or_default();
         self.engine.check()?;
         if let Some(ha) = &self.ha {
             ha.check()?;
@@ -1171,23 +1188,26 @@ impl Config {
                 ),
             ));
         }
-        let mut vips = std::collections::HashSet::new();
+        let mut vips = HashSet::with_capacity(count);
         // What the services before this one hold, so that each is checked against them all
         // in one look-up rather than one comparison per earlier service: a change to a
         // config of a thousand services is validated in its length, not its square.
-        let mut labels: HashMap<&str, usize> = HashMap::new();
+        let mut labels: HashMap<&str, usize> = HashMap::with_capacity(count);
         // A VIP's mode is its first service's.
-        let mut vip_modes: HashMap<IpAddr, (ServiceMode, usize)> = HashMap::new();
+        let mut vip_modes: HashMap<IpAddr, (ServiceMode, usize)> = HashMap::with_capacity(count);
         // Per VIP and protocol, the port ranges served so far (disjoint): start -> (end,
         // service).
-        let mut served: HashMap<(IpAddr, Protocol), BTreeMap<u16, (u16, usize)>> = HashMap::new();
+        let mut served: HashMap<(IpAddr, Protocol), BTreeMap<u16, (u16, usize)>> =
+            HashMap::with_capacity(count);
         for (i, service) in self.services.iter().enumerate() {
-            let path = format!("service[{i}] {:?}", service.label);
-            service.check(&path)?;
+            let path = || format!("service[{i}] {:?}", service.label);
+            if !checked.contains(&Arc::as_ptr(service)) {
+                service.check(&path())?;
+            }
             for vip in service.vips() {
                 if vips.insert(vip) && vips.len() > MAX_VIPS {
                     return Err(ConfigError::new(
-                        format!("{path}.vip"),
+                        format!("{}.vip", path()),
                         format!(
                             "{vip} would be VIP number {}; lbd steers at most {MAX_VIPS} \
                              distinct VIPs",
@@ -1198,7 +1218,7 @@ impl Config {
             }
             if let Some(&j) = labels.get(service.label.as_str()) {
                 return Err(ConfigError::new(
-                    format!("{path}.label"),
+                    format!("{}.label", path()),
                     format!("duplicate label, also used by service[{j}]"),
                 ));
             }
@@ -1210,7 +1230,7 @@ impl Config {
                 if mode != service.mode {
                     let earlier = &self.services[j];
                     return Err(ConfigError::new(
-                        format!("{path}.mode"),
+                        format!("{}.mode", path()),
                         format!(
                             "{vip} is the VIP of service[{j}] {:?} in mode {}: a VIP serves \
                              one mode, dr or snat",
@@ -1221,7 +1241,7 @@ impl Config {
                 let ranges = served.entry((vip, service.protocol)).or_default();
                 if let Some((port, j)) = first_served(ranges, &service.ports) {
                     return Err(ConfigError::new(
-                        format!("{path}.ports"),
+                        format!("{}.ports", path()),
                         format!(
                             "{}:{port}/{} is already served by service[{j}] {:?}",
                             SocketAddrText(vip),

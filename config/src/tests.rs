@@ -97,7 +97,7 @@ fn the_documented_example_parses_exactly() {
                 log_format: LogFormat::Text,
             },
             ha: None,
-            services: vec![Service {
+            services: vec![Arc::new(Service {
                 label: "Wowza Streaming".into(),
                 vip: Ipv4Addr::new(198, 18, 0, 100).into(),
                 vip6: None,
@@ -121,7 +121,7 @@ fn the_documented_example_parses_exactly() {
                     mac: Some(MacAddr([2, 0, 0, 0, 0, 0x11])),
                     health_check: None,
                 }],
-            }],
+            })],
         }
     );
 }
@@ -454,6 +454,43 @@ fn the_first_shared_port_is_named_with_its_service() {
             ),
         );
     }
+}
+
+#[test]
+fn a_change_checks_what_it_changed_and_everything_against_everything() {
+    let running = Config::from_toml_str(MINIMAL).expect("valid");
+    // The edited service is checked on its own again.
+    let mut edited = running.clone();
+    Arc::make_mut(&mut edited.services[0]).table_size = 4;
+    assert_eq!(
+        field_of(edited.validate_after(Some(&running))),
+        "service[0] \"web\".table_size"
+    );
+    // A service the change did not touch is still checked against the others.
+    let mut added = running.clone();
+    let mut twin = (*added.services[0]).clone();
+    twin.ports = "8080".parse().expect("ports");
+    added.services.insert(0, Arc::new(twin));
+    assert_eq!(
+        field_of(added.validate_after(Some(&running))),
+        "service[1] \"web\".label"
+    );
+    // One shared with the running config (the same Arc) passed its own checks there and is
+    // not checked on its own again; a copy of it is.
+    let mut unchecked = running.clone();
+    Arc::make_mut(&mut unchecked.services[0]).table_size = 4;
+    let mut shared = unchecked.clone();
+    shared.engine.hash_seed += 1;
+    assert_eq!(shared.validate_after(Some(&unchecked)), Ok(()));
+    shared.services[0] = Arc::new((*shared.services[0]).clone());
+    assert_eq!(
+        field_of(shared.validate_after(Some(&unchecked))),
+        "service[0] \"web\".table_size"
+    );
+}
+
+fn field_of(result: Result<(), ConfigError>) -> String {
+    result.expect_err("rejected").field
 }
 
 #[test]

@@ -713,13 +713,15 @@ mod tests {
 
     #[test]
     fn every_command_round_trips() {
-        let service: Service = lbd_config::Config::from_toml_str(
-            "[engine]\ninterface = \"eth0\"\nqueues = [0]\n[[service]]\nlabel = \"GUI\"\n\
-             vip = \"198.18.0.100\"\nports = 8088\n",
-        )
-        .expect("valid")
-        .services
-        .remove(0);
+        let service: Service = std::sync::Arc::unwrap_or_clone(
+            lbd_config::Config::from_toml_str(
+                "[engine]\ninterface = \"eth0\"\nqueues = [0]\n[[service]]\nlabel = \"GUI\"\n\
+                 vip = \"198.18.0.100\"\nports = 8088\n",
+            )
+            .expect("valid")
+            .services
+            .remove(0),
+        );
         let real_server = RealServer {
             label: "a".into(),
             ip: Ipv4Addr::new(198, 18, 0, 11).into(),

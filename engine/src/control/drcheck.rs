@@ -117,7 +117,7 @@ impl DrCheck {
                 if service.protocol != Protocol::Tcp {
                     continue;
                 }
-                for rs in &entry.real_servers {
+                for rs in entry.real_servers.iter() {
                     let Some(mac) = rs.mac else {
                         continue;
                     };

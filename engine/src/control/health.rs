@@ -8,8 +8,10 @@
 //! change of state is reported to the caller, which republishes the configuration.
 
 use crossbeam::channel::{Receiver, Sender, unbounded};
+use hashbrown::Equivalent;
 use lbd_config::{HealthCheck, HealthKind};
 use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
@@ -86,7 +88,7 @@ impl Default for Health {
 /// The rise/fall state machine.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    health: HashMap<(String, String), Health>,
+    health: hashbrown::HashMap<(String, String), Health>,
 }
 
 impl Tracker {
@@ -125,12 +127,12 @@ impl Tracker {
     }
 
     /// A server's health (up with no result for an unchecked one).
-    pub fn get(&self, key: &(String, String)) -> Health {
+    pub fn get<Q: Hash + Equivalent<(String, String)>>(&self, key: &Q) -> Health {
         self.health.get(key).cloned().unwrap_or_default()
     }
 
     /// Whether a server takes traffic (servers start up), without a copy of its last result.
-    pub fn is_up(&self, key: &(String, String)) -> bool {
+    pub fn is_up<Q: Hash + Equivalent<(String, String)>>(&self, key: &Q) -> bool {
         self.health.get(key).is_none_or(|health| health.up)
     }
 

@@ -12,6 +12,7 @@ use lbd_config::{Config, Service, ServiceMode};
 use lbd_proto::{Layer7Stats, RealServerStatus, ServiceStatus};
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 fn admin(state: AdminState) -> Admin {
     match state {
@@ -100,7 +101,7 @@ impl Control {
         let shape = |config: &Config| {
             let mut config = config.clone();
             for service in &mut config.services {
-                for rs in &mut service.real_servers {
+                for rs in &mut Arc::make_mut(service).real_servers {
                     rs.weight = 1;
                 }
             }

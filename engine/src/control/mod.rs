@@ -39,6 +39,7 @@ use crate::io::worker::{WorkerCommand, WorkerReport};
 use crate::packet::counters::DropReason;
 use crate::packet::snapshot::{AdminState, ServerState, ServiceIds, Snapshot};
 use crossbeam::channel::{Sender, bounded};
+use hashbrown::Equivalent;
 use lbd_config::{Config, ConfigError, HealthKind, RealServer, Service};
 use lbd_proto::{
     Command, RealServerChanges, RealServerEdit, RealServerName, RealServerStats, RealServerStatus,
@@ -46,6 +47,7 @@ use lbd_proto::{
     StatsReport, StatusReport, WeightChange, WorkerStats,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -83,13 +85,32 @@ pub enum Role {
 /// A real server's name: (service label, real server label).
 type ServerKey = (String, String);
 
+/// A real server's name, borrowed: looks up a [`ServerKey`] without a copy of either label
+/// (a snapshot looks up every server of every service).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ServerName<'a>(pub &'a str, pub &'a str);
+
+impl Hash for ServerName<'_> {
+    /// As the [`ServerKey`] it names hashes: a tuple hashes its fields in order, and a
+    /// `String` as its `str`.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        (self.0, self.1).hash(state);
+    }
+}
+
+impl Equivalent<ServerKey> for ServerName<'_> {
+    fn equivalent(&self, key: &ServerKey) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
 /// What operators set on real servers beyond the config: drain and halt, and the weight a
 /// server had before `set-weight 0` drained it (its connections that no table holds are still
 /// looked up with that weight). Follows renames; forgets removed servers.
 #[derive(Debug, Clone, Default)]
 struct OperatorStates {
-    admin: HashMap<ServerKey, AdminState>,
-    weight_before_zero: HashMap<ServerKey, u16>,
+    admin: hashbrown::HashMap<ServerKey, AdminState>,
+    weight_before_zero: hashbrown::HashMap<ServerKey, u16>,
 }
 
 impl OperatorStates {
@@ -101,7 +122,7 @@ impl OperatorStates {
         }
     }
 
-    fn state_of(&self, key: &ServerKey) -> ServerState {
+    fn state_of<Q: Hash + Equivalent<ServerKey>>(&self, key: &Q) -> ServerState {
         ServerState {
             admin: self.admin.get(key).copied().unwrap_or_default(),
             weight_before_zero: self.weight_before_zero.get(key).copied().unwrap_or(0),
@@ -112,7 +133,7 @@ impl OperatorStates {
     /// Moves what was set on the servers matching `from` to the key `to` gives them.
     fn rename(&mut self, from: impl Fn(&ServerKey) -> bool, to: impl Fn(&ServerKey) -> ServerKey) {
         fn moved<V>(
-            map: &mut HashMap<ServerKey, V>,
+            map: &mut hashbrown::HashMap<ServerKey, V>,
             from: &dyn Fn(&ServerKey) -> bool,
             to: &dyn Fn(&ServerKey) -> ServerKey,
         ) {
@@ -188,7 +209,7 @@ pub struct Control {
     apply_timeout: Duration,
     health: Tracker,
     /// Real servers at their connection limit (IPVS -x/-y hysteresis).
-    full: BTreeSet<(String, String)>,
+    full: hashbrown::HashSet<ServerKey>,
     /// When a change last asked the kernel for MACs lbd did not have.
     asked_for_macs: Option<Instant>,
     /// Whether this node answers ARP for the VIPs: always alone, only when active in a pair.
@@ -449,7 +470,7 @@ impl Control {
             workers: Vec::new(),
             apply_timeout: APPLY_TIMEOUT,
             health: Tracker::default(),
-            full: BTreeSet::new(),
+            full: hashbrown::HashSet::new(),
             asked_for_macs: None,
         }
     }
@@ -626,7 +647,9 @@ impl Control {
                 let mut config = self.config.clone();
                 let index = service_index(&config, &service)?;
                 let label = real_server.label.clone();
-                config.services[index].real_servers.push(real_server);
+                Arc::make_mut(&mut config.services[index])
+                    .real_servers
+                    .push(real_server);
                 let (operator, ids) = (self.operator.clone(), self.ids.clone());
                 self.apply(
                     config,
@@ -643,7 +666,9 @@ impl Control {
             Command::DelRip(RealServerName { service, label }) => {
                 let mut config = self.config.clone();
                 let (s, r) = real_server_index(&config, &service, &label)?;
-                config.services[s].real_servers.remove(r);
+                Arc::make_mut(&mut config.services[s])
+                    .real_servers
+                    .remove(r);
                 let mut operator = self.operator.clone();
                 operator.retain_servers_of(&config);
                 let ids = self.ids.clone();
@@ -721,7 +746,7 @@ impl Control {
     fn add_vip(&mut self, service: Service) -> Outcome {
         let mut config = self.config.clone();
         let label = service.label.clone();
-        config.services.push(service);
+        config.services.push(Arc::new(service));
         let (operator, ids) = (self.operator.clone(), self.ids.clone());
         self.apply(config, operator, ids, format!("service {label:?} added"))
     }
@@ -732,7 +757,7 @@ impl Control {
         }
         let mut config = self.config.clone();
         let index = service_index(&config, label)?;
-        let service = &mut config.services[index];
+        let service = Arc::make_mut(&mut config.services[index]);
         let mut operator = self.operator.clone();
         let mut ids = self.ids.clone();
         if let Some(new_label) = changes.label {
@@ -783,7 +808,7 @@ impl Control {
         }
         let mut config = self.config.clone();
         let (s, r) = real_server_index(&config, service, label)?;
-        let rs = &mut config.services[s].real_servers[r];
+        let rs = &mut Arc::make_mut(&mut config.services[s]).real_servers[r];
         let mut operator = self.operator.clone();
         if let Some(new_label) = changes.label {
             operator.rename(
@@ -872,7 +897,8 @@ impl Control {
         mut ids: ServiceIds,
         message: String,
     ) -> Outcome {
-        config.validate()?;
+        // The services the change did not touch were checked with the running config.
+        config.validate_after(Some(&self.config))?;
         let local = self.host.local_addresses().map_err(|e| {
             ControlError::HostAddress(format!(
                 "cannot read this host's addresses to check the change: {e}"
@@ -947,7 +973,7 @@ impl Control {
             .services
             .iter()
             .filter(|service| layer7::is_dr(service))
-            .map(|service| (service.label.as_str(), service))
+            .map(|service| (service.label.as_str(), &**service))
             .collect();
         self.health.retain(|(service, rs)| {
             checked
@@ -1003,11 +1029,11 @@ impl Control {
             generation,
             |ip| self.macs.get(&ip).copied(),
             |service, rs| {
-                let key = (service.to_owned(), rs.to_owned());
+                let name = ServerName(service, rs);
                 ServerState {
-                    healthy: self.health.is_up(&key),
-                    full: self.full.contains(&key),
-                    ..operator.state_of(&key)
+                    healthy: self.health.is_up(&name),
+                    full: self.full.contains(&name),
+                    ..operator.state_of(&name)
                 }
             },
         );
@@ -1204,7 +1230,7 @@ impl Control {
         }
         let reports = self.reports();
         let generation = self.snapshot.generation;
-        let mut full = BTreeSet::new();
+        let mut full = hashbrown::HashSet::new();
         for (s, r) in limited {
             let conns: u64 = reports
                 .iter()
@@ -1550,7 +1576,7 @@ pub fn check_host_addresses(config: &Config, local: &[(String, IpAddr)]) -> Resu
             .map(|(name, _)| name)
     };
     for (i, service) in config.services.iter().enumerate() {
-        let path = format!("service[{i}] {:?}", service.label);
+        let path = || format!("service[{i}] {:?}", service.label);
         for (field, vip) in [
             ("vip", Some(service.vip)),
             ("vip6", service.vip6.map(IpAddr::V6)),
@@ -1559,8 +1585,9 @@ pub fn check_host_addresses(config: &Config, local: &[(String, IpAddr)]) -> Resu
                 && let Some(interface) = owner(vip)
             {
                 return Err(format!(
-                    "{path}.{field}: {vip} is an address of this host ({interface}); a VIP must \
+                    "{}.{field}: {vip} is an address of this host ({interface}); a VIP must \
                      be an address of its own",
+                    path()
                 ));
             }
         }
@@ -1568,15 +1595,17 @@ pub fn check_host_addresses(config: &Config, local: &[(String, IpAddr)]) -> Resu
             && let Some(interface) = owner(fallback)
         {
             return Err(format!(
-                "{path}.fallback: {fallback} is an address of this host ({interface}); the \
-                 fallback must be another machine"
+                "{}.fallback: {fallback} is an address of this host ({interface}); the \
+                 fallback must be another machine",
+                path()
             ));
         }
         for (j, rs) in service.real_servers.iter().enumerate() {
             if let Some(interface) = owner(rs.ip) {
                 return Err(format!(
-                    "{path}.real_server[{j}].ip: {} is an address of this host ({interface}); a \
+                    "{}.real_server[{j}].ip: {} is an address of this host ({interface}); a \
                      real server must be another machine",
+                    path(),
                     rs.ip
                 ));
             }
@@ -2055,10 +2084,12 @@ mod tests {
     fn service(label: &str, vip: &str) -> Service {
         let text =
             format!("{CONFIG}\n[[service]]\nlabel = \"{label}\"\nvip = \"{vip}\"\nports = 1935\n");
-        Config::from_toml_str(&text)
-            .expect("valid")
-            .services
-            .remove(1)
+        Arc::unwrap_or_clone(
+            Config::from_toml_str(&text)
+                .expect("valid")
+                .services
+                .remove(1),
+        )
     }
 
     fn error_of(response: Response) -> String {
@@ -2071,6 +2102,28 @@ mod tests {
     fn done(response: Response) {
         if let lbd_proto::Outcome::Error(message) = response.outcome {
             panic!("refused: {message}");
+        }
+    }
+
+    #[test]
+    fn a_borrowed_server_name_finds_its_key() {
+        let mut states = OperatorStates::default();
+        states.set(("web".into(), "a".into()), AdminState::Drain);
+        assert_eq!(
+            states.state_of(&ServerName("web", "a")).admin,
+            AdminState::Drain
+        );
+        // Labels that would run together when concatenated stay apart.
+        for other in [
+            ServerName("web", "b"),
+            ServerName("we", "ba"),
+            ServerName("weba", ""),
+        ] {
+            assert_eq!(
+                states.state_of(&other).admin,
+                AdminState::Online,
+                "{other:?}"
+            );
         }
     }
 
@@ -2152,7 +2205,7 @@ mod tests {
         rig.map.lock().expect("map").refuse = Some(Ipv4Addr::new(198, 18, 0, 101).into());
         // The change also moves "Wowza GUI" off its VIP: that VIP's removal is undone too.
         let mut config = before.clone();
-        config.services[0].vip = Ipv4Addr::new(198, 18, 0, 101).into();
+        Arc::make_mut(&mut config.services[0]).vip = Ipv4Addr::new(198, 18, 0, 101).into();
         std::fs::write(&rig.control.config_path, config.to_toml_string()).expect("write");
         let refused = error_of(rig.control.handle(Command::Reload, Role::Root));
         assert!(
@@ -2536,7 +2589,7 @@ mod tests {
             Command::AddVip {
                 service: Service {
                     vip: Ipv4Addr::new(198, 18, 0, 101).into(),
-                    ..rig.control.config().services[0].clone()
+                    ..(*rig.control.config().services[0]).clone()
                 },
             },
             Command::EditVip(ServiceEdit {
@@ -2691,10 +2744,12 @@ mod tests {
              mode = \"snat\"\nlayer7_protocol = \"http\"\n\n[[service.real_server]]\n\
              label = \"Wowza Srv 1\"\nip = \"198.18.0.11\"\nport = 8080\n"
         );
-        Config::from_toml_str(&text)
-            .expect("valid")
-            .services
-            .remove(1)
+        Arc::unwrap_or_clone(
+            Config::from_toml_str(&text)
+                .expect("valid")
+                .services
+                .remove(1),
+        )
     }
 
     #[test]

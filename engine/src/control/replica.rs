@@ -13,8 +13,8 @@ use crate::packet::snapshot::AdminState;
 use lbd_config::Service;
 use lbd_proto::Command;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 /// The active node's configuration, as it sends it to its peers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -24,7 +24,7 @@ pub struct Replica {
     /// Maglev's seed.
     pub hash_seed: u64,
     /// The services and their real servers.
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// Every real server's state.
     pub servers: Vec<ServerReplica>,
 }
@@ -147,7 +147,7 @@ impl Control {
         config.services = replica.services;
         config.engine.hash_seed = replica.hash_seed;
         let mut operator = OperatorStates::default();
-        let mut full = BTreeSet::new();
+        let mut full = hashbrown::HashSet::new();
         for server in &replica.servers {
             let key = (server.service.clone(), server.label.clone());
             let admin = admin_state(&server.admin).ok_or_else(|| {

@@ -121,6 +121,7 @@ pub fn snat_services(config: &Config) -> impl Iterator<Item = (usize, &Service)>
         .iter()
         .enumerate()
         .filter(|(_, service)| service.mode == ServiceMode::Snat)
+        .map(|(i, service)| (i, &**service))
 }
 
 /// The whole configuration file for the SNAT services of `config`, with the operator states

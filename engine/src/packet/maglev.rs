@@ -88,6 +88,11 @@ impl MaglevTable {
         (backend != NO_BACKEND).then_some(backend)
     }
 
+    /// The hash seed it was built with.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// True when both are the same table in memory (one was taken from the other).
     pub fn is_shared_with(&self, other: &MaglevTable) -> bool {
         Arc::ptr_eq(&self.slots, &other.slots)

@@ -15,6 +15,7 @@ use crate::packet::maglev::{Backend, MAX_BACKENDS, MaglevTable};
 use hashbrown::{HashMap, HashSet};
 use lbd_config::{Config, MacAddr, Persistence, real_server_key};
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
 
 /// VIP, protocol and port packed into one word: one hash input instead of three.
 #[inline]
@@ -131,7 +132,7 @@ pub fn forward_header(mac: [u8; 6], own: [u8; 6]) -> [u8; 12] {
 /// rename moves its id to the new label), never reused within a run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceIds {
-    by_label: std::collections::HashMap<String, u32>,
+    by_label: HashMap<String, u32>,
     next: u32,
 }
 
@@ -139,8 +140,7 @@ impl ServiceIds {
     /// Gives every service of `config` an id (the ones it has keep theirs) and forgets the
     /// labels no longer there.
     pub fn sync(&mut self, config: &Config) {
-        let labels: std::collections::HashSet<&str> =
-            config.services.iter().map(|s| s.label.as_str()).collect();
+        let labels: HashSet<&str> = config.services.iter().map(|s| s.label.as_str()).collect();
         self.by_label
             .retain(|label, _| labels.contains(label.as_str()));
         for service in &config.services {
@@ -239,6 +239,75 @@ pub struct RealServerEntry {
 }
 
 impl RealServerEntry {
+    /// The entry for config server `rs` in `state`, its MAC pinned or from `mac_of`, behind
+    /// a balancer at `own_mac`; without its label (no copy of it) when `labelled` is false.
+    fn new(
+        rs: &lbd_config::RealServer,
+        state: ServerState,
+        mac_of: impl Fn(IpAddr) -> Option<[u8; 6]>,
+        own_mac: [u8; 6],
+        labelled: bool,
+    ) -> RealServerEntry {
+        let mac = rs.mac.map(|MacAddr(mac)| mac).or_else(|| mac_of(rs.ip));
+        RealServerEntry {
+            label: if labelled {
+                rs.label.clone()
+            } else {
+                String::new()
+            },
+            ip: rs.ip,
+            key: real_server_key(rs.ip),
+            mac,
+            forward_header: mac.map(|mac| forward_header(mac, own_mac)),
+            weight: rs.weight,
+            admin: state.admin,
+            healthy: state.healthy,
+            full: state.full,
+            known_weight: if rs.weight > 0 {
+                rs.weight
+            } else {
+                state.weight_before_zero
+            },
+        }
+    }
+
+    /// Equal but for the label.
+    fn same_but_label(&self, other: &RealServerEntry) -> bool {
+        let RealServerEntry {
+            label: _,
+            ip,
+            key,
+            mac,
+            forward_header,
+            weight,
+            admin,
+            healthy,
+            full,
+            known_weight,
+        } = *other;
+        (
+            ip,
+            key,
+            mac,
+            forward_header,
+            weight,
+            admin,
+            healthy,
+            full,
+            known_weight,
+        ) == (
+            self.ip,
+            self.key,
+            self.mac,
+            self.forward_header,
+            self.weight,
+            self.admin,
+            self.healthy,
+            self.full,
+            self.known_weight,
+        )
+    }
+
     /// True when the server owns Maglev slots: online, healthy, resolved, non-zero weight,
     /// below its connection limit.
     pub fn takes_new_clients(&self) -> bool {
@@ -302,13 +371,16 @@ pub struct ServiceEntry {
     /// this table, which still holds that server, most likely names it (GLB's "second
     /// chance" keeps drained servers for the same reason).
     pub known_table: Option<MaglevTable>,
-    /// Config order.
-    pub real_servers: Vec<RealServerEntry>,
+    /// Config order (shared with the snapshots that reuse the entry).
+    pub real_servers: Arc<[RealServerEntry]>,
     /// Real server's [`RealServerEntry::key`] -> index into `real_servers`.
-    pub by_ip: HashMap<u32, u16>,
+    pub by_ip: Arc<HashMap<u32, u16>>,
     /// The fallback server's key ([`real_server_key`]) and MAC (`None` when unset; MAC `None`
     /// while unresolved).
     pub fallback: Option<(u32, Option<[u8; 6]>)>,
+    /// The service it was built from: a snapshot after it reuses the entry while the config
+    /// still shares the service and nothing else the entry holds changed.
+    source: Arc<lbd_config::Service>,
 }
 
 impl ServiceEntry {
@@ -380,12 +452,13 @@ impl Snapshot {
         state_of: impl Fn(&str, &str) -> S,
     ) -> Snapshot {
         ids.sync(config);
-        let mut vips = HashSet::new();
+        let count = config.services.len();
+        let mut vips = HashSet::with_capacity(count);
         let mut by_port = PortMap::default();
         let mut vips6 = HashSet::new();
         let mut by_port6 = HashMap::new();
-        let mut by_wire_key = HashMap::new();
-        let mut by_id = HashMap::new();
+        let mut by_wire_key = HashMap::with_capacity(count);
+        let mut by_id = HashMap::with_capacity(count);
         let mut services = Vec::with_capacity(config.services.len());
         for (index, service) in config.services.iter().enumerate() {
             let index = index as u16;
@@ -411,36 +484,62 @@ impl Snapshot {
                 }
             }
 
-            let real_servers: Vec<RealServerEntry> = service
+            let id = ids.get(&service.label).unwrap_or(u32::MAX);
+            by_id.insert(id, index);
+            // Peers name a service by its VIP (an IPv6-only one by a fold of it, marked in
+            // bit 24, which no IPv4 key sets), protocol and first port.
+            let first_port = service.ports.iter().next().unwrap_or(0);
+            let wire_key = match service.vip {
+                IpAddr::V4(v4) => service_key(u32::from(v4), protocol, first_port),
+                IpAddr::V6(_) => {
+                    service_key(real_server_key(service.vip), protocol, first_port) | 1 << 24
+                }
+            };
+            if service.mode == lbd_config::ServiceMode::Dr {
+                by_wire_key.insert(wire_key, index);
+            }
+            let fallback = service.fallback.map(|ip| (real_server_key(ip), mac_of(ip)));
+            let seed = config.engine.hash_seed;
+            let before = previous.and_then(|snapshot| {
+                let index = *snapshot.by_id.get(&id)?;
+                let entry = snapshot.services.get(usize::from(index))?;
+                Some((entry, snapshot.own_mac))
+            });
+            // The same service (the config still shares it), MAC, seed, fallback and server
+            // states: the entry before, shared rather than built again.
+            if let Some((before, mac_before)) = before
+                && Arc::ptr_eq(&before.source, service)
+                && (mac_before, before.table.seed(), before.fallback) == (own_mac, seed, fallback)
+                && service
+                    .real_servers
+                    .iter()
+                    .take(MAX_BACKENDS)
+                    .zip(before.real_servers.iter())
+                    .all(|(rs, entry)| {
+                        let state = state_of(&service.label, &rs.label).into();
+                        entry.same_but_label(&RealServerEntry::new(
+                            rs, state, &mac_of, own_mac, false,
+                        ))
+                    })
+            {
+                services.push(before.clone());
+                continue;
+            }
+            let real_servers: Arc<[RealServerEntry]> = service
                 .real_servers
                 .iter()
                 .take(MAX_BACKENDS)
                 .map(|rs| {
-                    let state: ServerState = state_of(&service.label, &rs.label).into();
-                    let mac = rs.mac.map(|MacAddr(mac)| mac).or_else(|| mac_of(rs.ip));
-                    RealServerEntry {
-                        label: rs.label.clone(),
-                        ip: rs.ip,
-                        key: real_server_key(rs.ip),
-                        mac,
-                        forward_header: mac.map(|mac| forward_header(mac, own_mac)),
-                        weight: rs.weight,
-                        admin: state.admin,
-                        healthy: state.healthy,
-                        full: state.full,
-                        known_weight: if rs.weight > 0 {
-                            rs.weight
-                        } else {
-                            state.weight_before_zero
-                        },
-                    }
+                    let state = state_of(&service.label, &rs.label).into();
+                    RealServerEntry::new(rs, state, &mac_of, own_mac, true)
                 })
                 .collect();
             let by_ip = real_servers
                 .iter()
                 .enumerate()
                 .map(|(i, rs)| (rs.key, i as u16))
-                .collect();
+                .collect::<HashMap<_, _>>()
+                .into();
             let backends = |takes: fn(&RealServerEntry) -> bool,
                             weight: fn(&RealServerEntry) -> u16|
              -> Vec<Backend> {
@@ -455,14 +554,8 @@ impl Snapshot {
             let new_clients = backends(RealServerEntry::takes_new_clients, |rs| rs.weight);
             let known_clients =
                 backends(RealServerEntry::takes_known_clients, |rs| rs.known_weight);
-            let seed = config.engine.hash_seed;
-            let id = ids.get(&service.label).unwrap_or(u32::MAX);
-            let earlier: Vec<&MaglevTable> = previous
-                .and_then(|snapshot| {
-                    let index = *snapshot.by_id.get(&id)?;
-                    snapshot.services.get(usize::from(index))
-                })
-                .map(|before| {
+            let earlier: Vec<&MaglevTable> = before
+                .map(|(before, _)| {
                     std::iter::once(&before.table)
                         .chain(&before.known_table)
                         .collect()
@@ -476,19 +569,6 @@ impl Snapshot {
                     earlier.iter().copied(),
                 )
             };
-            by_id.insert(id, index);
-            // Peers name a service by its VIP (an IPv6-only one by a fold of it, marked in
-            // bit 24, which no IPv4 key sets), protocol and first port.
-            let first_port = service.ports.iter().next().unwrap_or(0);
-            let wire_key = match service.vip {
-                IpAddr::V4(v4) => service_key(u32::from(v4), protocol, first_port),
-                IpAddr::V6(_) => {
-                    service_key(real_server_key(service.vip), protocol, first_port) | 1 << 24
-                }
-            };
-            if service.mode == lbd_config::ServiceMode::Dr {
-                by_wire_key.insert(wire_key, index);
-            }
             services.push(ServiceEntry {
                 label: service.label.clone(),
                 vip: service.vip,
@@ -503,7 +583,8 @@ impl Snapshot {
                 known_table: (known_clients != new_clients).then(|| table(&known_clients)),
                 real_servers,
                 by_ip,
-                fallback: service.fallback.map(|ip| (real_server_key(ip), mac_of(ip))),
+                fallback,
+                source: Arc::clone(service),
             });
         }
         Snapshot {
@@ -638,6 +719,63 @@ mod tests {
                 .table
                 .is_shared_with(&reweighted.services[0].table)
         );
+    }
+
+    #[test]
+    fn an_untouched_service_keeps_its_entry() {
+        let mut text = String::from("[engine]\ninterface = \"eth0\"\nqueues = [0]\n");
+        for service in 0..3 {
+            text += &format!(
+                "[[service]]\nlabel = \"s{service}\"\nvip = \"198.18.0.100\"\nports = {}\n\
+                 table_size = 251\n[[service.real_server]]\nlabel = \"r0\"\nip = \"198.18.0.11\"\n\
+                 [[service.real_server]]\nlabel = \"r1\"\nip = \"198.18.0.12\"\n",
+                1000 + service
+            );
+        }
+        let running = Config::from_toml_str(&text).expect("valid");
+        let mut ids = ServiceIds::default();
+        let mac = |last: u8| move |_| Some([2, 0, 0, 0, 0, last]);
+        let drain = |who: &'static str| {
+            move |service: &str, rs: &str| {
+                if (service, rs) == (who, "r1") {
+                    AdminState::Drain
+                } else {
+                    AdminState::Online
+                }
+            }
+        };
+        let build = |previous, config: &Config, ids: &mut ServiceIds, own: u8, last, who| {
+            Snapshot::build_after(previous, config, ids, [own; 6], 2, mac(last), drain(who))
+        };
+        let shared = |a: &Snapshot, b: &Snapshot| -> Vec<bool> {
+            a.services
+                .iter()
+                .zip(&b.services)
+                .map(|(a, b)| Arc::ptr_eq(&a.real_servers, &b.real_servers))
+                .collect()
+        };
+        let first = build(None, &running, &mut ids, 2, 0x11, "");
+        // A weight change in s1: s0 and s2 keep their entries.
+        let mut changed = running.clone();
+        Arc::make_mut(&mut changed.services[1]).real_servers[0].weight = 50;
+        let second = build(Some(&first), &changed, &mut ids, 2, 0x11, "");
+        assert_eq!(shared(&first, &second), [true, false, true]);
+        // A state change (s2's r1 drained), a learned MAC, the balancer's own MAC: rebuilt.
+        let drained = build(Some(&second), &changed, &mut ids, 2, 0x11, "s2");
+        assert_eq!(shared(&second, &drained), [true, true, false]);
+        let moved = build(Some(&drained), &changed, &mut ids, 2, 0x22, "s2");
+        assert_eq!(shared(&drained, &moved), [false, false, false]);
+        let renamed = build(Some(&moved), &changed, &mut ids, 3, 0x22, "s2");
+        assert_eq!(shared(&moved, &renamed), [false, false, false]);
+        // A reused entry is what a fresh build gives.
+        let fresh = build(None, &changed, &mut ServiceIds::default(), 2, 0x11, "");
+        for (reused, fresh) in second.services.iter().zip(&fresh.services) {
+            assert_eq!(reused.real_servers, fresh.real_servers);
+            assert_eq!(reused.by_ip, fresh.by_ip);
+            assert_eq!(reused.table, fresh.table);
+            assert_eq!(reused.known_table, fresh.known_table);
+            assert_eq!(reused.fallback, fresh.fallback);
+        }
     }
 
     #[test]

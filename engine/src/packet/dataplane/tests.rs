@@ -625,7 +625,7 @@ fn counters_follow_their_service_and_server_across_changes() {
         label: "rs0".into(),
         ..changed.services[1].real_servers[0].clone()
     };
-    changed.services[1].real_servers.insert(
+    Arc::make_mut(&mut changed.services[1]).real_servers.insert(
         0,
         lbd_config::RealServer {
             ip: Ipv4Addr::new(198, 18, 0, 10).into(),
