@@ -273,6 +273,25 @@ impl RealServerEntry {
 
     /// Equal but for the label.
     fn same_but_label(&self, other: &RealServerEntry) -> bool {
+        self.unlabelled() == other.unlabelled()
+    }
+
+    /// Every field but the label (a field added later fails to compile here until it is
+    /// added).
+    #[allow(clippy::type_complexity)]
+    fn unlabelled(
+        &self,
+    ) -> (
+        IpAddr,
+        u32,
+        Option<[u8; 6]>,
+        Option<[u8; 12]>,
+        u16,
+        AdminState,
+        bool,
+        bool,
+        u16,
+    ) {
         let RealServerEntry {
             label: _,
             ip,
@@ -284,7 +303,7 @@ impl RealServerEntry {
             healthy,
             full,
             known_weight,
-        } = *other;
+        } = *self;
         (
             ip,
             key,
@@ -295,16 +314,6 @@ impl RealServerEntry {
             healthy,
             full,
             known_weight,
-        ) == (
-            self.ip,
-            self.key,
-            self.mac,
-            self.forward_header,
-            self.weight,
-            self.admin,
-            self.healthy,
-            self.full,
-            self.known_weight,
         )
     }
 
