@@ -9,12 +9,13 @@
 //! - `set_weight_with_N_services`: a whole `lbctl set-weight` as the control socket hands it
 //!   to lbd's control (validation, this host's addresses read over netlink, the snapshot, the
 //!   busy worker's acknowledgement), with 1, 100 and 1000 services of 10 real servers each
-//!   (table_size 65537). The change touches one service, so it should cost the same whatever
-//!   the number of services.
+//!   (table_size 65537), a health result on record for one server in ten. The change touches
+//!   one service, so it should cost the same whatever the number of services.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use crossbeam::channel::unbounded;
 use lbd_config::Config;
+use lbd_engine::control::health::CheckResult;
 use lbd_engine::control::{Control, Doors, Role, SystemClock, WorkerLink, publish};
 use lbd_engine::io::host::SystemHost;
 use lbd_engine::io::steer::{SteerError, VipSteering};
@@ -209,6 +210,16 @@ fn set_weight_with(
         commands,
         applied,
     }]);
+    // Health results on record, as a running balancer has them: every server's state is
+    // looked up in a map that is not empty.
+    for target in control.health_targets().iter().step_by(10) {
+        let passed = CheckResult {
+            ok: true,
+            detail: "connected".into(),
+            took: Duration::from_micros(100),
+        };
+        control.record_health(target, passed);
+    }
     let mut weight = 100;
     group.bench_function(format!("set_weight_with_{services}_services"), |b| {
         b.iter(|| {

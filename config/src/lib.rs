@@ -920,6 +920,25 @@ pub struct PortSet {
 }
 
 impl PortSet {
+    /// Whether a port is in both sets (both are sorted, disjoint ranges: one walk).
+    pub fn overlaps(&self, other: &PortSet) -> bool {
+        let (mut a, mut b) = (
+            self.ranges.iter().peekable(),
+            other.ranges.iter().peekable(),
+        );
+        while let (Some(&&(a_start, a_end)), Some(&&(b_start, b_end))) = (a.peek(), b.peek()) {
+            if a_start <= b_end && b_start <= a_end {
+                return true;
+            }
+            if a_end < b_end {
+                a.next();
+            } else {
+                b.next();
+            }
+        }
+        false
+    }
+
     /// Builds a set from ranges (start <= end each), merging overlaps and neighbours.
     fn from_ranges(mut ranges: Vec<(u16, u16)>) -> PortSet {
         ranges.sort_unstable();
@@ -968,6 +987,10 @@ impl PortSet {
 
 /// The lowest port of `ports` that `served` (disjoint ranges: start -> (end, service)) holds,
 /// with the service that holds it.
+/// Services a change may touch for [`Config::validate_after`] to check them against the
+/// others one by one; a larger change goes through the maps of the full pass.
+const SMALL_CHANGE: usize = 8;
+
 fn first_served(served: &BTreeMap<u16, (u16, usize)>, ports: &PortSet) -> Option<(u16, usize)> {
     ports.ranges.iter().find_map(|&(start, end)| {
         // A served range that begins at or before `start` and reaches it...
@@ -1151,10 +1174,83 @@ impl Config {
     /// only checked against the others again. A change to one of a thousand services checks
     /// one service, and the thousand against each other through maps.
     pub fn validate_after(&self, previous: Option<&Config>) -> Result<(), ConfigError> {
-        let count = self.services.len();
         let checked: HashSet<*const Service> = previous
             .map(|previous| previous.services.iter().map(Arc::as_ptr).collect())
             .unwrap_or_default();
+        if let Some(previous) = previous
+            && self.passes_as_a_small_change(previous, &checked)
+        {
+            return Ok(());
+        }
+        self.validate_skipping(&checked)
+    }
+
+    /// Whether a config made from `previous` (a valid one) by changing a few services is
+    /// valid, judged by those services alone: each on its own and against every other
+    /// service, with the counts, the engine and the pair. The rules between two services
+    /// (labels, VIP modes, ports) hold for every pair the change did not touch, as they did
+    /// in `previous`. False for a problem, or for a change too large for this way: the full
+    /// pass then finds the problem and names it as it always does.
+    fn passes_as_a_small_change(
+        &self,
+        previous: &Config,
+        shared: &HashSet<*const Service>,
+    ) -> bool {
+        let changed: Vec<(usize, &Service)> = self
+            .services
+            .iter()
+            .enumerate()
+            .filter(|(_, service)| !shared.contains(&Arc::as_ptr(service)))
+            .map(|(i, service)| (i, &**service))
+            .take(SMALL_CHANGE + 1)
+            .collect();
+        if changed.len() > SMALL_CHANGE
+            || self.services.len() > MAX_SERVICES
+            || self.engine.check().is_err()
+            || self.ha != previous.ha
+            || changed
+                .iter()
+                .any(|(_, service)| service.check("").is_err())
+        {
+            return false;
+        }
+        if let Some(ha) = &self.ha {
+            let nodes = || {
+                std::iter::once(&ha.local_address)
+                    .chain(&ha.peer_address.0)
+                    .map(|&node| IpAddr::V4(node))
+            };
+            let at_a_node = |service: &Service| {
+                nodes().any(|node| {
+                    service.has_vip(node) || service.real_servers.iter().any(|rs| rs.ip == node)
+                })
+            };
+            if changed.iter().any(|(_, service)| at_a_node(service)) {
+                return false;
+            }
+        }
+        let clash = |a: &Service, b: &Service| {
+            a.label == b.label
+                || a.vips().any(|vip| {
+                    b.has_vip(vip)
+                        && (a.mode != b.mode
+                            || (a.protocol == b.protocol && a.ports.overlaps(&b.ports)))
+                })
+        };
+        let clashes = changed.iter().any(|&(i, a)| {
+            self.services
+                .iter()
+                .enumerate()
+                .any(|(j, b)| i != j && clash(a, b))
+        });
+        let vips: HashSet<IpAddr> = self.services.iter().flat_map(|s| s.vips()).collect();
+        !clashes && vips.len() <= MAX_VIPS
+    }
+
+    /// The full pass of [`Config::validate`], skipping the own checks of the services in
+    /// `checked`.
+    fn validate_skipping(&self, checked: &HashSet<*const Service>) -> Result<(), ConfigError> {
+        let count = self.services.len();
         self.engine.check()?;
         if let Some(ha) = &self.ha {
             ha.check()?;

@@ -1176,3 +1176,142 @@ fn the_status_pages_actions_need_the_listener_and_a_token() {
         config
     );
 }
+
+mod small_changes {
+    //! A change checked by what it touched gives what the whole check gives.
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    struct Spec {
+        label: u8,
+        vip: u8,
+        ports: (u16, u16),
+        udp: bool,
+        snat: bool,
+        vip6: bool,
+        table_size: u32,
+    }
+
+    fn spec() -> impl Strategy<Value = Spec> {
+        (
+            0..5u8,
+            0..3u8,
+            (1..30u16, 0..6u16),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_flat_map(|(label, vip, (start, len), udp, snat)| {
+                (
+                    Just((label, vip, (start, start + len), udp, snat)),
+                    any::<bool>(),
+                    0..8u8,
+                )
+            })
+            .prop_map(|((label, vip, ports, udp, snat), vip6, size)| Spec {
+                label,
+                vip,
+                ports,
+                udp,
+                snat,
+                vip6: vip6 && size == 0,
+                // Now and then a size that is no prime.
+                table_size: if size == 1 { 250 } else { 251 },
+            })
+    }
+
+    fn text(spec: &Spec) -> String {
+        let mut text = format!(
+            "[[service]]\nlabel = \"s{}\"\nvip = \"198.18.0.{}\"\nports = \"{}-{}\"\n\
+             protocol = \"{}\"\nmode = \"{}\"\ntable_size = {}\n",
+            spec.label,
+            100 + spec.vip,
+            spec.ports.0,
+            spec.ports.1,
+            if spec.udp { "udp" } else { "tcp" },
+            if spec.snat { "snat" } else { "dr" },
+            spec.table_size,
+        );
+        if spec.vip6 {
+            text += &format!("vip6 = \"2001:db8::{}\"\n", spec.vip);
+        }
+        text + "[[service.real_server]]\nlabel = \"a\"\nip = \"198.18.0.11\"\n"
+    }
+
+    /// The config of `specs`, parsed without its checks.
+    fn config(specs: &[Spec]) -> Config {
+        let mut all = String::from("[engine]\ninterface = \"eth0\"\nqueues = [0]\n");
+        for spec in specs {
+            all += &text(spec);
+        }
+        toml::from_str(&all).expect("well-formed")
+    }
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Replace(usize, Spec),
+        Add(Spec),
+        Remove(usize),
+        Seed,
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        prop_oneof![
+            3 => (0..6usize, spec()).prop_map(|(i, s)| Edit::Replace(i, s)),
+            2 => spec().prop_map(Edit::Add),
+            1 => (0..6usize).prop_map(Edit::Remove),
+            1 => Just(Edit::Seed),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+        #[test]
+        fn a_small_change_is_judged_as_the_whole_config(
+            specs in prop::collection::vec(spec(), 1..6),
+            edits in prop::collection::vec(edit(), 1..4),
+        ) {
+            // The valid config the specs make, each kept if it fits with those before.
+            let mut running = config(&[]);
+            for spec in &specs {
+                let mut with = running.clone();
+                with.services.push(config(std::slice::from_ref(spec)).services.remove(0));
+                if with.validate().is_ok() {
+                    running = with;
+                }
+            }
+            let mut changed = running.clone();
+            for edit in edits {
+                let len = changed.services.len();
+                match edit {
+                    Edit::Replace(i, spec) if len > 0 => {
+                        let service = config(&[spec]).services.remove(0);
+                        changed.services[i % len] = service;
+                    }
+                    Edit::Add(spec) => changed.services.push(config(&[spec]).services.remove(0)),
+                    Edit::Remove(i) if len > 0 => {
+                        changed.services.remove(i % len);
+                    }
+                    Edit::Seed => changed.engine.hash_seed += 1,
+                    _ => {}
+                }
+            }
+            prop_assert_eq!(changed.validate_after(Some(&running)), changed.validate());
+        }
+    }
+
+    #[test]
+    fn port_sets_overlap_where_they_share_a_port() {
+        let set = |s: &str| s.parse::<PortSet>().expect("valid");
+        for (a, b, overlap) in [
+            ("1-10", "10-20", true),
+            ("1-9", "10-20", false),
+            ("1-3,7-9", "4-6", false),
+            ("1-3,7-9", "4-7", true),
+            ("5", "1-4,6-10", false),
+            ("100,200,300", "300", true),
+        ] {
+            assert_eq!(set(a).overlaps(&set(b)), overlap, "{a} {b}");
+            assert_eq!(set(b).overlaps(&set(a)), overlap, "{b} {a}");
+        }
+    }
+}

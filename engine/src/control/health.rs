@@ -151,6 +151,11 @@ impl Tracker {
     pub fn retain(&mut self, keep: impl Fn(&(String, String)) -> bool) {
         self.health.retain(|key, _| keep(key));
     }
+
+    /// Whether no server has a result yet.
+    pub fn is_empty(&self) -> bool {
+        self.health.is_empty()
+    }
 }
 
 /// Runs one check now.

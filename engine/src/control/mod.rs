@@ -196,6 +196,8 @@ impl OperatorStates {
 /// The running configuration and what is needed to change it live.
 pub struct Control {
     config: Config,
+    /// The host's addresses the running config was last checked against.
+    host_addresses: Vec<(String, IpAddr)>,
     config_path: PathBuf,
     own_mac: [u8; 6],
     snapshot: Arc<Snapshot>,
@@ -458,6 +460,7 @@ impl Control {
             layer7_running: false,
             held: BTreeSet::new(),
             config,
+            host_addresses: Vec::new(),
             config_path,
             own_mac,
             snapshot,
@@ -904,7 +907,10 @@ impl Control {
                 "cannot read this host's addresses to check the change: {e}"
             ))
         })?;
-        check_host_addresses(&config, &local).map_err(ControlError::HostAddress)?;
+        // The services the change did not touch need no second look while the host's
+        // addresses are the ones they were checked against.
+        let checked = (local == self.host_addresses).then_some(&self.config);
+        check_host_addresses_after(&config, &local, checked).map_err(ControlError::HostAddress)?;
         self.check_snat_host(&config)?;
         // HAProxy first: a change it refuses changes nothing.
         self.update_layer7(&config, &operator)?;
@@ -963,23 +969,26 @@ impl Control {
                 .send(WorkerCommand::Announce(self.own_mac, arriving));
         }
         self.config = config;
+        self.host_addresses = local;
         self.operator = operator;
         self.ids = ids;
         self.snapshot = snapshot;
         // Forget the health of servers no longer checked (borrowed look-ups: no copy of every
         // server's name per change).
-        let checked: HashMap<&str, &lbd_config::Service> = self
-            .config
-            .services
-            .iter()
-            .filter(|service| layer7::is_dr(service))
-            .map(|service| (service.label.as_str(), &**service))
-            .collect();
-        self.health.retain(|(service, rs)| {
-            checked
-                .get(service.as_str())
-                .is_some_and(|service| service.real_servers.iter().any(|r| &r.label == rs))
-        });
+        if !self.health.is_empty() {
+            let checked: hashbrown::HashMap<&str, &lbd_config::Service> = self
+                .config
+                .services
+                .iter()
+                .filter(|service| layer7::is_dr(service))
+                .map(|service| (service.label.as_str(), &**service))
+                .collect();
+            self.health.retain(|(service, rs)| {
+                checked
+                    .get(service.as_str())
+                    .is_some_and(|service| service.real_servers.iter().any(|r| &r.label == rs))
+            });
+        }
         if !lagging.is_empty() {
             tracing::error!(
                 generation = self.snapshot.generation,
@@ -1568,6 +1577,19 @@ fn rs_has_external_check(real_server: &RealServer) -> bool {
 /// the balancer would take the host's own traffic for it (its health-check replies among
 /// them) or forward frames to itself.
 pub fn check_host_addresses(config: &Config, local: &[(String, IpAddr)]) -> Result<(), String> {
+    check_host_addresses_after(config, local, None)
+}
+
+/// [`check_host_addresses`] for a config made from `checked`, a config checked against the
+/// same addresses: the services it still shares with `checked` (the same `Arc`) are skipped.
+fn check_host_addresses_after(
+    config: &Config,
+    local: &[(String, IpAddr)],
+    checked: Option<&Config>,
+) -> Result<(), String> {
+    let unchanged: hashbrown::HashSet<*const Service> = checked
+        .map(|checked| checked.services.iter().map(Arc::as_ptr).collect())
+        .unwrap_or_default();
     // The addresses lbd put on the interface itself (SNAT VIPs) are not the host's own.
     let owner = |ip: IpAddr| {
         local
@@ -1576,6 +1598,9 @@ pub fn check_host_addresses(config: &Config, local: &[(String, IpAddr)]) -> Resu
             .map(|(name, _)| name)
     };
     for (i, service) in config.services.iter().enumerate() {
+        if unchanged.contains(&Arc::as_ptr(service)) {
+            continue;
+        }
         let path = || format!("service[{i}] {:?}", service.label);
         for (field, vip) in [
             ("vip", Some(service.vip)),
@@ -1884,6 +1909,8 @@ mod tests {
         asked: Arc<Mutex<Vec<IpAddr>>>,
         /// The SNAT VIPs put on the interface.
         held: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+        /// Addresses the host gained since.
+        gained: Arc<Mutex<Vec<(String, IpAddr)>>>,
     }
 
     /// What the fake HAProxy was asked: configurations applied (`None`: stopped) and runtime
@@ -1923,10 +1950,12 @@ mod tests {
 
     impl HostFacts for FakeHost {
         fn local_addresses(&self) -> std::io::Result<Vec<(String, IpAddr)>> {
-            Ok(vec![
+            let mut addresses = vec![
                 ("lo".into(), Ipv4Addr::LOCALHOST.into()),
                 ("eth0".into(), HOST_ADDRESS),
-            ])
+            ];
+            addresses.extend(self.gained.lock().expect("gained").iter().cloned());
+            Ok(addresses)
         }
 
         fn neighbours(&self) -> std::io::Result<HashMap<IpAddr, [u8; 6]>> {
@@ -1982,6 +2011,7 @@ mod tests {
         dir: PathBuf,
         haproxy: Arc<Mutex<Haproxy>>,
         held: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
+        gained: Arc<Mutex<Vec<(String, IpAddr)>>>,
     }
 
     impl Rig {
@@ -2011,7 +2041,7 @@ mod tests {
         let map = Arc::new(Mutex::new(Map::default()));
         let host = FakeHost::default();
         let (neighbours, asked) = (Arc::clone(&host.neighbours), Arc::clone(&host.asked));
-        let held = Arc::clone(&host.held);
+        let (held, gained) = (Arc::clone(&host.held), Arc::clone(&host.gained));
         let haproxy = Arc::new(Mutex::new(Haproxy::default()));
         let clock = Arc::new(Mutex::new(Instant::now()));
         let mut control = Control::new(
@@ -2078,6 +2108,7 @@ mod tests {
             dir,
             haproxy,
             held,
+            gained,
         }
     }
 
@@ -2168,6 +2199,37 @@ mod tests {
             before
         );
         assert!(!rig.map.lock().expect("map").vips.contains(&HOST_ADDRESS));
+    }
+
+    #[test]
+    fn a_change_looks_again_at_every_service_once_the_host_has_a_new_address() {
+        let mut rig = rig(true);
+        let other = service("Other", "198.18.0.101");
+        done(
+            rig.control
+                .handle(Command::AddVip { service: other }, Role::Root),
+        );
+        // The host takes the first service's real server's address: a change to the other
+        // service is refused for it.
+        let taken = rig.control.config().services[0].real_servers[0].ip;
+        rig.gained
+            .lock()
+            .expect("gained")
+            .push(("eth1".into(), taken));
+        let mut real_server = rig.control.config().services[0].real_servers[0].clone();
+        real_server.ip = Ipv4Addr::new(198, 18, 0, 12).into();
+        let add = Command::AddRip {
+            service: "Other".into(),
+            real_server,
+        };
+        let refused = error_of(rig.control.handle(add, Role::Root));
+        assert!(
+            refused.contains(&format!(
+                "service[0] \"Wowza GUI\".real_server[0].ip: {taken} is an address of this host \
+                 (eth1)"
+            )),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -129,10 +129,11 @@ pub fn forward_header(mac: [u8; 6], own: [u8; 6]) -> [u8; 12] {
 }
 
 /// The stable ids of services: assigned once per label, kept when a service is edited (a
-/// rename moves its id to the new label), never reused within a run.
+/// rename moves its id to the new label), never reused within a run. Shared by its copies
+/// until one changes: every change copies it, few change it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceIds {
-    by_label: HashMap<String, u32>,
+    by_label: Arc<HashMap<String, u32>>,
     next: u32,
 }
 
@@ -140,21 +141,31 @@ impl ServiceIds {
     /// Gives every service of `config` an id (the ones it has keep theirs) and forgets the
     /// labels no longer there.
     pub fn sync(&mut self, config: &Config) {
+        // Labels are unique: as many, all known, is the same set.
+        if config.services.len() == self.by_label.len()
+            && config
+                .services
+                .iter()
+                .all(|s| self.by_label.contains_key(&s.label))
+        {
+            return;
+        }
         let labels: HashSet<&str> = config.services.iter().map(|s| s.label.as_str()).collect();
-        self.by_label
-            .retain(|label, _| labels.contains(label.as_str()));
+        let by_label = Arc::make_mut(&mut self.by_label);
+        by_label.retain(|label, _| labels.contains(label.as_str()));
         for service in &config.services {
-            if !self.by_label.contains_key(&service.label) {
+            if !by_label.contains_key(&service.label) {
                 self.next += 1;
-                self.by_label.insert(service.label.clone(), self.next);
+                by_label.insert(service.label.clone(), self.next);
             }
         }
     }
 
     /// The service now called `new` is the one that was called `old`.
     pub fn rename(&mut self, old: &str, new: &str) {
-        if let Some(id) = self.by_label.remove(old) {
-            self.by_label.insert(new.to_owned(), id);
+        let by_label = Arc::make_mut(&mut self.by_label);
+        if let Some(id) = by_label.remove(old) {
+            by_label.insert(new.to_owned(), id);
         }
     }
 
