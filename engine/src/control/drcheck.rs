@@ -253,7 +253,7 @@ pub fn owner(snapshot: &Snapshot, mac: [u8; 6]) -> Option<(String, String)> {
             .real_servers
             .iter()
             .find(|rs| rs.mac == Some(mac))
-            .map(|rs| (service.label.clone(), rs.label.clone()))
+            .map(|rs| (service.label.to_string(), rs.label.clone()))
     })
 }
 

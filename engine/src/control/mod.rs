@@ -1330,22 +1330,18 @@ impl Control {
                         mac: rs.mac.map(host::format_mac),
                         check: self
                             .health
-                            .get(&(entry.label.clone(), rs.label.clone()))
+                            .get(&ServerName(&entry.label, &rs.label))
                             .last
                             .map(|(at, result)| describe_check(at, &result)),
                         dr_check: self
                             .dr
                             .verdict(&entry.label, &rs.label)
                             .map(|verdict| verdict.describe().to_owned()),
-                        health: Some(
-                            self.health
-                                .get(&(entry.label.clone(), rs.label.clone()))
-                                .counts,
-                        ),
+                        health: Some(self.health.get(&ServerName(&entry.label, &rs.label)).counts),
                     })
                     .collect();
                 ServiceStatus {
-                    label: entry.label.clone(),
+                    label: entry.label.to_string(),
                     vip: entry.vip,
                     vip6: entry.vip6,
                     ports: configured.ports.to_string(),
@@ -1448,7 +1444,7 @@ impl Control {
             .map(|(s, entry)| {
                 let traffic = counters.services.get(s);
                 ServiceStats {
-                    label: entry.label.clone(),
+                    label: entry.label.to_string(),
                     packets: traffic.map_or(0, |t| t.total.packets),
                     bytes: traffic.map_or(0, |t| t.total.bytes),
                     real_servers: entry

@@ -363,7 +363,7 @@ impl RealServerEntry {
 #[derive(Debug, Clone)]
 pub struct ServiceEntry {
     /// Operator's name for it.
-    pub label: String,
+    pub label: Arc<str>,
     /// Its virtual IP.
     pub vip: IpAddr,
     /// Its second (IPv6) VIP.
@@ -590,7 +590,7 @@ impl Snapshot {
                 )
             };
             services.push(ServiceEntry {
-                label: service.label.clone(),
+                label: service.label.as_str().into(),
                 vip: service.vip,
                 vip6: service.vip6,
                 client_mask_v6: service.client_mask_v6(),
