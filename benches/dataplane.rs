@@ -15,12 +15,10 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::{Ethernet2Header, IpHeaders, PacketBuilder, PacketBuilderStep};
 use lbd_config::Config;
-use lbd_engine::packet::dataplane::{Dataplane, TableSizes, Verdict};
-use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
+use lbd_engine::packet::dataplane::{Dataplane, Verdict};
 use lbd_engine::packet::testing;
 use std::hint::black_box;
 use std::net::Ipv6Addr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const OWN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -51,15 +49,7 @@ fn dataplane() -> Dataplane {
     }
     text.insert_str(streaming_end, &servers);
     let config = Config::from_toml_str(&text).expect("bench config is valid");
-    let snapshot = Snapshot::build(
-        &config,
-        &mut ServiceIds::default(),
-        OWN_MAC,
-        1,
-        |_| None,
-        |_, _| AdminState::Online,
-    );
-    Dataplane::new(Arc::new(snapshot), TableSizes::default())
+    testing::dataplane(&config, OWN_MAC)
 }
 
 /// One TCP SYN to VIP:1935 per client; `ip` writes client `i`'s IP header.

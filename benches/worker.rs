@@ -22,11 +22,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
 use lbd_config::{Config, Engine};
 use lbd_engine::io::worker::{Rings, Worker, WorkerSettings};
-use lbd_engine::packet::dataplane::{Dataplane, TableSizes, Verdict};
-use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
+use lbd_engine::packet::dataplane::{Dataplane, Verdict};
+use lbd_engine::packet::testing;
 use std::collections::VecDeque;
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const OWN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -163,15 +162,7 @@ fn config() -> Config {
 }
 
 fn dataplane(config: &Config) -> Dataplane {
-    let snapshot = Snapshot::build(
-        config,
-        &mut ServiceIds::default(),
-        OWN_MAC,
-        1,
-        |_| None,
-        |_, _| AdminState::Online,
-    );
-    Dataplane::new(Arc::new(snapshot), TableSizes::default())
+    testing::dataplane(config, OWN_MAC)
 }
 
 /// One TCP segment to VIP:1935 from each client.

@@ -2,8 +2,26 @@
 //! etherparse, not with the packet path's own writers, so the code under test does not check
 //! itself.
 
+use crate::packet::dataplane::{Dataplane, TableSizes};
+use crate::packet::snapshot::{AdminState, ServiceIds, Snapshot};
 use etherparse::err::packet::BuildWriteError;
 use etherparse::{Icmpv6Type, PacketBuilder};
+use lbd_config::Config;
+use std::sync::Arc;
+
+/// A packet path over `config` at `own_mac`, with default tables: every real server online,
+/// and none of their MACs learned (only pinned ones resolve).
+pub fn dataplane(config: &Config, own_mac: [u8; 6]) -> Dataplane {
+    let snapshot = Snapshot::build(
+        config,
+        &mut ServiceIds::default(),
+        own_mac,
+        1,
+        |_| None,
+        |_, _| AdminState::Online,
+    );
+    Dataplane::new(Arc::new(snapshot), TableSizes::default())
+}
 
 /// What `asker` sends to learn `target`'s MAC (RFC 4861 7.2.2): a Neighbor Solicitation to
 /// the target's solicited-node multicast address (RFC 4291 2.7.1) and its MAC (RFC 2464 7),

@@ -2,7 +2,6 @@
 //! extension headers, fragments and the persistence prefix.
 
 use super::*;
-use crate::packet::snapshot::{AdminState, ServiceIds};
 use crate::packet::testing;
 use etherparse::{Icmpv6Header, Icmpv6Type, PacketBuilder};
 use lbd_config::Config;
@@ -67,15 +66,7 @@ fn dataplane_with(prefix: u8) -> Dataplane {
 }
 
 fn dataplane_of(config: &Config) -> Dataplane {
-    let snapshot = Snapshot::build(
-        config,
-        &mut ServiceIds::default(),
-        OWN_MAC,
-        1,
-        |_| None,
-        |_, _| AdminState::Online,
-    );
-    Dataplane::new(Arc::new(snapshot), TableSizes::default())
+    testing::dataplane(config, OWN_MAC)
 }
 
 fn dataplane() -> Dataplane {
