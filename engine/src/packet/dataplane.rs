@@ -1690,15 +1690,8 @@ fn known_backend<A: Family>(
     // dropped from the cache for free instead of being written back.
     let expires_ms = now_ms + timeout;
     if entry.state != state {
-        change_state(
-            entry,
-            census,
-            (state, expires_ms),
-            key,
-            service,
-            now_ms,
-            outbox,
-        );
+        let next = (state, expires_ms);
+        change_state(entry, census, next, key, service, now_ms, outbox);
     } else if entry.expires_ms != expires_ms {
         entry.expires_ms = expires_ms;
     }
