@@ -151,10 +151,12 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
                 if free.is_empty() {
                     free = (0..size).filter(|&s| slots[s] == NO_BACKEND).collect();
                 }
+                // Only the few backends with a turn in the end game need the inverse.
+                let inverse_skip = inverse_modulo(permutation.skip as u32, size as u32);
                 let Some((at, &slot)) = free
                     .iter()
                     .enumerate()
-                    .min_by_key(|&(_, &s)| permutation.position(s, &modulus))
+                    .min_by_key(|&(_, &s)| permutation.position(s, inverse_skip, &modulus))
                 else {
                     break; // Not reached: a slot is free while the table is not full.
                 };
@@ -210,8 +212,6 @@ struct Permutation {
     current: usize,
     offset: usize,
     skip: usize,
-    /// `skip`'s inverse modulo `M`: the step count from `offset` to any slot.
-    inverse_skip: u64,
 }
 
 impl Permutation {
@@ -238,18 +238,17 @@ impl Permutation {
             current: (offset + size - skip % size) % size,
             offset,
             skip,
-            inverse_skip: inverse_modulo(skip as u64, size as u64),
         }
     }
 
-    /// How many steps from the start of the walk `slot` is.
+    /// How many steps from the start of the walk `slot` is, given `skip`'s inverse modulo `M`.
     #[inline]
-    fn position(&self, slot: usize, modulus: &Modulus) -> u64 {
+    fn position(&self, slot: usize, inverse_skip: u64, modulus: &Modulus) -> u64 {
         let mut from_offset = slot + modulus.size - self.offset;
         if from_offset >= modulus.size {
             from_offset -= modulus.size;
         }
-        modulus.reduce(from_offset as u64 * self.inverse_skip)
+        modulus.reduce(from_offset as u64 * inverse_skip)
     }
 
     /// Continues the walk from `slot`, as if it had stepped there.
@@ -297,16 +296,19 @@ impl Modulus {
     }
 }
 
-/// `value`'s inverse modulo the prime `modulus` (extended Euclid); 1 for a modulus of 1.
-fn inverse_modulo(value: u64, modulus: u64) -> u64 {
-    let (mut old_r, mut r) = (i128::from(value), i128::from(modulus));
-    let (mut old_s, mut s) = (1i128, 0i128);
+/// `value`'s inverse modulo the prime `modulus` (extended Euclid); 0 for a modulus of 1.
+///
+/// Both are table sizes (`u32`), so every remainder and coefficient fits an `i64`, whose
+/// division costs a fraction of an `i128`'s.
+fn inverse_modulo(value: u32, modulus: u32) -> u64 {
+    let (mut old_r, mut r) = (i64::from(value), i64::from(modulus));
+    let (mut old_s, mut s) = (1i64, 0i64);
     while r != 0 {
         let quotient = old_r / r;
         (old_r, r) = (r, old_r - quotient * r);
         (old_s, s) = (s, old_s - quotient * s);
     }
-    old_s.rem_euclid(i128::from(modulus)) as u64
+    old_s.rem_euclid(i64::from(modulus)) as u64
 }
 
 #[cfg(test)]
@@ -418,6 +420,24 @@ mod tests {
             let ia = a.lookup(&key).map(|i| list[i as usize].ip);
             let ib = b.lookup(&key).map(|i| reversed[i as usize].ip);
             assert_eq!(ia, ib);
+        }
+    }
+
+    #[test]
+    fn the_inverse_undoes_the_skip() {
+        for modulus in [2u32, 7, 251, 65537, 16_777_213] {
+            for value in [1, 2, modulus / 3 + 1, modulus - 1]
+                .into_iter()
+                .filter(|&v| v < modulus)
+            {
+                let inverse = inverse_modulo(value, modulus);
+                assert!(inverse < u64::from(modulus));
+                assert_eq!(
+                    u64::from(value) * inverse % u64::from(modulus),
+                    1,
+                    "{value} mod {modulus}"
+                );
+            }
         }
     }
 
