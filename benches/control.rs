@@ -13,13 +13,13 @@
 //!   one service, so it should cost the same whatever the number of services.
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use crossbeam::channel::unbounded;
 use lbd_config::Config;
 use lbd_engine::control::health::CheckResult;
 use lbd_engine::control::{Control, Doors, Role, SystemClock, WorkerLink, publish};
+use lbd_engine::io::doorbell::Doorbell;
 use lbd_engine::io::host::SystemHost;
 use lbd_engine::io::steer::{SteerError, VipSteering};
-use lbd_engine::io::worker::{Rings, Worker, WorkerSettings};
+use lbd_engine::io::worker::{Rings, Worker, WorkerSettings, worker_channel};
 use lbd_engine::l7::Haproxy;
 use lbd_engine::packet::dataplane::{Dataplane, TableSizes};
 use lbd_engine::packet::snapshot::{AdminState, ServiceIds, Snapshot};
@@ -55,7 +55,7 @@ impl Rings for BusyRings {
         0
     }
     fn kick(&mut self) {}
-    fn wait_for_rx(&mut self, _timeout_ms: i32) {}
+    fn wait_for_rx(&mut self, _timeout_ms: i32, _doorbell: &Doorbell) {}
 }
 
 fn config() -> Config {
@@ -92,13 +92,13 @@ fn change_to(c: &mut Criterion, workers: u32) {
     let mut links = Vec::new();
     let mut threads = Vec::new();
     for queue in 0..workers {
-        let (commands, receiver) = unbounded();
+        let (commands, inbox) = worker_channel().expect("eventfd");
         let applied = Arc::new(AtomicU64::new(0));
         let dataplane = Dataplane::new(snapshot(&config, 1), TableSizes::default());
         let (stop, seen) = (Arc::clone(&stop), Arc::clone(&applied));
         threads.push(std::thread::spawn(move || {
             let mut worker = Worker::new(BusyRings, dataplane, WorkerSettings::default());
-            worker.run(&stop, &receiver, &seen);
+            worker.run(&stop, &inbox, &seen);
         }));
         links.push(WorkerLink {
             queue,
@@ -195,14 +195,14 @@ fn set_weight_with(
         },
     );
     let stop = Arc::new(AtomicBool::new(false));
-    let (commands, receiver) = unbounded();
+    let (commands, inbox) = worker_channel().expect("eventfd");
     let applied = Arc::new(AtomicU64::new(0));
     let dataplane = Dataplane::new(Arc::clone(control.snapshot()), TableSizes::default());
     let worker = {
         let (stop, seen) = (Arc::clone(&stop), Arc::clone(&applied));
         std::thread::spawn(move || {
             let mut worker = Worker::new(BusyRings, dataplane, WorkerSettings::default());
-            worker.run(&stop, &receiver, &seen);
+            worker.run(&stop, &inbox, &seen);
         })
     };
     control.attach_workers(vec![WorkerLink {

@@ -21,6 +21,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use etherparse::PacketBuilder;
 use lbd_config::{Config, Engine};
+use lbd_engine::io::doorbell::Doorbell;
 use lbd_engine::io::worker::{Rings, Worker, WorkerSettings};
 use lbd_engine::packet::dataplane::{Dataplane, Verdict};
 use lbd_engine::packet::testing;
@@ -142,7 +143,7 @@ impl Rings for MemoryRings {
     // A zero-copy NIC needs no wakeup to send, and the bench never waits.
     fn kick(&mut self) {}
 
-    fn wait_for_rx(&mut self, _timeout_ms: i32) {}
+    fn wait_for_rx(&mut self, _timeout_ms: i32, _doorbell: &Doorbell) {}
 }
 
 /// The dataplane bench's service: 10 real servers with pinned MACs behind VIP:1935; every

@@ -20,11 +20,10 @@ use crate::ha::sync::SyncParts;
 use crate::io::host;
 use crate::io::steer::{AttachMode, SteerError, Steering};
 use crate::io::sys::{CopyMode, XskError, XskRings, XskSettings};
-use crate::io::worker::{Rings, Worker, WorkerSettings};
+use crate::io::worker::{Rings, Worker, WorkerSender, WorkerSettings, worker_channel};
 use crate::packet::counters::{Counters, DropReason};
 use crate::packet::dataplane::{Dataplane, TableSizes};
 use crate::packet::snapshot::Snapshot;
-use crossbeam::channel::unbounded;
 use lbd_config::{Config, Polling, XdpMode};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -90,6 +89,9 @@ pub enum DaemonError {
     /// The signal handlers could not be installed.
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
+    /// A worker's doorbell (an eventfd) could not be created.
+    #[error("creating a worker's doorbell (eventfd): {0}")]
+    Doorbell(#[source] std::io::Error),
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] ServerError),
@@ -185,9 +187,14 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     // In a pair, the workers share their entries with the peer through these queues.
     let sync_parts = SyncParts::new(sockets.len());
     let sharing = config.ha.as_ref().map(|_| &sync_parts);
-    let (links, threads) = start_workers(&config, sockets, &snapshot, &workers_stop, sharing);
+    let (links, threads) = start_workers(&config, sockets, &snapshot, &workers_stop, sharing)?;
+    let doorbells: Vec<WorkerSender> = links.iter().map(|link| link.commands.clone()).collect();
     let stop_workers = |threads| {
         workers_stop.store(true, Ordering::Relaxed);
+        // A sleeping worker sees the flag now, not at the end of its sleep.
+        for doorbell in &doorbells {
+            doorbell.wake();
+        }
         join_workers(threads);
     };
     // VIPs are steered only once every worker runs (its fill ring holds frames): before that
@@ -375,7 +382,7 @@ fn start_workers(
     snapshot: &Arc<Snapshot>,
     stop: &Arc<AtomicBool>,
     sharing: Option<&SyncParts>,
-) -> (Vec<WorkerLink>, Vec<(usize, JoinHandle<WorkerExit>)>) {
+) -> Result<(Vec<WorkerLink>, Vec<WorkerThread>), DaemonError> {
     let engine = &config.engine;
     let settings = WorkerSettings {
         batch_size: engine.batch_size as usize,
@@ -401,18 +408,19 @@ fn start_workers(
             settings,
             engine.cores.get(index).copied(),
             Arc::clone(stop),
-        );
+        )
+        .map_err(DaemonError::Doorbell)?;
         links.push(link);
         threads.push((index, thread));
     }
-    (links, threads)
+    Ok((links, threads))
 }
 
 /// Waits until every worker has taken its first snapshot (its rings are set up), at most
 /// [`WORKER_START`]; says which one did not, and why, if one did not.
 fn wait_for_workers(
     links: &[WorkerLink],
-    threads: &[(usize, JoinHandle<WorkerExit>)],
+    threads: &[WorkerThread],
     stop: &AtomicBool,
 ) -> Result<(), DaemonError> {
     let deadline = Instant::now() + WORKER_START;
@@ -474,7 +482,7 @@ fn start_health_checks(control: &Arc<Mutex<Control>>, stop: &Arc<AtomicBool>) ->
 fn serve(
     config: &Config,
     control: &Mutex<Control>,
-    threads: &[(usize, JoinHandle<WorkerExit>)],
+    threads: &[WorkerThread],
     stop: &AtomicBool,
     reload: &AtomicBool,
     host: &HostAtStart,
@@ -579,7 +587,7 @@ fn watch_mtu(interface: &str, frame_size: u32, reported: u32) -> u32 {
     mtu
 }
 
-fn join_workers(threads: Vec<(usize, JoinHandle<WorkerExit>)>) {
+fn join_workers(threads: Vec<WorkerThread>) {
     let mut total = Counters::default();
     for (index, thread) in threads {
         match thread.join() {
@@ -642,6 +650,9 @@ fn open_socket(
     }
 }
 
+/// A worker thread and its index.
+type WorkerThread = (usize, JoinHandle<WorkerExit>);
+
 /// What a worker thread hands back when it stops.
 #[derive(Debug)]
 struct WorkerExit {
@@ -658,8 +669,8 @@ fn spawn_worker(
     settings: WorkerSettings,
     core: Option<usize>,
     stop: Arc<AtomicBool>,
-) -> (WorkerLink, JoinHandle<WorkerExit>) {
-    let (commands, receiver) = unbounded();
+) -> std::io::Result<(WorkerLink, JoinHandle<WorkerExit>)> {
+    let (commands, inbox) = worker_channel()?;
     let applied = Arc::new(AtomicU64::new(0));
     let generation = Arc::clone(&applied);
     let thread = std::thread::Builder::new()
@@ -671,7 +682,7 @@ fn spawn_worker(
                 tracing::warn!(worker = index, core = id, "could not pin worker to core");
             }
             let mut worker = Worker::new(rings, dataplane, settings);
-            worker.run(&stop, &receiver, &generation);
+            worker.run(&stop, &inbox, &generation);
             if let Some(socket) = worker.rings().kernel_stats() {
                 tracing::info!(
                     worker = index,
@@ -688,14 +699,14 @@ fn spawn_worker(
             }
         })
         .expect("spawning a worker thread");
-    (
+    Ok((
         WorkerLink {
             queue,
             commands,
             applied,
         },
         thread,
-    )
+    ))
 }
 
 fn log_services(config: &Config, snapshot: &Snapshot) {

@@ -35,7 +35,7 @@ pub mod server;
 use crate::control::health::{CheckResult, Target, Tracker};
 use crate::io::host::{self, HostFacts};
 use crate::io::steer::VipSteering;
-use crate::io::worker::{WorkerCommand, WorkerReport};
+use crate::io::worker::{WorkerCommand, WorkerReport, WorkerSender};
 use crate::packet::counters::DropReason;
 use crate::packet::snapshot::{AdminState, ServerState, ServiceIds, Snapshot};
 use crossbeam::channel::{Sender, bounded};
@@ -67,8 +67,8 @@ const FAST_RESOLUTION: Duration = Duration::from_secs(5);
 pub struct WorkerLink {
     /// The queue it serves.
     pub queue: u32,
-    /// Its command channel.
-    pub commands: Sender<WorkerCommand>,
+    /// Its command channel (which wakes it when it sleeps).
+    pub commands: WorkerSender,
     /// The snapshot generation it uses.
     pub applied: Arc<AtomicU64>,
 }
@@ -1852,7 +1852,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::io::steer::SteerError;
-    use crossbeam::channel::unbounded;
     use lbd_config::HealthCheck;
     use std::sync::Mutex;
 
@@ -2056,12 +2055,12 @@ mod tests {
             },
         );
         control.apply_timeout = Duration::from_millis(200);
-        let (commands, receiver) = unbounded();
+        let (commands, inbox) = crate::io::worker::worker_channel().expect("eventfd");
         let connections = Arc::new(Mutex::new(Vec::new()));
         if working {
             let (generation, connections) = (Arc::clone(&applied), Arc::clone(&connections));
             std::thread::spawn(move || {
-                while let Ok(command) = receiver.recv() {
+                while let Some(command) = inbox.recv() {
                     match command {
                         WorkerCommand::Snapshot(snapshot) => {
                             generation.store(snapshot.generation, Ordering::Release);

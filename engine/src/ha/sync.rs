@@ -23,9 +23,8 @@ use crate::control::replica::Replica;
 use crate::ha::session::{
     self, CHALLENGE_LEN, HELLO_LEN, Hello, Kind, SessionError, Stream, challenge, check_challenge,
 };
-use crate::io::worker::WorkerCommand;
+use crate::io::worker::{WorkerCommand, WorkerSender};
 use crate::packet::sync::{OUTBOX_CAPACITY, Outbox, RECORD_LEN, SyncEntry};
-use crossbeam::channel::Sender;
 use crossbeam::queue::ArrayQueue;
 use lbd_config::Ha;
 use lbd_proto::{HaSyncLink, HaSyncReport};
@@ -128,7 +127,7 @@ impl Sync {
         let address = SocketAddrV4::new(ha.local_address, ha.sync_port);
         let listener = TcpListener::bind(address)?;
         listener.set_nonblocking(true)?;
-        let installs: Vec<Sender<WorkerCommand>> = control
+        let installs: Vec<WorkerSender> = control
             .lock()
             .map_err(|_| std::io::Error::other("control lock poisoned"))?
             .workers()
@@ -345,7 +344,7 @@ fn send_all(context: &Context, links: &mut [Outgoing], kind: Kind, payload: &[u8
     }
 }
 
-fn accept_loop(context: &Arc<Context>, listener: &TcpListener, installs: &[Sender<WorkerCommand>]) {
+fn accept_loop(context: &Arc<Context>, listener: &TcpListener, installs: &[WorkerSender]) {
     // Per peer: the number of its newest stream; an older stream's reader stops.
     let newest: Arc<Mutex<std::collections::HashMap<Ipv4Addr, u64>>> = Arc::default();
     let mut readers: Vec<JoinHandle<()>> = Vec::new();
@@ -413,7 +412,7 @@ fn read_stream(
     peer: Ipv4Addr,
     number: u64,
     newest: &Mutex<std::collections::HashMap<Ipv4Addr, u64>>,
-    installs: &[Sender<WorkerCommand>],
+    installs: &[WorkerSender],
 ) -> Result<(), SessionError> {
     tcp.set_nonblocking(false)?;
     tcp.set_read_timeout(Some(CONNECT_TIMEOUT))?;
@@ -488,7 +487,7 @@ fn read_stream(
 fn install(
     context: &Context,
     payload: &[u8],
-    installs: &[Sender<WorkerCommand>],
+    installs: &[WorkerSender],
 ) -> Result<(), SessionError> {
     if !payload.len().is_multiple_of(RECORD_LEN) {
         return Err(SessionError::Malformed);

@@ -18,7 +18,9 @@
               macro, getsockopt(SO_PEERGROUPS), a child's pre-exec hook"
 )]
 
+use crate::io::doorbell::{self, Doorbell};
 use crate::io::worker::{Rings, SocketStats};
+use nix::poll::{PollFd, PollFlags};
 use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -290,9 +292,18 @@ impl Rings for XskRings {
         }
     }
 
-    fn wait_for_rx(&mut self, timeout_ms: i32) {
-        // An interrupted or failed poll just ends the wait early; the loop polls again.
-        let _ = self.rx.poll(timeout_ms);
+    fn wait_for_rx(&mut self, timeout_ms: i32, doorbell: &Doorbell) {
+        // SAFETY: the descriptor is the socket's own, open for as long as `self.rx` lives,
+        // which outlasts this borrow (xsk-rs's `Fd` has no `AsFd` of its own).
+        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.rx.fd().as_raw_fd()) };
+        let mut fds = [
+            PollFd::new(socket, PollFlags::POLLIN),
+            PollFd::new(doorbell.as_fd(), PollFlags::POLLIN),
+        ];
+        doorbell::wait_for_any(&mut fds, timeout_ms);
+        if doorbell::rang(&fds[1]) {
+            doorbell.clear();
+        }
     }
 
     fn kernel_stats(&self) -> Option<SocketStats> {

@@ -13,15 +13,17 @@
 //! place to the next: no code, this worker's or any other safe code, can lend one frame to
 //! the kernel twice or touch a frame the kernel holds.
 
+use crate::io::doorbell::Doorbell;
 use crate::packet::counters::{Counters, DropReason, Sent};
 use crate::packet::dataplane::{Dataplane, MIN_FRAME_LEN, Verdict, write_gratuitous_arp};
 use crate::packet::drcheck::{self, Claim, PROBE_FRAME_LEN, ProbeAnswer, ServerProbe};
 use crate::packet::ipv6::{UNSOLICITED_NA_LEN, write_unsolicited_na};
 use crate::packet::snapshot::Snapshot;
 use crate::packet::sync::{Installed, OutboxCounters, SyncEntry};
-use crossbeam::channel::{Receiver, Sender};
+use crossbeam::channel::{Receiver, SendError, Sender, unbounded};
 /// What the kernel counts for an AF_XDP socket (`XDP_STATISTICS`), as `lbctl stats` shows it.
 pub use lbd_proto::SocketStats;
+use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,8 +57,9 @@ pub trait Rings {
     fn transmit(&mut self, frames: &mut Vec<Self::Frame>) -> usize;
     /// Asks the kernel to process the TX ring again (frames it has not sent yet).
     fn kick(&mut self);
-    /// Sleeps until a frame arrives or `timeout_ms` passes.
-    fn wait_for_rx(&mut self, timeout_ms: i32);
+    /// Sleeps until a frame arrives, `doorbell` rings or `timeout_ms` passes; clears the bell
+    /// when it rang.
+    fn wait_for_rx(&mut self, timeout_ms: i32, doorbell: &Doorbell);
     /// The kernel's counters for the socket (frames it could not deliver), when it has any.
     fn kernel_stats(&self) -> Option<SocketStats> {
         None
@@ -95,6 +98,73 @@ pub enum WorkerCommand {
     Report(Sender<WorkerReport>),
     /// Install entries a peer shared (the same batch goes to every worker).
     Install(Arc<[SyncEntry]>),
+}
+
+/// Hands commands to one worker, and wakes it when it sleeps.
+#[derive(Debug, Clone)]
+pub struct WorkerSender {
+    commands: Sender<WorkerCommand>,
+    doorbell: Arc<Doorbell>,
+}
+
+impl WorkerSender {
+    /// Queues `command`; fails only when the worker has stopped.
+    pub fn send(&self, command: WorkerCommand) -> Result<(), SendError<WorkerCommand>> {
+        self.commands.send(command)?;
+        self.doorbell.ring();
+        Ok(())
+    }
+
+    /// Wakes the worker if it sleeps, to look at its stop flag.
+    pub fn wake(&self) {
+        self.doorbell.ring();
+    }
+
+    /// Commands the worker has not taken yet.
+    pub fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    /// True when the worker has taken every command.
+    pub fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+}
+
+/// A worker's end of its command channel.
+#[derive(Debug)]
+pub struct WorkerInbox {
+    commands: Receiver<WorkerCommand>,
+    doorbell: Arc<Doorbell>,
+}
+
+impl WorkerInbox {
+    /// The next command, if one is waiting.
+    pub fn try_recv(&self) -> Option<WorkerCommand> {
+        self.commands.try_recv().ok()
+    }
+
+    /// Blocks for the next command; `None` once every sender is gone (for stand-ins of a
+    /// worker in tests).
+    pub fn recv(&self) -> Option<WorkerCommand> {
+        self.commands.recv().ok()
+    }
+}
+
+/// A command channel with its doorbell.
+pub fn worker_channel() -> io::Result<(WorkerSender, WorkerInbox)> {
+    let (sender, receiver) = unbounded();
+    let doorbell = Arc::new(Doorbell::new()?);
+    Ok((
+        WorkerSender {
+            commands: sender,
+            doorbell: Arc::clone(&doorbell),
+        },
+        WorkerInbox {
+            commands: receiver,
+            doorbell,
+        },
+    ))
 }
 
 /// A worker's counters and table figures, as of one moment.
@@ -152,13 +222,22 @@ pub struct WorkerSettings {
     pub batch_size: usize,
     /// Empty polls in a row before the worker sleeps on the socket instead of spinning.
     pub idle_polls_before_sleep: u32,
-    /// ...and milliseconds since the last frame: a worker that carries traffic keeps spinning
-    /// through short gaps instead of paying a sleep and a wake-up (a halted vCPU, a deep
-    /// C-state) on each. A worker that has been idle longer goes back to sleep at once after
-    /// each wake-up, so idle costs the same as without it.
+    /// ...and milliseconds since it last carried traffic: a worker that carries traffic keeps
+    /// spinning through short gaps instead of paying a sleep and a wake-up (a halted vCPU, a
+    /// deep C-state) on each. A worker that has been idle longer goes back to sleep at once
+    /// after each wake-up, so idle costs the same as without it.
     pub spin_after_traffic_ms: u64,
-    /// How long one sleep lasts at most (the stop flag is checked between sleeps).
+    /// Carrying traffic is receiving at least this many frames within `spin_after_traffic_ms`.
+    /// A few frames (an ARP question, the DR check's answers, a client's keepalive) wake the
+    /// worker but do not keep it spinning: below a few thousand frames a second, a wake-up
+    /// per frame costs less than a spinning core.
+    pub frames_to_spin: u64,
+    /// How long one sleep lasts at most. A command or the stop flag wakes a sleeping worker at
+    /// once (its doorbell); the bound is for what falls due by the clock: the sweep of expired
+    /// entries and the periodic walk that shares the tables with the group.
     pub sleep_ms: i32,
+    /// The same while such a walk is under way: each wake-up walks a bounded number of slots.
+    pub walking_sleep_ms: i32,
     /// Never sleep (`engine.polling = "busy"`).
     pub busy_poll: bool,
 }
@@ -169,11 +248,41 @@ impl Default for WorkerSettings {
             batch_size: 64,
             idle_polls_before_sleep: 1024,
             spin_after_traffic_ms: 50,
-            // Short enough that a change reaches an idle worker quickly, long enough to cost
-            // nothing measurable when idle.
-            sleep_ms: 10,
+            // 5,120 frames a second.
+            frames_to_spin: 256,
+            // Ten wake-ups a second: each costs about 0.2 ms of CPU on a VM (a timer, a halted
+            // vCPU woken), so 10 ms sleeps made an idle worker cost 2% of a core.
+            sleep_ms: 100,
+            walking_sleep_ms: 10,
             busy_poll: false,
         }
+    }
+}
+
+/// Whether a worker carries traffic, for adaptive polling: frames counted per window of
+/// `spin_after_traffic_ms`.
+#[derive(Debug, Default, Clone, Copy)]
+struct TrafficWindow {
+    started_ms: u64,
+    frames: u64,
+    /// Until when it spins: a window's length after its count reached `frames_to_spin`.
+    spin_until_ms: u64,
+}
+
+impl TrafficWindow {
+    fn received(&mut self, frames: usize, now_ms: u64, settings: &WorkerSettings) {
+        if now_ms.saturating_sub(self.started_ms) >= settings.spin_after_traffic_ms {
+            self.started_ms = now_ms;
+            self.frames = 0;
+        }
+        self.frames += frames as u64;
+        if self.frames >= settings.frames_to_spin {
+            self.spin_until_ms = now_ms + settings.spin_after_traffic_ms;
+        }
+    }
+
+    fn spinning(&self, now_ms: u64) -> bool {
+        now_ms < self.spin_until_ms
     }
 }
 
@@ -320,31 +429,30 @@ impl<R: Rings> Worker<R> {
         }
     }
 
-    /// Polls until `stop` says so, sleeping on the socket when there is nothing to do and
-    /// taking commands between batches (a channel read, no lock). `applied` receives the
-    /// generation of each snapshot once the worker uses it.
-    pub fn run(
-        &mut self,
-        stop: &AtomicBool,
-        commands: &Receiver<WorkerCommand>,
-        applied: &AtomicU64,
-    ) {
+    /// Polls until `stop` says so, sleeping on the socket and the inbox's doorbell when there
+    /// is nothing to do and taking commands between batches (a channel read, no lock).
+    /// `applied` receives the generation of each snapshot once the worker uses it. Whoever
+    /// sets `stop` wakes the worker through a [`WorkerSender`].
+    pub fn run(&mut self, stop: &AtomicBool, inbox: &WorkerInbox, applied: &AtomicU64) {
         let epoch = Instant::now();
-        let mut last_traffic_ms: Option<u64> = None;
+        let mut traffic = TrafficWindow::default();
         applied.store(self.dataplane.snapshot().generation, Ordering::Release);
         while !stop.load(Ordering::Relaxed) {
             // One clock read per batch; the flow table's timeouts are seconds long.
             let now_ms = epoch.elapsed().as_millis() as u64;
-            while let Ok(command) = commands.try_recv() {
+            // Before the commands: a report taken after a long sleep counts no connection
+            // that expired during it.
+            self.dataplane.sweep_expired(now_ms);
+            while let Some(command) = inbox.try_recv() {
                 self.apply(command, now_ms);
                 applied.store(self.dataplane.snapshot().generation, Ordering::Release);
             }
             // In a group: a step of the walk that offers the tables to the peers, when due.
             self.dataplane.share(now_ms);
-            self.dataplane.sweep_expired(now_ms);
-            if self.poll_once(now_ms) > 0 {
+            let received = self.poll_once(now_ms);
+            if received > 0 {
                 self.idle_polls = 0;
-                last_traffic_ms = Some(now_ms);
+                traffic.received(received, now_ms, &self.settings);
                 continue;
             }
             self.idle_polls = self.idle_polls.saturating_add(1);
@@ -354,13 +462,26 @@ impl<R: Rings> Worker<R> {
             }
             if !self.settings.busy_poll
                 && self.idle_polls >= self.settings.idle_polls_before_sleep
-                && last_traffic_ms.is_none_or(|last| {
-                    now_ms.saturating_sub(last) >= self.settings.spin_after_traffic_ms
-                })
+                && !traffic.spinning(now_ms)
             {
-                self.rings.wait_for_rx(self.settings.sleep_ms);
+                self.sleep(stop, inbox);
             }
         }
+    }
+
+    /// Sleeps on the socket and the doorbell, unless work came in after the last look.
+    fn sleep(&mut self, stop: &AtomicBool, inbox: &WorkerInbox) {
+        let timeout_ms = if self.dataplane.sharing_walk_under_way() {
+            self.settings.walking_sleep_ms
+        } else {
+            self.settings.sleep_ms
+        };
+        inbox.doorbell.going_to_sleep();
+        // What a sender handed over before it could see the worker asleep is seen here.
+        if inbox.commands.is_empty() && !stop.load(Ordering::Relaxed) {
+            self.rings.wait_for_rx(timeout_ms, &inbox.doorbell);
+        }
+        inbox.doorbell.awake();
     }
 
     /// Sends a gratuitous ARP for each IPv4 VIP, and an unsolicited Neighbor Advertisement for

@@ -371,6 +371,13 @@ impl Dataplane {
         self.outbox = Some(Box::new(outbox));
     }
 
+    /// True while a walk offering the tables to the group is under way.
+    pub fn sharing_walk_under_way(&self) -> bool {
+        self.outbox
+            .as_ref()
+            .is_some_and(|outbox| outbox.walk.is_some())
+    }
+
     /// What the outbox has done, when there is one.
     pub fn outbox_counters(&self) -> Option<OutboxCounters> {
         self.outbox.as_ref().map(|outbox| outbox.counters)

@@ -10,6 +10,8 @@ use proptest::prelude::*;
 use std::collections::{HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
 const OWN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const RS_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
@@ -31,6 +33,11 @@ struct FakeRings {
     /// Receive calls (one per poll) and sleeps on the socket.
     polls: usize,
     waits: usize,
+    /// Sleeps begun, for a test on another thread.
+    sleeps_begun: Arc<AtomicUsize>,
+    /// A sleep lasts until the doorbell rings or its timeout passes, as on a socket; otherwise
+    /// it only counts.
+    sleeps_on_the_bell: bool,
     /// Raises the flag once this many polls have been made, to end `Worker::run`.
     stop_after: Option<(usize, Arc<AtomicBool>)>,
 }
@@ -49,6 +56,8 @@ impl FakeRings {
             sends_per_kick: 0,
             polls: 0,
             waits: 0,
+            sleeps_begun: Arc::new(AtomicUsize::new(0)),
+            sleeps_on_the_bell: false,
             stop_after: None,
         }
     }
@@ -148,8 +157,12 @@ impl Rings for FakeRings {
         self.send(self.sends_per_kick);
     }
 
-    fn wait_for_rx(&mut self, _timeout_ms: i32) {
+    fn wait_for_rx(&mut self, timeout_ms: i32, doorbell: &Doorbell) {
         self.waits += 1;
+        self.sleeps_begun.fetch_add(1, Ordering::SeqCst);
+        if self.sleeps_on_the_bell {
+            doorbell.wait(timeout_ms);
+        }
     }
 }
 
@@ -194,7 +207,7 @@ fn syn(client: u8, dport: u16) -> Vec<u8> {
     frame
 }
 
-/// Runs a worker (100 empty polls before a sleep, a minute's spin window after traffic) for
+/// Runs a worker (100 empty polls before a sleep, a minute's spin window after 4 frames) for
 /// 5000 polls, with `arrivals` on its RX ring at the start.
 fn run_for_5000_polls(busy_poll: bool, arrivals: &[Vec<u8>]) -> Worker<FakeRings> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -204,6 +217,7 @@ fn run_for_5000_polls(busy_poll: bool, arrivals: &[Vec<u8>]) -> Worker<FakeRings
         batch_size: 8,
         idle_polls_before_sleep: 100,
         spin_after_traffic_ms: 60_000,
+        frames_to_spin: 4,
         busy_poll,
         ..WorkerSettings::default()
     };
@@ -211,17 +225,79 @@ fn run_for_5000_polls(busy_poll: bool, arrivals: &[Vec<u8>]) -> Worker<FakeRings
     for frame in arrivals {
         assert!(worker.rings.arrive(frame));
     }
-    let (_commands, receiver) = crossbeam::channel::unbounded();
-    worker.run(&stop, &receiver, &AtomicU64::new(0));
+    let (_commands, inbox) = worker_channel().expect("eventfd");
+    worker.run(&stop, &inbox, &AtomicU64::new(0));
     worker
+}
+
+/// Waits (at most 20 s) until `done` holds; false if it never did.
+fn within_20_s(done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+/// A worker asleep for want of work takes a command, and sees the stop flag, as soon as its
+/// sender rings: each sleep here would last a minute otherwise.
+#[test]
+fn a_command_or_the_stop_flag_wakes_a_sleeping_worker() {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut rings = FakeRings::new(64, 32);
+    rings.sleeps_on_the_bell = true;
+    let sleeps = Arc::clone(&rings.sleeps_begun);
+    let settings = WorkerSettings {
+        idle_polls_before_sleep: 1,
+        sleep_ms: 60_000,
+        walking_sleep_ms: 60_000,
+        ..WorkerSettings::default()
+    };
+    let mut worker = Worker::new(rings, dataplane(), settings);
+    let next = Arc::new(Snapshot {
+        generation: worker.dataplane().snapshot().generation + 1,
+        ..(**worker.dataplane().snapshot()).clone()
+    });
+    let (sender, inbox) = worker_channel().expect("eventfd");
+    let applied = Arc::new(AtomicU64::new(0));
+    let thread = {
+        let (stop, applied) = (Arc::clone(&stop), Arc::clone(&applied));
+        std::thread::spawn(move || worker.run(&stop, &inbox, &applied))
+    };
+    assert!(
+        within_20_s(|| sleeps.load(Ordering::SeqCst) == 1),
+        "never slept"
+    );
+    sender
+        .send(WorkerCommand::Snapshot(Arc::clone(&next)))
+        .expect("worker runs");
+    assert!(
+        within_20_s(|| applied.load(Ordering::Acquire) == next.generation),
+        "the snapshot waited for the end of the sleep"
+    );
+    assert!(
+        within_20_s(|| sleeps.load(Ordering::SeqCst) == 2),
+        "never slept again"
+    );
+    stop.store(true, Ordering::Relaxed);
+    sender.wake();
+    assert!(
+        within_20_s(|| thread.is_finished()),
+        "the stop flag waited for the end of the sleep"
+    );
+    thread.join().expect("worker thread");
 }
 
 /// Adaptive polling sleeps on the socket once a run of empty polls has gone by (with no
 /// traffic yet, the spin window does not apply); busy polling never sleeps.
 #[test]
 fn an_idle_worker_sleeps_only_when_polling_is_adaptive() {
-    // Every empty poll from the 100th on ends in a sleep.
-    assert_eq!(run_for_5000_polls(false, &[]).rings().waits, 5_000 - 99);
+    // Every empty poll from the 100th on ends in a sleep, but the last: it raised the stop
+    // flag, and a worker told to stop does not sleep.
+    assert_eq!(run_for_5000_polls(false, &[]).rings().waits, 5_000 - 100);
     assert_eq!(run_for_5000_polls(true, &[]).rings().waits, 0);
 }
 
@@ -229,9 +305,40 @@ fn an_idle_worker_sleeps_only_when_polling_is_adaptive() {
 /// `spin_after_traffic_ms` instead of sleeping (waking a core can outlast the RX ring).
 #[test]
 fn a_worker_with_recent_traffic_spins_through_a_gap() {
-    let worker = run_for_5000_polls(false, &[syn(1, 8088)]);
-    assert_eq!(worker.dataplane().counters().rx_frames, 1);
+    let traffic: Vec<Vec<u8>> = (1..=4).map(|client| syn(client, 8088)).collect();
+    let worker = run_for_5000_polls(false, &traffic);
+    assert_eq!(worker.dataplane().counters().rx_frames, 4);
     assert_eq!(worker.rings().waits, 0);
+}
+
+/// Traffic is a rate: `frames_to_spin` frames within one window, not in total; the spin lasts a
+/// window's length from the frame that made the count.
+#[test]
+fn carrying_traffic_is_enough_frames_within_a_window() {
+    let settings = WorkerSettings::default();
+    let (window, enough) = (settings.spin_after_traffic_ms, settings.frames_to_spin);
+    let mut traffic = TrafficWindow::default();
+    traffic.received(enough as usize - 1, 0, &settings);
+    assert!(!traffic.spinning(0));
+    // The window is over: the next frames start a count of their own.
+    traffic.received(enough as usize - 1, window, &settings);
+    assert!(!traffic.spinning(window));
+    traffic.received(1, window + 10, &settings);
+    assert!(traffic.spinning(window + 10));
+    assert!(traffic.spinning(2 * window + 9));
+    assert!(!traffic.spinning(2 * window + 10));
+}
+
+/// Fewer frames than `frames_to_spin` (the DR check's answers, an ARP question) are not
+/// traffic: the worker handles them and goes back to sleep after its run of empty polls.
+#[test]
+fn a_few_frames_do_not_keep_a_worker_spinning() {
+    let few: Vec<Vec<u8>> = (1..=3).map(|client| syn(client, 8088)).collect();
+    let worker = run_for_5000_polls(false, &few);
+    assert_eq!(worker.dataplane().counters().rx_frames, 3);
+    // The first poll took the frames; every empty poll from the 100th after it sleeps, but the
+    // last, which raised the stop flag.
+    assert_eq!(worker.rings().waits, 5_000 - 101);
 }
 
 fn settings(batch_size: usize) -> WorkerSettings {
