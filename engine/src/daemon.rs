@@ -561,7 +561,19 @@ fn serve(
                 what: "stopped unexpectedly".to_owned(),
             });
         }
-        std::thread::sleep(Duration::from_millis(50));
+        // Until the next task is due: a signal's flag waits for it too, at most
+        // LIMITS_INTERVAL.
+        let mut wake = next_limits.min(next_resolve);
+        if announcements_left > 0 {
+            wake = wake.min(next_announce);
+        }
+        if !dr_interval.is_zero() {
+            wake = wake.min(next_dr_check);
+        }
+        if control.lock().is_ok_and(|control| control.awaiting_macs()) {
+            wake = wake.min(next_fast_resolve);
+        }
+        std::thread::sleep(wake.saturating_duration_since(Instant::now()));
     }
     None
 }

@@ -21,6 +21,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Threads running checks.
 pub const POOL_SIZE: usize = 4;
+
+/// How long a new real server waits for its first check at most, and lbd's stop for the
+/// health checker.
+pub const LOOK_FOR_NEW_TARGETS: Duration = Duration::from_millis(200);
 /// The most of an HTTP response a check reads.
 const MAX_HTTP_RESPONSE: u64 = 64 * 1024;
 
@@ -333,6 +337,15 @@ impl Schedule {
     pub fn done(&mut self, target: &Target) {
         self.in_flight.remove(&target.key());
     }
+
+    /// When the next check not in flight is due, if any.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.next_due
+            .iter()
+            .filter(|(key, _)| !self.in_flight.contains(*key))
+            .map(|(_, due)| *due)
+            .min()
+    }
 }
 
 /// A finished check, from the pool to the scheduler.
@@ -343,8 +356,9 @@ struct Done {
 }
 
 /// Runs the checks of `targets()` through `checker` until `stop`, each at its interval (see
-/// [`Schedule`]), calling `on_result(target, result)` for every result. `targets` is asked
-/// again every tick (20 ms), so added, removed and edited servers are picked up.
+/// [`Schedule`]), calling `on_result(target, result)` for every result. The scheduler sleeps
+/// until a result comes in or a check is due, and asks `targets` again at least every
+/// [`LOOK_FOR_NEW_TARGETS`], so added, removed and edited servers are picked up.
 pub fn run(
     stop: &AtomicBool,
     checker: Arc<dyn Checker>,
@@ -370,11 +384,18 @@ pub fn run(
         for target in schedule.due(Instant::now(), targets()) {
             let _ = jobs.send(target);
         }
-        while let Ok(Done { target, result }) = done.try_recv() {
+        let now = Instant::now();
+        let wake = schedule
+            .next_due()
+            .map_or(now + LOOK_FOR_NEW_TARGETS, |due| {
+                due.min(now + LOOK_FOR_NEW_TARGETS)
+            });
+        let mut next = done.recv_timeout(wake.saturating_duration_since(now)).ok();
+        while let Some(Done { target, result }) = next {
             schedule.done(&target);
             on_result(&target, result);
+            next = done.try_recv().ok();
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     pool_stop.store(true, Ordering::Relaxed);
     drop(jobs);
@@ -389,16 +410,15 @@ fn check_worker(
     results: &Sender<Done>,
     stop: &AtomicBool,
 ) {
-    while !stop.load(Ordering::Relaxed) {
-        match queue.recv_timeout(Duration::from_millis(100)) {
-            Ok(target) => {
-                let result = checker.check(&target);
-                if results.send(Done { target, result }).is_err() {
-                    return;
-                }
-            }
-            Err(crossbeam::channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam::channel::RecvTimeoutError::Disconnected) => return,
+    // Asleep until a check comes; the scheduler's end closes the queue. Checks still queued
+    // then are not run.
+    while let Ok(target) = queue.recv() {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let result = checker.check(&target);
+        if results.send(Done { target, result }).is_err() {
+            return;
         }
     }
 }
@@ -586,12 +606,20 @@ mod tests {
             ["a", "b"],
             "new: at once"
         );
+        // Both in flight: nothing is due until a result comes in.
+        assert_eq!(schedule.next_due(), None);
         // a's check is still running at its next due time: not started twice.
         assert!(schedule.due(start + ms(150), both()).is_empty());
         schedule.done(&every(100, "a"));
+        assert_eq!(schedule.next_due(), Some(start + ms(100)), "a is late");
         assert_eq!(labels(schedule.due(start + ms(150), both())), ["a"]);
         schedule.done(&every(100, "a"));
         schedule.done(&every(300, "b"));
+        assert_eq!(
+            schedule.next_due(),
+            Some(start + ms(250)),
+            "the scheduler's wake-up"
+        );
         assert!(
             schedule.due(start + ms(200), both()).is_empty(),
             "a next at 250"

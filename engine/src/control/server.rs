@@ -15,12 +15,14 @@
 //!   and wrong types get an error reply and the connection stays usable.
 
 use crate::control::{Control, Role};
+use crate::io::doorbell::Doorbell;
 use lbd_proto::{MAX_REQUEST_BYTES, Response, decode_request, encode_line};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Group, Uid};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -73,6 +75,8 @@ pub enum ServerError {
 pub struct ControlServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Wakes the accept thread to see `stop`.
+    bell: Arc<Doorbell>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -130,17 +134,19 @@ impl ControlServer {
             .set_nonblocking(true)
             .map_err(io("making it non-blocking"))?;
         let stop = Arc::new(AtomicBool::new(false));
+        let bell = Arc::new(Doorbell::new().map_err(io("creating its doorbell (eventfd)"))?);
         let thread = {
-            let stop = Arc::clone(&stop);
+            let (stop, bell) = (Arc::clone(&stop), Arc::clone(&bell));
             std::thread::Builder::new()
                 .name("lbd-control".to_owned())
-                .spawn(move || accept_loop(&listener, &stop, &control, group_id))
+                .spawn(move || accept_loop(&listener, &stop, &bell, &control, group_id))
                 .map_err(io("starting its thread"))?
         };
         tracing::info!(socket = %path.display(), mode = format!("{mode:o}"), "control socket ready");
         Ok(ControlServer {
             path: path.to_owned(),
             stop,
+            bell,
             thread: Some(thread),
         })
     }
@@ -149,6 +155,7 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.bell.ring();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -199,6 +206,7 @@ impl Clients {
 fn accept_loop(
     listener: &UnixListener,
     stop: &AtomicBool,
+    bell: &Doorbell,
     control: &Arc<Mutex<Control>>,
     group: Option<Gid>,
 ) {
@@ -207,7 +215,12 @@ fn accept_loop(
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
+                // Asleep until a client connects or the server stops: no wake-ups when idle.
+                bell.going_to_sleep();
+                if !stop.load(Ordering::Relaxed) {
+                    bell.wait_with(listener.as_fd(), -1);
+                }
+                bell.awake();
                 continue;
             }
             Err(error) => {

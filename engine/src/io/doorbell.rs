@@ -60,8 +60,21 @@ impl Doorbell {
         let _ = self.event.read();
     }
 
-    /// Sleeps until the bell rings or `timeout_ms` passes (negative: no timeout), for rings
-    /// that have no socket to poll as well.
+    /// Sleeps until `fd` is readable, the bell rings or `timeout_ms` passes (negative: no
+    /// timeout); silences the bell if it rang.
+    pub fn wait_with(&self, fd: BorrowedFd<'_>, timeout_ms: i32) {
+        let mut fds = [
+            PollFd::new(fd, PollFlags::POLLIN),
+            PollFd::new(self.as_fd(), PollFlags::POLLIN),
+        ];
+        wait_for_any(&mut fds, timeout_ms);
+        if rang(&fds[1]) {
+            self.clear();
+        }
+    }
+
+    /// Sleeps until the bell rings or `timeout_ms` passes, for rings that have no socket to
+    /// poll as well.
     pub fn wait(&self, timeout_ms: i32) {
         let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
         wait_for_any(&mut fds, timeout_ms);
@@ -79,13 +92,13 @@ impl AsFd for Doorbell {
 
 /// `poll()` on `fds` for at most `timeout_ms`. An interrupted or failed poll ends the wait
 /// early: the caller's loop looks again.
-pub fn wait_for_any(fds: &mut [PollFd<'_>], timeout_ms: i32) {
+fn wait_for_any(fds: &mut [PollFd<'_>], timeout_ms: i32) {
     let timeout = PollTimeout::try_from(timeout_ms).unwrap_or(PollTimeout::NONE);
     let _ = poll(fds, timeout);
 }
 
 /// True when `poll()` found `fd` readable.
-pub fn rang(fd: &PollFd<'_>) -> bool {
+fn rang(fd: &PollFd<'_>) -> bool {
     fd.revents()
         .is_some_and(|events| events.contains(PollFlags::POLLIN))
 }

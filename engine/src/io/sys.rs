@@ -18,9 +18,8 @@
               macro, getsockopt(SO_PEERGROUPS), a child's pre-exec hook"
 )]
 
-use crate::io::doorbell::{self, Doorbell};
+use crate::io::doorbell::Doorbell;
 use crate::io::worker::{Rings, SocketStats};
-use nix::poll::{PollFd, PollFlags};
 use std::io;
 use std::num::NonZeroU32;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -296,14 +295,7 @@ impl Rings for XskRings {
         // SAFETY: the descriptor is the socket's own, open for as long as `self.rx` lives,
         // which outlasts this borrow (xsk-rs's `Fd` has no `AsFd` of its own).
         let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.rx.fd().as_raw_fd()) };
-        let mut fds = [
-            PollFd::new(socket, PollFlags::POLLIN),
-            PollFd::new(doorbell.as_fd(), PollFlags::POLLIN),
-        ];
-        doorbell::wait_for_any(&mut fds, timeout_ms);
-        if doorbell::rang(&fds[1]) {
-            doorbell.clear();
-        }
+        doorbell.wait_with(socket, timeout_ms);
     }
 
     fn kernel_stats(&self) -> Option<SocketStats> {
