@@ -250,8 +250,8 @@ impl Default for WorkerSettings {
             spin_after_traffic_ms: 50,
             // 5,120 frames a second.
             frames_to_spin: 256,
-            // Ten wake-ups a second: each costs about 0.2 ms of CPU on a VM (a timer, a halted
-            // vCPU woken), so 10 ms sleeps made an idle worker cost 2% of a core.
+            // Ten wake-ups a second when idle: each costs tens of microseconds of CPU on a VM
+            // (a timer, a halted vCPU woken), and a change does not wait for them.
             sleep_ms: 100,
             walking_sleep_ms: 10,
             busy_poll: false,
