@@ -158,10 +158,10 @@ impl Sync {
             stop: Arc::clone(&stop),
         });
         let sender = {
-            let context = Arc::clone(&context);
+            let (context, workers) = (Arc::clone(&context), installs.clone());
             std::thread::Builder::new()
                 .name("lbd-sync-out".to_owned())
-                .spawn(move || send_loop(&context, &parts))?
+                .spawn(move || send_loop(&context, &parts, &workers))?
         };
         let receiver = std::thread::Builder::new()
             .name("lbd-sync-in".to_owned())
@@ -224,7 +224,7 @@ fn connect(context: &Context, peer: Ipv4Addr) -> Result<(TcpStream, Stream), Ses
     Ok((tcp, Stream::new(&context.key, &hello, nonce)))
 }
 
-fn send_loop(context: &Context, parts: &SyncParts) {
+fn send_loop(context: &Context, parts: &SyncParts, workers: &[WorkerSender]) {
     let now = Instant::now();
     let mut links: Vec<Outgoing> = context
         .peers
@@ -267,6 +267,10 @@ fn send_loop(context: &Context, parts: &SyncParts) {
         if opened {
             // Everything this node carries, to the new stream (and again to the others).
             parts.dumps.fetch_add(1, Ordering::Relaxed);
+            // A sleeping worker starts its walk now, not at the end of its sleep.
+            for worker in workers {
+                worker.wake();
+            }
             replica_sent = None;
         }
         let connected = links.iter().any(|l| l.open.is_some());

@@ -115,7 +115,7 @@ impl WorkerSender {
         Ok(())
     }
 
-    /// Wakes the worker if it sleeps, to look at its stop flag.
+    /// Wakes the worker if it sleeps, to look at its stop flag or its outbox.
     pub fn wake(&self) {
         self.doorbell.ring();
     }
