@@ -394,13 +394,13 @@ fn start_workers(
         persistent_clients: engine.persistence_table_size as usize,
     };
     let mut threads = Vec::with_capacity(sockets.len());
-    let mut links = Vec::with_capacity(sockets.len());
+    let mut links: Vec<WorkerLink> = Vec::with_capacity(sockets.len());
     for (index, rings) in sockets.into_iter().enumerate() {
         let mut dataplane = Dataplane::new(Arc::clone(snapshot), sizes);
         if let Some(outbox) = sharing.and_then(|parts| parts.outbox(index)) {
             dataplane.share_through(outbox);
         }
-        let (link, thread) = spawn_worker(
+        let spawned = spawn_worker(
             index,
             engine.queues[index],
             rings,
@@ -408,8 +408,19 @@ fn start_workers(
             settings,
             engine.cores.get(index).copied(),
             Arc::clone(stop),
-        )
-        .map_err(DaemonError::Doorbell)?;
+        );
+        let (link, thread) = match spawned {
+            Ok(spawned) => spawned,
+            Err(error) => {
+                // The workers started so far stop with the daemon's start.
+                stop.store(true, Ordering::Relaxed);
+                for link in &links {
+                    link.commands.wake();
+                }
+                join_workers(threads);
+                return Err(DaemonError::Doorbell(error));
+            }
+        };
         links.push(link);
         threads.push((index, thread));
     }

@@ -25,6 +25,9 @@ pub const POOL_SIZE: usize = 4;
 /// How long a new real server waits for its first check at most, and lbd's stop for the
 /// health checker.
 pub const LOOK_FOR_NEW_TARGETS: Duration = Duration::from_millis(200);
+
+/// The scheduler looks at the targets at most this often: a check starts at most this late.
+const TICK: Duration = Duration::from_millis(20);
 /// The most of an HTTP response a check reads.
 const MAX_HTTP_RESPONSE: u64 = 64 * 1024;
 
@@ -381,20 +384,26 @@ pub fn run(
         .collect();
     let mut schedule = Schedule::default();
     while !stop.load(Ordering::Relaxed) {
-        for target in schedule.due(Instant::now(), targets()) {
+        let looked = Instant::now();
+        for target in schedule.due(looked, targets()) {
             let _ = jobs.send(target);
         }
-        let now = Instant::now();
-        let wake = schedule
-            .next_due()
-            .map_or(now + LOOK_FOR_NEW_TARGETS, |due| {
-                due.min(now + LOOK_FOR_NEW_TARGETS)
-            });
-        let mut next = done.recv_timeout(wake.saturating_duration_since(now)).ok();
-        while let Some(Done { target, result }) = next {
+        // Results as they come; the targets are asked again (a clone of each, under the
+        // control lock) only when a check is due, at most once a tick, so that a thousand
+        // results a second do not cost a thousand copies of every target.
+        let look_again = looked + LOOK_FOR_NEW_TARGETS;
+        loop {
+            let wake = schedule
+                .next_due()
+                .map_or(look_again, |due| due.max(looked + TICK).min(look_again));
+            let Ok(Done { target, result }) = done.recv_deadline(wake) else {
+                break;
+            };
             schedule.done(&target);
             on_result(&target, result);
-            next = done.try_recv().ok();
+            if Instant::now() >= look_again {
+                break;
+            }
         }
     }
     pool_stop.store(true, Ordering::Relaxed);
@@ -634,5 +643,77 @@ mod tests {
                 .is_empty()
         );
         assert_eq!(labels(schedule.due(start + ms(320), both())), ["b"]);
+    }
+
+    struct Passes;
+
+    impl Checker for Passes {
+        fn check(&self, _: &Target) -> CheckResult {
+            result(true)
+        }
+    }
+
+    /// The scheduler runs each check at its interval, takes every result, looks at the targets
+    /// about once a tick however many results come in (each look copies every target under
+    /// the control lock), and stops when told.
+    #[test]
+    fn the_scheduler_checks_at_the_interval_and_looks_at_the_targets_once_a_tick() {
+        let targets: Vec<Target> = (0..200)
+            .map(|i| Target {
+                label: format!("rs{i}"),
+                ..target(
+                    8088,
+                    HealthCheck {
+                        interval_ms: 100,
+                        ..check(HealthKind::Tcp)
+                    },
+                )
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let looks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let checked = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+        let scheduler = {
+            let (stop, looks, checked) =
+                (Arc::clone(&stop), Arc::clone(&looks), Arc::clone(&checked));
+            std::thread::spawn(move || {
+                run(
+                    &stop,
+                    Arc::new(Passes),
+                    || {
+                        looks.fetch_add(1, Ordering::Relaxed);
+                        targets.clone()
+                    },
+                    |target, result| {
+                        assert!(result.ok);
+                        *checked
+                            .lock()
+                            .expect("counts")
+                            .entry(target.label.clone())
+                            .or_default() += 1;
+                    },
+                )
+            })
+        };
+        let window = Duration::from_secs(1);
+        std::thread::sleep(window);
+        stop.store(true, Ordering::Relaxed);
+        let stopped = Instant::now();
+        scheduler.join().expect("scheduler");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "the scheduler did not stop"
+        );
+        let checked = checked.lock().expect("counts");
+        assert_eq!(checked.len(), 200, "every target checked");
+        // 2,000 results a second; at most one look a tick (20 ms), plus the first.
+        let looks = looks.load(Ordering::Relaxed);
+        assert!(looks <= 60, "{looks} looks at the targets in a second");
+        for (label, &count) in checked.iter() {
+            assert!(
+                (3..=12).contains(&count),
+                "{label} checked {count} times in a second"
+            );
+        }
     }
 }

@@ -236,8 +236,9 @@ pub struct WorkerSettings {
     /// once (its doorbell); the bound is for what falls due by the clock: the sweep of expired
     /// entries and the periodic walk that shares the tables with the group.
     pub sleep_ms: i32,
-    /// The same while such a walk is under way: each wake-up walks a bounded number of slots.
-    pub walking_sleep_ms: i32,
+    /// The same while such a walk is under way (each wake-up walks a bounded number of slots)
+    /// or frames wait in the TX ring (in copy mode the kernel sends a batch per wake-up).
+    pub short_sleep_ms: i32,
     /// Never sleep (`engine.polling = "busy"`).
     pub busy_poll: bool,
 }
@@ -253,7 +254,7 @@ impl Default for WorkerSettings {
             // Ten wake-ups a second when idle: each costs tens of microseconds of CPU on a VM
             // (a timer, a halted vCPU woken), and a change does not wait for them.
             sleep_ms: 100,
-            walking_sleep_ms: 10,
+            short_sleep_ms: 10,
             busy_poll: false,
         }
     }
@@ -440,8 +441,9 @@ impl<R: Rings> Worker<R> {
         while !stop.load(Ordering::Relaxed) {
             // One clock read per batch; the flow table's timeouts are seconds long.
             let now_ms = epoch.elapsed().as_millis() as u64;
-            // Before the commands: a report taken after a long sleep counts no connection
-            // that expired during it.
+            // Before the commands: a report taken after a sleep has the sweep's steps the sleep
+            // was worth (an expired connection still counts until its slot's turn, within a
+            // pass).
             self.dataplane.sweep_expired(now_ms);
             while let Some(command) = inbox.try_recv() {
                 self.apply(command, now_ms);
@@ -471,14 +473,17 @@ impl<R: Rings> Worker<R> {
 
     /// Sleeps on the socket and the doorbell, unless work came in after the last look.
     fn sleep(&mut self, stop: &AtomicBool, inbox: &WorkerInbox) {
-        let timeout_ms = if self.dataplane.sharing_walk_under_way() {
-            self.settings.walking_sleep_ms
+        let timeout_ms = if self.dataplane.sharing_walk_under_way() || self.in_tx > 0 {
+            self.settings.short_sleep_ms
         } else {
             self.settings.sleep_ms
         };
         inbox.doorbell.going_to_sleep();
         // What a sender handed over before it could see the worker asleep is seen here.
-        if inbox.commands.is_empty() && !stop.load(Ordering::Relaxed) {
+        if inbox.commands.is_empty()
+            && !stop.load(Ordering::Relaxed)
+            && !self.dataplane.sharing_walk_requested()
+        {
             self.rings.wait_for_rx(timeout_ms, &inbox.doorbell);
         }
         inbox.doorbell.awake();

@@ -378,6 +378,13 @@ impl Dataplane {
             .is_some_and(|outbox| outbox.walk.is_some())
     }
 
+    /// True when the group asked for a walk that has not started yet.
+    pub fn sharing_walk_requested(&self) -> bool {
+        self.outbox
+            .as_ref()
+            .is_some_and(|outbox| outbox.dump_requested())
+    }
+
     /// What the outbox has done, when there is one.
     pub fn outbox_counters(&self) -> Option<OutboxCounters> {
         self.outbox.as_ref().map(|outbox| outbox.counters)

@@ -367,6 +367,11 @@ impl Outbox {
         self.walk.map(|position| (position, WALK_BUDGET))
     }
 
+    /// True when the sync thread has asked for a walk that has not started yet.
+    pub fn dump_requested(&self) -> bool {
+        self.dump_requests.load(Ordering::Relaxed) != self.dumps_seen
+    }
+
     /// Where the walk stands after a step; `None` when it is done.
     pub fn walked(&mut self, next: Option<WalkPosition>, now_ms: u64) {
         if next.is_none() && self.walk.is_some() {

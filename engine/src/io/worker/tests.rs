@@ -253,7 +253,7 @@ fn a_command_or_the_stop_flag_wakes_a_sleeping_worker() {
     let settings = WorkerSettings {
         idle_polls_before_sleep: 1,
         sleep_ms: 60_000,
-        walking_sleep_ms: 60_000,
+        short_sleep_ms: 60_000,
         ..WorkerSettings::default()
     };
     let mut worker = Worker::new(rings, dataplane(), settings);
