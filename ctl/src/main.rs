@@ -36,12 +36,14 @@ fn exchange(socket: &Path, command: Command) -> Result<Reply, String> {
         version: VERSION,
         command,
     };
-    stream
-        .write_all(encode_line(&request).as_bytes())
-        .map_err(io)?;
+    let sent = stream.write_all(encode_line(&request).as_bytes());
+    // lbd may refuse a connection (not authorized, too many clients) before it reads the
+    // request: its reason is then the reply, even though the request could not be written.
     let mut line = String::new();
-    BufReader::new(&stream).read_line(&mut line).map_err(io)?;
+    let received = BufReader::new(&stream).read_line(&mut line);
     if line.is_empty() {
+        sent.map_err(io)?;
+        received.map_err(io)?;
         return Err(format!("lbd at {} closed the connection", socket.display()));
     }
     match decode_response(&line)?.outcome {

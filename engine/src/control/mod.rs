@@ -721,6 +721,9 @@ impl Control {
             .lock()
             .map_err(|_| ControlError::NotInPair)?
             .clone();
+        // The node's thread copies the generation for its heartbeats on its next round; the
+        // report gives it as of now, as `status` shows the configuration.
+        report.generation = self.config_generation;
         for (_, worker) in reports {
             if let Some(worker) = worker {
                 let shared = &worker.shared;
