@@ -189,14 +189,7 @@ pub fn run(config: Config, config_path: &Path) -> Result<(), DaemonError> {
     let sharing = config.ha.as_ref().map(|_| &sync_parts);
     let (links, threads) = start_workers(&config, sockets, &snapshot, &workers_stop, sharing)?;
     let doorbells: Vec<WorkerSender> = links.iter().map(|link| link.commands.clone()).collect();
-    let stop_workers = |threads| {
-        workers_stop.store(true, Ordering::Relaxed);
-        // A sleeping worker sees the flag now, not at the end of its sleep.
-        for doorbell in &doorbells {
-            doorbell.wake();
-        }
-        join_workers(threads);
-    };
+    let stop_workers = |threads| halt_workers(&workers_stop, &doorbells, threads);
     // VIPs are steered only once every worker runs (its fill ring holds frames): before that
     // the kernel would have nowhere to put them. One that does not start stops lbd.
     if let Err(error) = wait_for_workers(&links, &threads, &stop) {
@@ -413,11 +406,7 @@ fn start_workers(
             Ok(spawned) => spawned,
             Err(error) => {
                 // The workers started so far stop with the daemon's start.
-                stop.store(true, Ordering::Relaxed);
-                for link in &links {
-                    link.commands.wake();
-                }
-                join_workers(threads);
+                halt_workers(stop, links.iter().map(|link| &link.commands), threads);
                 return Err(DaemonError::Doorbell(error));
             }
         };
@@ -608,6 +597,20 @@ fn watch_mtu(interface: &str, frame_size: u32, reported: u32) -> u32 {
         );
     }
     mtu
+}
+
+/// Raises the workers' stop flag, wakes each (a sleeping worker sees the flag now, not at the
+/// end of its sleep) and waits for them.
+fn halt_workers<'a>(
+    stop: &AtomicBool,
+    workers: impl IntoIterator<Item = &'a WorkerSender>,
+    threads: Vec<WorkerThread>,
+) {
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.wake();
+    }
+    join_workers(threads);
 }
 
 fn join_workers(threads: Vec<WorkerThread>) {

@@ -501,7 +501,7 @@ fn install(
     let entries: Arc<[SyncEntry]> = entries.into();
     let mut skipped = 0u64;
     for worker in installs {
-        if worker.len() >= MAX_INSTALL_BACKLOG
+        if worker.backlog() >= MAX_INSTALL_BACKLOG
             || worker
                 .send(WorkerCommand::Install(Arc::clone(&entries)))
                 .is_err()

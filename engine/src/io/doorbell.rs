@@ -73,8 +73,8 @@ impl Doorbell {
         }
     }
 
-    /// Sleeps until the bell rings or `timeout_ms` passes, for rings that have no socket to
-    /// poll as well.
+    /// Sleeps until the bell rings or `timeout_ms` passes (tests' rings have no socket).
+    #[cfg(test)]
     pub fn wait(&self, timeout_ms: i32) {
         let mut fds = [PollFd::new(self.as_fd(), PollFlags::POLLIN)];
         wait_for_any(&mut fds, timeout_ms);

@@ -292,10 +292,7 @@ impl Rings for XskRings {
     }
 
     fn wait_for_rx(&mut self, timeout_ms: i32, doorbell: &Doorbell) {
-        // SAFETY: the descriptor is the socket's own, open for as long as `self.rx` lives,
-        // which outlasts this borrow (xsk-rs's `Fd` has no `AsFd` of its own).
-        let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.rx.fd().as_raw_fd()) };
-        doorbell.wait_with(socket, timeout_ms);
+        doorbell.wait_with(socket_fd(&self.rx), timeout_ms);
     }
 
     fn kernel_stats(&self) -> Option<SocketStats> {
@@ -326,15 +323,20 @@ sockopt_impl!(
     libc::c_int
 );
 
+/// The socket's descriptor, borrowed for as long as `rx` (xsk-rs's `Fd` has no `AsFd` of its
+/// own).
+fn socket_fd(rx: &RxQueue) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the descriptor is the socket's own and stays open while `rx` lives, which the
+    // returned borrow cannot outlast.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(rx.fd().as_raw_fd()) }
+}
+
 /// Sets the socket's TX skb budget. A kernel before 6.17 does not know the option
 /// (ENOPROTOOPT) and keeps sending 32 frames per call, which works as well, only slower: that
 /// is logged at debug and nothing else.
 fn set_tx_skb_budget(rx: &RxQueue, budget: u32) {
     let value = libc::c_int::try_from(budget).unwrap_or(libc::c_int::MAX);
-    // SAFETY: the descriptor is the socket's own, open for as long as `rx` lives, which
-    // outlasts this borrow (xsk-rs's `Fd` has no `AsFd` of its own).
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(rx.fd().as_raw_fd()) };
-    match nix::sys::socket::setsockopt(&fd, TxSkbBudget, &value) {
+    match nix::sys::socket::setsockopt(&socket_fd(rx), TxSkbBudget, &value) {
         Ok(()) => tracing::debug!(budget, "AF_XDP TX skb budget set"),
         Err(nix::errno::Errno::ENOPROTOOPT | nix::errno::Errno::EINVAL) => {
             tracing::debug!(

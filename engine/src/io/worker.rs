@@ -121,13 +121,8 @@ impl WorkerSender {
     }
 
     /// Commands the worker has not taken yet.
-    pub fn len(&self) -> usize {
+    pub(crate) fn backlog(&self) -> usize {
         self.commands.len()
-    }
-
-    /// True when the worker has taken every command.
-    pub fn is_empty(&self) -> bool {
-        self.commands.is_empty()
     }
 }
 
