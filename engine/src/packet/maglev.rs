@@ -203,7 +203,7 @@ const CHUNK_SHARE: usize = 16;
 const FEW_TURNS: usize = 16;
 
 /// One walk in [`find_free_slots`]: where it is, its step, and its place in the chunk.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Walker {
     current: u32,
     skip: u32,
@@ -225,57 +225,77 @@ fn find_free_slots(
     walkers: &mut Vec<Walker>,
     found: &mut Vec<u32>,
 ) {
-    walkers.clear();
-    walkers.extend(turns.iter().enumerate().map(|(at, &turn)| {
-        let walk = &walks[turn as usize];
-        Walker {
-            current: walk.current,
-            skip: walk.skip,
-            turn: at as u32,
-        }
-    }));
     found.clear();
     found.resize(turns.len(), 0);
     // A walk takes about `slots / free` steps: more steps a pass save passes, and waste the
     // steps after a free slot.
     match slots.len() / free / 2 {
-        0..=1 => step_together::<1>(slots, walkers, found),
-        2..=3 => step_together::<2>(slots, walkers, found),
-        4..=7 => step_together::<4>(slots, walkers, found),
-        _ => step_together::<8>(slots, walkers, found),
+        0..=1 => walk_together::<1>(slots, walks, turns, walkers, found),
+        2..=3 => walk_together::<2>(slots, walks, turns, walkers, found),
+        4..=7 => walk_together::<4>(slots, walks, turns, walkers, found),
+        _ => walk_together::<8>(slots, walks, turns, walkers, found),
     }
 }
 
-/// [`find_free_slots`]'s passes, `STEPS` slots of each walk a pass.
-fn step_together<const STEPS: usize>(slots: &[u16], walkers: &mut [Walker], found: &mut [u32]) {
-    let size = slots.len() as u32;
-    let mut walking = walkers.len();
+/// [`find_free_slots`]'s passes, `STEPS` slots of each walk a pass. The first pass reads the
+/// walks themselves; only those still walking after it are copied out.
+fn walk_together<const STEPS: usize>(
+    slots: &[u16],
+    walks: &[Permutation],
+    turns: &[u32],
+    walkers: &mut Vec<Walker>,
+    found: &mut [u32],
+) {
+    walkers.clear();
+    walkers.resize(turns.len(), Walker::default());
+    let mut walking = 0;
+    for (at, &turn) in turns.iter().enumerate() {
+        let walk = &walks[turn as usize];
+        let walker = Walker {
+            current: walk.current,
+            skip: walk.skip,
+            turn: at as u32,
+        };
+        walking += step::<STEPS>(slots, walker, &mut walkers[walking], found);
+    }
     while walking > 0 {
         let mut still_walking = 0;
         for at in 0..walking {
             let walker = walkers[at];
-            let mut steps = [0u32; STEPS];
-            let mut free_steps = 0u32;
-            let mut slot = walker.current;
-            for (step, taken_at) in steps.iter_mut().enumerate() {
-                slot += walker.skip;
-                // As in `Permutation::next`.
-                slot = slot.min(slot.wrapping_sub(size));
-                *taken_at = slot;
-                free_steps |= u32::from(slots[slot as usize] == NO_BACKEND) << step;
-            }
-            // The first free step; the last step while none was free (the next pass
-            // overwrites it).
-            let first = (free_steps | 1 << (STEPS - 1)).trailing_zeros() as usize;
-            found[walker.turn as usize] = steps[first];
-            walkers[still_walking] = Walker {
-                current: slot,
-                ..walker
-            };
-            still_walking += usize::from(free_steps == 0);
+            still_walking += step::<STEPS>(slots, walker, &mut walkers[still_walking], found);
         }
         walking = still_walking;
     }
+}
+
+/// `STEPS` steps of `walker`: the first free slot among them goes to `found` (or the last
+/// slot while none was free: the next pass overwrites it), and the walker, moved on, to
+/// `next`. 1 while it walks on, 0 when it found its slot.
+#[inline(always)]
+fn step<const STEPS: usize>(
+    slots: &[u16],
+    walker: Walker,
+    next: &mut Walker,
+    found: &mut [u32],
+) -> usize {
+    let size = slots.len() as u32;
+    let mut steps = [0u32; STEPS];
+    let mut free_steps = 0u32;
+    let mut slot = walker.current;
+    for (step, taken_at) in steps.iter_mut().enumerate() {
+        slot += walker.skip;
+        // As in `Permutation::next`.
+        slot = slot.min(slot.wrapping_sub(size));
+        *taken_at = slot;
+        free_steps |= u32::from(slots[slot as usize] == NO_BACKEND) << step;
+    }
+    let first = (free_steps | 1 << (STEPS - 1)).trailing_zeros() as usize;
+    found[walker.turn as usize] = steps[first];
+    *next = Walker {
+        current: slot,
+        ..walker
+    };
+    usize::from(free_steps == 0)
 }
 
 /// The last few free slots (`endgame_slots`), from `turn` on: a walk would mostly meet taken
@@ -291,7 +311,17 @@ fn claim_last_slots(
 ) {
     let size = slots.len();
     let modulus = Modulus::new(size);
-    let mut free: Vec<usize> = (0..size).filter(|&s| slots[s] == NO_BACKEND).collect();
+    // The free slots, found a block at a time: most blocks have none.
+    let mut free: Vec<usize> = Vec::new();
+    for (block, block_slots) in slots.chunks(64).enumerate() {
+        if block_slots.contains(&NO_BACKEND) {
+            let free_in_block = block_slots
+                .iter()
+                .enumerate()
+                .filter(|&(_, &s)| s == NO_BACKEND);
+            free.extend(free_in_block.map(|(at, _)| block * 64 + at));
+        }
+    }
     // As many turns are left as free slots (the quotas add up to the table).
     let mut turns_left: usize = left.iter().sum();
     while turns_left > 0 {
