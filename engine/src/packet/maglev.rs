@@ -142,6 +142,8 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
     let mut found = Vec::new();
     while !round.is_empty() {
         let mut next = 0;
+        // The next round's turns go to the front of `round` as this round's are taken.
+        let mut kept = 0;
         while next < round.len() {
             if free <= endgame {
                 claim_last_slots(
@@ -154,40 +156,36 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
                 return slots;
             }
             let wanted = free / CHUNK_SHARE;
-            let turns = &round[next..(next + wanted.max(1)).min(round.len())];
-            if wanted < FEW_TURNS || round.len() < FEW_TURNS {
-                // Too few turns at once to gain from walking them together.
-                for &turn in turns {
-                    let turn = turn as usize;
-                    let slot = walks[turn].next_free(&slots);
-                    slots[slot] = order[turn] as u16;
-                    left[turn] -= 1;
-                }
-            } else {
+            let end = (next + wanted.max(1)).min(round.len());
+            // With too few turns at once, walking them together gains nothing.
+            let together = wanted >= FEW_TURNS && round.len() >= FEW_TURNS;
+            if together {
+                let turns = &round[next..end];
                 find_free_slots(&slots, &walks, turns, free, &mut walkers, &mut found);
-                for (&turn, &slot) in turns.iter().zip(&found) {
-                    let turn = turn as usize;
-                    let walk = &mut walks[turn];
-                    walk.jump_to(slot as usize);
-                    let slot = if slots[slot as usize] == NO_BACKEND {
-                        slot as usize
+            }
+            for at in next..end {
+                let turn = round[at] as usize;
+                let walk = &mut walks[turn];
+                let slot = if together {
+                    let slot = found[at - next] as usize;
+                    walk.jump_to(slot);
+                    if slots[slot] == NO_BACKEND {
+                        slot
                     } else {
                         walk.next_free(&slots)
-                    };
-                    slots[slot] = order[turn] as u16;
-                    left[turn] -= 1;
-                }
+                    }
+                } else {
+                    walk.next_free(&slots)
+                };
+                slots[slot] = order[turn] as u16;
+                left[turn] -= 1;
+                // Without a branch: which backends met their quota is a coin toss in the late
+                // rounds.
+                round[kept] = turn as u32;
+                kept += usize::from(left[turn] > 0);
             }
-            free -= turns.len();
-            next += turns.len();
-        }
-        // The next round's turns, without a branch on each backend's count: which ones have
-        // met their quota is a coin toss in the late rounds.
-        let mut kept = 0;
-        for at in 0..round.len() {
-            let turn = round[at];
-            round[kept] = turn;
-            kept += usize::from(left[turn as usize] > 0);
+            free -= end - next;
+            next = end;
         }
         round.truncate(kept);
     }
