@@ -111,8 +111,7 @@ impl MaglevTable {
 /// finds the next slot of its walk that is free at the chunk's start, all walks at once
 /// ([`find_free_slots`]). Then the turns claim in order. A turn whose slot an earlier turn of
 /// the same chunk took walks on from that slot: every slot its walk passed was taken at the
-/// chunk's start, so that is where its own walk would have gone. A chunk is a sixteenth of the
-/// free slots, so about 3% of turns walk on.
+/// chunk's start, so that is where its own walk would have gone.
 fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
     let mut slots = vec![NO_BACKEND; size as usize].into_boxed_slice();
     // Fill order is by address so that config order does not matter.
@@ -193,8 +192,9 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
 }
 
 /// A chunk has at most `free / CHUNK_SHARE` turns. The k-th turn of a chunk finds its slot
-/// taken by an earlier one with a chance of about `k / free`: 1 turn in 32 on average, and
-/// each such turn walks on alone.
+/// taken by an earlier one with a chance of about `k / free`: at most 1 turn in 32 on average
+/// (1 in 64 at N = 1000, where a round is shorter than a chunk at first), and each such turn
+/// walks on alone.
 const CHUNK_SHARE: usize = 16;
 
 /// Below this many turns in a chunk, or backends in a round, turns walk one at a time.
