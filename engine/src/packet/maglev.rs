@@ -17,6 +17,7 @@
 //! gives the same table in any process on any machine, whatever the order in the config file.
 
 use std::net::IpAddr;
+use std::ops::Range;
 use std::sync::Arc;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -113,7 +114,7 @@ impl MaglevTable {
 /// the same chunk took walks on from that slot: every slot its walk passed was taken at the
 /// chunk's start, so that is where its own walk would have gone.
 fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
-    let mut slots = vec![NO_BACKEND; size as usize].into_boxed_slice();
+    let slots = vec![NO_BACKEND; size as usize].into_boxed_slice();
     // Fill order is by address so that config order does not matter.
     let mut order: Vec<usize> = (0..backends.len())
         .filter(|&i| backends[i].weight > 0)
@@ -125,15 +126,18 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
     }
     debug_assert!(order.len() <= MAX_BACKENDS);
 
-    // How many slots each backend (in fill order) has still to take.
-    let mut left = quotas(backends, &order, size as usize);
-    let mut walks: Vec<Permutation> = order
-        .iter()
-        .map(|&i| Permutation::new(backends[i].ip, size, seed))
-        .collect();
+    let mut filling = Filling {
+        slots,
+        walks: order
+            .iter()
+            .map(|&i| Permutation::new(backends[i].ip, size, seed))
+            .collect(),
+        left: quotas(backends, &order, size as usize),
+        owners: order.iter().map(|&i| i as u16).collect(),
+    };
     // This round's turns: the backends still under quota, in fill order.
     let mut round: Vec<u32> = (0..order.len() as u32)
-        .filter(|&turn| left[turn as usize] > 0)
+        .filter(|&turn| filling.left[turn as usize] > 0)
         .collect();
     let mut free = size as usize;
     let endgame = endgame_slots(size as usize);
@@ -145,50 +149,129 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
         let mut kept = 0;
         while next < round.len() {
             if free <= endgame {
-                claim_last_slots(
-                    &mut slots,
-                    &mut walks,
-                    &mut left,
-                    &order,
-                    round[next] as usize,
-                );
-                return slots;
+                filling.claim_last_slots(round[next] as usize);
+                return filling.slots;
             }
             let wanted = free / CHUNK_SHARE;
             let end = (next + wanted.max(1)).min(round.len());
             // With too few turns at once, walking them together gains nothing.
-            let together = wanted >= FEW_TURNS && round.len() >= FEW_TURNS;
-            if together {
-                let turns = &round[next..end];
-                find_free_slots(&slots, &walks, turns, free, &mut walkers, &mut found);
-            }
-            for at in next..end {
-                let turn = round[at] as usize;
-                let walk = &mut walks[turn];
-                let slot = if together {
-                    let slot = found[at - next] as usize;
-                    walk.jump_to(slot);
-                    if slots[slot] == NO_BACKEND {
-                        slot
-                    } else {
-                        walk.next_free(&slots)
-                    }
-                } else {
-                    walk.next_free(&slots)
-                };
-                slots[slot] = order[turn] as u16;
-                left[turn] -= 1;
-                // Without a branch: which backends met their quota is a coin toss in the late
-                // rounds.
-                round[kept] = turn as u32;
-                kept += usize::from(left[turn] > 0);
-            }
+            let found = if wanted >= FEW_TURNS && round.len() >= FEW_TURNS {
+                let (slots, walks) = (&filling.slots, &filling.walks);
+                find_free_slots(
+                    slots,
+                    walks,
+                    &round[next..end],
+                    free,
+                    &mut walkers,
+                    &mut found,
+                );
+                Some(&found[..])
+            } else {
+                None
+            };
+            kept = filling.claim_in_order(&mut round, next..end, found, kept);
             free -= end - next;
             next = end;
         }
         round.truncate(kept);
     }
-    slots
+    filling.slots
+}
+
+/// A table being filled, and per backend in fill order its walk, how many slots it has still
+/// to take, and its index in the caller's list (what its slots hold).
+struct Filling {
+    slots: Box<[u16]>,
+    walks: Vec<Permutation>,
+    left: Vec<usize>,
+    owners: Vec<u16>,
+}
+
+impl Filling {
+    /// The turns `round[turns]` claim in order: the slot `found` for each (in the order of
+    /// `turns`) if still free, else the next free one of its walk. Each backend still under
+    /// quota is kept for the next round at `round[kept]` on; returns how many are kept now.
+    ///
+    /// Not inlined into the fill: there the count of kept turns lived on the stack, a store
+    /// and a load on every turn's path.
+    #[inline(never)]
+    fn claim_in_order(
+        &mut self,
+        round: &mut [u32],
+        turns: Range<usize>,
+        found: Option<&[u32]>,
+        mut kept: usize,
+    ) -> usize {
+        let first = turns.start;
+        for at in turns {
+            let turn = round[at] as usize;
+            let walk = &mut self.walks[turn];
+            let slot = match found {
+                Some(found) => {
+                    let slot = found[at - first] as usize;
+                    walk.jump_to(slot);
+                    if self.slots[slot] == NO_BACKEND {
+                        slot
+                    } else {
+                        walk.next_free(&self.slots)
+                    }
+                }
+                None => walk.next_free(&self.slots),
+            };
+            self.slots[slot] = self.owners[turn];
+            self.left[turn] -= 1;
+            // Without a branch: which backends met their quota is a coin toss in the late
+            // rounds.
+            round[kept] = turn as u32;
+            kept += usize::from(self.left[turn] > 0);
+        }
+        kept
+    }
+
+    /// The last few free slots (`endgame_slots`), from `turn` on: a walk would mostly meet
+    /// taken ones (the last 1% of the table costs more than half of all steps). Every slot a
+    /// backend's walk has passed is taken, so its next free slot is the free one earliest in
+    /// its permutation: the same slot the walk would reach.
+    fn claim_last_slots(&mut self, mut turn: usize) {
+        let size = self.slots.len();
+        let modulus = Modulus::new(size);
+        // The free slots, found a block at a time: most blocks have none.
+        let mut free: Vec<usize> = Vec::new();
+        for (block, block_slots) in self.slots.chunks(64).enumerate() {
+            if block_slots.contains(&NO_BACKEND) {
+                let free_in_block = block_slots
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &s)| s == NO_BACKEND);
+                free.extend(free_in_block.map(|(at, _)| block * 64 + at));
+            }
+        }
+        // As many turns are left as free slots (the quotas add up to the table).
+        let mut turns_left: usize = self.left.iter().sum();
+        while turns_left > 0 {
+            if self.left[turn] > 0 {
+                let walk = &mut self.walks[turn];
+                // Only the few backends with a turn in the end game need the inverse.
+                let inverse_skip = inverse_modulo(walk.skip, size as u32);
+                let Some((at, &slot)) = free
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|&(_, &s)| walk.position(s, inverse_skip, &modulus))
+                else {
+                    break; // Not reached: a slot is free for each turn left.
+                };
+                free.swap_remove(at);
+                walk.jump_to(slot);
+                self.slots[slot] = self.owners[turn];
+                self.left[turn] -= 1;
+                turns_left -= 1;
+            }
+            turn += 1;
+            if turn == self.walks.len() {
+                turn = 0;
+            }
+        }
+    }
 }
 
 /// A chunk has at most `free / CHUNK_SHARE` turns. The k-th turn of a chunk finds its slot
@@ -294,57 +377,6 @@ fn step<const STEPS: usize>(
         ..walker
     };
     usize::from(free_steps == 0)
-}
-
-/// The last few free slots (`endgame_slots`), from `turn` on: a walk would mostly meet taken
-/// ones (the last 1% of the table costs more than half of all steps). Every slot a backend's
-/// walk has passed is taken, so its next free slot is the free one earliest in its
-/// permutation: the same slot the walk would reach.
-fn claim_last_slots(
-    slots: &mut [u16],
-    walks: &mut [Permutation],
-    left: &mut [usize],
-    order: &[usize],
-    mut turn: usize,
-) {
-    let size = slots.len();
-    let modulus = Modulus::new(size);
-    // The free slots, found a block at a time: most blocks have none.
-    let mut free: Vec<usize> = Vec::new();
-    for (block, block_slots) in slots.chunks(64).enumerate() {
-        if block_slots.contains(&NO_BACKEND) {
-            let free_in_block = block_slots
-                .iter()
-                .enumerate()
-                .filter(|&(_, &s)| s == NO_BACKEND);
-            free.extend(free_in_block.map(|(at, _)| block * 64 + at));
-        }
-    }
-    // As many turns are left as free slots (the quotas add up to the table).
-    let mut turns_left: usize = left.iter().sum();
-    while turns_left > 0 {
-        if left[turn] > 0 {
-            let walk = &mut walks[turn];
-            // Only the few backends with a turn in the end game need the inverse.
-            let inverse_skip = inverse_modulo(walk.skip, size as u32);
-            let Some((at, &slot)) = free
-                .iter()
-                .enumerate()
-                .min_by_key(|&(_, &s)| walk.position(s, inverse_skip, &modulus))
-            else {
-                break; // Not reached: a slot is free for each turn left.
-            };
-            free.swap_remove(at);
-            walk.jump_to(slot);
-            slots[slot] = order[turn] as u16;
-            left[turn] -= 1;
-            turns_left -= 1;
-        }
-        turn += 1;
-        if turn == order.len() {
-            turn = 0;
-        }
-    }
 }
 
 /// Per-backend slot quotas (in fill order) adding up to exactly `size`: the floor of each
