@@ -337,13 +337,13 @@ fn walk_together<const STEPS: usize>(
             skip: walk.skip,
             turn: at as u32,
         };
-        walking += step::<STEPS>(slots, walker, &mut walkers[walking], found);
+        walking += take_steps::<STEPS>(slots, walker, &mut walkers[walking], found);
     }
     while walking > 0 {
         let mut still_walking = 0;
         for at in 0..walking {
             let walker = walkers[at];
-            still_walking += step::<STEPS>(slots, walker, &mut walkers[still_walking], found);
+            still_walking += take_steps::<STEPS>(slots, walker, &mut walkers[still_walking], found);
         }
         walking = still_walking;
     }
@@ -353,7 +353,7 @@ fn walk_together<const STEPS: usize>(
 /// slot while none was free: the next pass overwrites it), and the walker, moved on, to
 /// `next`. 1 while it walks on, 0 when it found its slot.
 #[inline(always)]
-fn step<const STEPS: usize>(
+fn take_steps<const STEPS: usize>(
     slots: &[u16],
     walker: Walker,
     next: &mut Walker,
@@ -364,9 +364,7 @@ fn step<const STEPS: usize>(
     let mut free_steps = 0u32;
     let mut slot = walker.current;
     for (step, taken_at) in steps.iter_mut().enumerate() {
-        slot += walker.skip;
-        // As in `Permutation::next`.
-        slot = slot.min(slot.wrapping_sub(size));
+        slot = step_on(slot, walker.skip, size);
         *taken_at = slot;
         free_steps |= u32::from(slots[slot as usize] == NO_BACKEND) << step;
     }
@@ -473,12 +471,17 @@ impl Permutation {
 
     #[inline]
     fn next(&mut self, size: usize) -> usize {
-        // Without a branch: whether a step wraps is a coin toss the CPU would mispredict.
-        // `step - size` underflows unless the step wrapped.
-        let step = self.current + self.skip;
-        self.current = step.min(step.wrapping_sub(size as u32));
+        self.current = step_on(self.current, self.skip, size as u32);
         self.current as usize
     }
+}
+
+/// The slot `skip` on from `slot`, modulo `size`. Without a branch: whether a step wraps is a
+/// coin toss the CPU would mispredict (`step - size` underflows unless the step wrapped).
+#[inline]
+fn step_on(slot: u32, skip: u32, size: u32) -> u32 {
+    let step = slot + skip;
+    step.min(step.wrapping_sub(size))
 }
 
 /// Reduction modulo the table size without a division (Barrett): a 64-bit `div` costs tens of
