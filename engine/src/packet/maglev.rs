@@ -12,7 +12,7 @@
 //! every backend within one slot of its weighted share, and a removed backend frees only its
 //! own slots plus the few that the changed fill order reshuffles.
 //!
-//! Determinism: backends are identified by their IPv4 address and ordered by it before the
+//! Determinism: backends are identified by their address and ordered by it before the
 //! fill, and every hash is xxh3 with the configured seed. The same set of backends and weights
 //! gives the same table in any process on any machine, whatever the order in the config file.
 
@@ -156,10 +156,9 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
             let end = (next + wanted.max(1)).min(round.len());
             // With too few turns at once, walking them together gains nothing.
             let found = if wanted >= FEW_TURNS && round.len() >= FEW_TURNS {
-                let (slots, walks) = (&filling.slots, &filling.walks);
                 find_free_slots(
-                    slots,
-                    walks,
+                    &filling.slots,
+                    &filling.walks,
                     &round[next..end],
                     free,
                     &mut walkers,
