@@ -53,8 +53,12 @@ impl MaglevTable {
     /// slots. `size` must be prime (the config guarantees it) and larger than the number of
     /// backends.
     pub fn build(backends: &[Backend], size: u32, seed: u64) -> MaglevTable {
+        // Filled where it will live: a table filled apart would be copied into the `Arc`.
+        let mut slots: Arc<[u16]> = std::iter::repeat_n(NO_BACKEND, size as usize).collect();
+        // Not shared yet, so this is the allocation itself, not a copy.
+        fill(backends, seed, Arc::make_mut(&mut slots));
         MaglevTable {
-            slots: fill(backends, size, seed).into(),
+            slots,
             seed,
             built_from: backends.into(),
         }
@@ -105,7 +109,7 @@ impl MaglevTable {
     }
 }
 
-/// Section 3.4's fill: slot -> index into `backends`.
+/// Section 3.4's fill of `slots`, all [`NO_BACKEND`] before: slot -> index into `backends`.
 ///
 /// The turns are the paper's; what differs is how a turn finds its slot, and a test holds the
 /// result to the paper's walk. The turns of a round go in chunks. First every turn of the chunk
@@ -113,8 +117,8 @@ impl MaglevTable {
 /// ([`find_free_slots`]). Then the turns claim in order. A turn whose slot an earlier turn of
 /// the same chunk took walks on from that slot: every slot its walk passed was taken at the
 /// chunk's start, so that is where its own walk would have gone.
-fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
-    let slots = vec![NO_BACKEND; size as usize].into_boxed_slice();
+fn fill(backends: &[Backend], seed: u64, slots: &mut [u16]) {
+    let size = slots.len() as u32;
     // Fill order is by address so that config order does not matter.
     let mut order: Vec<usize> = (0..backends.len())
         .filter(|&i| backends[i].weight > 0)
@@ -122,7 +126,7 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
     // IPv4 addresses first, each family by its octets.
     order.sort_by_key(|&i| backends[i].ip);
     if order.is_empty() || size == 0 {
-        return slots;
+        return;
     }
     debug_assert!(order.len() <= MAX_BACKENDS);
 
@@ -150,14 +154,14 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
         while next < round.len() {
             if free <= endgame {
                 filling.claim_last_slots(round[next] as usize);
-                return filling.slots;
+                return;
             }
             let wanted = free / CHUNK_SHARE;
             let end = (next + wanted.max(1)).min(round.len());
             // With too few turns at once, walking them together gains nothing.
             let found = if wanted >= FEW_TURNS && round.len() >= FEW_TURNS {
                 find_free_slots(
-                    &filling.slots,
+                    filling.slots,
                     &filling.walks,
                     &round[next..end],
                     free,
@@ -174,19 +178,18 @@ fn fill(backends: &[Backend], size: u32, seed: u64) -> Box<[u16]> {
         }
         round.truncate(kept);
     }
-    filling.slots
 }
 
 /// A table being filled, and per backend in fill order its walk, how many slots it has still
 /// to take, and its index in the caller's list (what its slots hold).
-struct Filling {
-    slots: Box<[u16]>,
+struct Filling<'a> {
+    slots: &'a mut [u16],
     walks: Vec<Permutation>,
     left: Vec<usize>,
     owners: Vec<u16>,
 }
 
-impl Filling {
+impl Filling<'_> {
     /// The turns `round[turns]` claim in order: the slot `found` for each (in the order of
     /// `turns`) if still free, else the next free one of its walk. Each backend still under
     /// quota is kept for the next round at `round[kept]` on; returns how many are kept now.
@@ -212,10 +215,10 @@ impl Filling {
                     if self.slots[slot] == NO_BACKEND {
                         slot
                     } else {
-                        walk.next_free(&self.slots)
+                        walk.next_free(self.slots)
                     }
                 }
-                None => walk.next_free(&self.slots),
+                None => walk.next_free(self.slots),
             };
             self.slots[slot] = self.owners[turn];
             self.left[turn] -= 1;
