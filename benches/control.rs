@@ -11,6 +11,9 @@
 //!   busy worker's acknowledgement), with 1, 100 and 1000 services of 10 real servers each
 //!   (table_size 65537), a health result on record for one server in ten. The change touches
 //!   one service, so it should cost the same whatever the number of services.
+//! - `health_result_with_N_services`: one health check's result that changes nothing (the
+//!   server stays up), as the health checker hands nearly every result to lbd's control, on
+//!   the same configurations: it should cost the same whatever the number of servers.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lbd_config::Config;
@@ -212,14 +215,23 @@ fn set_weight_with(
     }]);
     // Health results on record, as a running balancer has them: every server's state is
     // looked up in a map that is not empty.
+    let passed = || CheckResult {
+        ok: true,
+        detail: "connected".into(),
+        took: Duration::from_micros(100),
+    };
     for target in control.health_targets().iter().step_by(10) {
-        let passed = CheckResult {
-            ok: true,
-            detail: "connected".into(),
-            took: Duration::from_micros(100),
-        };
-        control.record_health(target, passed);
+        control.record_health(target, passed());
     }
+    // A result that changes nothing (the server is up and stays up), as nearly every result
+    // is: what each of the health checker's results costs under the control lock.
+    let checked = control.health_targets()[0].clone();
+    for _ in 0..checked.check.rise {
+        control.record_health(&checked, passed());
+    }
+    group.bench_function(format!("health_result_with_{services}_services"), |b| {
+        b.iter(|| control.record_health(&checked, passed()))
+    });
     let mut weight = 100;
     group.bench_function(format!("set_weight_with_{services}_services"), |b| {
         b.iter(|| {

@@ -1105,22 +1105,42 @@ impl Control {
             .iter()
             .filter(|service| layer7::is_dr(service))
             .flat_map(|service| {
-                service.real_servers.iter().map(move |rs| {
-                    let check = rs
-                        .health_check
-                        .clone()
-                        .unwrap_or_else(|| service.health_check.clone());
-                    Target {
-                        service: service.label.clone(),
-                        label: rs.label.clone(),
-                        vip: service.vip,
-                        ip: rs.ip,
-                        port: check.port.unwrap_or_else(|| service.ports.first()),
-                        check,
-                    }
-                })
+                service
+                    .real_servers
+                    .iter()
+                    .map(move |rs| health_target(service, rs))
             })
             .collect()
+    }
+
+    /// Whether `target` is one of [`Control::health_targets`]: the same server, checked the
+    /// same way. Looks up its service and server, not every target: a result arrives for
+    /// every check, and building every target for each was O(servers) per result.
+    fn is_health_target(&self, target: &Target) -> bool {
+        self.service_labelled(&target.service)
+            .filter(|service| layer7::is_dr(service))
+            .and_then(|service| {
+                let rs = service
+                    .real_servers
+                    .iter()
+                    .find(|rs| rs.label == target.label)?;
+                Some(health_target(service, rs))
+            })
+            .is_some_and(|current| current == *target)
+    }
+
+    /// The running config's service labelled `label`: through the service ids and the
+    /// snapshot's index of them, else (a label the snapshot does not know) a walk of the list.
+    fn service_labelled(&self, label: &str) -> Option<&Service> {
+        let indexed = self
+            .ids
+            .get(label)
+            .and_then(|id| self.snapshot.by_id.get(&id))
+            .and_then(|&index| self.config.services.get(usize::from(index)))
+            .filter(|service| service.label == label);
+        indexed
+            .or_else(|| self.config.services.iter().find(|s| s.label == label))
+            .map(|service| &**service)
     }
 
     /// Records a check's result; a server going down or up is logged and published.
@@ -1130,7 +1150,7 @@ impl Control {
             return;
         }
         // A result for a server that has since been removed or changed is stale.
-        if !self.health_targets().contains(target) {
+        if !self.is_health_target(target) {
             return;
         }
         let detail = result.detail.clone();
@@ -1711,6 +1731,22 @@ fn describe_check(at: SystemTime, result: &CheckResult) -> String {
     format!("{verdict} ({}) at {h:02}:{m:02}:{s:02} UTC", result.detail)
 }
 
+/// What the health checker checks of `rs`: its own check, else its service's.
+fn health_target(service: &Service, rs: &RealServer) -> Target {
+    let check = rs
+        .health_check
+        .clone()
+        .unwrap_or_else(|| service.health_check.clone());
+    Target {
+        service: service.label.clone(),
+        label: rs.label.clone(),
+        vip: service.vip,
+        ip: rs.ip,
+        port: check.port.unwrap_or_else(|| service.ports.first()),
+        check,
+    }
+}
+
 fn service_index(config: &Config, label: &str) -> Result<usize, ControlError> {
     config
         .services
@@ -2108,6 +2144,51 @@ mod tests {
             held,
             gained,
         }
+    }
+
+    /// A result counts only for a server that is still checked, and checked that way: one for
+    /// a removed server, another address or port, or a service of another name changes nothing.
+    #[test]
+    fn a_result_counts_only_for_a_current_health_target() {
+        let mut rig = rig(true);
+        let current = rig.control.health_targets()[0].clone();
+        let record = |control: &mut Control, target: &Target, ok: bool, times: u32| {
+            for _ in 0..times {
+                let result = CheckResult {
+                    ok,
+                    detail: "checked".into(),
+                    took: Duration::ZERO,
+                };
+                control.record_health(target, result);
+            }
+        };
+        let state = |control: &Control| control.snapshot().services[0].real_servers[0].state_name();
+        record(&mut rig.control, &current, false, current.check.fall);
+        assert_eq!(state(&rig.control), "down");
+        let stale = [
+            Target {
+                port: current.port + 1,
+                ..current.clone()
+            },
+            Target {
+                ip: Ipv4Addr::new(198, 18, 0, 99).into(),
+                ..current.clone()
+            },
+            Target {
+                label: "Wowza Srv 9".into(),
+                ..current.clone()
+            },
+            Target {
+                service: "Wowza Gone".into(),
+                ..current.clone()
+            },
+        ];
+        for target in &stale {
+            record(&mut rig.control, target, true, current.check.rise * 2);
+            assert_eq!(state(&rig.control), "down", "{target:?}");
+        }
+        record(&mut rig.control, &current, true, current.check.rise);
+        assert_eq!(state(&rig.control), "up");
     }
 
     fn service(label: &str, vip: &str) -> Service {
