@@ -317,11 +317,11 @@ pub struct Schedule {
 
 impl Schedule {
     /// The checks to start at `now` among `targets` (each is then in flight).
-    pub fn due(&mut self, now: Instant, targets: Vec<Target>) -> Vec<Target> {
+    pub fn due(&mut self, now: Instant, targets: &[Target]) -> Vec<Target> {
         let keys: HashSet<(String, String)> = targets.iter().map(Target::key).collect();
         self.next_due.retain(|key, _| keys.contains(key));
         targets
-            .into_iter()
+            .iter()
             .filter(|target| {
                 let key = target.key();
                 let due = *self.next_due.entry(key.clone()).or_insert(now);
@@ -333,6 +333,7 @@ impl Schedule {
                 self.in_flight.insert(key);
                 true
             })
+            .cloned()
             .collect()
     }
 
@@ -365,7 +366,7 @@ struct Done {
 pub fn run(
     stop: &AtomicBool,
     checker: Arc<dyn Checker>,
-    targets: impl Fn() -> Vec<Target>,
+    targets: impl Fn() -> Arc<[Target]>,
     mut on_result: impl FnMut(&Target, CheckResult),
 ) {
     let (jobs, job_queue) = unbounded::<Target>();
@@ -385,12 +386,12 @@ pub fn run(
     let mut schedule = Schedule::default();
     while !stop.load(Ordering::Relaxed) {
         let looked = Instant::now();
-        for target in schedule.due(looked, targets()) {
+        for target in schedule.due(looked, &targets()) {
             let _ = jobs.send(target);
         }
-        // Results as they come; the targets are asked again (a clone of each, under the
-        // control lock) only when a check is due, at most once a tick, so that a thousand
-        // results a second do not cost a thousand copies of every target.
+        // Results as they come; the targets are asked again (under the control lock) only
+        // when a check is due, at most once a tick, so that a thousand results a second do
+        // not cost a thousand looks at every target.
         let look_again = looked + LOOK_FOR_NEW_TARGETS;
         loop {
             let wake = schedule
@@ -611,17 +612,17 @@ mod tests {
         let labels = |due: Vec<Target>| due.into_iter().map(|t| t.label).collect::<Vec<_>>();
         let both = || vec![every(100, "a"), every(300, "b")];
         assert_eq!(
-            labels(schedule.due(start, both())),
+            labels(schedule.due(start, &both())),
             ["a", "b"],
             "new: at once"
         );
         // Both in flight: nothing is due until a result comes in.
         assert_eq!(schedule.next_due(), None);
         // a's check is still running at its next due time: not started twice.
-        assert!(schedule.due(start + ms(150), both()).is_empty());
+        assert!(schedule.due(start + ms(150), &both()).is_empty());
         schedule.done(&every(100, "a"));
         assert_eq!(schedule.next_due(), Some(start + ms(100)), "a is late");
-        assert_eq!(labels(schedule.due(start + ms(150), both())), ["a"]);
+        assert_eq!(labels(schedule.due(start + ms(150), &both())), ["a"]);
         schedule.done(&every(100, "a"));
         schedule.done(&every(300, "b"));
         assert_eq!(
@@ -630,19 +631,15 @@ mod tests {
             "the scheduler's wake-up"
         );
         assert!(
-            schedule.due(start + ms(200), both()).is_empty(),
+            schedule.due(start + ms(200), &both()).is_empty(),
             "a next at 250"
         );
-        assert_eq!(labels(schedule.due(start + ms(300), both())), ["a", "b"]);
+        assert_eq!(labels(schedule.due(start + ms(300), &both())), ["a", "b"]);
         // A target that goes away is forgotten; back, it is new again.
         schedule.done(&every(100, "a"));
         schedule.done(&every(300, "b"));
-        assert!(
-            schedule
-                .due(start + ms(310), vec![every(100, "a")])
-                .is_empty()
-        );
-        assert_eq!(labels(schedule.due(start + ms(320), both())), ["b"]);
+        assert!(schedule.due(start + ms(310), &[every(100, "a")]).is_empty());
+        assert_eq!(labels(schedule.due(start + ms(320), &both())), ["b"]);
     }
 
     struct Passes;
@@ -654,11 +651,11 @@ mod tests {
     }
 
     /// The scheduler runs each check at its interval, takes every result, looks at the targets
-    /// about once a tick however many results come in (each look copies every target under
-    /// the control lock), and stops when told.
+    /// about once a tick however many results come in (each look walks every target), and
+    /// stops when told.
     #[test]
     fn the_scheduler_checks_at_the_interval_and_looks_at_the_targets_once_a_tick() {
-        let targets: Vec<Target> = (0..200)
+        let targets: Arc<[Target]> = (0..200)
             .map(|i| Target {
                 label: format!("rs{i}"),
                 ..target(

@@ -210,6 +210,9 @@ pub struct Control {
     workers: Vec<WorkerLink>,
     apply_timeout: Duration,
     health: Tracker,
+    /// What the health checker checks, built when the config changes: the checker asks for
+    /// it once a tick, under the control lock.
+    health_targets: Arc<[Target]>,
     /// Real servers at their connection limit (IPVS -x/-y hysteresis).
     full: hashbrown::HashSet<ServerKey>,
     /// When a change last asked the kernel for MACs lbd did not have.
@@ -449,6 +452,7 @@ impl Control {
         let snapshot = Arc::new(snapshot);
         let answers_arp = config.ha.is_none();
         Control {
+            health_targets: health_targets_of(&config),
             dr: drcheck::DrCheck::new(),
             probe_sources,
             answers_arp,
@@ -972,6 +976,7 @@ impl Control {
                 .send(WorkerCommand::Announce(self.own_mac, arriving));
         }
         self.config = config;
+        self.health_targets = health_targets_of(&self.config);
         self.host_addresses = local;
         self.operator = operator;
         self.ids = ids;
@@ -1099,18 +1104,8 @@ impl Control {
 
     /// What the health checker checks: every real server with its (own or service's) check.
     /// (HAProxy checks the SNAT services' servers itself.)
-    pub fn health_targets(&self) -> Vec<Target> {
-        self.config
-            .services
-            .iter()
-            .filter(|service| layer7::is_dr(service))
-            .flat_map(|service| {
-                service
-                    .real_servers
-                    .iter()
-                    .map(move |rs| health_target(service, rs))
-            })
-            .collect()
+    pub fn health_targets(&self) -> Arc<[Target]> {
+        Arc::clone(&self.health_targets)
     }
 
     /// Whether `target` is one of [`Control::health_targets`]: the same server, checked the
@@ -1731,6 +1726,21 @@ fn describe_check(at: SystemTime, result: &CheckResult) -> String {
     format!("{verdict} ({}) at {h:02}:{m:02}:{s:02} UTC", result.detail)
 }
 
+/// [`Control::health_targets`] of `config`.
+fn health_targets_of(config: &Config) -> Arc<[Target]> {
+    config
+        .services
+        .iter()
+        .filter(|service| layer7::is_dr(service))
+        .flat_map(|service| {
+            service
+                .real_servers
+                .iter()
+                .map(move |rs| health_target(service, rs))
+        })
+        .collect()
+}
+
 /// What the health checker checks of `rs`: its own check, else its service's.
 fn health_target(service: &Service, rs: &RealServer) -> Target {
     let check = rs
@@ -2146,6 +2156,44 @@ mod tests {
         }
     }
 
+    /// Adds "Wowza Srv 2" (198.18.0.12), like the first server otherwise, to "Wowza GUI".
+    fn add_wowza_srv_2(control: &mut Control) {
+        let rs2 = RealServer {
+            label: "Wowza Srv 2".into(),
+            ip: Ipv4Addr::new(198, 18, 0, 12).into(),
+            ..control.config().services[0].real_servers[0].clone()
+        };
+        done(control.handle(
+            Command::AddRip {
+                service: "Wowza GUI".into(),
+                real_server: rs2,
+            },
+            Role::Root,
+        ));
+    }
+
+    /// The health checker's targets are the running config's: a server added live is checked,
+    /// a removed one no longer is.
+    #[test]
+    fn health_targets_follow_live_changes() {
+        let mut rig = rig(true);
+        let labels = |control: &Control| {
+            let targets = control.health_targets();
+            targets.iter().map(|t| t.label.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(labels(&rig.control), ["Wowza Srv 1"]);
+        add_wowza_srv_2(&mut rig.control);
+        assert_eq!(labels(&rig.control), ["Wowza Srv 1", "Wowza Srv 2"]);
+        done(rig.control.handle(
+            Command::DelRip(RealServerName {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into(),
+            }),
+            Role::Root,
+        ));
+        assert_eq!(labels(&rig.control), ["Wowza Srv 2"]);
+    }
+
     /// A result counts only for a server that is still checked, and checked that way: one for
     /// a removed server, another address or port, or a service of another name changes nothing.
     #[test]
@@ -2393,19 +2441,8 @@ mod tests {
     #[test]
     fn a_new_server_is_never_waited_for() {
         let mut rig = rig(true);
-        let rs2 = RealServer {
-            label: "Wowza Srv 2".into(),
-            ip: Ipv4Addr::new(198, 18, 0, 12).into(),
-            ..rig.control.config().services[0].real_servers[0].clone()
-        };
         // Nobody answers for it: the change is done at once, the server unresolved.
-        done(rig.control.handle(
-            Command::AddRip {
-                service: "Wowza GUI".into(),
-                real_server: rs2,
-            },
-            Role::Root,
-        ));
+        add_wowza_srv_2(&mut rig.control);
         assert_eq!(
             *rig.asked.lock().expect("asked"),
             [Ipv4Addr::new(198, 18, 0, 12)]
