@@ -232,6 +232,18 @@ fn set_weight_with(
     group.bench_function(format!("health_result_with_{services}_services"), |b| {
         b.iter(|| control.record_health(&checked, passed()))
     });
+    // The health scheduler's look at the targets, once a tick, when every check has ended
+    // and none is due yet.
+    let mut schedule = lbd_engine::control::health::Schedule::default();
+    let targets = control.health_targets();
+    let start = std::time::Instant::now();
+    for started in schedule.due(start, &targets) {
+        schedule.done(&started);
+    }
+    group.bench_function(
+        format!("health_schedule_look_with_{services}_services"),
+        |b| b.iter(|| schedule.due(start, &targets).len()),
+    );
     let mut weight = 100;
     group.bench_function(format!("set_weight_with_{services}_services"), |b| {
         b.iter(|| {

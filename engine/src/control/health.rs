@@ -10,7 +10,7 @@
 use crossbeam::channel::{Receiver, Sender, unbounded};
 use hashbrown::Equivalent;
 use lbd_config::{HealthCheck, HealthKind};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -309,46 +309,84 @@ impl Checker for NetworkChecker {
 /// says which checks to start, so that its rules are unit-tested without a clock or a thread.
 /// A target is checked at once when it appears, then every `interval_ms` from the start of its
 /// last check, never twice at a time; a target that goes away is forgotten.
+///
+/// It keeps the targets not in flight ordered by when they are due: a look finds the due ones
+/// without walking every target, and walks them all only when the list is a new one (after a
+/// change of the config). With 10,000 servers, a walk of every target took 4 ms a tick.
 #[derive(Debug, Default)]
 pub struct Schedule {
+    /// The list looked at last, and where each of its targets is in it.
+    targets: Option<Arc<[Target]>>,
+    place: HashMap<(String, String), usize>,
     next_due: HashMap<(String, String), Instant>,
+    /// The targets not in flight, by when they are due.
+    waiting: BTreeSet<(Instant, (String, String))>,
     in_flight: HashSet<(String, String)>,
 }
 
 impl Schedule {
     /// The checks to start at `now` among `targets` (each is then in flight).
-    pub fn due(&mut self, now: Instant, targets: &[Target]) -> Vec<Target> {
-        let keys: HashSet<(String, String)> = targets.iter().map(Target::key).collect();
-        self.next_due.retain(|key, _| keys.contains(key));
-        targets
+    pub fn due(&mut self, now: Instant, targets: &Arc<[Target]>) -> Vec<Target> {
+        if !self
+            .targets
+            .as_ref()
+            .is_some_and(|known| Arc::ptr_eq(known, targets))
+        {
+            self.take_list(now, targets);
+        }
+        let mut due = Vec::new();
+        while let Some(first) = self.waiting.first()
+            && first.0 <= now
+        {
+            let Some((_, key)) = self.waiting.pop_first() else {
+                break;
+            };
+            let Some(target) = self.place.get(&key).map(|&at| &targets[at]) else {
+                continue;
+            };
+            let interval = Duration::from_millis(u64::from(target.check.interval_ms));
+            self.next_due.insert(key.clone(), now + interval);
+            self.in_flight.insert(key);
+            due.push(target.clone());
+        }
+        due
+    }
+
+    /// Takes `targets` as the list from now on: new targets are due at `now`, the ones gone
+    /// are forgotten (a check of one still running stays in flight until it ends).
+    fn take_list(&mut self, now: Instant, targets: &Arc<[Target]>) {
+        self.place = targets
             .iter()
-            .filter(|target| {
-                let key = target.key();
-                let due = *self.next_due.entry(key.clone()).or_insert(now);
-                if due > now || self.in_flight.contains(&key) {
-                    return false;
+            .enumerate()
+            .map(|(at, target)| (target.key(), at))
+            .collect();
+        let place = &self.place;
+        self.next_due.retain(|key, _| place.contains_key(key));
+        self.waiting.retain(|(_, key)| place.contains_key(key));
+        for key in self.place.keys() {
+            if !self.next_due.contains_key(key) {
+                self.next_due.insert(key.clone(), now);
+                if !self.in_flight.contains(key) {
+                    self.waiting.insert((now, key.clone()));
                 }
-                let interval = Duration::from_millis(u64::from(target.check.interval_ms));
-                self.next_due.insert(key.clone(), now + interval);
-                self.in_flight.insert(key);
-                true
-            })
-            .cloned()
-            .collect()
+            }
+        }
+        self.targets = Some(Arc::clone(targets));
     }
 
     /// The check of `target` has ended.
     pub fn done(&mut self, target: &Target) {
-        self.in_flight.remove(&target.key());
+        let key = target.key();
+        if self.in_flight.remove(&key)
+            && let Some(&due) = self.next_due.get(&key)
+        {
+            self.waiting.insert((due, key));
+        }
     }
 
     /// When the next check not in flight is due, if any.
     pub fn next_due(&self) -> Option<Instant> {
-        self.next_due
-            .iter()
-            .filter(|(key, _)| !self.in_flight.contains(*key))
-            .map(|(_, due)| *due)
-            .min()
+        self.waiting.first().map(|(due, _)| *due)
     }
 }
 
@@ -610,7 +648,7 @@ mod tests {
         let start = Instant::now();
         let mut schedule = Schedule::default();
         let labels = |due: Vec<Target>| due.into_iter().map(|t| t.label).collect::<Vec<_>>();
-        let both = || vec![every(100, "a"), every(300, "b")];
+        let both = || Arc::<[Target]>::from([every(100, "a"), every(300, "b")]);
         assert_eq!(
             labels(schedule.due(start, &both())),
             ["a", "b"],
@@ -638,8 +676,29 @@ mod tests {
         // A target that goes away is forgotten; back, it is new again.
         schedule.done(&every(100, "a"));
         schedule.done(&every(300, "b"));
-        assert!(schedule.due(start + ms(310), &[every(100, "a")]).is_empty());
+        assert!(
+            schedule
+                .due(start + ms(310), &Arc::from([every(100, "a")]))
+                .is_empty()
+        );
         assert_eq!(labels(schedule.due(start + ms(320), &both())), ["b"]);
+
+        // The same list looked at again and again, as the scheduler does between changes.
+        let list = both();
+        let mut schedule = Schedule::default();
+        assert_eq!(labels(schedule.due(start, &list)), ["a", "b"]);
+        assert!(schedule.due(start + ms(100), &list).is_empty(), "in flight");
+        schedule.done(&every(100, "a"));
+        assert_eq!(labels(schedule.due(start + ms(100), &list)), ["a"]);
+        assert!(schedule.due(start + ms(150), &list).is_empty());
+        schedule.done(&every(100, "a"));
+        schedule.done(&every(300, "b"));
+        assert_eq!(schedule.next_due(), Some(start + ms(200)));
+        assert!(schedule.due(start + ms(199), &list).is_empty());
+        assert_eq!(labels(schedule.due(start + ms(300), &list)), ["a", "b"]);
+        // A result for a target no list has any more starts nothing.
+        schedule.done(&every(100, "gone"));
+        assert_eq!(schedule.next_due(), None, "both in flight");
     }
 
     struct Passes;
