@@ -710,8 +710,8 @@ mod tests {
     }
 
     /// The scheduler runs each check at its interval, takes every result, looks at the targets
-    /// about once a tick however many results come in (each look walks every target), and
-    /// stops when told.
+    /// about once a tick however many results come in (each look takes the list under the
+    /// control lock), and stops when told.
     #[test]
     fn the_scheduler_checks_at_the_interval_and_looks_at_the_targets_once_a_tick() {
         let targets: Arc<[Target]> = (0..200)
