@@ -1134,7 +1134,10 @@ impl Control {
             .and_then(|&index| self.config.services.get(usize::from(index)))
             .filter(|service| service.label == label);
         indexed
-            .or_else(|| self.config.services.iter().find(|s| s.label == label))
+            .or_else(|| {
+                let index = service_index(&self.config, label).ok()?;
+                self.config.services.get(index)
+            })
             .map(|service| &**service)
     }
 
