@@ -14,6 +14,8 @@
 //! - `health_result_with_N_services`: one health check's result that changes nothing (the
 //!   server stays up), as the health checker hands nearly every result to lbd's control, on
 //!   the same configurations: it should cost the same whatever the number of servers.
+//! - `health_schedule_look_with_N_services`: the health scheduler's look at the targets (once
+//!   a tick) when every check has ended and none is due yet: the same, whatever the number.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use lbd_config::Config;
