@@ -1,10 +1,10 @@
 //! Health checks in the namespace lab: a real server whose nginx stops is taken out within
 //! `fall x interval + 1 s` and comes back after `rise` checks; HTTP and external checks with a
-//! passing and a failing server each.
+//! passing and a failing server each; forty servers that never answer delay no other check.
 
 mod common;
 
-use common::{Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl_ok, status};
+use common::{Lab, Lbd, VIP, keepalive_while, lab_allowed, lbctl_ok, status, wait_for_state};
 use lbd_proto::{Reply, StatusReport};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -121,6 +121,55 @@ fn a_dead_server_leaves_within_fall_checks_and_returns_after_rise() {
     assert_eq!(state_of(&status(&lab), "Wowza GUI", "Wowza Srv 1").0, "up");
     let after = servers_by_client(&lab);
     assert_eq!(after, before, "every client is back on its own server");
+}
+
+/// Forty powered-off servers (addresses on the segment that nobody answers ARP for, so every
+/// check of them runs to its timeout) do not slow the checks of the others: a live server
+/// whose nginx stops is still out within `fall x interval + timeout + 1 s`. A pool of four
+/// blocking checks went round the forty in 40 x 200 / 4 = 2 s, so each check of the live
+/// server came about 2 s late.
+#[test]
+fn a_dead_server_leaves_on_time_while_forty_others_never_answer() {
+    if !lab_allowed() {
+        return;
+    }
+    let lab = Lab::up(2);
+    let (interval_ms, timeout_ms, fall) = (300u64, 200u64, 2u64);
+    let check = format!(
+        "[service.health_check]\nkind = \"tcp\"\ninterval_ms = {interval_ms}\ntimeout_ms = {timeout_ms}\nrise = 2\nfall = {fall}\n"
+    );
+    let mut config = format!(
+        "[engine]\ninterface = \"eth0\"\nqueues = [0]\ncontrol_socket = \"{}\"\n\n\
+         [[service]]\nlabel = \"Wowza GUI\"\nvip = \"{VIP}\"\nports = 8088\n\n{check}{}\n\
+         [[service]]\nlabel = \"Wowza Streaming\"\nvip = \"{VIP}\"\nports = 1935\n\n{check}",
+        lab.socket().display(),
+        lab.real_servers(2, "IP"),
+    );
+    for i in 1..=40 {
+        config +=
+            &format!("\n[[service.real_server]]\nlabel = \"Off {i}\"\nip = \"198.18.2.{i}\"\n");
+    }
+    let _lbd = Lbd::start(&lab, &config);
+    wait_for_state(
+        &lab,
+        "Wowza Streaming",
+        "Off 40",
+        "down",
+        Duration::from_secs(5),
+    );
+    let report = status(&lab);
+    assert_eq!(state_of(&report, "Wowza GUI", "Wowza Srv 1").0, "up");
+    let (_, off) = state_of(&report, "Wowza Streaming", "Off 1");
+    assert!(
+        off.as_deref()
+            .is_some_and(|c| c.contains("connect: timed out after 200 ms")),
+        "{off:?}"
+    );
+
+    nginx(&lab, 1, false);
+    let limit = Duration::from_millis(fall * interval_ms + timeout_ms + 1000);
+    wait_for_state(&lab, "Wowza GUI", "Wowza Srv 1", "down", limit);
+    assert_eq!(state_of(&status(&lab), "Wowza GUI", "Wowza Srv 2").0, "up");
 }
 
 #[test]

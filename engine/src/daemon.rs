@@ -460,7 +460,7 @@ fn start_health_checks(control: &Arc<Mutex<Control>>, stop: &Arc<AtomicBool>) ->
         .spawn(move || {
             health::run(
                 &stop,
-                Arc::new(health::NetworkChecker),
+                health::NetworkChecker::default(),
                 || {
                     control
                         .lock()

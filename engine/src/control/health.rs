@@ -1,26 +1,34 @@
 //! Health checks: from the host's own stack to each real server's own IP, off the packet path.
 //!
-//! One scheduler thread keeps every target's next due time and hands due checks to a small
-//! pool of threads ([`POOL_SIZE`]), so hundreds of servers are checked without one slow server
-//! delaying the others; a check never takes longer than its `timeout_ms`. Results go through
-//! [`Tracker`], the rise/fall state machine (keepalived's and HAProxy's semantics): `fall`
-//! consecutive failures take an up server down, `rise` consecutive successes bring it back. A
-//! change of state is reported to the caller, which republishes the configuration.
+//! One scheduler thread keeps every target's next due time and hands due checks to a
+//! [`Checker`]. [`NetworkChecker`] runs them side by side, so a server that never answers
+//! delays no other server's check: each starts when due and ends within its own
+//! `timeout_ms`, however many others are timing out. Results go through [`Tracker`], the
+//! rise/fall state machine (keepalived's and HAProxy's semantics): `fall` consecutive failures
+//! take an up server down, `rise` consecutive successes bring it back. A change of state is
+//! reported to the caller, which republishes the configuration.
 
-use crossbeam::channel::{Receiver, Sender, unbounded};
+use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, unbounded};
 use hashbrown::Equivalent;
 use lbd_config::{HealthCheck, HealthKind};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::Hash;
-use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-/// Threads running checks.
-pub const POOL_SIZE: usize = 4;
+/// TCP and HTTP checks in flight at most; more wait for one to end. Each holds a socket, and
+/// a process may have 1024 descriptors open by default.
+pub const MAX_PROBES: usize = 512;
+/// External checks' commands running at most; more wait for one to end.
+pub const MAX_COMMANDS: usize = 64;
+/// How often running commands are looked at.
+const COMMAND_POLL: Duration = Duration::from_millis(5);
 
 /// How long a new real server waits for its first check at most, and lbd's stop for the
 /// health checker.
@@ -29,7 +37,7 @@ pub const LOOK_FOR_NEW_TARGETS: Duration = Duration::from_millis(200);
 /// The scheduler looks at the targets at most this often: a check starts at most this late.
 const TICK: Duration = Duration::from_millis(20);
 /// The most of an HTTP response a check reads.
-const MAX_HTTP_RESPONSE: u64 = 64 * 1024;
+const MAX_HTTP_RESPONSE: usize = 64 * 1024;
 
 /// What is checked: a real server of a service, with its check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,47 +173,34 @@ impl Tracker {
     }
 }
 
-/// Runs one check now.
-pub fn run_check(target: &Target) -> CheckResult {
-    let started = Instant::now();
-    let timeout = Duration::from_millis(u64::from(target.check.timeout_ms));
-    let address = SocketAddr::from((target.ip, target.port));
-    let outcome = match target.check.kind {
-        HealthKind::None => Ok("not checked".to_owned()),
-        HealthKind::Tcp => TcpStream::connect_timeout(&address, timeout)
-            .map(|_| "connected".to_owned())
-            .map_err(|e| format!("connect: {e}")),
-        HealthKind::Http => http_check(target, address, timeout),
-        HealthKind::External => external_check(target, timeout),
-    };
-    let took = started.elapsed();
-    match outcome {
-        Ok(detail) => CheckResult {
-            ok: true,
+/// A check to run and where its result goes.
+#[derive(Debug)]
+struct Job {
+    target: Target,
+    results: Sender<Done>,
+}
+
+impl Job {
+    /// Sends the result of a check that started at `started`.
+    fn finish(self, started: Instant, outcome: Result<String, String>) {
+        let (ok, detail) = match outcome {
+            Ok(detail) => (true, detail),
+            Err(detail) => (false, detail),
+        };
+        let result = CheckResult {
+            ok,
             detail,
-            took,
-        },
-        Err(detail) => CheckResult {
-            ok: false,
-            detail,
-            took,
-        },
+            took: started.elapsed(),
+        };
+        let _ = self.results.send(Done {
+            target: self.target,
+            result,
+        });
     }
 }
 
-fn http_check(target: &Target, address: SocketAddr, timeout: Duration) -> Result<String, String> {
-    let deadline = Instant::now() + timeout;
-    let mut stream =
-        TcpStream::connect_timeout(&address, timeout).map_err(|e| format!("connect: {e}"))?;
-    let left = || {
-        deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1))
-    };
-    stream
-        .set_write_timeout(Some(left()))
-        .and_then(|()| stream.set_read_timeout(Some(left())))
-        .map_err(|e| format!("socket: {e}"))?;
+/// The HTTP check's request.
+fn http_request(target: &Target) -> Vec<u8> {
     let host = target
         .check
         .host
@@ -215,19 +210,16 @@ fn http_check(target: &Target, address: SocketAddr, timeout: Duration) -> Result
             // RFC 9110 7.2: an IPv6 literal in brackets.
             IpAddr::V6(v6) => format!("[{v6}]"),
         });
-    let request = format!(
+    format!(
         "GET {} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: lbd-health-check\r\nConnection: close\r\n\r\n",
         target.check.path
-    );
-    stream
-        .write_all(request.as_bytes())
-        .map_err(|e| format!("send: {e}"))?;
-    let mut response = Vec::new();
-    (&mut stream)
-        .take(MAX_HTTP_RESPONSE)
-        .read_to_end(&mut response)
-        .map_err(|e| format!("receive: {e}"))?;
-    let text = String::from_utf8_lossy(&response);
+    )
+    .into_bytes()
+}
+
+/// Whether an HTTP response (all of it, or its first [`MAX_HTTP_RESPONSE`] bytes) passes.
+fn judge_http_response(target: &Target, response: &[u8]) -> Result<String, String> {
+    let text = String::from_utf8_lossy(response);
     let status: u16 = text
         .lines()
         .next()
@@ -249,12 +241,12 @@ fn http_check(target: &Target, address: SocketAddr, timeout: Duration) -> Result
     Ok(format!("HTTP {status}"))
 }
 
-/// Runs the external check's command with `sh -c` in a process group of its own, so that on
+/// Starts the external check's command with `sh -c` in a process group of its own, so that on
 /// a timeout the whole group (a pipeline, whatever it started) is killed, not just the shell.
-fn external_check(target: &Target, timeout: Duration) -> Result<String, String> {
+fn spawn_command(target: &Target) -> Result<Child, String> {
     use std::os::unix::process::CommandExt;
     let command = target.check.command.as_deref().unwrap_or("false");
-    let mut child = Command::new("sh")
+    Command::new("sh")
         .process_group(0)
         .args(["-c", command])
         .env("LBD_RS_IP", target.ip.to_string())
@@ -265,43 +257,401 @@ fn external_check(target: &Target, timeout: Duration) -> Result<String, String> 
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot run {command:?}: {e}"))?;
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) if status.success() => return Ok("exit 0".to_owned()),
-            Ok(Some(status)) => return Err(format!("{status}")),
-            Ok(None) if Instant::now() >= deadline => {
-                // The shell is not reaped yet, so its pid still names its group.
-                if let Ok(group) = i32::try_from(child.id()) {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(group),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("timed out after {} ms", timeout.as_millis()));
+        .map_err(|e| format!("cannot run {command:?}: {e}"))
+}
+
+/// An external check's command, running.
+#[derive(Debug)]
+struct Running {
+    job: Job,
+    child: Child,
+    started: Instant,
+    deadline: Instant,
+}
+
+impl Running {
+    /// The outcome once the command has exited or its time has run out (then it is killed).
+    fn outcome(&mut self, now: Instant) -> Option<Result<String, String>> {
+        match self.child.try_wait() {
+            Ok(Some(status)) if status.success() => Some(Ok("exit 0".to_owned())),
+            Ok(Some(status)) => Some(Err(format!("{status}"))),
+            Ok(None) if now >= self.deadline => {
+                self.kill();
+                Some(Err(format!(
+                    "timed out after {} ms",
+                    self.job.target.check.timeout_ms
+                )))
             }
-            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(format!("waiting for {command:?}: {e}")),
+            Ok(None) => None,
+            Err(e) => {
+                self.kill();
+                Some(Err(format!("waiting for the command: {e}")))
+            }
         }
+    }
+
+    /// Kills the command's whole process group and reaps the shell.
+    fn kill(&mut self) {
+        // The shell is not reaped yet, so its pid still names its group.
+        if let Ok(group) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(group),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The external checks' thread: starts the commands handed to it, up to [`MAX_COMMANDS`] at
+/// once, looks at them every [`COMMAND_POLL`] while any runs, kills each at its deadline, and
+/// returns when its queue is closed (killing what still runs).
+fn run_commands_until_closed(queue: &Receiver<Job>) {
+    let mut running: Vec<Running> = Vec::new();
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    loop {
+        let next = if running.is_empty() && waiting.is_empty() {
+            queue.recv().map_err(|_| RecvTimeoutError::Disconnected)
+        } else {
+            queue.recv_timeout(COMMAND_POLL)
+        };
+        match next {
+            Ok(job) => waiting.push_back(job),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        waiting.extend(queue.try_iter());
+        while running.len() < MAX_COMMANDS
+            && let Some(job) = waiting.pop_front()
+        {
+            let started = Instant::now();
+            match spawn_command(&job.target) {
+                Ok(child) => running.push(Running {
+                    deadline: started
+                        + Duration::from_millis(u64::from(job.target.check.timeout_ms)),
+                    job,
+                    child,
+                    started,
+                }),
+                Err(e) => job.finish(started, Err(e)),
+            }
+        }
+        let now = Instant::now();
+        let mut at = 0;
+        while at < running.len() {
+            if let Some(outcome) = running[at].outcome(now) {
+                let ended = running.swap_remove(at);
+                ended.job.finish(ended.started, outcome);
+            } else {
+                at += 1;
+            }
+        }
+    }
+    for mut command in running {
+        command.kill();
     }
 }
 
 /// Runs checks: the door to the network that the scheduler goes through (a fake in tests).
-pub trait Checker: Send + Sync {
-    /// Runs one check now.
-    fn check(&self, target: &Target) -> CheckResult;
+pub trait Checker: Send {
+    /// Starts a check of `target` and returns at once. Its result goes to `results` when the
+    /// check ends, at most its `timeout_ms` after it starts.
+    fn start(&mut self, target: Target, results: &Sender<Done>);
 }
 
-/// Checks over the host's own network stack ([`run_check`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NetworkChecker;
+/// Checks over the host's own network stack. TCP and HTTP checks run on one thread that keeps
+/// all of them in flight at once (non-blocking sockets under epoll, up to [`MAX_PROBES`]);
+/// external checks' commands run side by side too (up to [`MAX_COMMANDS`]), watched by a
+/// second thread. So a server that never answers costs its own check's timeout and nobody
+/// else's. Each thread starts with the first check of its kind and stops when the checker
+/// is dropped.
+#[derive(Debug, Default)]
+pub struct NetworkChecker {
+    probes: Option<CheckThread>,
+    commands: Option<CheckThread>,
+}
 
 impl Checker for NetworkChecker {
-    fn check(&self, target: &Target) -> CheckResult {
-        run_check(target)
+    fn start(&mut self, target: Target, results: &Sender<Done>) {
+        let started = Instant::now();
+        let job = Job {
+            target,
+            results: results.clone(),
+        };
+        let (thread, start_thread): (_, fn() -> std::io::Result<CheckThread>) =
+            match job.target.check.kind {
+                HealthKind::None => return job.finish(started, Ok("not checked".to_owned())),
+                HealthKind::Tcp | HealthKind::Http => (&mut self.probes, CheckThread::probes),
+                HealthKind::External => (&mut self.commands, CheckThread::commands),
+            };
+        if thread.is_none() {
+            match start_thread() {
+                Ok(started_thread) => *thread = Some(started_thread),
+                Err(e) => return job.finish(started, Err(format!("cannot check: {e}"))),
+            }
+        }
+        if let Some(job) = thread.as_ref().and_then(|thread| thread.send(job)) {
+            // The thread is gone: the next check starts another.
+            *thread = None;
+            job.finish(started, Err("the checking thread stopped".to_owned()));
+        }
+    }
+}
+
+/// A thread that runs the checks handed to it, and the way to it.
+#[derive(Debug)]
+struct CheckThread {
+    jobs: Option<Sender<Job>>,
+    /// Wakes the probe thread, asleep in epoll; the command thread sleeps on its queue.
+    waker: Option<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The poll token that means "new jobs, or stop".
+const WAKE: Token = Token(usize::MAX);
+
+impl CheckThread {
+    /// The TCP and HTTP checks' thread.
+    fn probes() -> std::io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKE)?;
+        let (jobs, queue) = unbounded();
+        let thread = std::thread::Builder::new()
+            .name("lbd-probe".to_owned())
+            .spawn(move || probe_until_closed(poll, &queue))?;
+        Ok(CheckThread {
+            jobs: Some(jobs),
+            waker: Some(waker),
+            thread: Some(thread),
+        })
+    }
+
+    /// The external checks' thread.
+    fn commands() -> std::io::Result<Self> {
+        let (jobs, queue) = unbounded();
+        let thread = std::thread::Builder::new()
+            .name("lbd-commands".to_owned())
+            .spawn(move || run_commands_until_closed(&queue))?;
+        Ok(CheckThread {
+            jobs: Some(jobs),
+            waker: None,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands `job` to the thread; gives it back when the thread is gone.
+    fn send(&self, job: Job) -> Option<Job> {
+        let Some(jobs) = &self.jobs else {
+            return Some(job);
+        };
+        if let Err(unsent) = jobs.send(job) {
+            return Some(unsent.0);
+        }
+        if let Some(waker) = &self.waker {
+            let _ = waker.wake();
+        }
+        None
+    }
+}
+
+impl Drop for CheckThread {
+    fn drop(&mut self) {
+        // A closed queue stops the thread; checks in flight end unreported.
+        self.jobs = None;
+        if let Some(waker) = &self.waker {
+            let _ = waker.wake();
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Where a TCP or HTTP check is.
+#[derive(Debug)]
+enum Stage {
+    Connecting,
+    Sending { request: Vec<u8>, sent: usize },
+    Receiving { response: Vec<u8> },
+}
+
+/// One TCP or HTTP check in flight.
+#[derive(Debug)]
+struct Probe {
+    job: Job,
+    stream: mio::net::TcpStream,
+    started: Instant,
+    deadline: Instant,
+    stage: Stage,
+}
+
+impl Probe {
+    /// Starts connecting; a connect that fails at once is a result at once.
+    fn open(job: Job, registry: &Registry, token: Token) -> Option<Probe> {
+        let started = Instant::now();
+        let address = SocketAddr::from((job.target.ip, job.target.port));
+        let opened = mio::net::TcpStream::connect(address).and_then(|mut stream| {
+            registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
+            Ok(stream)
+        });
+        match opened {
+            Ok(stream) => Some(Probe {
+                deadline: started + Duration::from_millis(u64::from(job.target.check.timeout_ms)),
+                job,
+                stream,
+                started,
+                stage: Stage::Connecting,
+            }),
+            Err(e) => {
+                job.finish(started, Err(format!("connect: {e}")));
+                None
+            }
+        }
+    }
+
+    /// Goes as far as the socket lets it (its events are edge-triggered): the outcome once
+    /// the check has one.
+    fn advance(&mut self) -> Option<Result<String, String>> {
+        loop {
+            match &mut self.stage {
+                Stage::Connecting => {
+                    match self.stream.take_error() {
+                        Ok(None) => {}
+                        Ok(Some(e)) | Err(e) => return Some(Err(format!("connect: {e}"))),
+                    }
+                    match self.stream.peer_addr() {
+                        Ok(_) => {}
+                        Err(e)
+                            if e.kind() == ErrorKind::NotConnected
+                                || e.raw_os_error() == Some(libc::EINPROGRESS) =>
+                        {
+                            return None;
+                        }
+                        Err(e) => return Some(Err(format!("connect: {e}"))),
+                    }
+                    if self.job.target.check.kind != HealthKind::Http {
+                        return Some(Ok("connected".to_owned()));
+                    }
+                    self.stage = Stage::Sending {
+                        request: http_request(&self.job.target),
+                        sent: 0,
+                    };
+                }
+                Stage::Sending { request, sent } => match self.stream.write(&request[*sent..]) {
+                    Ok(0) => return Some(Err("send: the connection took nothing".to_owned())),
+                    Ok(written) => {
+                        *sent += written;
+                        if *sent == request.len() {
+                            self.stage = Stage::Receiving {
+                                response: Vec::new(),
+                            };
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => return Some(Err(format!("send: {e}"))),
+                },
+                Stage::Receiving { response } => {
+                    let mut chunk = [0u8; 4096];
+                    let room = (MAX_HTTP_RESPONSE - response.len()).min(chunk.len());
+                    match self.stream.read(&mut chunk[..room]) {
+                        Ok(0) => return Some(judge_http_response(&self.job.target, response)),
+                        Ok(read) => {
+                            response.extend_from_slice(&chunk[..read]);
+                            if response.len() == MAX_HTTP_RESPONSE {
+                                return Some(judge_http_response(&self.job.target, response));
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                        Err(e) => return Some(Err(format!("receive: {e}"))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The outcome of a check whose time ran out.
+    fn timed_out(&self) -> String {
+        let doing = match self.stage {
+            Stage::Connecting => "connect",
+            Stage::Sending { .. } => "send",
+            Stage::Receiving { .. } => "receive",
+        };
+        format!(
+            "{doing}: timed out after {} ms",
+            self.job.target.check.timeout_ms
+        )
+    }
+
+    /// Closes the socket and sends the result.
+    fn close(mut self, registry: &Registry, outcome: Result<String, String>) {
+        let _ = registry.deregister(&mut self.stream);
+        drop(self.stream);
+        self.job.finish(self.started, outcome);
+    }
+}
+
+/// The TCP and HTTP checks' thread: starts the checks handed to it, each within
+/// [`MAX_PROBES`], drives them as their sockets become ready, ends each at its deadline, and
+/// returns when its queue is closed.
+fn probe_until_closed(mut poll: Poll, queue: &Receiver<Job>) {
+    let mut events = Events::with_capacity(256);
+    let mut probes: HashMap<Token, Probe> = HashMap::new();
+    let mut deadlines: BTreeSet<(Instant, Token)> = BTreeSet::new();
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    let mut next_token = 0;
+    loop {
+        loop {
+            match queue.try_recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
+        }
+        while probes.len() < MAX_PROBES
+            && let Some(job) = waiting.pop_front()
+        {
+            let token = Token(next_token);
+            next_token = (next_token + 1) % WAKE.0;
+            if let Some(probe) = Probe::open(job, poll.registry(), token) {
+                deadlines.insert((probe.deadline, token));
+                probes.insert(token, probe);
+            }
+        }
+        let timeout = deadlines
+            .first()
+            .map(|(deadline, _)| deadline.saturating_duration_since(Instant::now()));
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() != ErrorKind::Interrupted {
+                tracing::warn!("health checks: waiting for sockets: {e}");
+                std::thread::sleep(TICK);
+            }
+            continue;
+        }
+        for event in &events {
+            let token = event.token();
+            let Some(probe) = probes.get_mut(&token) else {
+                continue;
+            };
+            if let Some(outcome) = probe.advance()
+                && let Some(probe) = probes.remove(&token)
+            {
+                deadlines.remove(&(probe.deadline, token));
+                probe.close(poll.registry(), outcome);
+            }
+        }
+        let now = Instant::now();
+        while let Some(&(deadline, token)) = deadlines.first()
+            && deadline <= now
+        {
+            deadlines.pop_first();
+            if let Some(probe) = probes.remove(&token) {
+                let outcome = Err(probe.timed_out());
+                probe.close(poll.registry(), outcome);
+            }
+        }
     }
 }
 
@@ -390,11 +740,13 @@ impl Schedule {
     }
 }
 
-/// A finished check, from the pool to the scheduler.
+/// A finished check, from the checker to the scheduler.
 #[derive(Debug)]
-struct Done {
-    target: Target,
-    result: CheckResult,
+pub struct Done {
+    /// What was checked.
+    pub target: Target,
+    /// How it went.
+    pub result: CheckResult,
 }
 
 /// Runs the checks of `targets()` through `checker` until `stop`, each at its interval (see
@@ -403,29 +755,16 @@ struct Done {
 /// [`LOOK_FOR_NEW_TARGETS`], so added, removed and edited servers are picked up.
 pub fn run(
     stop: &AtomicBool,
-    checker: Arc<dyn Checker>,
+    mut checker: impl Checker,
     targets: impl Fn() -> Arc<[Target]>,
     mut on_result: impl FnMut(&Target, CheckResult),
 ) {
-    let (jobs, job_queue) = unbounded::<Target>();
     let (results, done) = unbounded::<Done>();
-    let pool_stop = Arc::new(AtomicBool::new(false));
-    let pool: Vec<_> = (0..POOL_SIZE)
-        .filter_map(|i| {
-            let (queue, results, stop) =
-                (job_queue.clone(), results.clone(), Arc::clone(&pool_stop));
-            let checker = Arc::clone(&checker);
-            std::thread::Builder::new()
-                .name(format!("lbd-check-{i}"))
-                .spawn(move || check_worker(&*checker, &queue, &results, &stop))
-                .ok()
-        })
-        .collect();
     let mut schedule = Schedule::default();
     while !stop.load(Ordering::Relaxed) {
         let looked = Instant::now();
         for target in schedule.due(looked, &targets()) {
-            let _ = jobs.send(target);
+            checker.start(target, &results);
         }
         // Results as they come; the targets are asked again (under the control lock) only
         // when a check is due, at most once a tick, so that a thousand results a second do
@@ -445,36 +784,14 @@ pub fn run(
             }
         }
     }
-    pool_stop.store(true, Ordering::Relaxed);
-    drop(jobs);
-    for thread in pool {
-        let _ = thread.join();
-    }
-}
-
-fn check_worker(
-    checker: &dyn Checker,
-    queue: &Receiver<Target>,
-    results: &Sender<Done>,
-    stop: &AtomicBool,
-) {
-    // Asleep until a check comes; the scheduler's end closes the queue. Checks still queued
-    // then are not run.
-    while let Ok(target) = queue.recv() {
-        if stop.load(Ordering::Relaxed) {
-            return;
-        }
-        let result = checker.check(&target);
-        if results.send(Done { target, result }).is_err() {
-            return;
-        }
-    }
+    // Stops the checker's threads.
+    drop(checker);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{TcpListener, TcpStream};
 
     fn check(kind: HealthKind) -> HealthCheck {
         HealthCheck {
@@ -493,6 +810,16 @@ mod tests {
             port,
             check,
         }
+    }
+
+    /// One check through the network checker, to its end.
+    fn check_now(target: Target) -> CheckResult {
+        let mut checker = NetworkChecker::default();
+        let (results, done) = unbounded();
+        checker.start(target, &results);
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("a result within the timeout")
+            .result
     }
 
     fn result(ok: bool) -> CheckResult {
@@ -571,33 +898,148 @@ mod tests {
                 let _ = stream.write_all(reply);
             }
         });
-        assert!(run_check(&target(port, check(HealthKind::Tcp))).ok);
+        assert!(check_now(target(port, check(HealthKind::Tcp))).ok);
         let http = HealthCheck {
             path: "/health".into(),
             ..check(HealthKind::Http)
         };
-        assert_eq!(run_check(&target(port, http.clone())).detail, "HTTP 200");
+        assert_eq!(check_now(target(port, http.clone())).detail, "HTTP 200");
         let wrong_body = HealthCheck {
             expect_body: Some("healthy".into()),
             ..http.clone()
         };
         assert!(
-            run_check(&target(port, wrong_body))
+            check_now(target(port, wrong_body))
                 .detail
                 .contains("body lacks")
         );
-        let failing = run_check(&target(port, http));
+        let failing = check_now(target(port, http));
         assert!(
             !failing.ok && failing.detail.contains("HTTP 503"),
             "{failing:?}"
         );
         server.join().expect("server");
         // Nothing listens there any more.
-        let refused = run_check(&target(port, check(HealthKind::Tcp)));
+        let refused = check_now(target(port, check(HealthKind::Tcp)));
         assert!(
             !refused.ok && refused.detail.starts_with("connect"),
             "{refused:?}"
         );
+    }
+
+    /// A listener that never answers a connect: its accept queue is full (backlog 0, one
+    /// connection queued and never accepted), so the kernel drops every further SYN.
+    fn silent_listener() -> (socket2::Socket, Vec<TcpStream>, u16) {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        let address: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        listener.bind(&address.into()).expect("bind");
+        listener.listen(0).expect("listen");
+        let port = listener
+            .local_addr()
+            .ok()
+            .and_then(|local| local.as_socket())
+            .expect("port")
+            .port();
+        let mut queued = Vec::new();
+        for _ in 0..8 {
+            match TcpStream::connect_timeout(
+                &(address.ip(), port).into(),
+                Duration::from_millis(200),
+            ) {
+                Ok(stream) => queued.push(stream),
+                Err(_) => return (listener, queued, port),
+            }
+        }
+        panic!("the listener kept accepting connects");
+    }
+
+    /// Checks of servers that never answer end at their own timeout and hold up nobody: 64
+    /// silent servers, 4 that accept and say nothing, 12 hung commands and one live server,
+    /// all handed over at once, every result within its timeout (300 ms) of the hand-over,
+    /// give or take 400 ms. A pool of four blocking checks took 80 x 300 / 4 = 6 s for the
+    /// last of them.
+    #[test]
+    fn silent_servers_cost_their_own_timeout_and_delay_no_other_check() {
+        let (_silent, _queued, silent_port) = silent_listener();
+        // Accepts and then says nothing: an HTTP check's receive times out.
+        let mute = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mute_port = mute.local_addr().expect("addr").port();
+        let holder = std::thread::spawn(move || mute.incoming().take(4).collect::<Vec<_>>());
+        let live = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let live_port = live.local_addr().expect("addr").port();
+        let quick = HealthCheck {
+            timeout_ms: 300,
+            ..check(HealthKind::Tcp)
+        };
+        let mut handed = Vec::new();
+        for i in 0..64 {
+            handed.push(Target {
+                label: format!("silent{i}"),
+                ..target(silent_port, quick.clone())
+            });
+        }
+        for i in 0..4 {
+            handed.push(Target {
+                label: format!("mute{i}"),
+                ..target(
+                    mute_port,
+                    HealthCheck {
+                        kind: HealthKind::Http,
+                        ..quick.clone()
+                    },
+                )
+            });
+        }
+        // Commands that outlive their timeout.
+        for i in 0..12 {
+            handed.push(Target {
+                label: format!("hung{i}"),
+                ..target(
+                    8088,
+                    HealthCheck {
+                        kind: HealthKind::External,
+                        command: Some("sleep 5".into()),
+                        ..quick.clone()
+                    },
+                )
+            });
+        }
+        handed.push(Target {
+            label: "live".into(),
+            ..target(live_port, quick.clone())
+        });
+        let mut checker = NetworkChecker::default();
+        let (results, done) = unbounded();
+        let start = Instant::now();
+        for target in &handed {
+            checker.start(target.clone(), &results);
+        }
+        let mut seen = HashMap::new();
+        while seen.len() < handed.len() {
+            let Done { target, result } = done
+                .recv_timeout(Duration::from_secs(5))
+                .expect("every check ends");
+            let since_handed = start.elapsed();
+            assert!(
+                since_handed < Duration::from_millis(300 + 400),
+                "{} ended {since_handed:?} after it was handed over: {result:?}",
+                target.label
+            );
+            seen.insert(target.label, result);
+        }
+        assert!(seen["live"].ok, "{:?}", seen["live"]);
+        for (label, result) in &seen {
+            if label.starts_with("silent") {
+                assert_eq!(result.detail, "connect: timed out after 300 ms");
+            } else if label.starts_with("mute") {
+                assert_eq!(result.detail, "receive: timed out after 300 ms");
+            } else if label.starts_with("hung") {
+                assert_eq!(result.detail, "timed out after 300 ms");
+            }
+        }
+        drop(checker);
+        holder.join().expect("holder");
     }
 
     #[test]
@@ -607,18 +1049,18 @@ mod tests {
             ..check(HealthKind::External)
         };
         assert!(
-            run_check(&target(
+            check_now(target(
                 8088,
                 with("test \"$LBD_RS_IP:$LBD_RS_PORT\" = 127.0.0.1:8088")
             ))
             .ok
         );
-        assert!(!run_check(&target(8088, with("exit 3"))).ok);
-        let slow = run_check(&target(8088, with("sleep 5")));
+        assert!(!check_now(target(8088, with("exit 3"))).ok);
+        let slow = check_now(target(8088, with("sleep 5")));
         assert!(!slow.ok && slow.detail.contains("timed out"), "{slow:?}");
         // A pipeline that outlives its timeout leaves nothing behind: the whole group goes.
         let marker = format!("7.{}", std::process::id());
-        let piped = run_check(&target(8088, with(&format!("sleep {marker} | cat"))));
+        let piped = check_now(target(8088, with(&format!("sleep {marker} | cat"))));
         assert!(piped.detail.contains("timed out"), "{piped:?}");
         std::thread::sleep(Duration::from_millis(100));
         let left: Vec<String> = std::fs::read_dir("/proc")
@@ -629,7 +1071,7 @@ mod tests {
             .filter(|cmdline| cmdline.contains(&marker))
             .collect();
         assert!(left.is_empty(), "left running: {left:?}");
-        assert!(run_check(&target(1, check(HealthKind::None))).ok);
+        assert!(check_now(target(1, check(HealthKind::None))).ok);
     }
 
     #[test]
@@ -704,8 +1146,11 @@ mod tests {
     struct Passes;
 
     impl Checker for Passes {
-        fn check(&self, _: &Target) -> CheckResult {
-            result(true)
+        fn start(&mut self, target: Target, results: &Sender<Done>) {
+            let _ = results.send(Done {
+                target,
+                result: result(true),
+            });
         }
     }
 
@@ -735,7 +1180,7 @@ mod tests {
             std::thread::spawn(move || {
                 run(
                     &stop,
-                    Arc::new(Passes),
+                    Passes,
                     || {
                         looks.fetch_add(1, Ordering::Relaxed);
                         targets.clone()
