@@ -464,7 +464,7 @@ fn start_health_checks(control: &Arc<Mutex<Control>>, stop: &Arc<AtomicBool>) ->
                 || {
                     control
                         .lock()
-                        .map(|c| c.health_targets())
+                        .map(|mut control| control.health_targets())
                         .unwrap_or_default()
                 },
                 |target, result| {

@@ -210,9 +210,10 @@ pub struct Control {
     workers: Vec<WorkerLink>,
     apply_timeout: Duration,
     health: Tracker,
-    /// What the health checker checks, built when the config changes: the checker asks for
-    /// it once a tick, under the control lock.
-    health_targets: Arc<[Target]>,
+    /// What the health checker checks: built when the checker asks for it after a change of
+    /// the config (at most once a tick), not by the change itself. With 10,000 servers a build
+    /// takes about 2.4 ms, which made a change with 1000 services cost twice as much.
+    health_targets: Option<Arc<[Target]>>,
     /// Real servers at their connection limit (IPVS -x/-y hysteresis).
     full: hashbrown::HashSet<ServerKey>,
     /// When a change last asked the kernel for MACs lbd did not have.
@@ -452,7 +453,7 @@ impl Control {
         let snapshot = Arc::new(snapshot);
         let answers_arp = config.ha.is_none();
         Control {
-            health_targets: health_targets_of(&config),
+            health_targets: None,
             dr: drcheck::DrCheck::new(),
             probe_sources,
             answers_arp,
@@ -976,7 +977,7 @@ impl Control {
                 .send(WorkerCommand::Announce(self.own_mac, arriving));
         }
         self.config = config;
-        self.health_targets = health_targets_of(&self.config);
+        self.health_targets = None;
         self.host_addresses = local;
         self.operator = operator;
         self.ids = ids;
@@ -1104,8 +1105,12 @@ impl Control {
 
     /// What the health checker checks: every real server with its (own or service's) check.
     /// (HAProxy checks the SNAT services' servers itself.)
-    pub fn health_targets(&self) -> Arc<[Target]> {
-        Arc::clone(&self.health_targets)
+    pub fn health_targets(&mut self) -> Arc<[Target]> {
+        let config = &self.config;
+        Arc::clone(
+            self.health_targets
+                .get_or_insert_with(|| health_targets_of(config)),
+        )
     }
 
     /// Whether `target` is one of [`Control::health_targets`]: the same server, checked the
@@ -2180,13 +2185,13 @@ mod tests {
     #[test]
     fn health_targets_follow_live_changes() {
         let mut rig = rig(true);
-        let labels = |control: &Control| {
+        let labels = |control: &mut Control| {
             let targets = control.health_targets();
             targets.iter().map(|t| t.label.clone()).collect::<Vec<_>>()
         };
-        assert_eq!(labels(&rig.control), ["Wowza Srv 1"]);
+        assert_eq!(labels(&mut rig.control), ["Wowza Srv 1"]);
         add_wowza_srv_2(&mut rig.control);
-        assert_eq!(labels(&rig.control), ["Wowza Srv 1", "Wowza Srv 2"]);
+        assert_eq!(labels(&mut rig.control), ["Wowza Srv 1", "Wowza Srv 2"]);
         done(rig.control.handle(
             Command::DelRip(RealServerName {
                 service: "Wowza GUI".into(),
@@ -2194,7 +2199,7 @@ mod tests {
             }),
             Role::Root,
         ));
-        assert_eq!(labels(&rig.control), ["Wowza Srv 2"]);
+        assert_eq!(labels(&mut rig.control), ["Wowza Srv 2"]);
     }
 
     /// A result counts only for a server that is still checked, and checked that way: one for
