@@ -104,6 +104,8 @@ impl Default for Health {
 #[derive(Debug, Default)]
 pub struct Tracker {
     health: hashbrown::HashMap<(String, String), Health>,
+    /// Counts the changes of any server's [`Tracker::is_up`].
+    ups_changed: u64,
 }
 
 impl Tracker {
@@ -138,6 +140,7 @@ impl Tracker {
         } else {
             false
         };
+        self.ups_changed += u64::from(changed);
         changed.then_some(health.up)
     }
 
@@ -159,12 +162,20 @@ impl Tracker {
             health.up = up;
             health.successes = 0;
             health.failures = 0;
+            self.ups_changed += 1;
         }
     }
 
     /// Forgets servers that are no longer checked.
     pub fn retain(&mut self, keep: impl Fn(&(String, String)) -> bool) {
         self.health.retain(|key, _| keep(key));
+    }
+
+    /// How many times a server's [`Tracker::is_up`] changed so far: equal counts mean every
+    /// server still checked is as up as it was (a server forgotten by [`Tracker::retain`] is
+    /// in no configuration any more).
+    pub fn ups_changed(&self) -> u64 {
+        self.ups_changed
     }
 
     /// Whether no server has a result yet.

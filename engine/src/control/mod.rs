@@ -37,7 +37,7 @@ use crate::io::host::{self, HostFacts};
 use crate::io::steer::VipSteering;
 use crate::io::worker::{WorkerCommand, WorkerReport, WorkerSender};
 use crate::packet::counters::DropReason;
-use crate::packet::snapshot::{AdminState, ServerState, ServiceIds, Snapshot};
+use crate::packet::snapshot::{AdminState, After, ServerState, ServiceIds, Snapshot};
 use crossbeam::channel::{Sender, bounded};
 use hashbrown::Equivalent;
 use lbd_config::{Config, ConfigError, HealthKind, RealServer, Service};
@@ -51,8 +51,8 @@ use std::hash::{Hash, Hasher};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 /// How long a change waits for every worker to use the new snapshot.
@@ -104,10 +104,22 @@ impl Equivalent<ServerKey> for ServerName<'_> {
     }
 }
 
+/// What a snapshot's server states come from, besides the config: the same sources give
+/// every server the same state and MAC.
+#[derive(Debug, PartialEq, Eq)]
+struct StateSources {
+    /// [`Tracker::ups_changed`].
+    ups_changed: u64,
+    /// `Control::macs_changed`.
+    macs_changed: u64,
+    full: hashbrown::HashSet<ServerKey>,
+    operator: OperatorStates,
+}
+
 /// What operators set on real servers beyond the config: drain and halt, and the weight a
 /// server had before `set-weight 0` drained it (its connections that no table holds are still
 /// looked up with that weight). Follows renames; forgets removed servers.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct OperatorStates {
     admin: hashbrown::HashMap<ServerKey, AdminState>,
     weight_before_zero: hashbrown::HashMap<ServerKey, u16>,
@@ -204,6 +216,11 @@ pub struct Control {
     ids: ServiceIds,
     operator: OperatorStates,
     macs: HashMap<IpAddr, [u8; 6]>,
+    /// Counts the changes of `macs`.
+    macs_changed: u64,
+    /// The last snapshot built and what its servers' states came from: a build from the same
+    /// (the snapshot before is that one) need not look at each server of a shared service.
+    built_from: Option<(Weak<Snapshot>, StateSources)>,
     steering: Box<dyn VipSteering>,
     host: Box<dyn HostFacts>,
     clock: Box<dyn Clock>,
@@ -472,6 +489,8 @@ impl Control {
             ids,
             operator: OperatorStates::default(),
             macs,
+            macs_changed: 0,
+            built_from: None,
             steering,
             host,
             clock,
@@ -929,7 +948,8 @@ impl Control {
         let arriving: Vec<IpAddr> = new_vips.difference(&old_vips).copied().collect();
         let generation = self.snapshot.generation + 1;
         operator.note_weights(&self.config, &config);
-        let snapshot = Arc::new(self.build(&config, &operator, &mut ids, generation));
+        let built = self.build(&config, &operator, &mut ids, generation);
+        let snapshot = self.built(built);
 
         // Leaving VIPs stop being steered before the workers forget them...
         let answer_arp = self.answers_arp;
@@ -941,12 +961,13 @@ impl Control {
             // Undone: the workers go back to the running configuration, the leaving VIPs
             // are steered again.
             let mut running_ids = self.ids.clone();
-            let restored = Arc::new(self.build(
+            let built = self.build(
                 &self.config,
                 &self.operator,
                 &mut running_ids,
                 generation + 1,
-            ));
+            );
+            let restored = self.built(built);
             let restore_lagging = self.publish(Arc::clone(&restored));
             self.snapshot = restored;
             let (running, states) = (self.config.clone(), self.operator.clone());
@@ -1027,7 +1048,8 @@ impl Control {
     fn republish(&mut self) {
         let generation = self.snapshot.generation + 1;
         let mut ids = self.ids.clone();
-        let snapshot = Arc::new(self.build(&self.config, &self.operator, &mut ids, generation));
+        let built = self.build(&self.config, &self.operator, &mut ids, generation);
+        let snapshot = self.built(built);
         self.publish(Arc::clone(&snapshot));
         self.snapshot = snapshot;
     }
@@ -1038,9 +1060,22 @@ impl Control {
         operator: &OperatorStates,
         ids: &mut ServiceIds,
         generation: u64,
-    ) -> Snapshot {
+    ) -> (Snapshot, StateSources) {
+        let sources = StateSources {
+            ups_changed: self.health.ups_changed(),
+            macs_changed: self.macs_changed,
+            full: self.full.clone(),
+            operator: operator.clone(),
+        };
+        let same_states = self.built_from.as_ref().is_some_and(|(built, from)| {
+            std::ptr::eq(built.as_ptr(), Arc::as_ptr(&self.snapshot)) && *from == sources
+        });
+        let after = After {
+            snapshot: &self.snapshot,
+            same_states,
+        };
         let mut snapshot = Snapshot::build_after(
-            Some(&self.snapshot),
+            Some(after),
             config,
             ids,
             self.own_mac,
@@ -1056,6 +1091,13 @@ impl Control {
             },
         );
         decorate(&mut snapshot, config, &self.macs, &self.probe_sources);
+        (snapshot, sources)
+    }
+
+    /// Takes `built` (from [`Control::build`]) as the last snapshot built.
+    fn built(&mut self, (snapshot, sources): (Snapshot, StateSources)) -> Arc<Snapshot> {
+        let snapshot = Arc::new(snapshot);
+        self.built_from = Some((Arc::downgrade(&snapshot), sources));
         snapshot
     }
 
@@ -1217,6 +1259,7 @@ impl Control {
                     let before = self.macs.insert(ip, mac);
                     if before != Some(mac) {
                         changed = true;
+                        self.macs_changed += 1;
                         tracing::info!(real_server = %ip, mac = %host::format_mac(mac), "MAC learned");
                     }
                 }
@@ -2857,9 +2900,24 @@ mod tests {
         assert!(
             !passive
                 .control
-                .adopt(active_address, replica)
+                .adopt(active_address, replica.clone())
                 .expect("same")
         );
+        // The active's checks find the server up again: the services are the ones adopted
+        // (shared), only the server's state changed.
+        for (healthy, state) in [(true, "up"), (false, "down")] {
+            replica.servers[0].healthy = healthy;
+            assert!(
+                passive
+                    .control
+                    .adopt(active_address, replica.clone())
+                    .expect("adopted")
+            );
+            assert_eq!(
+                passive.control.snapshot().services[0].real_servers[0].state_name(),
+                state
+            );
+        }
         // The passive node's own changes are refused with the active's name; reading is fine.
         let refused = error_of(passive.control.handle(
             Command::Online(RealServerName {

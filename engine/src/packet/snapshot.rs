@@ -443,6 +443,17 @@ pub struct Snapshot {
     pub probe_v6: Option<u128>,
 }
 
+/// The snapshot a new one is built after ([`Snapshot::build_after`]).
+#[derive(Debug, Clone, Copy)]
+pub struct After<'a> {
+    /// The snapshot before.
+    pub snapshot: &'a Snapshot,
+    /// Whether `state_of` and `mac_of` answer for every server what they answered when
+    /// `snapshot` was built. Then a service the config still shares keeps its entry without a
+    /// look at each of its servers (10,000 servers took about 1 ms a change).
+    pub same_states: bool,
+}
+
 impl Snapshot {
     /// Builds the snapshot for a validated config. `ids` gives the services their stable ids
     /// (new services get new ones); `mac_of` gives each real server's MAC when it is known (a
@@ -463,7 +474,7 @@ impl Snapshot {
     /// servers, weights and states did not change: a change costs what it changes, not a
     /// table per service.
     pub fn build_after<S: Into<ServerState>>(
-        previous: Option<&Snapshot>,
+        previous: Option<After<'_>>,
         config: &Config,
         ids: &mut ServiceIds,
         own_mac: [u8; 6],
@@ -520,27 +531,29 @@ impl Snapshot {
             }
             let fallback = service.fallback.map(|ip| (real_server_key(ip), mac_of(ip)));
             let seed = config.engine.hash_seed;
-            let before = previous.and_then(|snapshot| {
-                let index = *snapshot.by_id.get(&id)?;
-                let entry = snapshot.services.get(usize::from(index))?;
-                Some((entry, snapshot.own_mac))
+            let before = previous.and_then(|after| {
+                let index = *after.snapshot.by_id.get(&id)?;
+                let entry = after.snapshot.services.get(usize::from(index))?;
+                Some((entry, after.snapshot.own_mac))
             });
+            let same_states = previous.is_some_and(|after| after.same_states);
             // The same service (the config still shares it), MAC, seed, fallback and server
             // states: the entry before, shared rather than built again.
             if let Some((before, mac_before)) = before
                 && Arc::ptr_eq(&before.source, service)
                 && (mac_before, before.table.seed(), before.fallback) == (own_mac, seed, fallback)
-                && service
-                    .real_servers
-                    .iter()
-                    .take(MAX_BACKENDS)
-                    .zip(before.real_servers.iter())
-                    .all(|(rs, entry)| {
-                        let state = state_of(&service.label, &rs.label).into();
-                        entry.same_but_label(&RealServerEntry::new(
-                            rs, state, &mac_of, own_mac, false,
-                        ))
-                    })
+                && (same_states
+                    || service
+                        .real_servers
+                        .iter()
+                        .take(MAX_BACKENDS)
+                        .zip(before.real_servers.iter())
+                        .all(|(rs, entry)| {
+                            let state = state_of(&service.label, &rs.label).into();
+                            entry.same_but_label(&RealServerEntry::new(
+                                rs, state, &mac_of, own_mac, false,
+                            ))
+                        }))
             {
                 services.push(before.clone());
                 continue;
@@ -707,9 +720,14 @@ mod tests {
         };
         let mac = |_| Some([2, 0, 0, 0, 0, 0x11]);
         let first = Snapshot::build(&text(100), &mut ids, [2; 6], 1, mac, state(None));
-        let build = |previous, config: &Config, ids: &mut ServiceIds, drained| {
-            Snapshot::build_after(previous, config, ids, [2; 6], 2, mac, state(drained))
-        };
+        let build =
+            |previous: Option<&Snapshot>, config: &Config, ids: &mut ServiceIds, drained| {
+                let previous = previous.map(|snapshot| After {
+                    snapshot,
+                    same_states: false,
+                });
+                Snapshot::build_after(previous, config, ids, [2; 6], 2, mac, state(drained))
+            };
         let reweighted = build(Some(&first), &text(50), &mut ids, None);
         let fresh = build(None, &text(50), &mut ServiceIds::default(), None);
         for (index, service) in reweighted.services.iter().enumerate() {
@@ -764,7 +782,16 @@ mod tests {
                 }
             }
         };
-        let build = |previous, config: &Config, ids: &mut ServiceIds, own: u8, last, who| {
+        let build = |previous: Option<&Snapshot>,
+                     config: &Config,
+                     ids: &mut ServiceIds,
+                     own: u8,
+                     last,
+                     who| {
+            let previous = previous.map(|snapshot| After {
+                snapshot,
+                same_states: false,
+            });
             Snapshot::build_after(previous, config, ids, [own; 6], 2, mac(last), drain(who))
         };
         let shared = |a: &Snapshot, b: &Snapshot| -> Vec<bool> {
@@ -796,6 +823,23 @@ mod tests {
             assert_eq!(reused.known_table, fresh.known_table);
             assert_eq!(reused.fallback, fresh.fallback);
         }
+        // With the servers' states and MACs known to be the ones `second` was built with, a
+        // shared service's servers are not looked at: only those of s1, which changed again.
+        let asked = std::cell::RefCell::new(Vec::new());
+        let mut again = changed.clone();
+        Arc::make_mut(&mut again.services[1]).real_servers[0].weight = 60;
+        let after = After {
+            snapshot: &second,
+            same_states: true,
+        };
+        let third = Snapshot::build_after(Some(after), &again, &mut ids, [2; 6], 3, mac(0x11), {
+            |service: &str, rs: &str| {
+                asked.borrow_mut().push(format!("{service}/{rs}"));
+                AdminState::Online
+            }
+        });
+        assert_eq!(shared(&second, &third), [true, false, true]);
+        assert_eq!(asked.into_inner(), ["s1/r0", "s1/r1"]);
     }
 
     #[test]
