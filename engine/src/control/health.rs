@@ -968,8 +968,8 @@ mod tests {
     /// Checks of servers that never answer end at their own timeout and hold up nobody: 64
     /// silent servers, 4 that accept and say nothing, 12 hung commands and one live server,
     /// all handed over at once, every result within its timeout (300 ms) of the hand-over,
-    /// give or take 400 ms. A pool of four blocking checks took 80 x 300 / 4 = 6 s for the
-    /// last of them.
+    /// give or take 400 ms. A pool of four blocking checks would take 80 x 300 / 4 = 6 s for
+    /// the last of them.
     #[test]
     fn silent_servers_cost_their_own_timeout_and_delay_no_other_check() {
         let (_silent, _queued, silent_port) = silent_listener();
