@@ -16,10 +16,14 @@
 //!   the same configurations: it should cost the same whatever the number of servers.
 //! - `health_schedule_look_with_N_services`: the health scheduler's look at the targets (once
 //!   a tick) when every check has ended and none is due yet: the same, whatever the number.
+//! - `adopt_replica_with_N_services`: a passive node of a pair adopting the active node's
+//!   configuration after a one-server change, parsed from JSON as the sync stream brings it
+//!   (not timed: the parse); no worker attached.
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use lbd_config::Config;
 use lbd_engine::control::health::CheckResult;
+use lbd_engine::control::replica::Replica;
 use lbd_engine::control::{Control, Doors, Role, SystemClock, WorkerLink, publish};
 use lbd_engine::io::doorbell::Doorbell;
 use lbd_engine::io::host::SystemHost;
@@ -178,13 +182,13 @@ fn change_latency(c: &mut Criterion) {
     group.finish();
 }
 
-fn set_weight_with(
-    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    services: usize,
-) {
-    let config = large_config(services);
-    let path = std::env::temp_dir().join(format!("lbd-bench-control-{}.toml", std::process::id()));
-    let mut control = Control::new(
+/// A control of `config` on the loopback interface, as `node` of a pair.
+fn control_of(config: &Config, node: &str) -> Control {
+    let path = std::env::temp_dir().join(format!(
+        "lbd-bench-control-{node}-{}.toml",
+        std::process::id()
+    ));
+    Control::new(
         config.clone(),
         path,
         [2, 0, 0, 0, 0, 2],
@@ -196,9 +200,17 @@ fn set_weight_with(
             }),
             clock: Box::new(SystemClock),
             // No SNAT service: HAProxy is never started.
-            layer7: Box::new(Haproxy::new(&config)),
+            layer7: Box::new(Haproxy::new(config)),
         },
-    );
+    )
+}
+
+fn set_weight_with(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    services: usize,
+) {
+    let config = large_config(services);
+    let mut control = control_of(&config, "active");
     let stop = Arc::new(AtomicBool::new(false));
     let (commands, inbox) = worker_channel().expect("eventfd");
     let applied = Arc::new(AtomicU64::new(0));
@@ -262,6 +274,35 @@ fn set_weight_with(
                 "{response:?}"
             );
         })
+    });
+    // A passive node adopting the active's replica after a one-server change, as the sync
+    // stream delivers it: JSON, so every service in it is new.
+    let replicas = [100, 101].map(|weight| {
+        let change = Command::SetWeight(WeightChange {
+            service: "s0".into(),
+            label: "r0".into(),
+            weight,
+        });
+        let response = control.handle(change, Role::Root);
+        assert!(matches!(response.outcome, Outcome::Ok(_)), "{response:?}");
+        serde_json::to_string(&control.replica()).expect("replica as JSON")
+    });
+    let mut passive = control_of(&config, "passive");
+    passive.set_active(false).expect("passive");
+    let active = std::net::Ipv4Addr::new(198, 18, 0, 3);
+    let mut turn = 0;
+    group.bench_function(format!("adopt_replica_with_{services}_services"), |b| {
+        b.iter_batched(
+            || {
+                turn = 1 - turn;
+                serde_json::from_str::<Replica>(&replicas[turn]).expect("replica")
+            },
+            |replica| {
+                let adopted = passive.adopt(active, replica).expect("adopted");
+                assert!(adopted, "a replica that changed something");
+            },
+            BatchSize::LargeInput,
+        )
     });
     stop.store(true, Ordering::Relaxed);
     let _ = worker.join();

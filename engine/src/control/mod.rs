@@ -2981,6 +2981,73 @@ mod tests {
         assert_eq!(passive.control.following(), None);
     }
 
+    /// A passive node keeps the services a replica did not change: a replica arrives as JSON
+    /// (every service new), and only the service the change touched is built again.
+    #[test]
+    fn a_passive_node_keeps_the_services_a_replica_did_not_change() {
+        let mut active = rig(true);
+        let mut passive = rig(true);
+        passive.control.set_active(false).expect("passive");
+        let active_address = Ipv4Addr::new(198, 18, 0, 3);
+        done(active.control.handle(
+            Command::AddVip {
+                service: service("Wowza Streaming", "198.18.0.101"),
+            },
+            Role::Root,
+        ));
+        let rs = active.control.config().services[0].real_servers[0].clone();
+        done(active.control.handle(
+            Command::AddRip {
+                service: "Wowza Streaming".into(),
+                real_server: rs,
+            },
+            Role::Root,
+        ));
+        let over_the_wire = |replica: replica::Replica| -> replica::Replica {
+            serde_json::from_str(&serde_json::to_string(&replica).expect("to JSON"))
+                .expect("from JSON")
+        };
+        let replica = over_the_wire(active.control.replica());
+        assert!(
+            passive
+                .control
+                .adopt(active_address, replica)
+                .expect("adopted")
+        );
+        let (services, snapshot) = (
+            passive.control.config().services.clone(),
+            Arc::clone(passive.control.snapshot()),
+        );
+        done(active.control.handle(
+            Command::SetWeight(WeightChange {
+                service: "Wowza GUI".into(),
+                label: "Wowza Srv 1".into(),
+                weight: 50,
+            }),
+            Role::Root,
+        ));
+        let replica = over_the_wire(active.control.replica());
+        assert!(
+            passive
+                .control
+                .adopt(active_address, replica)
+                .expect("adopted")
+        );
+        assert_eq!(
+            passive.control.config().services,
+            active.control.config().services
+        );
+        let now = passive.control.config().services.clone();
+        assert!(!Arc::ptr_eq(&now[0], &services[0]), "changed");
+        assert!(Arc::ptr_eq(&now[1], &services[1]), "kept");
+        let after = passive.control.snapshot();
+        assert_eq!(after.services[0].real_servers[0].weight, 50);
+        assert!(Arc::ptr_eq(
+            &after.services[1].real_servers,
+            &snapshot.services[1].real_servers
+        ));
+    }
+
     /// A SNAT service for `rig`'s config: Wowza GUI's HTTP on VIP .101, to port 8080.
     fn snat_service() -> Service {
         let text = format!(

@@ -144,7 +144,25 @@ impl Control {
             return Ok(false);
         }
         let mut config = self.config.clone();
-        config.services = replica.services;
+        // A service the replica holds unchanged stays the running one (shared): a replica
+        // arrives as JSON, all of it new, and the change then costs this node what it changes,
+        // as it did the active one.
+        config.services = {
+            let running: hashbrown::HashMap<&str, &Arc<Service>> = self
+                .config
+                .services
+                .iter()
+                .map(|service| (service.label.as_str(), service))
+                .collect();
+            replica
+                .services
+                .into_iter()
+                .map(|service| match running.get(service.label.as_str()) {
+                    Some(&mine) if *mine == service => Arc::clone(mine),
+                    _ => service,
+                })
+                .collect()
+        };
         config.engine.hash_seed = replica.hash_seed;
         let mut operator = OperatorStates::default();
         let mut full = hashbrown::HashSet::new();
