@@ -2855,12 +2855,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_passive_node_adopts_the_active_ones_configuration_and_refuses_its_own_changes() {
-        let mut active = rig(true);
+    /// An active node, a passive one, and the active node's address.
+    fn pair() -> (Rig, Rig, Ipv4Addr) {
+        let active = rig(true);
         let mut passive = rig(true);
         passive.control.set_active(false).expect("passive");
-        let active_address = Ipv4Addr::new(198, 18, 0, 3);
+        (active, passive, Ipv4Addr::new(198, 18, 0, 3))
+    }
+
+    #[test]
+    fn a_passive_node_adopts_the_active_ones_configuration_and_refuses_its_own_changes() {
+        let (mut active, mut passive, active_address) = pair();
         // Changes on the active node: a second server, drained; the first found down.
         let mut second = active.control.config().services[0].real_servers[0].clone();
         second.label = "Wowza Srv 2".into();
@@ -2985,10 +2990,7 @@ mod tests {
     /// (every service new), and only the service the change touched is built again.
     #[test]
     fn a_passive_node_keeps_the_services_a_replica_did_not_change() {
-        let mut active = rig(true);
-        let mut passive = rig(true);
-        passive.control.set_active(false).expect("passive");
-        let active_address = Ipv4Addr::new(198, 18, 0, 3);
+        let (mut active, mut passive, active_address) = pair();
         done(active.control.handle(
             Command::AddVip {
                 service: service("Wowza Streaming", "198.18.0.101"),
