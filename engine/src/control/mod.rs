@@ -3005,17 +3005,14 @@ mod tests {
             },
             Role::Root,
         ));
-        let over_the_wire = |replica: replica::Replica| -> replica::Replica {
-            serde_json::from_str(&serde_json::to_string(&replica).expect("to JSON"))
-                .expect("from JSON")
+        // The active's replica, through JSON as the sync stream carries it, adopted.
+        let sync = |active: &Rig, passive: &mut Rig| {
+            let json = serde_json::to_string(&active.control.replica()).expect("to JSON");
+            let replica = serde_json::from_str(&json).expect("from JSON");
+            let adopted = passive.control.adopt(active_address, replica);
+            assert!(adopted.expect("adopted"));
         };
-        let replica = over_the_wire(active.control.replica());
-        assert!(
-            passive
-                .control
-                .adopt(active_address, replica)
-                .expect("adopted")
-        );
+        sync(&active, &mut passive);
         let (services, snapshot) = (
             passive.control.config().services.clone(),
             Arc::clone(passive.control.snapshot()),
@@ -3028,13 +3025,7 @@ mod tests {
             }),
             Role::Root,
         ));
-        let replica = over_the_wire(active.control.replica());
-        assert!(
-            passive
-                .control
-                .adopt(active_address, replica)
-                .expect("adopted")
-        );
+        sync(&active, &mut passive);
         assert_eq!(
             passive.control.config().services,
             active.control.config().services
