@@ -53,7 +53,9 @@
 //! `--tx-budgets 0,64,...` (the budget rows; empty: none), `--only TEXT` (only the rows whose
 //! name contains it), `--idle-secs N` (10; 0 skips the idle run). The generator and every
 //! contender share this machine's cores: the table prints how many cores were busy during
-//! each measurement.
+//! each measurement, and how many NET_RX softirq runs each forwarded frame took (the kernel
+//! batches its receive work inside a softirq; a transmit from user space on veth runs the
+//! peer's receive once per frame).
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, XskMap};
 use aya::programs::{
@@ -473,6 +475,8 @@ struct Sample {
     sink: Vec<u64>,
     /// (busy, total) jiffies over all cores.
     cpu: (u64, u64),
+    /// NET_RX softirq runs, all cores (`/proc/softirqs`).
+    net_rx_softirqs: u64,
 }
 
 /// What one measurement window saw.
@@ -490,6 +494,9 @@ struct Measurement {
     other_pps: f64,
     /// Cores busy on average (all processes and softirq).
     busy_cores: f64,
+    /// NET_RX softirq runs, all cores, per frame that reached a real server: how well the
+    /// kernel's receive work (lb0's and the sink's) was batched.
+    softirqs_per_frame: f64,
 }
 
 impl Measurement {
@@ -685,6 +692,7 @@ impl<'w> Bench<'w> {
             entered: lb_xdp_packets()?,
             sink,
             cpu: cpu_jiffies()?,
+            net_rx_softirqs: net_rx_softirqs()?,
         })
     }
 
@@ -1228,19 +1236,22 @@ fn measure_between(
         per_server,
         other_pps: (after.sink[0] - before.sink[0]) as f64 / seconds,
         busy_cores: busy / total * cores,
+        softirqs_per_frame: after.net_rx_softirqs.saturating_sub(before.net_rx_softirqs) as f64
+            / forwarded.max(1) as f64,
     }
 }
 
 fn line(m: &Measurement) -> String {
     format!(
-        "{:<3} {:<48} {:>10.0} pps forwarded, generated {:>10.0}, entered lb0 {:>10.0}, loss {:>5.1}%, busy cores {:.2}",
+        "{:<3} {:<48} {:>10.0} pps forwarded, generated {:>10.0}, entered lb0 {:>10.0}, loss {:>5.1}%, busy cores {:.2}, softirqs/frame {:.2}",
         if m.sink == Sink::Tc { "tc" } else { "xdp" },
         row_label(m.contender, m.traffic, m.sink),
         m.forwarded_pps,
         m.generated_pps,
         m.entered_pps,
         m.loss() * 100.0,
-        m.busy_cores
+        m.busy_cores,
+        m.softirqs_per_frame
     )
 }
 
@@ -1292,13 +1303,14 @@ fn table(results: &[Measurement], sink: Sink) -> String {
         sink.name()
     );
     out += &format!(
-        "{:<48} {:>10} {:>21} {:>9} {:>6} {:>6}  {}\n",
+        "{:<48} {:>10} {:>21} {:>9} {:>6} {:>6} {:>8}  {}\n",
         "contender",
         "median pps",
         "range over rounds",
         "lbd/this",
         "loss",
         "cores",
+        "softirqs",
         "share per real server, %"
     );
     for (contender, traffic) in rows {
@@ -1328,7 +1340,7 @@ fn table(results: &[Measurement], sink: Sink) -> String {
             .collect::<Vec<_>>()
             .join(" ");
         out += &format!(
-            "{:<48} {:>10.0} {:>10.0}-{:<10.0} {:>9} {:>5.1}% {:>6.2}  {}\n",
+            "{:<48} {:>10.0} {:>10.0}-{:<10.0} {:>9} {:>5.1}% {:>6.2} {:>8.2}  {}\n",
             row_label(contender, traffic, sink),
             m.forwarded_pps,
             low,
@@ -1336,6 +1348,7 @@ fn table(results: &[Measurement], sink: Sink) -> String {
             ratio,
             m.loss() * 100.0,
             m.busy_cores,
+            m.softirqs_per_frame,
             shares
         );
         if traffic == Traffic::Mix {
@@ -1402,7 +1415,9 @@ fn budget_table(results: &[Measurement], budgets: &[u32]) -> String {
 
 const LEGEND: &str = "loss: VIP frames generated but not received by a real server (the \
     generator sends flat out, so this is what the forwarder could not take). cores: busy cores \
-    of the whole machine during the window, generator and sink included.\n";
+    of the whole machine during the window, generator and sink included. softirqs: NET_RX \
+    softirq runs on all cores per frame that reached a real server (the receive of lb0 and of \
+    the sink; a run handles every frame queued by then, so below 1 means batched).\n";
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -1492,6 +1507,20 @@ fn process_cpu_ticks(pid: u32) -> BenchResult<u64> {
     let utime: u64 = fields.get(11).ok_or("no utime")?.parse()?;
     let stime: u64 = fields.get(12).ok_or("no stime")?.parse()?;
     Ok(utime + stime)
+}
+
+/// NET_RX softirq runs so far, summed over the cores.
+fn net_rx_softirqs() -> BenchResult<u64> {
+    let text = std::fs::read_to_string("/proc/softirqs")?;
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("NET_RX:"))
+        .ok_or("no NET_RX line in /proc/softirqs")?;
+    Ok(line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum())
 }
 
 fn cpu_jiffies() -> BenchResult<(u64, u64)> {
