@@ -116,7 +116,9 @@ impl MaglevTable {
 /// finds the next slot of its walk that is free at the chunk's start, all walks at once
 /// ([`find_free_slots`]). Then the turns claim in order. A turn whose slot an earlier turn of
 /// the same chunk took walks on from that slot: every slot its walk passed was taken at the
-/// chunk's start, so that is where its own walk would have gone.
+/// chunk's start, so that is where its own walk would have gone. A round of few backends (a
+/// small service, or the last backends under quota) is too short for that: its chunks are
+/// several whole rounds, each backend's slots for them listed by its own walk first.
 fn fill(backends: &[Backend], seed: u64, slots: &mut [u16]) {
     let size = slots.len() as u32;
     // Fill order is by address so that config order does not matter.
@@ -147,7 +149,15 @@ fn fill(backends: &[Backend], seed: u64, slots: &mut [u16]) {
     let endgame = endgame_slots(size as usize);
     let mut walkers = Vec::new();
     let mut found = Vec::new();
+    let mut ahead = Vec::new();
     while !round.is_empty() {
+        // A round too short to walk its turns together: each backend's slots for several
+        // rounds are found at once instead, its walk on its own.
+        let rounds = free / CHUNK_SHARE / round.len();
+        if round.len() < FEW_TURNS && rounds >= MANY_ROUNDS && free > endgame {
+            free -= filling.claim_rounds(&mut round, rounds, &mut ahead);
+            continue;
+        }
         let mut next = 0;
         // The next round's turns go to the front of `round` as this round's are taken.
         let mut kept = 0;
@@ -230,6 +240,57 @@ impl Filling<'_> {
         kept
     }
 
+    /// Up to `rounds` whole rounds of `round`'s turns, in order; returns how many slots they
+    /// claimed, and `round` keeps the backends still under quota.
+    ///
+    /// First each backend's walk lists the slots it passes that are free now, a few more than
+    /// it has turns ([`FreeAhead`]). Then the turns claim in order, each the first slot of its
+    /// list still free, and with none left walk on. A backend's walk goes from slot to slot of
+    /// its list, and every slot between two of them was taken before the rounds began: the
+    /// list's first slot still free is where its walk would go. Finding the slots needs no
+    /// branch on what a slot holds; one at a time, each turn's walk mispredicted once.
+    #[inline(never)]
+    fn claim_rounds(
+        &mut self,
+        round: &mut Vec<u32>,
+        rounds: usize,
+        ahead: &mut Vec<FreeAhead>,
+    ) -> usize {
+        if ahead.len() < self.walks.len() {
+            ahead.resize_with(self.walks.len(), FreeAhead::default);
+        }
+        // A turn's slot is taken by an earlier turn of these rounds about once in
+        // `CHUNK_SHARE`: as many more cover that, and the rare walk past the list's end still
+        // finds its slot.
+        let wanted = rounds + rounds / CHUNK_SHARE;
+        for &turn in round.iter() {
+            ahead[turn as usize].list(self.slots, &self.walks[turn as usize], wanted);
+        }
+        let mut claimed = 0;
+        for _ in 0..rounds {
+            let mut kept = 0;
+            for at in 0..round.len() {
+                let turn = round[at] as usize;
+                let walk = &mut self.walks[turn];
+                let slot = ahead[turn]
+                    .next_still_free(self.slots)
+                    .unwrap_or_else(|| walk.next_free(self.slots));
+                // A walk on from here passes none of the listed slots again.
+                walk.jump_to(slot);
+                self.slots[slot] = self.owners[turn];
+                self.left[turn] -= 1;
+                claimed += 1;
+                round[kept] = turn as u32;
+                kept += usize::from(self.left[turn] > 0);
+            }
+            round.truncate(kept);
+            if round.is_empty() {
+                break;
+            }
+        }
+        claimed
+    }
+
     /// The last few free slots (`endgame_slots`), from `turn` on: a walk would mostly meet
     /// taken ones (the last 1% of the table costs more than half of all steps). Every slot a
     /// backend's walk has passed is taken, so its next free slot is the free one earliest in
@@ -282,8 +343,15 @@ impl Filling<'_> {
 /// walks on alone.
 const CHUNK_SHARE: usize = 16;
 
-/// Below this many turns in a chunk, or backends in a round, turns walk one at a time.
+/// Below this many turns in a chunk, or backends in a round, turns do not walk together: a
+/// short round's turns are found several rounds at once ([`Filling::claim_rounds`]), or one
+/// at a time.
 const FEW_TURNS: usize = 16;
+
+/// Below this many rounds in a chunk, a round short of [`FEW_TURNS`] walks one turn at a
+/// time: the free slots are few then, a walk to the next one is long, and its one mispredicted
+/// branch is a small part of it.
+const MANY_ROUNDS: usize = 8;
 
 /// One walk in [`find_free_slots`]: where it is, its step, and its place in the chunk.
 #[derive(Debug, Clone, Copy, Default)]
@@ -382,6 +450,45 @@ fn take_steps<const STEPS: usize>(
         ..walker
     };
     usize::from(free_steps == 0)
+}
+
+/// The free slots a backend's walk meets next, in the order it meets them, for
+/// [`Filling::claim_rounds`].
+#[derive(Debug, Default)]
+struct FreeAhead {
+    slots: Vec<u32>,
+    /// The first of `slots` not looked at yet.
+    next: usize,
+}
+
+impl FreeAhead {
+    /// Lists the next `wanted` free slots of `walk` (or a few more), from its current slot on.
+    fn list(&mut self, slots: &[u16], walk: &Permutation, wanted: usize) {
+        let size = slots.len() as u32;
+        // Every slot passed is written; only a free one moves the end on.
+        self.slots.resize(wanted + 1, 0);
+        self.next = 0;
+        let mut listed = 0;
+        let mut slot = walk.current;
+        while listed < wanted {
+            slot = step_on(slot, walk.skip, size);
+            self.slots[listed] = slot;
+            listed += usize::from(slots[slot as usize] == NO_BACKEND);
+        }
+        self.slots.truncate(listed);
+    }
+
+    /// The next listed slot that `slots` still has free, if any is left.
+    #[inline]
+    fn next_still_free(&mut self, slots: &[u16]) -> Option<usize> {
+        while let Some(&slot) = self.slots.get(self.next) {
+            self.next += 1;
+            if slots[slot as usize] == NO_BACKEND {
+                return Some(slot as usize);
+            }
+        }
+        None
+    }
 }
 
 /// Per-backend slot quotas (in fill order) adding up to exactly `size`: the floor of each
