@@ -210,16 +210,23 @@ pub struct ServiceTraffic {
     pub real_servers: Vec<Traffic>,
 }
 
+impl ServiceTraffic {
+    /// Nothing counted yet, for a service of `real_servers` servers.
+    pub fn for_servers(real_servers: usize) -> ServiceTraffic {
+        ServiceTraffic {
+            total: Traffic::default(),
+            real_servers: vec![Traffic::default(); real_servers],
+        }
+    }
+}
+
 impl Counters {
     /// Counters shaped for services with these numbers of real servers.
     pub fn for_services(real_servers_per_service: impl IntoIterator<Item = usize>) -> Counters {
         Counters {
             services: real_servers_per_service
                 .into_iter()
-                .map(|n| ServiceTraffic {
-                    total: Traffic::default(),
-                    real_servers: vec![Traffic::default(); n],
-                })
+                .map(ServiceTraffic::for_servers)
                 .collect(),
             ..Counters::default()
         }

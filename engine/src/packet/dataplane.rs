@@ -48,7 +48,7 @@
 //! counters) is inlined into [`Dataplane::process`]; new connections, fragments, ICMP and a
 //! new snapshot's relocations are out-of-line functions.
 
-use crate::packet::counters::{Counters, DropReason, Sent};
+use crate::packet::counters::{Counters, DropReason, Sent, ServiceTraffic};
 use crate::packet::drcheck::{self, ClaimKind, DrWatch, PROBE_PORTS, ProbeAnswer};
 use crate::packet::flows::{
     Address, Census, ConnectionCensus, FRAGMENT_TIMEOUT_MS, FlowEntry, FlowKey, FlowState,
@@ -680,30 +680,43 @@ impl Dataplane {
     /// per-real-server counters follow their service (by id) and server (by address) to their
     /// places in the new snapshot, and end with them.
     pub fn set_snapshot(&mut self, snapshot: Arc<Snapshot>) {
-        let mut counters = Counters::for_services(snapshot.real_server_counts());
         let mut old = std::mem::take(&mut self.counters);
-        let old_services = std::mem::take(&mut old.services);
+        let mut old_services = std::mem::take(&mut old.services);
+        let mut counters = Counters::default();
         counters.merge(&old);
-        for (new_entry, traffic) in snapshot.services.iter().zip(&mut counters.services) {
-            let Some((old_entry, old_traffic)) =
-                self.snapshot.by_id.get(&new_entry.id).and_then(|&i| {
-                    Some((
-                        self.snapshot.services.get(usize::from(i))?,
-                        old_services.get(usize::from(i))?,
-                    ))
-                })
-            else {
-                continue;
-            };
-            traffic.total = old_traffic.total;
-            for (rs, rs_traffic) in new_entry.real_servers.iter().zip(&mut traffic.real_servers) {
-                if let Some(&old_index) = old_entry.by_ip.get(&rs.key)
-                    && let Some(old_rs) = old_traffic.real_servers.get(usize::from(old_index))
-                {
-                    *rs_traffic = *old_rs;
+        let before = &self.snapshot;
+        counters.services = snapshot
+            .services
+            .iter()
+            .enumerate()
+            .map(|(at, entry)| {
+                // Most services keep their place; a moved one is found by its id.
+                let old_at = match before.services.get(at) {
+                    Some(old_entry) if old_entry.id == entry.id => Some(at),
+                    _ => before.by_id.get(&entry.id).map(|&i| usize::from(i)),
+                };
+                let Some((old_entry, old_traffic)) =
+                    old_at.and_then(|i| Some((before.services.get(i)?, old_services.get_mut(i)?)))
+                else {
+                    return ServiceTraffic::for_servers(entry.real_servers.len());
+                };
+                // The same index map: every server is where it was, counters and all (each
+                // old service is taken once, ids being unique).
+                if Arc::ptr_eq(&old_entry.by_ip, &entry.by_ip) {
+                    return std::mem::take(old_traffic);
                 }
-            }
-        }
+                let mut traffic = ServiceTraffic::for_servers(entry.real_servers.len());
+                traffic.total = old_traffic.total;
+                for (rs, rs_traffic) in entry.real_servers.iter().zip(&mut traffic.real_servers) {
+                    if let Some(&old_index) = old_entry.by_ip.get(&rs.key)
+                        && let Some(old_rs) = old_traffic.real_servers.get(usize::from(old_index))
+                    {
+                        *rs_traffic = *old_rs;
+                    }
+                }
+                traffic
+            })
+            .collect();
         self.counters = counters;
         self.own_mac_word = own_mac_word(snapshot.own_mac);
         self.snapshot = snapshot;

@@ -1,7 +1,7 @@
 //! Frame-in, frame-out tests of every dataplane rule, on byte arrays built with etherparse.
 
 use super::*;
-use crate::packet::snapshot::{AdminState, ServiceIds};
+use crate::packet::snapshot::{AdminState, After, ServiceIds};
 use etherparse::{Ipv4Header, PacketBuilder, SlicedPacket};
 use lbd_config::Config;
 use std::net::Ipv4Addr;
@@ -646,6 +646,58 @@ fn counters_follow_their_service_and_server_across_changes() {
     assert_eq!(dp.counters().services[1].real_servers[server + 1], before);
     assert_eq!(dp.counters().services[1].real_servers[0].packets, 0);
     assert_eq!(dp.counters().services[1].total.packets, 1);
+    assert_eq!(dp.counters().forwarded.packets, 1);
+}
+
+/// A service whose entry the new snapshot shares keeps its counters as they are, whether it
+/// keeps its place or moves.
+#[test]
+fn counters_stay_with_a_service_the_change_did_not_touch() {
+    let config = config();
+    let mut dp = dataplane_for(&config);
+    let mut frame = udp_frame(CLIENT, [198, 18, 0, 101], 999, 5005);
+    assert_eq!(dp.process(&mut frame, 0), Verdict::Transmit);
+    let before = dp.counters().services[2].clone();
+    assert_eq!(before.total.packets, 1);
+    let mut ids = ServiceIds::default();
+    ids.sync(&config);
+    let mut next = |dp: &mut Dataplane, changed: &Config, generation| {
+        changed.validate().expect("valid");
+        let after = After {
+            snapshot: dp.snapshot(),
+            same_states: true,
+        };
+        let snapshot = Snapshot::build_after(
+            Some(after),
+            changed,
+            &mut ids,
+            OWN_MAC,
+            generation,
+            |ip| (ip == Ipv4Addr::new(198, 18, 0, 11)).then_some(RS1_MAC),
+            |_, _| AdminState::Online,
+        );
+        dp.set_snapshot(Arc::new(snapshot));
+    };
+    // "Wowza GUI" changes a weight: every service keeps its place.
+    let mut weighted = config.clone();
+    Arc::make_mut(&mut weighted.services[0]).real_servers[0].weight = 7;
+    let media = Arc::clone(&dp.snapshot().services[2].by_ip);
+    next(&mut dp, &weighted, 2);
+    assert!(
+        Arc::ptr_eq(&dp.snapshot().services[2].by_ip, &media),
+        "shared"
+    );
+    assert_eq!(dp.counters().services[2], before);
+    // "Wowza GUI" goes: "Media UDP" moves up one place, its entry still shared.
+    let mut removed = weighted.clone();
+    removed.services.remove(0);
+    next(&mut dp, &removed, 3);
+    assert!(
+        Arc::ptr_eq(&dp.snapshot().services[1].by_ip, &media),
+        "shared"
+    );
+    assert_eq!(dp.counters().services.len(), 2);
+    assert_eq!(dp.counters().services[1], before);
     assert_eq!(dp.counters().forwarded.packets, 1);
 }
 
