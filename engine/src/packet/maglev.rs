@@ -260,11 +260,13 @@ impl Filling<'_> {
             ahead.resize_with(self.walks.len(), FreeAhead::default);
         }
         // A turn's slot is taken by an earlier turn of these rounds about once in
-        // `CHUNK_SHARE`: as many more cover that, and the rare walk past the list's end still
-        // finds its slot.
+        // `CHUNK_SHARE`: a list that much longer holds most of those, and a walk past the
+        // list's end still finds its slot. A backend near its quota has fewer turns.
         let wanted = rounds + rounds / CHUNK_SHARE;
         for &turn in round.iter() {
-            ahead[turn as usize].list(self.slots, &self.walks[turn as usize], wanted);
+            let turn = turn as usize;
+            let wanted = wanted.min(self.left[turn]);
+            ahead[turn].list(self.slots, &self.walks[turn], wanted);
         }
         let mut claimed = 0;
         for _ in 0..rounds {
@@ -275,7 +277,7 @@ impl Filling<'_> {
                 let slot = ahead[turn]
                     .next_still_free(self.slots)
                     .unwrap_or_else(|| walk.next_free(self.slots));
-                // A walk on from here passes none of the listed slots again.
+                // A slot taken from the list was not walked to: a walk on goes from here.
                 walk.jump_to(slot);
                 self.slots[slot] = self.owners[turn];
                 self.left[turn] -= 1;
@@ -452,6 +454,9 @@ fn take_steps<const STEPS: usize>(
     usize::from(free_steps == 0)
 }
 
+/// Steps of a walk [`FreeAhead::list`] takes at once.
+const LIST_STEPS: usize = 8;
+
 /// The free slots a backend's walk meets next, in the order it meets them, for
 /// [`Filling::claim_rounds`].
 #[derive(Debug, Default)]
@@ -465,15 +470,27 @@ impl FreeAhead {
     /// Lists the next `wanted` free slots of `walk` (or a few more), from its current slot on.
     fn list(&mut self, slots: &[u16], walk: &Permutation, wanted: usize) {
         let size = slots.len() as u32;
+        // The walk's next steps are `skip`, `2 skip`, ... on from where it is: each taken from
+        // that slot, not from the step before, so that they do not wait on each other.
+        let mut strides = [0u32; LIST_STEPS];
+        let mut stride = 0;
+        for next in &mut strides {
+            stride = step_on(stride, walk.skip, size);
+            *next = stride;
+        }
+        let block = strides[LIST_STEPS - 1];
         // Every slot passed is written; only a free one moves the end on.
-        self.slots.resize(wanted + 1, 0);
+        self.slots.resize(wanted + LIST_STEPS, 0);
         self.next = 0;
         let mut listed = 0;
-        let mut slot = walk.current;
+        let mut from = walk.current;
         while listed < wanted {
-            slot = step_on(slot, walk.skip, size);
-            self.slots[listed] = slot;
-            listed += usize::from(slots[slot as usize] == NO_BACKEND);
+            for &stride in &strides {
+                let slot = step_on(from, stride, size);
+                self.slots[listed] = slot;
+                listed += usize::from(slots[slot as usize] == NO_BACKEND);
+            }
+            from = step_on(from, block, size);
         }
         self.slots.truncate(listed);
     }
