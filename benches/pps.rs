@@ -475,8 +475,8 @@ struct Sample {
     sink: Vec<u64>,
     /// (busy, total) jiffies over all cores.
     cpu: (u64, u64),
-    /// NET_RX softirq runs, all cores (`/proc/softirqs`).
-    net_rx_softirqs: u64,
+    /// NET_RX softirq runs per core (`/proc/softirqs`).
+    net_rx_softirqs: Vec<u32>,
 }
 
 /// What one measurement window saw.
@@ -1236,8 +1236,12 @@ fn measure_between(
         per_server,
         other_pps: (after.sink[0] - before.sink[0]) as f64 / seconds,
         busy_cores: busy / total * cores,
-        softirqs_per_frame: after.net_rx_softirqs.saturating_sub(before.net_rx_softirqs) as f64
-            / forwarded.max(1) as f64,
+        softirqs_per_frame: if forwarded == 0 {
+            f64::NAN
+        } else {
+            softirqs_between(&before.net_rx_softirqs, &after.net_rx_softirqs) as f64
+                / forwarded as f64
+        },
     }
 }
 
@@ -1509,8 +1513,8 @@ fn process_cpu_ticks(pid: u32) -> BenchResult<u64> {
     Ok(utime + stime)
 }
 
-/// NET_RX softirq runs so far, summed over the cores.
-fn net_rx_softirqs() -> BenchResult<u64> {
+/// NET_RX softirq runs so far, per core.
+fn net_rx_softirqs() -> BenchResult<Vec<u32>> {
     let text = std::fs::read_to_string("/proc/softirqs")?;
     let line = text
         .lines()
@@ -1519,8 +1523,17 @@ fn net_rx_softirqs() -> BenchResult<u64> {
     Ok(line
         .split_whitespace()
         .skip(1)
-        .filter_map(|v| v.parse::<u64>().ok())
-        .sum())
+        .filter_map(|v| v.parse::<u32>().ok())
+        .collect())
+}
+
+/// Runs between two readings, over the cores: the kernel's per-core counts are 32-bit and wrap.
+fn softirqs_between(before: &[u32], after: &[u32]) -> u64 {
+    before
+        .iter()
+        .zip(after)
+        .map(|(&b, &a)| u64::from(a.wrapping_sub(b)))
+        .sum()
 }
 
 fn cpu_jiffies() -> BenchResult<(u64, u64)> {
