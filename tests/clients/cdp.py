@@ -6,6 +6,7 @@ one (RFC 6455: the handshake, masked text frames out, unfragmented frames in).
   cdp.py --port P eval EXPR            prints EXPR's value (JSON)
   cdp.py --port P wait EXPR SECONDS    waits until EXPR is truthy; prints the milliseconds it took,
                                        or exits 1 with its last value after SECONDS
+  cdp.py --port P screenshot FILE      writes the page as it is now to FILE (PNG)
 """
 import argparse
 import base64
@@ -106,13 +107,18 @@ class Page:
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("mode", choices=["eval", "wait"])
-    parser.add_argument("expression")
+    parser.add_argument("mode", choices=["eval", "wait", "screenshot"])
+    parser.add_argument("expression", help="the expression, or the screenshot's file")
     parser.add_argument("seconds", nargs="?", type=float, default=5.0)
     args = parser.parse_args()
     page = Page(args.port)
     if args.mode == "eval":
         print(json.dumps(page.evaluate(args.expression)))
+        return 0
+    if args.mode == "screenshot":
+        shot = page.call("Page.captureScreenshot", {"format": "png"})
+        with open(args.expression, "wb") as out:
+            out.write(base64.b64decode(shot["result"]["data"]))
         return 0
     started = time.monotonic()
     value = None
